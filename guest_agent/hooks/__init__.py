@@ -1,0 +1,1 @@
+"""Hook kinds the agent can run: command, webhook, nested_vms, systemd."""

@@ -1,0 +1,1 @@
+"""The host engine: inventory, placement, planning with notice, and running live migrations."""

@@ -1,0 +1,1 @@
+"""Hypervisor drivers: the mechanism of a migration (the controller is the policy)."""
