@@ -1,0 +1,108 @@
+"""The driver protocol: how the executor drives one migration on a hypervisor (DESIGN.md §7).
+
+A driver is the mechanism; the convergence controller (``host_engine.controller``) is the policy.
+Phases follow Ganeti's hypervisor interface: ``prepare_target`` → ``start`` → (``progress`` and the
+controller's actions, repeatedly) → ``switchover`` where the mechanism exposes it → ``finalize``.
+``abort`` may be called at any point before switchover completes and must leave the source running
+untouched and the target clean.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+class Phase(enum.Enum):
+    """Where a running migration is. ``DONE`` means the target runs the droplet."""
+
+    PREPARING = "preparing"
+    DISK = "disk"
+    MEMORY = "memory"
+    SWITCHOVER = "switchover"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class MigrationSpec:
+    """What to move and where: everything a driver needs, nothing from the store."""
+
+    migration_id: str
+    droplet_id: str
+    source_host: str
+    target_host: str
+    source_uri: str
+    target_uri: str
+    vcpus: int
+    memory_bytes: int
+    disk_bytes: int
+    offline: bool = False
+    power_on_after: bool = True
+    # Driver-specific settings (e.g. libvirt's migration address); plain JSON-able values.
+    options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot of a running migration, as the controller sees it. Rates in bytes per second."""
+
+    phase: Phase
+    elapsed_s: float
+    round: int
+    disk_total_bytes: int
+    disk_processed_bytes: int
+    disk_remaining_bytes: int
+    memory_total_bytes: int
+    memory_processed_bytes: int
+    memory_remaining_bytes: int
+    disk_dirty_rate_bps: float
+    memory_dirty_rate_bps: float
+    transfer_rate_bps: float
+    disk_write_limit_bps: int | None = None
+    memory_throttle_pct: int = 0
+    max_downtime_ms: int | None = None
+    downtime_ms: float | None = None
+    bytes_transferred: int = 0
+    error: str | None = None
+
+
+class DriverError(Exception):
+    """A driver operation failed. ``target_at_fault`` tells the retry policy to pick another target."""
+
+    def __init__(self, message: str, *, target_at_fault: bool = False) -> None:
+        super().__init__(message)
+        self.target_at_fault = target_at_fault
+
+
+@runtime_checkable
+class MigrationDriver(Protocol):
+    """One migration's handle. Created per migration by ``HypervisorDriver.migration(spec)``."""
+
+    def prepare_target(self) -> None:
+        """Create what the target needs (disks of the right size, network) before data moves."""
+
+    def start(self) -> None:
+        """Begin copying (disk mirror, then memory pre-copy). Returns at once; work goes on."""
+
+    def progress(self) -> Progress:
+        """The current snapshot. Cheap; called every controller tick."""
+
+    def set_disk_write_limit(self, bytes_per_s: int | None) -> None:
+        """Throttle the source droplet's disk writes (None lifts it). Never left on the target."""
+
+    def set_memory_throttle(self, percent: int) -> None:
+        """Slow the source droplet's vCPUs by ``percent`` (0 lifts it) so memory copying can catch up."""
+
+    def set_max_downtime(self, ms: int) -> None:
+        """The longest pause allowed at switchover."""
+
+    def switchover(self) -> None:
+        """Pause the source, copy the remainder, resume on the target (where the mechanism exposes it)."""
+
+    def abort(self) -> None:
+        """Stop the migration: source keeps running untouched, target holds nothing of the droplet."""
+
+    def finalize(self, success: bool) -> None:
+        """Clean up: on success the source holds nothing; on failure the target holds nothing."""
