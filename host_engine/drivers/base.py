@@ -14,6 +14,15 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 
+class DomainState(enum.Enum):
+    """A droplet's state on one host, as the hypervisor reports it."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUT_OFF = "shut_off"
+    ABSENT = "absent"
+
+
 class Phase(enum.Enum):
     """Where a running migration is. ``DONE`` means the target runs the droplet."""
 
@@ -66,6 +75,8 @@ class Progress:
     downtime_ms: float | None = None
     bytes_transferred: int = 0
     error: str | None = None
+    # With phase FAILED: whether the target (host, disk, link end) caused it, so a retry picks another one.
+    target_at_fault: bool = False
 
 
 class DriverError(Exception):
@@ -106,3 +117,22 @@ class MigrationDriver(Protocol):
 
     def finalize(self, success: bool) -> None:
         """Clean up: on success the source holds nothing; on failure the target holds nothing."""
+
+
+@runtime_checkable
+class HypervisorDriver(Protocol):
+    """A hypervisor back end (libvirt, sim): hands out one ``MigrationDriver`` per migration."""
+
+    def migration(self, spec: MigrationSpec) -> MigrationDriver:
+        """A handle for moving ``spec.droplet_id`` from ``spec.source_host`` to ``spec.target_host``."""
+
+    def domain_state(self, host: str, droplet_id: str) -> DomainState:
+        """The droplet's state on ``host`` (``ABSENT`` when the host does not hold it)."""
+
+    def recover(self, spec: MigrationSpec) -> str:
+        """After a worker died mid-migration: make the droplet run on exactly one host and return that host.
+
+        Cancels any migration job still running for ``spec``; if switchover had not completed, the source is
+        resumed (if paused) and the target cleaned, and ``spec.source_host`` is returned; if it had, the
+        source copy is removed and ``spec.target_host`` is returned. Idempotent.
+        """
