@@ -1,0 +1,210 @@
+"""Running the two listeners under gunicorn, each in its own process tree.
+
+Why two gunicorn arbiters: TLS is a per-server setting in gunicorn, and the admin listener may serve TLS
+while the guest listener must serve plain HTTP on 169.254.169.254:80. The guest listener uses gevent
+workers, because each held long-poll then costs a greenlet (~20 KiB) rather than a thread, and a change
+for 1,000 waiting droplets is answered from one loop per process (see ../shared/notes and
+docs/benchmarks.md). The admin listener uses a small gthread worker. The supervisor (``serve``) binds both
+sockets itself so a port in use is one clear error before anything starts, then hands the file
+descriptors to the arbiters with gunicorn's ``fd://`` binds.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import MULTIPROC_ENV, Listen, ServerConfig
+from .errors import ListenError
+
+log = logging.getLogger(__name__)
+
+GRACEFUL_TIMEOUT_S = 5
+GUEST_WORKER_CONNECTIONS = 10_000
+ADMIN_THREADS = 8
+
+
+def bind(listen: Listen, what: str) -> socket.socket:
+    """Bind and listen now, so a port in use fails before any process starts."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((listen.host, listen.port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        reason = {
+            errno.EADDRINUSE: "address already in use",
+            errno.EADDRNOTAVAIL: "address not configured on this host",
+            errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        }.get(e.errno or 0, e.strerror or str(e))
+        raise ListenError(f"{what} {listen}: {reason}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+def _gunicorn_child(options: dict[str, Any], load: Callable[[], Any]) -> None:
+    from gunicorn.app.base import BaseApplication
+
+    class _Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return load()
+
+    _Server().run()
+
+
+def _common_options(config: ServerConfig, fd: int, name: str) -> dict[str, Any]:
+    return {
+        "bind": [f"fd://{fd}"],
+        "graceful_timeout": GRACEFUL_TIMEOUT_S,
+        "loglevel": "warning" if config.log_level == "info" else config.log_level,
+        "errorlog": "-",
+        "proc_name": f"metadata-server-{name}",
+        "child_exit": _mark_dead,
+        "keepalive": 75,
+    }
+
+
+def _mark_dead(_server: Any, worker: Any) -> None:
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def run_guest(config: ServerConfig, fd: int) -> None:
+    from .app import create_guest_app
+    from .guest import GuestSettings
+
+    settings = GuestSettings(max_waits_per_droplet=config.max_waits_per_droplet)
+    options = _common_options(config, fd, "guest") | {
+        "workers": config.workers,
+        "worker_class": "metadata_server.gevent_worker.GuestWorker",
+        "worker_connections": GUEST_WORKER_CONNECTIONS,
+        "timeout": 30,
+    }
+    _gunicorn_child(options, lambda: create_guest_app(config.db_path, settings))
+
+
+def run_admin(config: ServerConfig, fd: int) -> None:
+    from .app import create_app
+
+    options = _common_options(config, fd, "admin") | {
+        "workers": 1,
+        "worker_class": "gthread",
+        "threads": ADMIN_THREADS,
+    }
+    if config.tls_cert is not None and config.tls_key is not None:
+        options |= {"certfile": str(config.tls_cert), "keyfile": str(config.tls_key)}
+    _gunicorn_child(options, lambda: create_app(config.db_path, config.admin_token))
+
+
+def serve(config: ServerConfig, announce: Callable[[str], None]) -> int:
+    """Run both listeners until SIGTERM/SIGINT; returns the exit code."""
+    guest_sock = bind(config.guest_listen, "--guest-listen")
+    try:
+        admin_sock = bind(config.admin_listen, "--admin-listen")
+    except ListenError:
+        guest_sock.close()
+        raise
+    metrics_dir = tempfile.mkdtemp(prefix="metadata-server-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir
+
+    children: dict[int, str] = {}
+    for name, target, sock in (("guest", run_guest, guest_sock), ("admin", run_admin, admin_sock)):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                target(config, sock.fileno())
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                log.exception("%s listener crashed", name)
+                code = 1
+            finally:
+                os._exit(code)
+        children[pid] = name
+    guest_sock.close()
+    admin_sock.close()
+
+    stopping = False
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            _kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    announce(
+        f"metadata-server: guest listener http://{config.guest_listen}, "
+        f"admin listener {config.admin_scheme}://{config.admin_listen}, state {config.db_path}"
+    )
+    exit_code = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
+            continue
+        name = children.pop(pid, "?")
+        if not stopping:
+            log.error("the %s listener exited unexpectedly (status %s); stopping", name, status)
+            exit_code = 1
+            stopping = True
+            for other in children:
+                _kill(other, signal.SIGTERM)
+    _remove_tree(Path(metrics_dir))
+    return exit_code
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _remove_tree(path: Path) -> None:
+    for child in path.glob("*"):
+        child.unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
+    """For scripts and tests: block until something accepts connections on host:port."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the metadata-server command")

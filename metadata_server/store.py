@@ -1,0 +1,268 @@
+"""The metadata server's own small store: one SQLite file, durable before any admin answer.
+
+Every write is one ``BEGIN IMMEDIATE`` transaction committed with ``synchronous=FULL`` in WAL mode, so
+what the admin API acknowledged survives a restart, ``kill -9`` and a power cut. The guest workers are
+other processes: they notice writes through ``PRAGMA data_version`` (see ``hub.py``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import Conflict, ConfigError, NotFound
+from .model import Ack, AckAction, Droplet, Event, EventKind, EventState
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS droplets (
+    id TEXT PRIMARY KEY,
+    hostname TEXT,
+    region TEXT
+);
+CREATE TABLE IF NOT EXISTS addresses (
+    address TEXT PRIMARY KEY,
+    droplet_id TEXT NOT NULL REFERENCES droplets(id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS addresses_droplet ON addresses(droplet_id);
+CREATE TABLE IF NOT EXISTS events (
+    droplet_id TEXT PRIMARY KEY REFERENCES droplets(id) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    not_before TEXT,
+    deadline TEXT,
+    notified_at TEXT NOT NULL,
+    ack_action TEXT,
+    ack_power_on_after INTEGER,
+    ack_at TEXT
+);
+"""
+
+
+class Store:
+    """Thread-safe access to the state file. Cheap to construct; opens the file at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except (sqlite3.Error, OSError) as e:
+            raise ConfigError(f"cannot open state file {path}: {e}") from e
+        self._lock = threading.Lock()
+
+    def _migrate(self) -> None:
+        (version,) = self._conn.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"state file {self.path} has schema version {version}, newer than this server's "
+                f"{SCHEMA_VERSION}; upgrade the server"
+            )
+        if version < SCHEMA_VERSION:
+            # executescript commits first; the schema is idempotent (IF NOT EXISTS), so a crash midway
+            # simply redoes it on the next start.
+            self._conn.executescript(_SCHEMA)
+            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def data_version(self) -> int:
+        """Changes whenever another connection (another process) commits."""
+        with self._lock:
+            (v,) = self._conn.execute("PRAGMA data_version").fetchone()
+            return int(v)
+
+    # ---- droplets -------------------------------------------------------------------------------------
+
+    def put_droplet(
+        self, droplet_id: str, addresses: list[str], hostname: str | None, region: str | None
+    ) -> tuple[Droplet, bool]:
+        """Register or replace a droplet. Returns the record and whether it was created."""
+        with self._write() as c:
+            placeholders = ",".join("?" * len(addresses))
+            clash = c.execute(
+                f"SELECT address, droplet_id FROM addresses WHERE address IN ({placeholders}) "  # noqa: S608
+                "AND droplet_id != ?",
+                [*addresses, droplet_id],
+            ).fetchone()
+            if clash:
+                raise Conflict(
+                    f"address {clash[0]} already belongs to droplet {clash[1]}", code="address_in_use"
+                )
+            created = c.execute("SELECT 1 FROM droplets WHERE id = ?", (droplet_id,)).fetchone() is None
+            c.execute(
+                "INSERT INTO droplets (id, hostname, region) VALUES (?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET hostname = excluded.hostname, region = excluded.region",
+                (droplet_id, hostname, region),
+            )
+            c.execute("DELETE FROM addresses WHERE droplet_id = ?", (droplet_id,))
+            c.executemany(
+                "INSERT INTO addresses (address, droplet_id) VALUES (?, ?)",
+                [(a, droplet_id) for a in addresses],
+            )
+            return self._load(c, droplet_id), created
+
+    def delete_droplet(self, droplet_id: str) -> None:
+        with self._write() as c:
+            if c.execute("DELETE FROM droplets WHERE id = ?", (droplet_id,)).rowcount == 0:
+                raise NotFound(f"no droplet {droplet_id}")
+
+    def get(self, droplet_id: str) -> Droplet:
+        with self._lock:
+            return self._load(self._conn, droplet_id)
+
+    def all(self) -> list[Droplet]:
+        """Every droplet with its event, in id order: one consistent read."""
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN")
+            try:
+                addrs: dict[str, list[str]] = {}
+                for address, did in c.execute("SELECT address, droplet_id FROM addresses ORDER BY address"):
+                    addrs.setdefault(did, []).append(address)
+                events = {
+                    row[0]: _event(row[1:])
+                    for row in c.execute(f"SELECT droplet_id, {_EVENT_COLS} FROM events")
+                }  # noqa: S608
+                droplets = [
+                    Droplet(
+                        id=did,
+                        hostname=h,
+                        region=r,
+                        addresses=tuple(addrs.get(did, ())),
+                        event=events.get(did),
+                    )
+                    for did, h, r in c.execute("SELECT id, hostname, region FROM droplets ORDER BY id")
+                ]
+            finally:
+                c.execute("COMMIT")
+            return droplets
+
+    # ---- events ---------------------------------------------------------------------------------------
+
+    def set_event(
+        self,
+        droplet_id: str,
+        event_id: str,
+        kind: EventKind,
+        state: EventState,
+        not_before: str | None,
+        deadline: str | None,
+        now: str,
+    ) -> tuple[Droplet, bool]:
+        """Set the droplet's one current event. Same id: update, keep ack. New id: replace, drop ack."""
+        with self._write() as c:
+            self._require(c, droplet_id)
+            row = c.execute("SELECT id FROM events WHERE droplet_id = ?", (droplet_id,)).fetchone()
+            if row is not None and row[0] == event_id:
+                c.execute(
+                    "UPDATE events SET kind = ?, state = ?, not_before = ?, deadline = ? WHERE droplet_id = ?",
+                    (kind.value, state.value, not_before, deadline, droplet_id),
+                )
+                created = False
+            else:
+                c.execute("DELETE FROM events WHERE droplet_id = ?", (droplet_id,))
+                c.execute(
+                    "INSERT INTO events (droplet_id, id, kind, state, not_before, deadline, notified_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (droplet_id, event_id, kind.value, state.value, not_before, deadline, now),
+                )
+                created = True
+            return self._load(c, droplet_id), created
+
+    def clear_event(self, droplet_id: str) -> None:
+        with self._write() as c:
+            self._require(c, droplet_id)
+            c.execute("DELETE FROM events WHERE droplet_id = ?", (droplet_id,))
+
+    def acknowledge(
+        self, droplet_id: str, event_id: str, action: AckAction, power_on_after: bool, now: str
+    ) -> Droplet:
+        with self._write() as c:
+            self._require(c, droplet_id)
+            row = c.execute("SELECT id FROM events WHERE droplet_id = ?", (droplet_id,)).fetchone()
+            if row is None:
+                raise Conflict("no maintenance event is scheduled for this droplet", code="no_event")
+            if row[0] != event_id:
+                raise Conflict(f"event {event_id} is not the current event", code="stale_event")
+            c.execute(
+                "UPDATE events SET ack_action = ?, ack_power_on_after = ?, ack_at = ? WHERE droplet_id = ?",
+                (action.value, int(power_on_after), now, droplet_id),
+            )
+            return self._load(c, droplet_id)
+
+    # ---- helpers --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _require(c: sqlite3.Connection, droplet_id: str) -> None:
+        if c.execute("SELECT 1 FROM droplets WHERE id = ?", (droplet_id,)).fetchone() is None:
+            raise NotFound(f"no droplet {droplet_id}")
+
+    @staticmethod
+    def _load(c: sqlite3.Connection, droplet_id: str) -> Droplet:
+        row = c.execute("SELECT hostname, region FROM droplets WHERE id = ?", (droplet_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no droplet {droplet_id}")
+        addresses = tuple(
+            a
+            for (a,) in c.execute(
+                "SELECT address FROM addresses WHERE droplet_id = ? ORDER BY address", (droplet_id,)
+            )
+        )
+        ev = c.execute(f"SELECT {_EVENT_COLS} FROM events WHERE droplet_id = ?", (droplet_id,)).fetchone()  # noqa: S608
+        return Droplet(
+            id=droplet_id,
+            hostname=row[0],
+            region=row[1],
+            addresses=addresses,
+            event=_event(ev) if ev else None,
+        )
+
+
+_EVENT_COLS = "id, kind, state, not_before, deadline, notified_at, ack_action, ack_power_on_after, ack_at"
+
+
+def _event(row: tuple[object, ...] | sqlite3.Row) -> Event:
+    eid, kind, state, not_before, deadline, notified_at, ack_action, ack_poa, ack_at = row
+    ack = (
+        Ack(action=AckAction(ack_action), power_on_after=bool(ack_poa), at=str(ack_at))
+        if ack_action is not None
+        else None
+    )
+    return Event(
+        id=str(eid),
+        kind=EventKind(kind),
+        state=EventState(state),
+        not_before=_opt(not_before),
+        deadline=_opt(deadline),
+        notified_at=str(notified_at),
+        ack=ack,
+    )
+
+
+def _opt(v: object) -> str | None:
+    return None if v is None else str(v)

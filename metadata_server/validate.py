@@ -1,0 +1,136 @@
+"""Parsing and validation of request bodies and parameters. Each failure names the field at fault."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from typing import Any
+
+from .errors import ValidationError
+from .timefmt import format_rfc3339, parse_rfc3339
+
+DROPLET_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+EVENT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+MAX_ETAG_CHARS = 128
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1, 300
+MAX_ADDRESSES = 64
+MAX_TEXT_FIELD = 253  # a DNS name's limit; plenty for a region too
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise ValidationError("the request body must be a JSON object", code="invalid_json")
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValidationError(f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    if not isinstance(value, dict):
+        raise ValidationError("the request body must be a JSON object", code="invalid_json")
+    return value
+
+
+def no_unknown_fields(body: dict[str, Any], allowed: set[str]) -> None:
+    for key in body:
+        if key not in allowed:
+            raise ValidationError(f"unknown field {key!r}", field=key, code="unknown_field")
+
+
+def droplet_id(value: str) -> str:
+    if not DROPLET_ID_RE.fullmatch(value):
+        raise ValidationError("droplet id must be 1-64 of [A-Za-z0-9._-]", field="id")
+    return value
+
+
+def addresses(body: dict[str, Any]) -> list[str]:
+    value = body.get("addresses")
+    if not isinstance(value, list) or not value:
+        raise ValidationError("addresses must be a non-empty list of IP addresses", field="addresses")
+    if len(value) > MAX_ADDRESSES:
+        raise ValidationError(f"at most {MAX_ADDRESSES} addresses per droplet", field="addresses")
+    out: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValidationError("addresses must be strings", field="addresses")
+        try:
+            out.append(str(ipaddress.ip_address(item)))
+        except ValueError as e:
+            raise ValidationError(f"{item[:64]!r} is not an IP address", field="addresses") from e
+    if len(set(out)) != len(out):
+        raise ValidationError("addresses contains a duplicate", field="addresses")
+    return out
+
+
+def optional_text(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_TEXT_FIELD or not value.isprintable():
+        raise ValidationError(
+            f"{name} must be a printable string of 1-{MAX_TEXT_FIELD} characters", field=name
+        )
+    return value
+
+
+def required_choice(body: dict[str, Any], name: str, choices: tuple[str, ...]) -> str:
+    value = body.get(name)
+    if value not in choices:
+        raise ValidationError(f"{name} must be one of {', '.join(choices)}", field=name)
+    assert isinstance(value, str)
+    return value
+
+
+def event_id(body: dict[str, Any]) -> str:
+    value = body.get("id")
+    if not isinstance(value, str) or not EVENT_ID_RE.fullmatch(value):
+        raise ValidationError("id must be 1-64 of [A-Za-z0-9._:-]", field="id")
+    return value
+
+
+def optional_time(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    try:
+        return format_rfc3339(parse_rfc3339(value))
+    except (ValueError, TypeError) as e:
+        raise ValidationError(
+            f"{name} must be an RFC 3339 time with an offset, e.g. 2026-12-01T02:00:00Z", field=name
+        ) from e
+
+
+def optional_bool(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise ValidationError(f"{name} must be true or false", field=name)
+    return value
+
+
+def last_etag(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if len(value) > MAX_ETAG_CHARS or not value.isascii() or not value.isprintable():
+        raise ValidationError(
+            f"last_etag must be at most {MAX_ETAG_CHARS} printable ASCII characters", field="last_etag"
+        )
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    return value
+
+
+def wait_flag(value: str | None) -> bool:
+    if value is None or value == "false":
+        return False
+    if value == "true":
+        return True
+    raise ValidationError("wait_for_change must be true or false", field="wait_for_change")
+
+
+def timeout_sec(value: str | None, default: int) -> int:
+    if value is None:
+        return default
+    if not value.isdigit() or not MIN_TIMEOUT_S <= int(value) <= MAX_TIMEOUT_S:
+        raise ValidationError(
+            f"timeout_sec must be an integer from {MIN_TIMEOUT_S} to {MAX_TIMEOUT_S}", field="timeout_sec"
+        )
+    return int(value)
