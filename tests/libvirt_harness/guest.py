@@ -1,0 +1,120 @@
+"""The libvirt tests' guest: built from ``guest.S`` (GNU as) into a qcow2 boot disk, and its domain XML.
+
+The guest dirties ``mem_kib`` KiB of memory and writes ``disk_sectors`` sectors of its disk per pass; with
+``paced`` it makes one pass per BIOS timer tick (18.2 per second), which turns the per-pass amounts into rates.
+Its pass counter, read with :func:`read_counters`, shows it still runs (see the comment at the top of guest.S).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SOURCE = Path(__file__).with_name("guest.S")
+SECTOR_BYTES = 512
+TICKS_PER_S = 18.2065
+COUNTERS_COMMAND = "xp /3wx 0x100000"
+BUILD_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """What the guest does per pass, and its size."""
+
+    mem_kib: int = 4096
+    disk_sectors: int = 64
+    paced: bool = True
+    memory_mib: int = 128
+    disk_mib: int = 64
+
+    @classmethod
+    def at_rates(
+        cls, *, memory_dirty_bps: float, disk_write_bps: float, memory_mib: int = 128, disk_mib: int = 64
+    ) -> GuestSpec:
+        """A paced guest that dirties memory and writes its disk at about these rates (bytes/s)."""
+        mem_kib = round(memory_dirty_bps / TICKS_PER_S / 1024)
+        sectors = round(disk_write_bps / TICKS_PER_S / SECTOR_BYTES / 32) * 32
+        return cls(mem_kib=mem_kib, disk_sectors=sectors, paced=True, memory_mib=memory_mib, disk_mib=disk_mib)
+
+
+def build_boot_sector(spec: GuestSpec, work_dir: Path) -> bytes:
+    """Assemble and link the boot sector for ``spec``; returns its 512 bytes."""
+    obj, binary = work_dir / "guest.o", work_dir / "guest.bin"
+    defs = {"MEM_KIB": spec.mem_kib, "DISK_SECTORS": spec.disk_sectors, "PACE": int(spec.paced)}
+    argv = ["as", "--32"]
+    for name, value in defs.items():
+        argv += ["--defsym", f"{name}={value}"]
+    subprocess.run([*argv, "-o", str(obj), str(SOURCE)], check=True, capture_output=True, timeout=BUILD_TIMEOUT_S)
+    subprocess.run(
+        ["ld", "-m", "elf_i386", "-Ttext=0x7c00", "--oformat", "binary", "-e", "_start", "-o", str(binary), str(obj)],
+        check=True,
+        capture_output=True,
+        timeout=BUILD_TIMEOUT_S,
+    )
+    data = binary.read_bytes()
+    if len(data) != SECTOR_BYTES or data[-2:] != b"\x55\xaa":
+        raise RuntimeError(f"guest boot sector is {len(data)} bytes, not a 512-byte boot sector")
+    return data
+
+
+def build_disk(spec: GuestSpec, qcow2_path: Path) -> None:
+    """Write the guest's boot disk: the boot sector, then zeros up to ``disk_mib``, as qcow2."""
+    with tempfile.TemporaryDirectory(prefix="dlm-guest-") as tmp:
+        work = Path(tmp)
+        raw = work / "disk.raw"
+        with raw.open("wb") as f:
+            f.write(build_boot_sector(spec, work))
+            f.truncate(spec.disk_mib * 1024 * 1024)
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2_path)],
+            check=True,
+            capture_output=True,
+            timeout=BUILD_TIMEOUT_S,
+        )
+
+
+def domain_xml(name: str, disk_path: str, spec: GuestSpec, *, domain_uuid: str | None = None) -> str:
+    """A TCG domain booting the guest disk (virtio, qcow2) with no NIC, display or balloon."""
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{domain_uuid or uuid.uuid4()}</uuid>
+  <memory unit='MiB'>{spec.memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='writeback'/>
+      <source file='{disk_path}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+@dataclass(frozen=True)
+class Counters:
+    passes: int
+    sectors_written: int
+    disk_errors: int
+
+
+def read_counters(dom: Any) -> Counters:
+    """The guest's counters, read through the QEMU monitor (HMP ``xp``) of the domain's host."""
+    import libvirt_qemu
+
+    out = libvirt_qemu.qemuMonitorCommand(dom, COUNTERS_COMMAND, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    words = [int(w, 16) for w in re.findall(r"0x([0-9a-f]{8})\b", out.split(":", 1)[1])]
+    if len(words) < 3:
+        raise RuntimeError(f"unexpected monitor answer: {out!r}")
+    return Counters(passes=words[0], sectors_written=words[1], disk_errors=words[2])
