@@ -81,6 +81,13 @@ def exit_code_for(ev: MaintenanceEvent) -> int:
     show_default=True,
     help="Read timeout of one request, in seconds.",
 )
+@click.option(
+    "--attempts",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Attempts per request on transient failures (1 = no retry).",
+)
 def main(
     *,
     url: str,
@@ -90,6 +97,7 @@ def main(
     timeout_s: float | None,
     poll_interval_s: float,
     request_timeout_s: float,
+    attempts: int,
 ) -> None:
     """Print this droplet's maintenance event; the exit status says which (0 none, 10 live, 11 offline)."""
     try:
@@ -98,6 +106,7 @@ def main(
             source_address=source_address,
             poll_interval_s=poll_interval_s,
             timeout_s=request_timeout_s,
+            retry_attempts=attempts,
         ) as client:
             if wait_mode == "scheduled":
                 ev = client.wait(timeout_s=timeout_s)

@@ -246,7 +246,10 @@ class MaintenanceClient:
         >>> client.acknowledge(ev.id, "ready").acknowledged             # doctest: +SKIP
         'ready'
         """
-        ack = AckAction(action)
+        try:
+            ack = AckAction(action)
+        except ValueError as e:
+            raise ValueError(f"action must be 'ready' or 'offline', not {action!r}") from e
         if not event_id:
             raise ValueError("event_id must be a non-empty string")
         if self._json_supported is False:
@@ -300,10 +303,9 @@ class MaintenanceClient:
             )
             if following.etag == current.etag and self._clock() - started < wait_s / 2:
                 # Same ETag, answered well before the wait it was asked for: this server ignores
-                # wait_for_change. Poll from now on rather than spin.
+                # wait_for_change. Poll from now on (the next reading pauses first) rather than spin.
                 log.info("%s answers long-polls at once: falling back to polling", self.base_url)
                 self._long_poll_ok = False
-                self._pause(remaining_s)
             return self._remember(following)
         self._pause(remaining_s)
         return self._remember(self._get_details(deadline=deadline))

@@ -43,11 +43,21 @@ class SourceAddressAdapter(HTTPAdapter):
         return super().proxy_manager_for(proxy, **proxy_kwargs)
 
 
+class NoRedirectSession(requests.Session):
+    """A session that never even looks at a redirect.
+
+    ``allow_redirects=False`` alone is not enough: ``requests`` still prepares the would-be next request and,
+    to do so, reads the whole 3xx body, bypassing the size cap. Here a 3xx is just an answer.
+    """
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        return None
+
+
 def build_session(source_address: str | None, user_agent: str) -> requests.Session:
     """A session for the client to own: no environment (proxies, .netrc, CA variables), no urllib3 retries."""
-    session = requests.Session()
+    session = NoRedirectSession()
     session.trust_env = False
-    session.max_redirects = 0
     session.headers["User-Agent"] = user_agent
     # Bodies are tiny; asking for identity keeps a compressed body from inflating past the size cap.
     session.headers["Accept-Encoding"] = "identity"
