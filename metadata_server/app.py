@@ -19,7 +19,7 @@ from .store import Store
 
 def create_guest_app(
     db_path: Path,
-    settings: GuestSettings = GuestSettings(),
+    settings: GuestSettings | None = None,
     *,
     poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
     watch: bool = True,
@@ -29,7 +29,7 @@ def create_guest_app(
     hub = Hub(store, poll_interval_s=poll_interval_s)
     if watch:
         hub.start()
-    return GuestApp(store, hub, Metrics(), settings)
+    return GuestApp(store, hub, Metrics(), settings or GuestSettings())
 
 
 def create_app(db_path: Path, token: str) -> Flask:

@@ -12,7 +12,7 @@ from .errors import ConfigError
 
 # prometheus-client reads this when first imported: set it before importing metrics.py.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-TOKEN_ENV = "METADATA_SERVER_ADMIN_TOKEN"
+TOKEN_ENV = "METADATA_SERVER_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
 MIN_TOKEN_CHARS = 16
 DEFAULT_GUEST_LISTEN = "169.254.169.254:80"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8775"
@@ -80,7 +80,8 @@ def load_token(token_file: Path | None, environ: dict[str, str] | None = None) -
             raise ConfigError(f"no admin token: give --admin-token-file or set {TOKEN_ENV}")
     if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
         raise ConfigError(
-            f"admin token from {source} must be at least {MIN_TOKEN_CHARS} printable ASCII characters without spaces"
+            f"admin token from {source} must be at least {MIN_TOKEN_CHARS} printable ASCII characters "
+            "without spaces"
         )
     return token
 

@@ -42,7 +42,7 @@ _MAX_QUERY_FIELDS = 8
 
 @dataclass(frozen=True)
 class GuestSettings:
-    # Per worker process: with W workers a droplet can hold at most W × this many long-polls.
+    # Per worker process: with W workers a droplet can hold at most W times this many long-polls.
     max_waits_per_droplet: int = DEFAULT_MAX_WAITS_PER_DROPLET
     default_long_poll_s: int = DEFAULT_LONG_POLL_S
 
@@ -55,13 +55,13 @@ class GuestApp:
         store: Store,
         hub: Hub,
         metrics: Metrics,
-        settings: GuestSettings = GuestSettings(),
+        settings: GuestSettings | None = None,
         now: Callable[[], str] = utc_now,
     ) -> None:
         self.store = store
         self.hub = hub
         self.metrics = metrics
-        self.settings = settings
+        self.settings = settings or GuestSettings()
         self.now = now
         self.flask = create_guest_flask(self)
 
@@ -168,7 +168,7 @@ def _not_a_droplet(environ: WSGIEnvironment, as_json: bool) -> Answer:
 
 
 def create_guest_flask(guest: GuestApp) -> Flask:
-    """The Flask app for every guest request but the hot GETs (which it also serves, for other methods' 405)."""
+    """The Flask app for every guest request but the hot GETs (it routes those too, for 405s)."""
     app = Flask("metadata_server.guest")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 

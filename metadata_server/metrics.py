@@ -66,7 +66,7 @@ def exposition(store: Store, own: Metrics) -> bytes:
     if os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
 
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         out = generate_latest(registry)
     else:
         out = generate_latest(own.registry)

@@ -11,6 +11,7 @@ descriptors to the arbiters with gunicorn's ``fd://`` binds.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -83,7 +84,7 @@ def _mark_dead(_server: Any, worker: Any) -> None:
     if os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(worker.pid)
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
 def run_guest(config: ServerConfig, fd: int) -> None:
@@ -113,6 +114,52 @@ def run_admin(config: ServerConfig, fd: int) -> None:
     _gunicorn_child(options, lambda: create_app(config.db_path, config.admin_token))
 
 
+def _fork_listener(
+    name: str, target: Callable[[ServerConfig, int], None], config: ServerConfig, fd: int
+) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0  # pragma: no cover - below runs in the child
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        target(config, fd)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        log.exception("%s listener crashed", name)
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _supervise(children: dict[int, str]) -> int:
+    """Wait for the listeners; SIGTERM/SIGINT stop both; one dying alone stops the other (exit 1)."""
+    stopping = False
+
+    def stop_all(_signum: int = 0, _frame: Any = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            _kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    exit_code = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        name = children.pop(pid, "?")
+        if not stopping:
+            log.error("the %s listener exited unexpectedly (status %s); stopping", name, status)
+            exit_code = 1
+            stop_all()
+    return exit_code
+
+
 def serve(config: ServerConfig, announce: Callable[[str], None]) -> int:
     """Run both listeners until SIGTERM/SIGINT; returns the exit code."""
     guest_sock = bind(config.guest_listen, "--guest-listen")
@@ -123,74 +170,32 @@ def serve(config: ServerConfig, announce: Callable[[str], None]) -> int:
         raise
     metrics_dir = tempfile.mkdtemp(prefix="metadata-server-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir
-
-    children: dict[int, str] = {}
-    for name, target, sock in (("guest", run_guest, guest_sock), ("admin", run_admin, admin_sock)):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 0
-            try:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                target(config, sock.fileno())
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-            except BaseException:
-                log.exception("%s listener crashed", name)
-                code = 1
-            finally:
-                os._exit(code)
-        children[pid] = name
-    guest_sock.close()
-    admin_sock.close()
-
-    stopping = False
-
-    def stop(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in children:
-            _kill(pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    announce(
-        f"metadata-server: guest listener http://{config.guest_listen}, "
-        f"admin listener {config.admin_scheme}://{config.admin_listen}, state {config.db_path}"
-    )
-    exit_code = 0
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
-            continue
-        name = children.pop(pid, "?")
-        if not stopping:
-            log.error("the %s listener exited unexpectedly (status %s); stopping", name, status)
-            exit_code = 1
-            stopping = True
-            for other in children:
-                _kill(other, signal.SIGTERM)
-    _remove_tree(Path(metrics_dir))
-    return exit_code
+    try:
+        children = {
+            _fork_listener("guest", run_guest, config, guest_sock.fileno()): "guest",
+            _fork_listener("admin", run_admin, config, admin_sock.fileno()): "admin",
+        }
+        guest_sock.close()
+        admin_sock.close()
+        announce(
+            f"metadata-server: guest listener http://{config.guest_listen}, "
+            f"admin listener {config.admin_scheme}://{config.admin_listen}, state {config.db_path}"
+        )
+        return _supervise(children)
+    finally:
+        _remove_tree(Path(metrics_dir))
 
 
 def _kill(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _remove_tree(path: Path) -> None:
     for child in path.glob("*"):
         child.unlink(missing_ok=True)
-    try:
+    with contextlib.suppress(OSError):
         path.rmdir()
-    except OSError:
-        pass
 
 
 def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import Conflict, ConfigError, NotFound
+from .errors import ConfigError, Conflict, NotFound
 from .model import Ack, AckAction, Droplet, Event, EventKind, EventState
 
 SCHEMA_VERSION = 1
@@ -144,10 +144,7 @@ class Store:
                 addrs: dict[str, list[str]] = {}
                 for address, did in c.execute("SELECT address, droplet_id FROM addresses ORDER BY address"):
                     addrs.setdefault(did, []).append(address)
-                events = {
-                    row[0]: _event(row[1:])
-                    for row in c.execute(f"SELECT droplet_id, {_EVENT_COLS} FROM events")
-                }  # noqa: S608
+                events = {row[0]: _event(row[1:]) for row in c.execute(_SELECT_ALL_EVENTS)}
                 droplets = [
                     Droplet(
                         id=did,
@@ -180,7 +177,8 @@ class Store:
             row = c.execute("SELECT id FROM events WHERE droplet_id = ?", (droplet_id,)).fetchone()
             if row is not None and row[0] == event_id:
                 c.execute(
-                    "UPDATE events SET kind = ?, state = ?, not_before = ?, deadline = ? WHERE droplet_id = ?",
+                    "UPDATE events SET kind = ?, state = ?, not_before = ?, deadline = ? "
+                    "WHERE droplet_id = ?",
                     (kind.value, state.value, not_before, deadline, droplet_id),
                 )
                 created = False
@@ -233,7 +231,7 @@ class Store:
                 "SELECT address FROM addresses WHERE droplet_id = ? ORDER BY address", (droplet_id,)
             )
         )
-        ev = c.execute(f"SELECT {_EVENT_COLS} FROM events WHERE droplet_id = ?", (droplet_id,)).fetchone()  # noqa: S608
+        ev = c.execute(_SELECT_EVENT, (droplet_id,)).fetchone()
         return Droplet(
             id=droplet_id,
             hostname=row[0],
@@ -243,7 +241,14 @@ class Store:
         )
 
 
-_EVENT_COLS = "id, kind, state, not_before, deadline, notified_at, ack_action, ack_power_on_after, ack_at"
+_SELECT_EVENT = (
+    "SELECT id, kind, state, not_before, deadline, notified_at, ack_action, ack_power_on_after, ack_at "
+    "FROM events WHERE droplet_id = ?"
+)
+_SELECT_ALL_EVENTS = (
+    "SELECT droplet_id, id, kind, state, not_before, deadline, notified_at, ack_action, "
+    "ack_power_on_after, ack_at FROM events"
+)
 
 
 def _event(row: tuple[object, ...] | sqlite3.Row) -> Event:

@@ -76,8 +76,7 @@ def required_choice(body: dict[str, Any], name: str, choices: tuple[str, ...]) -
     value = body.get(name)
     if value not in choices:
         raise ValidationError(f"{name} must be one of {', '.join(choices)}", field=name)
-    assert isinstance(value, str)
-    return value
+    return str(value)
 
 
 def event_id(body: dict[str, Any]) -> str:

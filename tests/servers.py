@@ -1,13 +1,14 @@
 """The real metadata server, started through its CLI on loopback ports, for integration tests.
 
-    with MetadataServer.start(tmp_path) as ms:
-        ms.register("d1", ["127.0.0.2"])
-        ms.set_event("d1", "ev-1")
-        subprocess.run(["curl", "--interface", "127.0.0.2", ms.guest_url + "/v1/maintenance_event"])
+with MetadataServer.start(tmp_path) as ms:
+    ms.register("d1", ["127.0.0.2"])
+    ms.set_event("d1", "ev-1")
+    subprocess.run(["curl", "--interface", "127.0.0.2", ms.guest_url + "/v1/maintenance_event"])
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -95,7 +96,9 @@ class MetadataServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"metadata-server exited {self.proc.returncode}: {self.log_path.read_text()}")
+                raise RuntimeError(
+                    f"metadata-server exited {self.proc.returncode}: {self.log_path.read_text()}"
+                )
             try:
                 if self.admin("GET", "/healthz", timeout=1).status_code == 200 and self._guest_up():
                     return
@@ -121,10 +124,8 @@ class MetadataServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         if sig == signal.SIGKILL:  # the workers are in the same session: take them down too
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             time.sleep(0.2)
         code = self.proc.returncode
         self.proc = None
@@ -147,9 +148,13 @@ class MetadataServer:
 
     # ---- admin API ------------------------------------------------------------------------------------
 
-    def admin(self, method: str, path: str, *, json: Any = None, timeout: float = 5, **kw: Any) -> requests.Response:
+    def admin(
+        self, method: str, path: str, *, json: Any = None, timeout: float = 5, **kw: Any
+    ) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.token}", **kw.pop("headers", {})}
-        return requests.request(method, self.admin_url + path, json=json, headers=headers, timeout=timeout, **kw)
+        return requests.request(
+            method, self.admin_url + path, json=json, headers=headers, timeout=timeout, **kw
+        )
 
     def register(self, droplet_id: str, addresses: list[str], **fields: Any) -> requests.Response:
         r = self.admin("PUT", f"/admin/v1/droplets/{droplet_id}", json={"addresses": addresses, **fields})

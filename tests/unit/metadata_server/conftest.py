@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from werkzeug.test import Client
+
+from metadata_server.app import create_app, create_guest_app
+from metadata_server.guest import GuestApp, GuestSettings
+
+TOKEN = "t" * 32
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state.sqlite3"
+
+
+@pytest.fixture
+def admin_app(db: Path) -> Flask:
+    return create_app(db, TOKEN)
+
+
+@pytest.fixture
+def admin(admin_app: Flask) -> Iterator[Client]:
+    with admin_app.test_client() as c:
+        yield c
+
+
+@pytest.fixture
+def guest_app(db: Path, admin_app: Flask) -> Iterator[GuestApp]:
+    # A short poll interval: the watcher picks up the admin app's writes as it does across processes.
+    app = create_guest_app(db, GuestSettings(max_waits_per_droplet=2), poll_interval_s=0.01)
+    yield app
+    app.hub.shutdown()
+
+
+def guest_client(app: GuestApp, address: str) -> Client:
+    return Client(app, use_cookies=False)  # REMOTE_ADDR passed per request, see guest_get
+
+
+def guest_get(app: GuestApp, address: str, path: str, **kw: object):  # type: ignore[no-untyped-def]
+    return Client(app).get(path, environ_base={"REMOTE_ADDR": address}, **kw)
