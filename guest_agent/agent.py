@@ -1,0 +1,504 @@
+"""The agent's policy: one explicit state machine per event (``states.py``), driven by notices.
+
+:meth:`Agent.handle` takes the latest reading of the event (a :class:`Notice`, or ``None`` when it is not
+known right now) and advances the active event's state as far as it goes: begin tracking a new event, run a
+phase, wait. Everything it does is journaled before and after, so a new process picks up where a killed
+one stopped.
+
+Policy (DESIGN.md §8):
+
+* ``live_migrate`` → ``on_notice`` (drain) → wait until the flag clears → ``after_migration`` (restore).
+* ``offline_migrate``, or ``live_migrate`` with ``prefer_offline = true`` → ``on_notice`` →
+  ``before_offline`` → ack ``offline`` (with ``power_on_after``) → the power-off command → wait until the
+  flag clears (normally: the next boot) → ``after_migration``.
+* A live event replaced by an ``offline_migrate`` one (the live migration failed for good) is SUPERSEDED:
+  the drain already ran, the new event goes straight on to the shutdown path.
+* The flag cleared while the agent was down → ``after_migration`` runs on start (DRAINED/POWERED_OFF in the
+  journal and no event on the server).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from guest_agent.config import AgentConfig, HookSpec, Phase, WebhookHookSpec
+from guest_agent.errors import AckRejected, MetadataUnreachable
+from guest_agent.hooks import Hook, build_hook
+from guest_agent.hooks.base import EventInfo, HookContext, HookResult
+from guest_agent.hooks.process import run_program
+from guest_agent.journal import EventRecord, HookOutcome, Journal
+from guest_agent.metrics import Metrics
+from guest_agent.source import EventSource, Notice, NoticeKind
+from guest_agent.states import EventStatus
+
+log = logging.getLogger(__name__)
+
+# Steps of the shutdown path, journaled like hooks ("@" cannot start a user hook's name).
+ACK_READY_STEP = "@ack-ready"
+ACK_OFFLINE_STEP = "@ack-offline"
+POWER_OFF_STEP = "@power-off"
+ACK_RETRY_S = (1.0, 2.0, 4.0, 8.0)  # then give up on the ack and go on
+SHUTDOWN_ABANDONED = "shutdown_abandoned"
+
+
+@dataclass
+class PhaseReport:
+    phase: Phase
+    finished: bool = True  # False: stopped by a signal before every hook was handled
+    stopped_on_failure: bool = False
+    results: list[tuple[str, HookOutcome, str]] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[tuple[str, HookOutcome, str]]:
+        return [r for r in self.results if not r[1].success]
+
+
+class Agent:
+    """Handles events for one droplet. Only one thread (the main one) calls :meth:`handle`."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        journal: Journal,
+        *,
+        source: EventSource | None,
+        hook_factory: Callable[[HookSpec], Hook] = build_hook,
+        power_off: Callable[[float], HookResult] | None = None,
+        metrics: Metrics | None = None,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        simulated: bool = False,
+    ) -> None:
+        self.config = config
+        self.journal = journal
+        self._source = source
+        self._hook_factory = hook_factory
+        self._power_off = power_off or self._run_power_off_command
+        self.metrics = metrics or Metrics()
+        self._wall = wall
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._simulated = simulated
+        self._stop = threading.Event()
+        self.reports: list[PhaseReport] = []
+        self._warned_other: str | None = None
+
+    # ---- control
+
+    def request_stop(self) -> None:
+        """Finish the running hook step (up to its timeout), start nothing new, return from ``handle``."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def replace_config(self, config: AgentConfig, source: EventSource | None = None) -> None:
+        """Use a reloaded config (and, if the metadata settings changed, source) from the next step on."""
+        self.config = config
+        if source is not None:
+            self._source = source
+
+    def report_interrupted(self) -> None:
+        """On start: say what a previous life left unfinished (once, before acting on it)."""
+        rec = self.journal.active()
+        if rec is None:
+            return
+        log.info("resuming event_id=%s (%s) in state %s", rec.event_id, rec.kind, rec.status.value)
+        for hook in rec.hooks:
+            if hook.interrupted:
+                log.warning(
+                    "event_id=%s phase=%s hook=%s was interrupted by a crash or power loss",
+                    rec.event_id,
+                    hook.phase.value,
+                    hook.name,
+                )
+
+    # ---- the state machine
+
+    def handle(self, notice: Notice | None) -> None:
+        """Advance the active event as far as ``notice`` (None: unknown right now) allows."""
+        while not self._stop.is_set() and self._step(notice):
+            pass
+
+    def _step(self, notice: Notice | None) -> bool:  # noqa: PLR0911, PLR0912  one branch per state reads best
+        rec = self.journal.active()
+        if rec is None:
+            return self._maybe_begin(notice)
+        if notice is not None and self._same_event(rec, notice):
+            self.journal.update_times(
+                rec.event_id,
+                deadline=self._deadline_for(notice, rec.first_seen),
+                not_before=_ts(notice.not_before),
+            )
+        status = rec.status
+        if status is EventStatus.NOTICED:
+            if notice is not None and not self._same_event(rec, notice) and notice.kind is NoticeKind.NONE:
+                log.info("event_id=%s cleared before any hook ran", rec.event_id)
+                self._set(rec, EventStatus.DONE)
+                return True
+            self._set(rec, EventStatus.DRAINING)
+            return True
+        if status is EventStatus.DRAINING:
+            report = self._run_phase(rec, Phase.ON_NOTICE)
+            if not report.finished:
+                return False
+            self._set(rec, EventStatus.DRAINED)
+            return True
+        if status is EventStatus.DRAINED:
+            if notice is None:
+                return False
+            if self._same_event(rec, notice):
+                if self._wants_shutdown(rec, notice):
+                    self._set(rec, EventStatus.SHUTTING_DOWN)
+                    return True
+                self._maybe_ack_ready(rec)
+                return False
+            if notice.kind is NoticeKind.OFFLINE_MIGRATE and rec.kind == NoticeKind.LIVE_MIGRATE.value:
+                log.info("event_id=%s superseded by offline event %s", rec.event_id, notice.id)
+                self._set(rec, EventStatus.SUPERSEDED)
+                self._begin(notice, carry=rec)
+                return True
+            log.info("event_id=%s is over (the flag now reads %r): restoring", rec.event_id, notice.raw)
+            self._set(rec, EventStatus.RESTORING)
+            return True
+        if status is EventStatus.SHUTTING_DOWN:
+            return self._shutdown(rec, notice)
+        if status is EventStatus.POWERED_OFF:
+            if notice is None or self._same_event(rec, notice):
+                return False
+            log.info("event_id=%s is over after the power-off: restoring", rec.event_id)
+            self._set(rec, EventStatus.RESTORING)
+            return True
+        if status is EventStatus.RESTORING:
+            report = self._run_phase(rec, Phase.AFTER_MIGRATION)
+            if not report.finished:
+                return False
+            self._set(rec, EventStatus.DONE)
+            log.info("event_id=%s done", rec.event_id)
+            return True
+        return False
+
+    def _maybe_begin(self, notice: Notice | None) -> bool:
+        if notice is None or not notice.is_event:
+            if notice is not None and notice.kind is NoticeKind.OTHER and notice.raw != self._warned_other:
+                log.warning(
+                    "the metadata service announces %r, which this agent does not know: ignored", notice.raw
+                )
+                self._warned_other = notice.raw
+            return False
+        self._begin(notice)
+        return True
+
+    def _begin(self, notice: Notice, carry: EventRecord | None = None) -> EventRecord:
+        now = self._wall()
+        base = notice.id if notice.id is not None else f"text-{notice.kind.value}-{int(now)}"
+        event_id, n = base, 1
+        while self.journal.event(event_id) is not None:  # the same id seen again after it was done
+            n += 1
+            event_id = f"{base}#{n}"
+        deadline = self._deadline_for(notice, now)
+        data = {k: v for k, v in (carry.data if carry else {}).items() if k != SHUTDOWN_ABANDONED}
+        rec = self.journal.begin_event(
+            event_id=event_id,
+            server_id=notice.id,
+            kind=notice.kind.value,
+            deadline=deadline,
+            not_before=_ts(notice.not_before),
+            simulated=self._simulated,
+            data=data,
+        )
+        lead_s = None if deadline is None else deadline - now
+        self.metrics.event_seen(notice.kind.value, lead_s)
+        log.warning(
+            "maintenance event seen: event_id=%s kind=%s state=%s not_before=%s deadline=%s",
+            event_id,
+            notice.kind.value,
+            notice.state,
+            _fmt(notice.not_before),
+            _fmt_ts(deadline),
+        )
+        return rec
+
+    def _same_event(self, rec: EventRecord, notice: Notice) -> bool:
+        if not notice.is_event:
+            return False
+        if rec.server_id is not None:
+            return notice.id == rec.server_id
+        return notice.id is None and notice.kind.value == rec.kind
+
+    def _deadline_for(self, notice: Notice, first_seen: float) -> float:
+        if notice.deadline is not None:
+            return notice.deadline.timestamp()
+        if notice.not_before is not None:
+            return notice.not_before.timestamp()
+        # A text-only server (or one that gave no times): the configured notice after first sight.
+        return first_seen + self.config.agent.default_notice_s
+
+    def _wants_shutdown(self, rec: EventRecord, notice: Notice) -> bool:
+        if notice.kind is NoticeKind.OFFLINE_MIGRATE:
+            return True
+        return self.config.agent.prefer_offline and not rec.data.get(SHUTDOWN_ABANDONED, False)
+
+    def _set(self, rec: EventRecord, status: EventStatus) -> None:
+        self.journal.set_status(rec.event_id, status)
+        log.info("event_id=%s: %s -> %s", rec.event_id, rec.status.value, status.value)
+
+    # ---- the shutdown path
+
+    def _shutdown(self, rec: EventRecord, notice: Notice | None) -> bool:
+        report = self._run_phase(rec, Phase.BEFORE_OFFLINE)
+        if not report.finished:
+            return False
+        required = rec.kind == NoticeKind.OFFLINE_MIGRATE.value or (
+            notice is not None and notice.kind is NoticeKind.OFFLINE_MIGRATE and self._same_event(rec, notice)
+        )
+        if report.stopped_on_failure and not required:
+            log.error(
+                "event_id=%s: a before_offline hook failed with stop_on_failure: not shutting down; "
+                "the live migration will go ahead",
+                rec.event_id,
+            )
+            self.journal.put_data(rec.event_id, SHUTDOWN_ABANDONED, True)
+            self._set(rec, EventStatus.DRAINED)
+            return True
+        if not self._ack_offline(rec):
+            log.warning("event_id=%s is no longer the current event: not powering off", rec.event_id)
+            self._set(rec, EventStatus.RESTORING)
+            return True
+        self._power_off_step(rec)
+        self._set(rec, EventStatus.POWERED_OFF)
+        return True
+
+    def _ack_offline(self, rec: EventRecord) -> bool:  # noqa: PLR0911  each way out is a different outcome
+        """Send the ack ``offline``; False when the server says the event is no longer current."""
+        step = self.journal.event(rec.event_id)
+        done = step.hook(Phase.BEFORE_OFFLINE, ACK_OFFLINE_STEP) if step else None
+        if done is not None and done.finished:
+            return True
+        if self._simulated or self._source is None:
+            self._record_step(rec, ACK_OFFLINE_STEP, HookResult(HookOutcome.SKIPPED, "simulated: not sent"))
+            return True
+        if rec.server_id is None:
+            self._record_step(
+                rec, ACK_OFFLINE_STEP, HookResult(HookOutcome.SKIPPED, "text-only server: cannot acknowledge")
+            )
+            return True
+        power_on_after = self.config.agent.power_on_after
+        self.journal.hook_started(rec.event_id, Phase.BEFORE_OFFLINE, ACK_OFFLINE_STEP)
+        for attempt, pause_s in enumerate((*ACK_RETRY_S, None), start=1):
+            try:
+                self._source.acknowledge(rec.server_id, "offline", power_on_after=power_on_after)
+            except AckRejected as e:
+                self._finish_step(rec, ACK_OFFLINE_STEP, HookResult.failed(f"refused: {e}"))
+                return False
+            except MetadataUnreachable as e:
+                if pause_s is None or self._stop.is_set():
+                    # The engine also treats a droplet found shut off as offline (DESIGN §3): go on.
+                    self._finish_step(rec, ACK_OFFLINE_STEP, HookResult.failed(f"not delivered: {e}"))
+                    return True
+                log.warning("event_id=%s: ack offline attempt %d failed: %s", rec.event_id, attempt, e)
+                self._sleep(pause_s)
+                continue
+            self._finish_step(
+                rec, ACK_OFFLINE_STEP, HookResult.ok(f"offline, power_on_after={power_on_after}")
+            )
+            return True
+        return True  # pragma: no cover  (the loop always returns)
+
+    def _power_off_step(self, rec: EventRecord) -> None:
+        current = self.journal.event(rec.event_id)
+        done = current.hook(Phase.BEFORE_OFFLINE, POWER_OFF_STEP) if current else None
+        if done is not None and done.started_at is not None:
+            # Started in an earlier life: the machine may already have been powered off once. Never twice.
+            if done.interrupted:
+                self._finish_step(rec, POWER_OFF_STEP, HookResult(HookOutcome.INTERRUPTED, "not repeated"))
+            return
+        cmd = " ".join(self.config.agent.power_off_command)
+        if self._simulated:
+            log.warning("simulate: would power off now with: %s (not run)", cmd)
+            self._record_step(
+                rec, POWER_OFF_STEP, HookResult(HookOutcome.SKIPPED, f"simulated: would run {cmd}")
+            )
+            return
+        log.warning("event_id=%s: powering off: %s", rec.event_id, cmd)
+        self.journal.hook_started(rec.event_id, Phase.BEFORE_OFFLINE, POWER_OFF_STEP)
+        result = self._power_off(self.config.agent.power_off_timeout_s)
+        self._finish_step(rec, POWER_OFF_STEP, result)
+
+    def _run_power_off_command(self, timeout_s: float) -> HookResult:
+        result = run_program(self.config.agent.power_off_command, label="power-off", timeout_s=timeout_s)
+        return HookResult.ok(result.describe()) if result.ok else HookResult.failed(result.describe())
+
+    def _maybe_ack_ready(self, rec: EventRecord) -> None:
+        if not self.config.agent.acknowledge_ready or rec.server_id is None or self._source is None:
+            return
+        current = self.journal.event(rec.event_id)
+        if current is None or current.hook(Phase.ON_NOTICE, ACK_READY_STEP) is not None:
+            return
+        self.journal.hook_started(rec.event_id, Phase.ON_NOTICE, ACK_READY_STEP)
+        try:
+            self._source.acknowledge(rec.server_id, "ready", power_on_after=self.config.agent.power_on_after)
+        except (AckRejected, MetadataUnreachable) as e:
+            self._finish_step(rec, ACK_READY_STEP, HookResult.failed(str(e)))
+        else:
+            self._finish_step(rec, ACK_READY_STEP, HookResult.ok("ready"))
+
+    def _record_step(self, rec: EventRecord, name: str, result: HookResult) -> None:
+        self.journal.hook_started(rec.event_id, Phase.BEFORE_OFFLINE, name)
+        self._finish_step(rec, name, result)
+
+    def _finish_step(self, rec: EventRecord, name: str, result: HookResult) -> None:
+        phase = Phase.ON_NOTICE if name == ACK_READY_STEP else Phase.BEFORE_OFFLINE
+        self.journal.hook_finished(rec.event_id, phase, name, result.outcome, result.detail)
+        level = (
+            logging.INFO if result.outcome.success or result.outcome is HookOutcome.SKIPPED else logging.ERROR
+        )
+        log.log(level, "event_id=%s step=%s: %s %s", rec.event_id, name, result.outcome.value, result.detail)
+
+    # ---- running a phase
+
+    def _run_phase(self, rec: EventRecord, phase: Phase) -> PhaseReport:
+        """Run the phase's hooks (webhooks first), skipping what a previous life finished."""
+        specs = sorted(
+            self.config.phase_hooks(phase), key=lambda s: 0 if isinstance(s, WebhookHookSpec) else 1
+        )
+        report = PhaseReport(phase)
+        stop_rest = False
+        for spec in specs:
+            current = self.journal.event(rec.event_id)
+            assert current is not None  # noqa: S101  the active event is never pruned
+            done = current.hook(phase, spec.name)
+            if done is not None and done.finished:
+                log.debug(
+                    "event_id=%s phase=%s hook=%s already %s",
+                    rec.event_id,
+                    phase.value,
+                    spec.name,
+                    done.outcome,
+                )
+                if done.outcome is not None:
+                    report.results.append((spec.name, done.outcome, done.detail))
+                continue
+            if stop_rest:
+                self._skip(rec, phase, spec, "an earlier hook failed and has stop_on_failure", report)
+                continue
+            if done is not None and done.interrupted:
+                if not spec.idempotent:
+                    detail = "interrupted by a crash; not idempotent, so not run again"
+                    log.error("event_id=%s phase=%s hook=%s %s", rec.event_id, phase.value, spec.name, detail)
+                    self.journal.hook_finished(
+                        rec.event_id, phase, spec.name, HookOutcome.INTERRUPTED, detail
+                    )
+                    self.metrics.hook_done(phase.value, spec.name, 0.0, HookOutcome.INTERRUPTED.value)
+                    report.results.append((spec.name, HookOutcome.INTERRUPTED, detail))
+                    stop_rest = spec.stop_on_failure
+                    continue
+                log.warning(
+                    "event_id=%s phase=%s hook=%s was interrupted by a crash; running it again (idempotent)",
+                    rec.event_id,
+                    phase.value,
+                    spec.name,
+                )
+            if self._stop.is_set():
+                report.finished = False
+                return self._done(report)
+            outcome = self._run_hook(current, phase, spec, report)
+            if not outcome.success and spec.stop_on_failure:
+                stop_rest = True
+                report.stopped_on_failure = True
+        return self._done(report)
+
+    def _done(self, report: PhaseReport) -> PhaseReport:
+        self.reports.append(report)
+        return report
+
+    def _skip(self, rec: EventRecord, phase: Phase, spec: HookSpec, why: str, report: PhaseReport) -> None:
+        log.error("event_id=%s phase=%s hook=%s skipped: %s", rec.event_id, phase.value, spec.name, why)
+        self.journal.hook_finished(rec.event_id, phase, spec.name, HookOutcome.SKIPPED, why)
+        self.metrics.hook_done(phase.value, spec.name, 0.0, HookOutcome.SKIPPED.value)
+        report.results.append((spec.name, HookOutcome.SKIPPED, why))
+
+    def _run_hook(self, rec: EventRecord, phase: Phase, spec: HookSpec, report: PhaseReport) -> HookOutcome:
+        timeout_s = spec.timeout_s
+        if phase is not Phase.AFTER_MIGRATION and rec.deadline is not None:
+            remaining_s = rec.deadline - self.config.agent.deadline_margin_s - self._wall()
+            if remaining_s <= 0:
+                self._skip(rec, phase, spec, "the event's deadline has passed", report)
+                return HookOutcome.SKIPPED
+            if remaining_s < timeout_s:
+                log.warning(
+                    "event_id=%s phase=%s hook=%s: only %.1f s left before the deadline: it will be cut then",
+                    rec.event_id,
+                    phase.value,
+                    spec.name,
+                    remaining_s,
+                )
+                timeout_s = remaining_s
+        ctx = HookContext(
+            event=self._event_info(rec),
+            phase=phase,
+            data=rec.data,
+            monotonic=self._monotonic,
+            sleep=self._sleep,
+        )
+        log.info(
+            "event_id=%s phase=%s hook=%s: starting (%s)", rec.event_id, phase.value, spec.name, spec.kind
+        )
+        self.journal.hook_started(rec.event_id, phase, spec.name)
+        started = self._monotonic()
+        try:
+            result = self._hook_factory(spec).run(ctx, timeout_s)
+        except Exception as e:  # a hook bug is that hook's failure, not the agent's death
+            log.exception("event_id=%s phase=%s hook=%s crashed", rec.event_id, phase.value, spec.name)
+            result = HookResult.failed(f"crashed: {type(e).__name__}: {e}")
+        duration_s = self._monotonic() - started
+        if result.data:
+            for key, value in result.data.items():
+                self.journal.put_data(rec.event_id, key, value)
+        self.journal.hook_finished(rec.event_id, phase, spec.name, result.outcome, result.detail)
+        self.metrics.hook_done(phase.value, spec.name, duration_s, result.outcome.value)
+        level = logging.INFO if result.outcome.success else logging.ERROR
+        log.log(
+            level,
+            "event_id=%s phase=%s hook=%s: %s in %.1f s: %s",
+            rec.event_id,
+            phase.value,
+            spec.name,
+            result.outcome.value,
+            duration_s,
+            result.detail,
+        )
+        report.results.append((spec.name, result.outcome, result.detail))
+        return result.outcome
+
+    def _event_info(self, rec: EventRecord) -> EventInfo:
+        return EventInfo(
+            event_id=rec.event_id,
+            kind=rec.kind,
+            not_before=_dt(rec.not_before),
+            deadline=_dt(rec.deadline),
+            simulated=rec.simulated,
+        )
+
+
+def _ts(when: datetime | None) -> float | None:
+    return when.timestamp() if when is not None else None
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return datetime.fromtimestamp(ts, UTC) if ts is not None else None
+
+
+def _fmt(when: datetime | None) -> str:
+    return when.isoformat().replace("+00:00", "Z") if when is not None else "-"
+
+
+def _fmt_ts(ts: float | None) -> str:
+    return _fmt(_dt(ts))

@@ -1,0 +1,333 @@
+"""The crash-safe journal: what the agent knows about each event, and each hook's start and end.
+
+One small JSON document, rewritten whole on every change: written to a temporary file in the same
+directory, fsync'ed, renamed over the old one, and the directory fsync'ed. A crash at any moment leaves
+either the old or the new document, never a torn one, so after ``kill -9`` the agent knows exactly which
+hooks finished (never run again), which were interrupted (started, no end: re-run only if idempotent),
+and which phase it was in.
+
+A hook's record is keyed ``phase/name`` inside its event. Hooks may also keep a little data with the
+event (``nested_vms`` records the domains that were running at notice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from guest_agent.config import Phase
+from guest_agent.errors import AlreadyRunning, JournalError
+from guest_agent.states import EventStatus, check_transition
+
+log = logging.getLogger(__name__)
+
+JOURNAL_VERSION = 1
+KEEP_FINISHED_EVENTS = 50
+
+
+class HookOutcome(enum.Enum):
+    OK = "ok"
+    FAILED = "failed"
+    CUT = "cut"  # ran into its timeout or the event's deadline and was stopped
+    SKIPPED = "skipped"  # never started: the deadline had passed, or an earlier hook said stop
+    INTERRUPTED = "interrupted"  # a crash interrupted it and it is not idempotent: not re-run
+
+    @property
+    def success(self) -> bool:
+        return self is HookOutcome.OK
+
+
+@dataclass(frozen=True)
+class HookRecord:
+    phase: Phase
+    name: str
+    started_at: float | None
+    finished_at: float | None
+    outcome: HookOutcome | None
+    detail: str
+    runs: int  # how many times it was started, across agent lives
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is not None
+
+    @property
+    def interrupted(self) -> bool:
+        """Started and never ended: the agent died while it ran."""
+        return self.started_at is not None and self.outcome is None
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    event_id: str  # the server's id, or one the agent made up for a text-only server
+    server_id: str | None
+    kind: str  # "live_migrate" | "offline_migrate"
+    status: EventStatus
+    first_seen: float  # wall clock, seconds since the epoch
+    deadline: float | None  # wall clock
+    not_before: float | None
+    simulated: bool
+    hooks: tuple[HookRecord, ...]
+    data: dict[str, Any]
+
+    def hook(self, phase: Phase, name: str) -> HookRecord | None:
+        for rec in self.hooks:
+            if rec.phase is phase and rec.name == name:
+                return rec
+        return None
+
+
+class Journal:
+    """The journal file. Not thread-safe: only the agent's main thread writes it."""
+
+    def __init__(self, path: Path | None, *, wall: Callable[[], float] = time.time) -> None:
+        """``path=None`` keeps the journal in memory only (``simulate``)."""
+        self.path = path
+        self._wall = wall
+        self._doc: dict[str, Any] = {"version": JOURNAL_VERSION, "active": None, "events": {}}
+        self._lock_fd: int | None = None
+
+    @classmethod
+    def open(
+        cls, path: Path | None, *, wall: Callable[[], float] = time.time, read_only: bool = False
+    ) -> Journal:
+        """Load the journal at ``path`` (none yet: an empty one). ``read_only`` (``status``) raises
+        :class:`JournalError` for an unreadable file instead of moving it aside."""
+        journal = cls(path, wall=wall)
+        journal._load(read_only=read_only)
+        return journal
+
+    # ---- locking: one agent per journal
+
+    def lock(self) -> None:
+        """Take the journal's lock for this process; :class:`AlreadyRunning` if another agent holds it."""
+        if self.path is None or self._lock_fd is not None:
+            return
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise JournalError(f"cannot open the journal lock {lock_path}: {e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            os.close(fd)
+            raise AlreadyRunning(f"another guest-agent is running with the journal {self.path}") from e
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ---- reading
+
+    def active(self) -> EventRecord | None:
+        """The event the agent is handling (not yet DONE/SUPERSEDED), if any."""
+        event_id = self._doc["active"]
+        return self.event(event_id) if event_id else None
+
+    def event(self, event_id: str) -> EventRecord | None:
+        raw = self._doc["events"].get(event_id)
+        return _event_from_doc(event_id, raw) if raw is not None else None
+
+    def events(self) -> list[EventRecord]:
+        """All events kept, oldest first."""
+        items = sorted(self._doc["events"].items(), key=lambda kv: kv[1]["first_seen"])
+        return [_event_from_doc(k, v) for k, v in items]
+
+    # ---- writing (each call is one atomic, durable save)
+
+    def begin_event(
+        self,
+        *,
+        event_id: str,
+        server_id: str | None,
+        kind: str,
+        deadline: float | None,
+        not_before: float | None,
+        simulated: bool = False,
+        data: dict[str, Any] | None = None,
+    ) -> EventRecord:
+        """Start tracking a new event (status NOTICED) and make it the active one."""
+        if event_id in self._doc["events"]:
+            raise JournalError(f"event {event_id} is already in the journal")
+        self._doc["events"][event_id] = {
+            "server_id": server_id,
+            "kind": kind,
+            "status": EventStatus.NOTICED.value,
+            "first_seen": self._wall(),
+            "deadline": deadline,
+            "not_before": not_before,
+            "simulated": simulated,
+            "history": [[EventStatus.NOTICED.value, self._wall()]],
+            "hooks": {},
+            "data": dict(data or {}),
+        }
+        self._doc["active"] = event_id
+        self._prune()
+        self._save()
+        return self._get(event_id)
+
+    def set_status(self, event_id: str, status: EventStatus) -> EventRecord:
+        raw = self._raw(event_id)
+        check_transition(EventStatus(raw["status"]), status)
+        raw["status"] = status.value
+        raw["history"].append([status.value, self._wall()])
+        if status.terminal and self._doc["active"] == event_id:
+            self._doc["active"] = None
+        self._save()
+        return self._get(event_id)
+
+    def update_times(self, event_id: str, *, deadline: float | None, not_before: float | None) -> None:
+        raw = self._raw(event_id)
+        if (raw["deadline"], raw["not_before"]) != (deadline, not_before):
+            raw["deadline"], raw["not_before"] = deadline, not_before
+            self._save()
+
+    def hook_started(self, event_id: str, phase: Phase, name: str) -> None:
+        raw = self._raw(event_id)
+        rec = raw["hooks"].setdefault(_hook_key(phase, name), {"runs": 0})
+        rec.update(started_at=self._wall(), finished_at=None, outcome=None, detail="")
+        rec["runs"] += 1
+        self._save()
+
+    def hook_finished(
+        self, event_id: str, phase: Phase, name: str, outcome: HookOutcome, detail: str = ""
+    ) -> None:
+        raw = self._raw(event_id)
+        rec = raw["hooks"].setdefault(_hook_key(phase, name), {"runs": 0, "started_at": None})
+        rec.update(finished_at=self._wall(), outcome=outcome.value, detail=detail[:500])
+        self._save()
+
+    def put_data(self, event_id: str, key: str, value: Any) -> None:
+        self._raw(event_id)["data"][key] = value
+        self._save()
+
+    # ---- internals
+
+    def _get(self, event_id: str) -> EventRecord:
+        return _event_from_doc(event_id, self._raw(event_id))
+
+    def _raw(self, event_id: str) -> dict[str, Any]:
+        try:
+            raw: dict[str, Any] = self._doc["events"][event_id]
+        except KeyError as e:
+            raise JournalError(f"event {event_id} is not in the journal") from e
+        return raw
+
+    def _prune(self) -> None:
+        events = self._doc["events"]
+        finished = sorted(
+            (k for k, v in events.items() if EventStatus(v["status"]).terminal),
+            key=lambda k: events[k]["first_seen"],
+        )
+        for event_id in finished[: max(0, len(finished) - KEEP_FINISHED_EVENTS)]:
+            del events[event_id]
+
+    def _load(self, *, read_only: bool = False) -> None:
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            doc = json.loads(self.path.read_bytes())
+            if not isinstance(doc, dict) or doc.get("version") != JOURNAL_VERSION:
+                raise ValueError(
+                    f"unknown journal version {doc.get('version') if isinstance(doc, dict) else doc!r}"
+                )
+            for event_id, raw in doc["events"].items():
+                _event_from_doc(event_id, raw)  # validates
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            if read_only:
+                raise JournalError(f"cannot read the journal {self.path}: {e}") from e
+            # Never crash-loop on a bad journal: keep it for a human and start a fresh one.
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self._wall())}")
+            log.error(
+                "journal %s is unreadable (%s); moved aside to %s, starting a new one", self.path, e, aside
+            )
+            with contextlib.suppress(OSError):
+                os.replace(self.path, aside)
+            return
+        self._doc = doc
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        data = json.dumps(self._doc, indent=1, sort_keys=True).encode("utf-8")
+        try:
+            atomic_write(self.path, data)
+        except OSError as e:
+            raise JournalError(f"cannot write the journal {self.path}: {e}") from e
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so a crash leaves the old or the new content, durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _hook_key(phase: Phase, name: str) -> str:
+    return f"{phase.value}/{name}"
+
+
+def _event_from_doc(event_id: str, raw: dict[str, Any]) -> EventRecord:
+    hooks = []
+    for key, rec in raw["hooks"].items():
+        phase_text, _, name = key.partition("/")
+        outcome = rec.get("outcome")
+        hooks.append(
+            HookRecord(
+                phase=Phase(phase_text),
+                name=name,
+                started_at=rec.get("started_at"),
+                finished_at=rec.get("finished_at"),
+                outcome=HookOutcome(outcome) if outcome is not None else None,
+                detail=rec.get("detail", ""),
+                runs=int(rec.get("runs", 0)),
+            )
+        )
+    return EventRecord(
+        event_id=event_id,
+        server_id=raw["server_id"],
+        kind=raw["kind"],
+        status=EventStatus(raw["status"]),
+        first_seen=float(raw["first_seen"]),
+        deadline=raw["deadline"],
+        not_before=raw["not_before"],
+        simulated=bool(raw.get("simulated", False)),
+        hooks=tuple(hooks),
+        data=dict(raw.get("data", {})),
+    )
+
+
+@contextlib.contextmanager
+def locked(journal: Journal) -> Iterator[Journal]:
+    journal.lock()
+    try:
+        yield journal
+    finally:
+        journal.unlock()
