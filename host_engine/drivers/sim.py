@@ -396,8 +396,6 @@ class SimWorld:
         for mig in active:
             self._fire_faults(mig)
         active = [m for m in active if m.active]
-        for mig in active:
-            self._write(mig, dt)
         # Fair shares of each host's transmit and receive sides among the migrations that have work.
         senders = [m for m in active if m.link_up and (m.disk_pending or m.memory_pending)]
         tx: dict[str, int] = {}
@@ -411,6 +409,11 @@ class SimWorld:
                 src, dst = self.hosts[mig.spec.source_host], self.hosts[mig.spec.target_host]
                 rate = min(src.nic_bps / tx[src.name], dst.nic_bps / rx[dst.name])
             self._copy(mig, rate, dt)
+        # The guest writes after the copy within a step, so what it dirtied in the last step is always still
+        # pending: the ~50 ms lag of QEMU's dirty-bitmap sync, which the switchover has to move in the pause.
+        for mig in active:
+            if mig.active:
+                self._write(mig, dt)
             self._account(mig, dt)
         self.time_s += dt
 
@@ -903,6 +906,9 @@ class SimMigrationDriver:
         if d.state is DomainState.RUNNING:
             d.state = DomainState.PAUSED
         mig.switchover_at_s = self.world.time_s
+        mig.credit_bytes = (
+            0.0  # the pause lasts as long as the remainder takes at the link rate, no banked credit
+        )
         # A memory pass in progress continues; pages not yet sent are pending anyway.
         # The remainder moves (and the droplet moves) in the world's next step; faults may strike first.
         self.world._set_phase(mig, Phase.SWITCHOVER)
