@@ -88,6 +88,7 @@ class Agent:
         self._stop = threading.Event()
         self.reports: list[PhaseReport] = []
         self._warned_other: str | None = None
+        self._warned_done: str | None = None
 
     # ---- control
 
@@ -193,6 +194,13 @@ class Agent:
                 )
                 self._warned_other = notice.raw
             return False
+        if notice.id is not None and any(e.server_id == notice.id for e in self.journal.events()):
+            # Already handled to the end (or refused by the server as stale): a notice still showing it is
+            # old news, never a reason to drain — or power off — a second time.
+            if notice.id != self._warned_done:
+                log.info("event_id=%s was already handled; waiting for the next change", notice.id)
+                self._warned_done = notice.id
+            return False
         self._begin(notice)
         return True
 
@@ -213,6 +221,8 @@ class Agent:
             not_before=_ts(notice.not_before),
             simulated=self._simulated,
             data=data,
+            inherit_from=carry.event_id if carry else None,
+            inherit_phases=(Phase.ON_NOTICE,),
         )
         lead_s = None if deadline is None else deadline - now
         self.metrics.event_seen(notice.kind.value, lead_s)

@@ -461,7 +461,7 @@ class _Table:
                 key, f'must be a list of arguments like ["/usr/bin/prog", "--flag"], not a string {value!r}'
             )
         argv = self.str_list(key, default)
-        if default is _REQUIRED and not argv:
+        if key in self._data and not argv:
             self.fail(key, "must not be empty")
         return argv
 

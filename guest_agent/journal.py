@@ -158,10 +158,22 @@ class Journal:
         not_before: float | None,
         simulated: bool = False,
         data: dict[str, Any] | None = None,
+        inherit_from: str | None = None,
+        inherit_phases: tuple[Phase, ...] = (),
     ) -> EventRecord:
-        """Start tracking a new event (status NOTICED) and make it the active one."""
+        """Start tracking a new event (status NOTICED) and make it the active one.
+
+        ``inherit_from`` another event copies its hook records of ``inherit_phases`` (a live event's drain
+        counts for the offline event that replaces it: it is not run twice).
+        """
         if event_id in self._doc["events"]:
             raise JournalError(f"event {event_id} is already in the journal")
+        hooks: dict[str, Any] = {}
+        if inherit_from is not None:
+            prefixes = tuple(f"{p.value}/" for p in inherit_phases)
+            for key, rec in self._raw(inherit_from)["hooks"].items():
+                if key.startswith(prefixes):
+                    hooks[key] = dict(rec)
         self._doc["events"][event_id] = {
             "server_id": server_id,
             "kind": kind,
@@ -171,7 +183,7 @@ class Journal:
             "not_before": not_before,
             "simulated": simulated,
             "history": [[EventStatus.NOTICED.value, self._wall()]],
-            "hooks": {},
+            "hooks": hooks,
             "data": dict(data or {}),
         }
         self._doc["active"] = event_id

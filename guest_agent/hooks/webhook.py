@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from typing import Any
 
 import requests
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
-from tenacity.wait import wait_exponential_jitter
 
 from guest_agent.config import Phase, WebhookHookSpec
 from guest_agent.hooks.base import HookContext, HookResult, idempotency_key
@@ -73,7 +73,7 @@ class WebhookHook:
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             hint = exc.retry_after_s if isinstance(exc, _Transient) else None
-            delay = min(hint, RETRY_AFTER_MAX_S) if hint is not None else backoff(state)
+            delay = min(hint, RETRY_AFTER_MAX_S) if hint is not None else _backoff(state.attempt_number)
             remaining = deadline - ctx.monotonic()
             if delay >= remaining:
                 raise _OutOfTime
@@ -89,7 +89,6 @@ class WebhookHook:
                 ctx.event.event_id,
             )
 
-        backoff = wait_exponential_jitter(initial=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S)
         retrying = Retrying(
             stop=stop_after_attempt(self.spec.attempts),
             wait=wait,
@@ -132,6 +131,12 @@ class WebhookHook:
 
 class _Permanent(Exception):
     pass
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with jitter: ~0.5 s, 1 s, 2 s, ... capped at BACKOFF_MAX_S."""
+    ceiling = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** (attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311  jitter, not cryptography
 
 
 def _retry_after(resp: requests.Response) -> float | None:

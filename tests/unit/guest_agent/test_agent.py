@@ -1,0 +1,355 @@
+"""The agent's policy and state machine, driven by notices, with fake hooks and a fake clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from guest_agent.config import Phase
+from guest_agent.errors import AckRejected, MetadataUnreachable
+from guest_agent.hooks.base import HookResult
+from guest_agent.journal import HookOutcome
+from guest_agent.source import CLEAR, Notice, NoticeKind
+from guest_agent.states import EventStatus
+
+from .conftest import World, fail, live, offline
+
+
+def status(w: World, event_id: str) -> EventStatus:
+    rec = w.agent.journal.event(event_id)
+    assert rec is not None
+    return rec.status
+
+
+def outcome(w: World, event_id: str, phase: Phase, name: str) -> HookOutcome | None:
+    rec = w.agent.journal.event(event_id)
+    assert rec is not None
+    hook = rec.hook(phase, name)
+    return hook.outcome if hook else None
+
+
+def test_agent_live_migrate_drains_waits_and_restores(world: World) -> None:
+    world.agent.handle(live())
+    assert world.recorder.names() == ["tell-lb", "drain"]  # webhooks first: people hear before slow drains
+    assert status(world, "ev-1") is EventStatus.DRAINED
+
+    world.agent.handle(live())  # the same event again: nothing new
+    assert world.recorder.names() == ["tell-lb", "drain"]
+
+    world.agent.handle(CLEAR)
+    assert world.recorder.names() == ["tell-lb", "drain", "restore"]
+    assert status(world, "ev-1") is EventStatus.DONE
+    assert world.agent.journal.active() is None
+    assert world.power_offs == []
+    assert world.source.acks == []
+
+
+def test_agent_ignores_no_event_and_unknown_values(world: World) -> None:
+    world.agent.handle(None)
+    world.agent.handle(CLEAR)
+    world.agent.handle(Notice(NoticeKind.OTHER, "reboot_soon"))
+    assert world.recorder.calls == []
+    assert world.agent.journal.events() == []
+
+
+@pytest.mark.parametrize("policy", ["", "power_on_after = false"])
+def test_agent_offline_migrate_runs_the_shutdown_path(
+    world_factory: Callable[..., World], policy: str
+) -> None:
+    w = world_factory(policy=policy)
+    w.agent.handle(offline("ev-2"))
+    assert w.recorder.names() == ["tell-lb", "drain", "stop-app"]
+    assert w.source.acks == [("ev-2", "offline", policy == "")]
+    assert len(w.power_offs) == 1
+    assert status(w, "ev-2") is EventStatus.POWERED_OFF
+
+    w.agent.handle(offline("ev-2"))  # still set (the power-off command was harmless): nothing again
+    assert len(w.power_offs) == 1
+
+    w.restart().handle(CLEAR)  # the next boot: the migration is over
+    assert w.recorder.names()[-1] == "restore"
+    assert status(w, "ev-2") is EventStatus.DONE
+
+
+def test_agent_prefer_offline_shuts_down_for_a_live_event(world_factory: Callable[..., World]) -> None:
+    w = world_factory(policy="prefer_offline = true")
+    w.agent.handle(live("ev-3"))
+    assert w.recorder.names() == ["tell-lb", "drain", "stop-app"]
+    assert w.source.acks == [("ev-3", "offline", True)]
+    assert len(w.power_offs) == 1
+
+
+def test_agent_does_not_power_off_when_the_ack_is_refused(world: World) -> None:
+    world.source.ack_errors = [AckRejected("409: not the current event")]
+    world.agent.handle(offline("ev-2"))
+    assert world.power_offs == []
+    assert outcome(world, "ev-2", Phase.BEFORE_OFFLINE, "@ack-offline") is HookOutcome.FAILED
+    # The event went away: restore what was drained.
+    assert world.recorder.names()[-1] == "restore"
+    assert status(world, "ev-2") is EventStatus.DONE
+
+
+def test_agent_retries_the_ack_then_powers_off_anyway(world: World) -> None:
+    world.source.ack_errors = [MetadataUnreachable("down")] * 10
+    world.agent.handle(offline("ev-2"))
+    assert len(world.power_offs) == 1  # the engine treats a droplet found shut off as offline
+    assert outcome(world, "ev-2", Phase.BEFORE_OFFLINE, "@ack-offline") is HookOutcome.FAILED
+
+
+def test_agent_ack_recovers_after_a_transient_outage(world: World) -> None:
+    world.source.ack_errors = [MetadataUnreachable("down")]
+    world.agent.handle(offline("ev-2"))
+    assert world.source.acks == [("ev-2", "offline", True)]
+    assert outcome(world, "ev-2", Phase.BEFORE_OFFLINE, "@ack-offline") is HookOutcome.OK
+
+
+def test_agent_failed_hook_is_reported_and_the_next_one_runs(world: World) -> None:
+    world.recorder.behaviour["tell-lb"] = fail("HTTP 500")
+    world.agent.handle(live())
+    assert world.recorder.names() == ["tell-lb", "drain"]
+    assert outcome(world, "ev-1", Phase.ON_NOTICE, "tell-lb") is HookOutcome.FAILED
+    assert outcome(world, "ev-1", Phase.ON_NOTICE, "drain") is HookOutcome.OK
+    assert world.agent.metrics.render().count(
+        'guest_agent_hook_failures_total{phase="on_notice",hook="tell-lb"} 1'
+    )
+
+
+STOP_CONFIG = """
+[agent]
+journal_path = "{journal}"
+power_off_command = ["/bin/true"]
+{policy}
+[[on_notice]]
+name = "first"
+command = ["first"]
+stop_on_failure = true
+[[on_notice]]
+name = "second"
+command = ["second"]
+[[before_offline]]
+name = "must-work"
+command = ["x"]
+stop_on_failure = true
+[[before_offline]]
+name = "after-it"
+command = ["y"]
+"""
+
+
+def test_agent_stop_on_failure_skips_the_rest_of_the_phase(world_factory: Callable[..., World]) -> None:
+    w = world_factory(config_text=STOP_CONFIG)
+    w.recorder.behaviour["first"] = fail()
+    w.agent.handle(live())
+    assert w.recorder.names() == ["first"]
+    assert outcome(w, "ev-1", Phase.ON_NOTICE, "second") is HookOutcome.SKIPPED
+    w.restart().handle(live())  # a skipped hook is finished: not run after a restart either
+    assert w.recorder.names() == ["first"]
+
+
+def test_agent_voluntary_shutdown_is_abandoned_when_a_stop_hook_fails(
+    world_factory: Callable[..., World],
+) -> None:
+    w = world_factory(config_text=STOP_CONFIG, policy="prefer_offline = true")
+    w.recorder.behaviour["must-work"] = fail()
+    w.agent.handle(live())
+    assert w.power_offs == []
+    assert w.source.acks == []
+    assert status(w, "ev-1") is EventStatus.DRAINED  # the live migration goes ahead
+    w.agent.handle(live())
+    assert w.recorder.names().count("must-work") == 1
+    w.agent.handle(CLEAR)
+    assert status(w, "ev-1") is EventStatus.DONE
+
+
+def test_agent_required_shutdown_goes_on_when_a_stop_hook_fails(world_factory: Callable[..., World]) -> None:
+    w = world_factory(config_text=STOP_CONFIG)
+    w.recorder.behaviour["must-work"] = fail()
+    w.agent.handle(offline())
+    assert len(w.power_offs) == 1  # offline_migrate needs the droplet off whatever a hook says
+    assert outcome(w, "ev-2", Phase.BEFORE_OFFLINE, "after-it") is HookOutcome.SKIPPED
+
+
+def test_agent_cuts_a_hook_at_the_deadline(world: World) -> None:
+    world.agent.handle(live(deadline=world.clock.in_s(25)))
+    # Hooks default to 60 s; only 25 s (then 24 s, after the 1 s webhook) are left.
+    timeouts = {c.name: c.timeout_s for c in world.recorder.calls}
+    assert timeouts == {"tell-lb": pytest.approx(25), "drain": pytest.approx(24)}
+    env = world.recorder.calls[0].env
+    assert env["MAINTENANCE_EVENT"] == "live_migrate"
+    assert env["MAINTENANCE_EVENT_ID"] == "ev-1"
+    assert env["MAINTENANCE_DEADLINE"].startswith("2027-01-15T08:00:25")
+
+
+def test_agent_skips_hooks_once_the_deadline_passed(world: World) -> None:
+    world.agent.handle(live(deadline=world.clock.in_s(-5)))
+    assert world.recorder.calls == []
+    assert outcome(world, "ev-1", Phase.ON_NOTICE, "drain") is HookOutcome.SKIPPED
+    world.agent.handle(CLEAR)
+    assert world.recorder.names() == ["restore"]  # after_migration has no event deadline
+
+
+def test_agent_text_only_server_uses_the_configured_notice(world_factory: Callable[..., World]) -> None:
+    w = world_factory(policy="default_notice_s = 30")
+    w.agent.handle(Notice(NoticeKind.LIVE_MIGRATE, "live_migrate"))  # no id, no times
+    rec = w.agent.journal.active()
+    assert rec is not None
+    assert rec.server_id is None
+    assert rec.deadline == pytest.approx(w.clock.now - 2 + 30)  # first sight + 30 s (2 hooks took 1 s each)
+    w.agent.handle(Notice(NoticeKind.LIVE_MIGRATE, "live_migrate"))
+    assert w.recorder.names() == ["tell-lb", "drain"]
+    w.agent.handle(CLEAR)
+    assert w.recorder.names() == ["tell-lb", "drain", "restore"]
+
+
+def test_agent_offline_event_supersedes_a_drained_live_one(world: World) -> None:
+    world.agent.handle(live("ev-1"))
+    world.agent.handle(offline("ev-9"))  # the live migration failed for good: offline_required
+    assert status(world, "ev-1") is EventStatus.SUPERSEDED
+    assert world.recorder.names() == ["tell-lb", "drain", "stop-app"]  # the drain is not repeated
+    assert world.source.acks == [("ev-9", "offline", True)]
+    world.agent.handle(CLEAR)
+    assert world.recorder.names()[-1] == "restore"
+    assert status(world, "ev-9") is EventStatus.DONE
+
+
+def test_agent_a_new_live_event_after_an_old_one_restores_then_drains_again(world: World) -> None:
+    world.agent.handle(live("ev-1"))
+    world.agent.handle(live("ev-5"))  # the clear was missed (e.g. during an outage)
+    assert world.recorder.names() == ["tell-lb", "drain", "restore", "tell-lb", "drain"]
+    assert status(world, "ev-1") is EventStatus.DONE
+    assert status(world, "ev-5") is EventStatus.DRAINED
+
+
+def test_agent_runs_after_hooks_when_the_flag_cleared_while_it_was_down(world: World) -> None:
+    world.agent.handle(live())
+    agent = world.restart()
+    agent.handle(None)  # nothing known yet after the start: wait
+    assert world.recorder.names() == ["tell-lb", "drain"]
+    agent.handle(CLEAR)
+    assert world.recorder.names() == ["tell-lb", "drain", "restore"]
+
+
+def test_agent_stop_request_finishes_the_running_hook_and_starts_no_other(world: World) -> None:
+    def stop_during(ctx: object, timeout_s: float) -> HookResult:
+        world.agent.request_stop()  # SIGTERM arrives while this hook runs
+        return HookResult.ok()
+
+    world.recorder.behaviour["tell-lb"] = stop_during
+    world.agent.handle(live())
+    assert world.recorder.names() == ["tell-lb"]
+    assert status(world, "ev-1") is EventStatus.DRAINING
+
+    world.restart().handle(None)  # the next start resumes the phase without waiting for the server
+    assert world.recorder.names() == ["tell-lb", "drain"]
+    assert status(world, "ev-1") is EventStatus.DRAINED
+
+
+def _crash_in(w: World, event_id: str, phase: Phase, name: str) -> None:
+    """What a kill -9 while ``name`` ran leaves in the journal: its start, no end."""
+    w.agent.journal.hook_started(event_id, phase, name)
+
+
+@pytest.mark.parametrize(("idempotent", "runs_again"), [(False, False), (True, True)])
+def test_agent_interrupted_hook_reruns_only_if_idempotent(
+    world_factory: Callable[..., World], idempotent: bool, runs_again: bool
+) -> None:
+    text = """
+[agent]
+journal_path = "{journal}"
+{policy}
+[[on_notice]]
+name = "a"
+command = ["a"]
+[[on_notice]]
+name = "b"
+command = ["b"]
+idempotent = IDEMPOTENT
+[[on_notice]]
+name = "c"
+command = ["c"]
+""".replace("IDEMPOTENT", str(idempotent).lower())
+    w = world_factory(config_text=text)
+    w.recorder.behaviour["b"] = lambda ctx, t: (_crash_in(w, "ev-1", Phase.ON_NOTICE, "c"), HookResult.ok())[
+        1
+    ]
+    # Simulate the first life: a ran, b was running when the process died.
+    w.agent.journal.begin_event(
+        event_id="ev-1", server_id="ev-1", kind="live_migrate", deadline=None, not_before=None
+    )
+    w.agent.journal.set_status("ev-1", EventStatus.DRAINING)
+    w.agent.journal.hook_started("ev-1", Phase.ON_NOTICE, "a")
+    w.agent.journal.hook_finished("ev-1", Phase.ON_NOTICE, "a", HookOutcome.OK)
+    w.agent.journal.hook_started("ev-1", Phase.ON_NOTICE, "b")
+    w.recorder.behaviour.clear()
+
+    w.restart().handle(live())
+    assert w.recorder.names() == (["b", "c"] if runs_again else ["c"])
+    expected = HookOutcome.OK if runs_again else HookOutcome.INTERRUPTED
+    assert outcome(w, "ev-1", Phase.ON_NOTICE, "b") is expected
+    rec = w.agent.journal.event("ev-1")
+    assert rec is not None
+    a = rec.hook(Phase.ON_NOTICE, "a")
+    assert a is not None
+    assert a.runs == 1
+
+
+def test_agent_never_powers_off_twice(world: World) -> None:
+    # First life: the power-off command was started, then the machine went down before its end was saved.
+    journal = world.agent.journal
+    journal.begin_event(
+        event_id="ev-2", server_id="ev-2", kind="offline_migrate", deadline=None, not_before=None
+    )
+    for s in (EventStatus.DRAINING, EventStatus.DRAINED, EventStatus.SHUTTING_DOWN):
+        journal.set_status("ev-2", s)
+    for name in ("drain", "tell-lb"):
+        journal.hook_started("ev-2", Phase.ON_NOTICE, name)
+        journal.hook_finished("ev-2", Phase.ON_NOTICE, name, HookOutcome.OK)
+    journal.hook_started("ev-2", Phase.BEFORE_OFFLINE, "stop-app")
+    journal.hook_finished("ev-2", Phase.BEFORE_OFFLINE, "stop-app", HookOutcome.OK)
+    journal.hook_started("ev-2", Phase.BEFORE_OFFLINE, "@ack-offline")
+    journal.hook_finished("ev-2", Phase.BEFORE_OFFLINE, "@ack-offline", HookOutcome.OK)
+    journal.hook_started("ev-2", Phase.BEFORE_OFFLINE, "@power-off")
+
+    agent = world.restart()
+    agent.handle(offline("ev-2"))  # booted while the event is still set
+    assert world.power_offs == []
+    assert world.recorder.calls == []
+    assert status(world, "ev-2") is EventStatus.POWERED_OFF
+    agent.handle(CLEAR)
+    assert world.recorder.names() == ["restore"]
+
+
+def test_agent_cleared_before_anything_ran_is_done(world: World) -> None:
+    journal = world.agent.journal
+    journal.begin_event(
+        event_id="ev-1", server_id="ev-1", kind="live_migrate", deadline=None, not_before=None
+    )
+    world.restart().handle(CLEAR)
+    assert world.recorder.calls == []
+    assert status(world, "ev-1") is EventStatus.DONE
+
+
+def test_agent_acknowledges_ready_after_the_drain_when_asked(world_factory: Callable[..., World]) -> None:
+    w = world_factory(policy="acknowledge_ready = true")
+    w.agent.handle(live("ev-1"))
+    w.agent.handle(live("ev-1"))
+    assert w.source.acks == [("ev-1", "ready", True)]
+
+
+def test_agent_an_event_handled_to_the_end_is_not_handled_again(world: World) -> None:
+    world.agent.handle(live("ev-1"))
+    world.agent.handle(CLEAR)
+    world.agent.handle(live("ev-1"))  # a stale reading
+    assert [e.event_id for e in world.agent.journal.events()] == ["ev-1"]
+    assert world.recorder.names() == ["tell-lb", "drain", "restore"]
+
+
+def test_agent_a_crashing_hook_is_a_failed_hook(world: World) -> None:
+    def explode(ctx: object, timeout_s: float) -> HookResult:
+        raise RuntimeError("bug in a hook")
+
+    world.recorder.behaviour["tell-lb"] = explode
+    world.agent.handle(live())
+    assert outcome(world, "ev-1", Phase.ON_NOTICE, "tell-lb") is HookOutcome.FAILED
+    assert outcome(world, "ev-1", Phase.ON_NOTICE, "drain") is HookOutcome.OK
