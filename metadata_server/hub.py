@@ -94,7 +94,11 @@ class Hub:
         """Rebuild the maps from the store and wake the long-polls of droplets that changed."""
         version = self._store.data_version()
         droplets = self._store.all()
-        by_id = {d.id: DropletView.of(d) for d in droplets}
+        old_views = self._by_id
+        by_id: dict[str, DropletView] = {}
+        for d in droplets:  # reuse unchanged views: building one (JSON, hash) is the costly part
+            view = old_views.get(d.id)
+            by_id[d.id] = view if view is not None and view.droplet == d else DropletView.of(d)
         by_address = {a: v for v in by_id.values() for a in v.droplet.addresses}
         with self._lock:
             old = self._by_id
