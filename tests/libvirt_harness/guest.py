@@ -39,7 +39,9 @@ class GuestSpec:
         """A paced guest that dirties memory and writes its disk at about these rates (bytes/s)."""
         mem_kib = round(memory_dirty_bps / TICKS_PER_S / 1024)
         sectors = round(disk_write_bps / TICKS_PER_S / SECTOR_BYTES / 32) * 32
-        return cls(mem_kib=mem_kib, disk_sectors=sectors, paced=True, memory_mib=memory_mib, disk_mib=disk_mib)
+        return cls(
+            mem_kib=mem_kib, disk_sectors=sectors, paced=True, memory_mib=memory_mib, disk_mib=disk_mib
+        )
 
 
 def build_boot_sector(spec: GuestSpec, work_dir: Path) -> bytes:
@@ -49,9 +51,23 @@ def build_boot_sector(spec: GuestSpec, work_dir: Path) -> bytes:
     argv = ["as", "--32"]
     for name, value in defs.items():
         argv += ["--defsym", f"{name}={value}"]
-    subprocess.run([*argv, "-o", str(obj), str(SOURCE)], check=True, capture_output=True, timeout=BUILD_TIMEOUT_S)
     subprocess.run(
-        ["ld", "-m", "elf_i386", "-Ttext=0x7c00", "--oformat", "binary", "-e", "_start", "-o", str(binary), str(obj)],
+        [*argv, "-o", str(obj), str(SOURCE)], check=True, capture_output=True, timeout=BUILD_TIMEOUT_S
+    )
+    subprocess.run(
+        [
+            "ld",
+            "-m",
+            "elf_i386",
+            "-Ttext=0x7c00",
+            "--oformat",
+            "binary",
+            "-e",
+            "_start",
+            "-o",
+            str(binary),
+            str(obj),
+        ],
         check=True,
         capture_output=True,
         timeout=BUILD_TIMEOUT_S,
@@ -113,7 +129,9 @@ def read_counters(dom: Any) -> Counters:
     """The guest's counters, read through the QEMU monitor (HMP ``xp``) of the domain's host."""
     import libvirt_qemu
 
-    out = libvirt_qemu.qemuMonitorCommand(dom, COUNTERS_COMMAND, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    out = libvirt_qemu.qemuMonitorCommand(
+        dom, COUNTERS_COMMAND, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+    )
     words = [int(w, 16) for w in re.findall(r"0x([0-9a-f]{8})\b", out.split(":", 1)[1])]
     if len(words) < 3:
         raise RuntimeError(f"unexpected monitor answer: {out!r}")

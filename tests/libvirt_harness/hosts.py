@@ -125,7 +125,9 @@ class LibvirtHost:
             for mount_point, sub in PRIVATE_DIRS
         )
         points = " ".join(mount_point for mount_point, _ in PRIVATE_DIRS)
-        script = f"mkdir -p {points} && {mounts} && exec libvirtd --listen --pid-file /run/libvirt/libvirtd.pid"
+        script = (
+            f"mkdir -p {points} && {mounts} && exec libvirtd --listen --pid-file /run/libvirt/libvirtd.pid"
+        )
         stderr = (self.root / "log" / "libvirtd.stderr").open("ab")
         try:
             self.process = subprocess.Popen(
@@ -147,7 +149,9 @@ class LibvirtHost:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise HarnessError(f"{self.name}: libvirtd exited {self.process.returncode}: {self.log_tail()}")
+                raise HarnessError(
+                    f"{self.name}: libvirtd exited {self.process.returncode}: {self.log_tail()}"
+                )
             if sock.exists():
                 try:
                     conn = libvirt.open(self.uri)
@@ -184,7 +188,12 @@ class LibvirtHost:
         if not self.daemon_running:
             raise HarnessError(f"{self.name}: libvirtd is not running")
         assert self.process is not None
-        return ["nsenter", f"--net=/run/netns/{self.netns}", f"--mount=/proc/{self.process.pid}/ns/mnt", *argv]
+        return [
+            "nsenter",
+            f"--net=/run/netns/{self.netns}",
+            f"--mount=/proc/{self.process.pid}/ns/mnt",
+            *argv,
+        ]
 
     def kill_everything(self) -> None:
         """Kill every process in the host's network namespace: libvirtd and its QEMU guests."""
@@ -234,8 +243,10 @@ class TwoHosts:
             self._netns_made.append(host.netns)
             _run(["ip", "-n", host.netns, "link", "set", "lo", "up"])
         va, vb = self._veth
-        _run(["ip", "link", "add", va, "netns", self.source.netns, "type", "veth", "peer", vb, "netns"]
-             + [self.target.netns])
+        _run(
+            ["ip", "link", "add", va, "netns", self.source.netns, "type", "veth", "peer", vb, "netns"]
+            + [self.target.netns]
+        )
         for host, dev in ((self.source, va), (self.target, vb)):
             _run(["ip", "-n", host.netns, "addr", "add", f"{host.ip}/24", "dev", dev])
             _run(["ip", "-n", host.netns, "link", "set", dev, "up"])

@@ -1,0 +1,1209 @@
+"""The libvirt driver: inventory from, and live migration between, real hypervisors (DESIGN.md §7).
+
+The only module of the engine that imports ``libvirt`` / ``libvirt_qemu``, and only when a function here is
+called, so the rest of the engine (and its tests) runs without libvirt-python installed.
+
+How a migration runs (one :class:`LibvirtMigration` per attempt, driven through ``MigrationDriver``):
+
+``prepare_target``
+    reads the source domain's disks, refuses if the target already uses those paths for another domain,
+    removes what an earlier failed attempt left on the target (a domain that never became the live copy,
+    its disks), then creates each disk on the target **through libvirt's storage API** (a ``dir`` pool over
+    the disk's directory, a volume of the source's format and capacity). Why the storage API and not
+    ``qemu-img`` run on the target: the engine reaches a hypervisor only through its libvirt URI (TLS or
+    SSH in production), so anything that needs a shell on the target would be a second, unaudited channel;
+    libvirt runs ``qemu-img`` itself, with the daemon's own permissions and paths.
+``start``
+    calls ``migrateToURI3`` in a thread, peer-to-peer (the source libvirtd talks to the target itself, so
+    the engine's connection is not in the data path), with ``LIVE | PEER2PEER | NON_SHARED_DISK |
+    PERSIST_DEST | UNDEFINE_SOURCE | AUTO_CONVERGE``: QEMU mirrors each disk to an NBD export on the target
+    (with a dirty bitmap), then pre-copies memory while the mirror keeps the disks in sync. The bandwidth
+    cap (``options["bandwidth_mibps"]``) is a migration parameter, so it holds from the first byte.
+``progress``
+    is built from ``jobStats()`` (plus the guest's disk write rate, from ``blockStats`` deltas) and the
+    domain events (switchover, job completed with its downtime).
+``set_disk_write_limit``
+    QEMU's ``block_set_io_throttle`` sent as a QMP command through ``libvirt_qemu.qemuMonitorCommand`` to the
+    *running source*. libvirt's own ``setBlockIoTune`` cannot be used: on libvirt 9.0 it waits for the
+    domain's job lock, which the migration job holds, and fails after 30 s. The QMP limit lives only in the
+    source QEMU: libvirt does not know it (the domain gets tainted "custom-monitor"), so it is not in the XML
+    sent to the target and the target starts with only the disk's own ``<iotune>`` limits. The driver lifts
+    it (back to the disk's own limits) on abort and failure, so the source is left as it was.
+``set_memory_throttle``
+    QEMU's auto-converge CPU throttle, steered: the capability is enabled at start but disarmed
+    (``max-cpu-throttle`` 1 %, trigger threshold 100 %); a request for N % sets QMP ``migrate-set-parameters``
+    ``cpu-throttle-initial`` / ``max-cpu-throttle`` to N and the trigger threshold to 1 %, so QEMU throttles at
+    exactly N % from its next dirty-sync on. QEMU has no other way to throttle vCPUs during a migration, and
+    the capability cannot be switched on once a migration runs; the controller, not QEMU, picks the level.
+    ``options["auto_converge"]="qemu"`` leaves QEMU's own policy instead (for comparisons), ``"off"`` disables it.
+``switchover``
+    pauses the source (``suspend``, what ``virsh migrate --timeout-suspend`` does): QEMU then moves the
+    remainder and libvirt resumes the guest on the target. QEMU also switches over by itself when the
+    remainder fits ``migrateSetMaxDowntime``.
+``abort`` / ``finalize(False)``
+    ``abortJob``, wait for the migration thread, lift the throttle, check the source runs (resume it if the
+    migration left it paused), then remove the target's domain and the volumes this attempt created. When
+    the target cannot be reached the source is still checked and :class:`DriverError` says the target is at
+    fault; the next attempt's ``prepare_target`` (or :meth:`LibvirtHypervisor.recover`) removes the leftovers.
+``finalize(True)``
+    checks the target holds the domain (defined; running unless asked otherwise), that the source holds
+    none, and deletes the source's copies of the migrated disks (``options["keep_source_disks"]="1"`` keeps
+    them).
+
+Offline migration (``spec.offline``, the domain is shut off). libvirt refuses ``VIR_MIGRATE_OFFLINE`` with
+``NON_SHARED_DISK``. Two ways stay inside libvirt; this driver starts the domain paused
+(``VIR_DOMAIN_START_PAUSED``: the guest never executes an instruction), live-migrates it with ``PAUSED``
+and then, on the target, resumes it (a fresh boot) when ``spec.power_on_after`` or destroys it (it stays
+defined, shut off). Why not storage-volume streams (``virStorageVol.download`` → ``upload``): the
+streams carry every byte through the engine's own connection (source → engine → target, two hops over
+whatever link the engine has), and the domain must then be defined by hand; the paused migration copies
+host to host over the migration network with the same code path, progress, bandwidth cap and abort as a
+live one. Measured on the build machine with a 64 MiB disk (docs/libvirt.md): see the numbers there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import json
+import logging
+import posixpath
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from host_engine.drivers.base import (
+    DomainState,
+    DriverError,
+    MigrationDriver,
+    MigrationSpec,
+    Phase,
+    Progress,
+)
+
+log = logging.getLogger(__name__)
+
+# How long abort() waits for the migration thread after abortJob (QEMU cancels within a second or two).
+ABORT_WAIT_S = 60.0
+# How long start() waits for libvirt to report the migration job, so limits can be applied to it.
+JOB_START_WAIT_S = 10.0
+JOB_START_POLL_S = 0.02
+# finalize(True) waits this long for the migration thread to return (the job completed event comes first).
+FINALIZE_WAIT_S = 120.0
+# A disk write limit is a QMP command; QEMU answers in milliseconds even under load.
+QMP_FLAGS = 0
+# Disarmed auto-converge: QEMU may throttle at most 1 %, and only when the guest dirties more than it sends.
+DISARMED_THROTTLE_PCT = 1
+DISARMED_TRIGGER_PCT = 100
+ARMED_TRIGGER_PCT = 1
+# Pools this driver creates on a host to manage volumes in a directory: transient, named after the directory.
+POOL_PREFIX = "dlm-"
+DEFAULT_PAGE_SIZE = 4096
+# libvirt iotune element → QMP block_set_io_throttle argument.
+IOTUNE_TO_QMP = {
+    "total_bytes_sec": "bps",
+    "read_bytes_sec": "bps_rd",
+    "write_bytes_sec": "bps_wr",
+    "total_iops_sec": "iops",
+    "read_iops_sec": "iops_rd",
+    "write_iops_sec": "iops_wr",
+}
+
+
+def _libvirt() -> Any:
+    try:
+        import libvirt
+    except ImportError as e:  # pragma: no cover - depends on the installation
+        raise DriverError(
+            "libvirt-python is not installed (pip install 'droplet-live-migration[libvirt]')"
+        ) from e
+    return libvirt
+
+
+def _libvirt_qemu() -> Any:
+    try:
+        import libvirt_qemu
+    except ImportError as e:  # pragma: no cover
+        raise DriverError(
+            "libvirt-python is not installed (pip install 'droplet-live-migration[libvirt]')"
+        ) from e
+    return libvirt_qemu
+
+
+def _open(uri: str) -> Any:
+    lv = _libvirt()
+    _quiet(lv)
+    try:
+        return lv.open(uri)
+    except lv.libvirtError as e:
+        raise DriverError(f"cannot connect to {uri}: {e}") from e
+
+
+def _quiet(lv: Any) -> None:
+    # libvirt prints every error to stderr by default; ours are raised as exceptions instead.
+    lv.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+@contextlib.contextmanager
+def _errors(what: str, *, target_at_fault: bool = False) -> Iterator[None]:
+    """libvirt's exceptions as ``DriverError`` (what the executor handles), with what was being done."""
+    lv = _libvirt()
+    try:
+        yield
+    except lv.libvirtError as e:
+        raise DriverError(f"{what}: {e}", target_at_fault=target_at_fault) from e
+
+
+def _parse(xml: str) -> ET.Element:
+    return ET.fromstring(xml)  # noqa: S314 - XML produced by libvirtd itself, not by a user
+
+
+# --- Inventory -----------------------------------------------------------------------------------------
+
+
+class PowerState(enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUT_OFF = "shut_off"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """One disk of a domain: where it lives on its host and how large it is (virtual size)."""
+
+    target: str
+    path: str
+    size_bytes: int
+    format: str = "raw"
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """A domain as ``host-engine inventory sync`` records it."""
+
+    name: str
+    uuid: str
+    vcpus: int
+    memory_bytes: int
+    disks: tuple[DiskInfo, ...]
+    power_state: PowerState
+
+
+def _power_state(lv: Any, state: int) -> PowerState:
+    if state in (lv.VIR_DOMAIN_RUNNING, lv.VIR_DOMAIN_BLOCKED):
+        return PowerState.RUNNING
+    if state == lv.VIR_DOMAIN_PAUSED:
+        return PowerState.PAUSED
+    if state in (lv.VIR_DOMAIN_SHUTOFF, lv.VIR_DOMAIN_SHUTDOWN, lv.VIR_DOMAIN_CRASHED):
+        return PowerState.SHUT_OFF
+    return PowerState.OTHER
+
+
+def _disks(dom: Any, *, inactive: bool = False) -> list[tuple[str, str, str, ET.Element]]:
+    """(target dev, source path, format, <disk> element) of each file/block disk that holds data."""
+    lv = _libvirt()
+    flags = lv.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+    out = []
+    for disk in _parse(dom.XMLDesc(flags)).findall("./devices/disk"):
+        if disk.get("device", "disk") != "disk" or disk.find("readonly") is not None:
+            continue
+        source, target, driver = disk.find("source"), disk.find("target"), disk.find("driver")
+        if source is None or target is None:
+            continue
+        path = source.get("file") or source.get("dev")
+        if not path:
+            continue
+        fmt = driver.get("type", "raw") if driver is not None else "raw"
+        out.append((target.get("dev", ""), path, fmt, disk))
+    return out
+
+
+def _disk_size(dom: Any, path: str) -> int:
+    lv = _libvirt()
+    try:
+        capacity, _allocation, _physical = dom.blockInfo(path)
+    except lv.libvirtError as e:
+        raise DriverError(f"cannot read the size of {path}: {e}") from e
+    return int(capacity)
+
+
+def list_domains(uri: str) -> list[DomainInfo]:
+    """Every domain defined or running on the hypervisor at ``uri``, with vCPUs, memory, disks, power state."""
+    lv = _libvirt()
+    conn = _open(uri)
+    try:
+        result = []
+        for dom in conn.listAllDomains(0):
+            state, _max_kib, mem_kib, vcpus, _cpu = dom.info()
+            disks = tuple(
+                DiskInfo(target=dev, path=path, size_bytes=_disk_size(dom, path), format=fmt)
+                for dev, path, fmt, _ in _disks(dom)
+            )
+            result.append(
+                DomainInfo(
+                    name=dom.name(),
+                    uuid=dom.UUIDString(),
+                    vcpus=int(vcpus),
+                    memory_bytes=int(dom.maxMemory() or mem_kib) * 1024,
+                    disks=disks,
+                    power_state=_power_state(lv, state),
+                )
+            )
+        return sorted(result, key=lambda d: d.name)
+    except lv.libvirtError as e:
+        raise DriverError(f"inventory of {uri} failed: {e}") from e
+    finally:
+        conn.close()
+
+
+# --- Events ----------------------------------------------------------------------------------------------
+
+
+class _EventLoop:
+    """libvirt's default event loop in a daemon thread. libvirt allows one per process, registered before
+    the first connection that wants events (and keepalives) is opened, so this is a process-wide singleton."""
+
+    _lock = threading.Lock()
+    _started = False
+
+    @classmethod
+    def ensure(cls) -> None:
+        with cls._lock:
+            if cls._started:
+                return
+            lv = _libvirt()
+            lv.virEventRegisterDefaultImpl()
+            thread = threading.Thread(target=cls._run, name="libvirt-events", daemon=True)
+            thread.start()
+            cls._started = True
+
+    @staticmethod
+    def _run() -> None:
+        lv = _libvirt()
+        while True:
+            try:
+                lv.virEventRunDefaultImpl()
+            except Exception:  # the loop must never die; log and go on
+                log.exception("libvirt event loop")
+                time.sleep(0.1)
+
+
+# --- One migration -----------------------------------------------------------------------------------------
+
+# The driver's own lifecycle (Phase from base.py); anything else raises.
+_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.PREPARING: frozenset({Phase.DISK, Phase.MEMORY, Phase.SWITCHOVER, Phase.DONE, Phase.FAILED}),
+    Phase.DISK: frozenset({Phase.MEMORY, Phase.SWITCHOVER, Phase.DONE, Phase.FAILED}),
+    Phase.MEMORY: frozenset({Phase.SWITCHOVER, Phase.DONE, Phase.FAILED}),
+    Phase.SWITCHOVER: frozenset({Phase.DONE, Phase.FAILED}),
+    Phase.DONE: frozenset(),
+    Phase.FAILED: frozenset(),
+}
+_ORDER = [Phase.PREPARING, Phase.DISK, Phase.MEMORY, Phase.SWITCHOVER, Phase.DONE]
+
+
+@dataclass
+class _Disk:
+    target: str
+    path: str
+    format: str
+    size_bytes: int
+    alias: str
+    iotune: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Sample:
+    at_s: float
+    processed_bytes: int
+    disk_written_bytes: int
+
+
+class LibvirtMigration(MigrationDriver):
+    """One attempt at moving one domain between two libvirt hosts (see the module docstring).
+
+    ``spec.options`` (all strings):
+      ``domain``: the domain's name (default: ``spec.droplet_id``);
+      ``peer_uri``: how the source libvirtd reaches the target's (default: ``spec.target_uri``);
+      ``migrate_uri``: the address QEMU sends to (default: the target's ``migration_host``);
+      ``bandwidth_mibps``: the bandwidth cap, set when the migration starts (default: unlimited);
+      ``max_downtime_ms``: the initial downtime limit (default: QEMU's, 300 ms);
+      ``auto_converge``: ``controlled`` (default), ``qemu`` or ``off``;
+      ``paused``: ``1`` leaves the target paused at switchover (``VIR_MIGRATE_PAUSED``);
+      ``keep_source_disks``: ``1`` keeps the source's disk files after success.
+    """
+
+    def __init__(
+        self,
+        spec: MigrationSpec,
+        *,
+        open_connection: Callable[[str], Any] = _open,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spec = spec
+        self._open = open_connection
+        self._clock = clock
+        opts = spec.options
+        self.domain_name = opts.get("domain", spec.droplet_id)
+        self.peer_uri = opts.get("peer_uri", spec.target_uri)
+        self.migrate_uri = opts.get("migrate_uri")
+        self.bandwidth_mibps = int(opts.get("bandwidth_mibps", "0"))
+        self.auto_converge = opts.get("auto_converge", "controlled")
+        if self.auto_converge not in ("controlled", "qemu", "off"):
+            raise DriverError(
+                f"options.auto_converge must be controlled, qemu or off, not {self.auto_converge!r}"
+            )
+        self.target_paused = opts.get("paused") == "1"
+        self.keep_source_disks = opts.get("keep_source_disks") == "1"
+        self._max_downtime_ms: int | None = (
+            int(opts["max_downtime_ms"]) if "max_downtime_ms" in opts else None
+        )
+        self._disk_limit_bps: int | None = None
+        self._throttle_pct = 0
+        self._phase = Phase.PREPARING
+        self._lock = threading.Lock()
+        self._src: Any = None
+        self._dst: Any = None
+        self._dom: Any = None
+        self._uuid = ""
+        self._disks: list[_Disk] = []
+        self._created_volumes: list[str] = []
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._started_at: float | None = None
+        self._last: _Sample | None = None
+        self._last_rates = (0.0, 0.0)
+        self._last_stats: dict[str, Any] = {}
+        self._completed_stats: dict[str, Any] | None = None
+        self._switchover_seen = False
+        self._started_offline_copy = False
+        self._callbacks: list[int] = []
+        self._target_at_fault = False
+
+    # -- connections ------------------------------------------------------------------------------------
+
+    def _source(self) -> Any:
+        if self._src is None or not self._alive(self._src):
+            self._src = self._open(self.spec.source_uri)
+        return self._src
+
+    def _target(self) -> Any:
+        if self._dst is None or not self._alive(self._dst):
+            try:
+                self._dst = self._open(self.spec.target_uri)
+            except DriverError as e:
+                raise DriverError(str(e), target_at_fault=True) from e
+        return self._dst
+
+    @staticmethod
+    def _alive(conn: Any) -> bool:
+        try:
+            return bool(conn.isAlive()) and conn.getLibVersion() > 0
+        except Exception:
+            return False
+
+    def _source_domain(self) -> Any:
+        lv = _libvirt()
+        try:
+            return self._source().lookupByName(self.domain_name)
+        except lv.libvirtError as e:
+            raise DriverError(f"{self.domain_name} not found on {self.spec.source_host}: {e}") from e
+
+    # -- phase --------------------------------------------------------------------------------------------
+
+    def _advance(self, phase: Phase) -> None:
+        """Move forward to ``phase`` (a no-op when already there or past it in the normal order)."""
+        with self._lock:
+            if phase is self._phase:
+                return
+            if phase in _ORDER and self._phase in _ORDER and _ORDER.index(phase) < _ORDER.index(self._phase):
+                return
+            if phase not in _TRANSITIONS[self._phase]:
+                raise DriverError(f"illegal driver transition {self._phase.value} -> {phase.value}")
+            self._phase = phase
+
+    # -- MigrationDriver ----------------------------------------------------------------------------------
+    # Each step turns libvirt's exceptions into DriverError, which is what the executor handles.
+
+    def prepare_target(self) -> None:
+        with _errors(f"preparing {self.spec.target_host}", target_at_fault=True):
+            self._prepare_target()
+
+    def start(self) -> None:
+        with _errors("starting the migration"):
+            self._start()
+
+    def switchover(self) -> None:
+        with _errors("switchover"):
+            self._switchover()
+
+    def abort(self) -> None:
+        with _errors("abort"):
+            self._abort()
+
+    def finalize(self, success: bool) -> None:
+        with _errors("finalize"):
+            if success:
+                self._finalize_success()
+            else:
+                self._abort()
+
+    def _prepare_target(self) -> None:
+        _EventLoop.ensure()
+        lv = _libvirt()
+        dom = self._dom = self._source_domain()
+        self._uuid = dom.UUIDString()
+        active = bool(dom.isActive())
+        if self.spec.offline and active:
+            raise DriverError(f"{self.domain_name} runs on {self.spec.source_host}: not an offline migration")
+        if not self.spec.offline and not active:
+            raise DriverError(
+                f"{self.domain_name} is shut off on {self.spec.source_host}: migrate it offline"
+            )
+        self._disks = []
+        for dev, path, fmt, elem in _disks(dom):
+            alias_el = elem.find("alias")
+            iotune_el = elem.find("iotune")
+            iotune = {}
+            if iotune_el is not None:
+                for child in iotune_el:
+                    if child.tag in IOTUNE_TO_QMP and child.text:
+                        iotune[child.tag] = int(child.text)
+            alias = alias_el.get("name", "") if alias_el is not None else ""
+            self._disks.append(_Disk(dev, path, fmt, _disk_size(dom, path), alias, iotune))
+        if not self._disks:
+            raise DriverError(f"{self.domain_name} has no disk to migrate")
+        try:
+            self._remove_target_leftovers()
+            for disk in self._disks:
+                self._create_target_volume(disk)
+        except lv.libvirtError as e:
+            raise DriverError(f"preparing {self.spec.target_host} failed: {e}", target_at_fault=True) from e
+        log.info(
+            "migration %s: target %s prepared (%d disk(s))",
+            self.spec.migration_id,
+            self.spec.target_host,
+            len(self._disks),
+        )
+
+    def _start(self) -> None:
+        lv = _libvirt()
+        if self._dom is None:
+            raise DriverError("start() before prepare_target()")
+        dom = self._dom
+        self._register_events()
+        if self.spec.offline:
+            # Start paused: the guest never runs on the source; the migration only carries its disks.
+            try:
+                dom.createWithFlags(lv.VIR_DOMAIN_START_PAUSED)
+            except lv.libvirtError as e:
+                raise DriverError(f"cannot start {self.domain_name} paused for the copy: {e}") from e
+            self._started_offline_copy = True
+            self._disks = [
+                _Disk(d.target, d.path, d.format, d.size_bytes, self._alias(dom, d.target), d.iotune)
+                for d in self._disks
+            ]
+        elif any(not d.alias for d in self._disks):
+            self._disks = [
+                _Disk(d.target, d.path, d.format, d.size_bytes, self._alias(dom, d.target), d.iotune)
+                for d in self._disks
+            ]
+        if self._max_downtime_ms is not None:
+            self._apply_max_downtime(self._max_downtime_ms)
+        params: dict[str, Any] = {
+            lv.VIR_MIGRATE_PARAM_MIGRATE_DISKS: [d.target for d in self._disks],
+            lv.VIR_MIGRATE_PARAM_DEST_NAME: self.domain_name,
+        }
+        if self.migrate_uri:
+            params[lv.VIR_MIGRATE_PARAM_URI] = self.migrate_uri
+        if self.bandwidth_mibps > 0:
+            params[lv.VIR_MIGRATE_PARAM_BANDWIDTH] = self.bandwidth_mibps
+        flags = (
+            lv.VIR_MIGRATE_LIVE
+            | lv.VIR_MIGRATE_PEER2PEER
+            | lv.VIR_MIGRATE_NON_SHARED_DISK
+            | lv.VIR_MIGRATE_PERSIST_DEST
+            | lv.VIR_MIGRATE_UNDEFINE_SOURCE
+        )
+        if self.auto_converge != "off":
+            flags |= lv.VIR_MIGRATE_AUTO_CONVERGE
+        if self.auto_converge == "controlled":
+            initial = self._throttle_pct or DISARMED_THROTTLE_PCT
+            params[lv.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = initial
+            params[lv.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = 1
+        if self.target_paused or self.spec.offline:
+            flags |= lv.VIR_MIGRATE_PAUSED
+        self._started_at = self._clock()
+        self._thread = threading.Thread(
+            target=self._migrate,
+            args=(dom, params, flags),
+            name=f"migrate-{self.spec.migration_id}",
+            daemon=True,
+        )
+        self._thread.start()
+        self._wait_for_job()
+        if self.auto_converge == "controlled":
+            self._apply_throttle(self._throttle_pct)
+        log.info(
+            "migration %s: %s → %s started (bandwidth cap %s MiB/s, flags %#x)",
+            self.spec.migration_id,
+            self.spec.source_host,
+            self.spec.target_host,
+            self.bandwidth_mibps or "no",
+            flags,
+        )
+
+    def progress(self) -> Progress:
+        lv = _libvirt()
+        now = self._clock()
+        elapsed = now - self._started_at if self._started_at is not None else 0.0
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            return self._final_progress(elapsed)
+        stats: dict[str, Any] = {}
+        if thread is not None and self._dom is not None:
+            try:
+                stats = dict(self._dom.jobStats())
+            except lv.libvirtError as e:
+                log.debug("migration %s: jobStats: %s", self.spec.migration_id, e)
+        if stats.get("type", lv.VIR_DOMAIN_JOB_NONE) != lv.VIR_DOMAIN_JOB_NONE:
+            self._last_stats = stats
+            self._update_phase(stats)
+        else:
+            stats = self._last_stats
+        return self._progress_from(stats, elapsed, now)
+
+    def set_disk_write_limit(self, bytes_per_s: int | None) -> None:
+        lv = _libvirt()
+        if bytes_per_s is not None and bytes_per_s <= 0:
+            raise DriverError("a disk write limit must be positive (None lifts it)")
+        if self._succeeded() or self._dom is None:
+            # Before start: nothing runs yet. After switchover: the source QEMU (and its limit) is gone, and
+            # the target never had it.
+            self._disk_limit_bps = None if self._succeeded() else bytes_per_s
+            return
+        try:
+            if not self._dom.isActive():
+                self._disk_limit_bps = None
+                return
+        except lv.libvirtError:
+            self._disk_limit_bps = None
+            return
+        for disk in self._disks:
+            self._qmp(self._dom, "block_set_io_throttle", self._io_throttle_args(disk, bytes_per_s))
+        self._disk_limit_bps = bytes_per_s
+        log.info(
+            "migration %s: disk write limit on %s: %s",
+            self.spec.migration_id,
+            self.spec.source_host,
+            f"{bytes_per_s} B/s" if bytes_per_s else "lifted",
+        )
+
+    def set_memory_throttle(self, percent: int) -> None:
+        if not 0 <= percent <= 99:
+            raise DriverError("memory throttle must be within 0..99 %")
+        if not self._running():
+            # Before start: used as the initial level. After the job: QEMU dropped its throttle already.
+            self._throttle_pct = percent if self._thread is None else 0
+            return
+        if self.auto_converge != "controlled":
+            log.warning(
+                "migration %s: memory throttle %d %% ignored: auto_converge is %s",
+                self.spec.migration_id,
+                percent,
+                self.auto_converge,
+            )
+            return
+        if percent < self._throttle_pct and percent > 0:
+            log.info(
+                "migration %s: QEMU cannot lower a throttle mid-migration; keeping it", self.spec.migration_id
+            )
+            return
+        self._apply_throttle(percent)
+        self._throttle_pct = percent
+
+    def set_max_downtime(self, ms: int) -> None:
+        if ms <= 0:
+            raise DriverError("max downtime must be positive")
+        self._max_downtime_ms = ms
+        if self._dom is not None and self._thread is not None:
+            self._apply_max_downtime(ms)
+
+    def set_bandwidth_limit(self, bytes_per_s: int | None) -> None:
+        """Change the migration's bandwidth cap while it runs (``migrateSetMaxSpeed``, whole MiB/s)."""
+        lv = _libvirt()
+        mibps = 0 if bytes_per_s is None else max(1, bytes_per_s // (1024 * 1024))
+        self.bandwidth_mibps = mibps
+        if self._dom is not None and self._thread is not None and self._thread.is_alive():
+            try:
+                self._dom.migrateSetMaxSpeed(mibps or lv.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY - 1, 0)
+            except lv.libvirtError as e:
+                raise DriverError(f"cannot set the migration bandwidth: {e}") from e
+
+    def _switchover(self) -> None:
+        lv = _libvirt()
+        if self._dom is None or self._thread is None:
+            raise DriverError("switchover() before start()")
+        phase = self.progress().phase
+        if phase in (Phase.SWITCHOVER, Phase.DONE):
+            return
+        if phase is not Phase.MEMORY:
+            # Pausing while the disk mirror still copies would pause the guest for the whole copy.
+            log.info(
+                "migration %s: switchover asked in phase %s: not yet", self.spec.migration_id, phase.value
+            )
+            return
+        try:
+            self._dom.suspend()
+        except lv.libvirtError as e:
+            if self._thread.is_alive():
+                raise DriverError(f"switchover (pause of the source) failed: {e}") from e
+        self._advance(Phase.SWITCHOVER)
+        log.info("migration %s: switchover: source paused", self.spec.migration_id)
+
+    def _abort(self) -> None:
+        lv = _libvirt()
+        if self._succeeded():
+            raise DriverError("cannot abort: the migration completed and the target runs the droplet")
+        thread = self._thread
+        if thread is not None and thread.is_alive() and self._dom is not None:
+            try:
+                self._dom.abortJob()
+            except lv.libvirtError as e:
+                log.warning("migration %s: abortJob: %s", self.spec.migration_id, e)
+            thread.join(ABORT_WAIT_S)
+            if thread.is_alive():
+                raise DriverError(f"the migration job did not stop within {ABORT_WAIT_S:.0f} s of abortJob")
+        if self._phase is not Phase.DONE:
+            self._fail("aborted")
+        self._clean_after_failure()
+
+    def _finalize_success(self) -> None:
+        thread = self._thread
+        if thread is None:
+            raise DriverError("finalize(True) before start()")
+        thread.join(FINALIZE_WAIT_S)
+        if thread.is_alive() or self._error is not None:
+            raise DriverError(f"finalize(True) but the migration did not succeed: {self._error}")
+        self._advance(Phase.DONE)
+        lv = _libvirt()
+        try:
+            tdom = self._target().lookupByUUIDString(self._uuid)
+        except lv.libvirtError as e:
+            raise DriverError(f"the target does not hold {self.domain_name} after migration: {e}") from e
+        if self.spec.offline:
+            if self.spec.power_on_after:
+                tdom.resume()
+            else:
+                tdom.destroy()
+        elif not self.target_paused:
+            state, _reason = tdom.state()
+            if state == lv.VIR_DOMAIN_PAUSED:
+                tdom.resume()
+        self._unregister_events()
+        src = self._source()
+        with contextlib.suppress(lv.libvirtError):
+            leftover = src.lookupByUUIDString(self._uuid)
+            if leftover.isActive():
+                raise DriverError(f"{self.domain_name} still runs on {self.spec.source_host} after migration")
+            leftover.undefine()
+        if not self.keep_source_disks:
+            for disk in self._disks:
+                self._delete_volume(src, disk.path)
+        log.info("migration %s: finalized on %s", self.spec.migration_id, self.spec.target_host)
+
+    # -- the migration thread -------------------------------------------------------------------------------
+
+    def _running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _succeeded(self) -> bool:
+        """The migration job returned without error: the target holds the live copy now."""
+        return self._thread is not None and not self._thread.is_alive() and self._error is None
+
+    def _migrate(self, dom: Any, params: dict[str, Any], flags: int) -> None:
+        try:
+            dom.migrateToURI3(self.peer_uri, params, flags)
+        except BaseException as e:
+            self._error = e
+            log.warning("migration %s: migrateToURI3 failed: %s", self.spec.migration_id, e)
+        else:
+            log.info("migration %s: migrateToURI3 returned", self.spec.migration_id)
+
+    def _wait_for_job(self) -> None:
+        lv = _libvirt()
+        deadline = self._clock() + JOB_START_WAIT_S
+        while self._clock() < deadline:
+            assert self._thread is not None
+            if not self._thread.is_alive():
+                return
+            with contextlib.suppress(lv.libvirtError):
+                if self._dom.jobInfo()[0] != lv.VIR_DOMAIN_JOB_NONE:
+                    return
+            time.sleep(JOB_START_POLL_S)
+
+    # -- progress -----------------------------------------------------------------------------------------
+
+    def _update_phase(self, stats: Mapping[str, Any]) -> None:
+        lv = _libvirt()
+        if self._switchover_seen:
+            self._advance(Phase.SWITCHOVER)
+            return
+        with contextlib.suppress(lv.libvirtError):
+            state, reason = self._dom.state()
+            if state == lv.VIR_DOMAIN_PAUSED and reason in (
+                lv.VIR_DOMAIN_PAUSED_MIGRATION,
+                lv.VIR_DOMAIN_PAUSED_USER,
+            ):
+                if not self.spec.offline and int(stats.get("memory_processed", 0)) > 0:
+                    self._advance(Phase.SWITCHOVER)
+                    return
+        if int(stats.get("memory_processed", 0)) > 0 or int(stats.get("memory_iteration", 0)) > 0:
+            self._advance(Phase.MEMORY)
+        else:
+            self._advance(Phase.DISK)
+
+    def _progress_from(self, stats: Mapping[str, Any], elapsed: float, now: float) -> Progress:
+        mem_total = int(stats.get("memory_total", 0)) or self.spec.memory_bytes
+        mem_processed = int(stats.get("memory_processed", 0))
+        if self._phase in (Phase.PREPARING, Phase.DISK):
+            # Until the mirror is in sync QEMU has not begun memory: all of it is still to copy.
+            mem_remaining = mem_total
+        else:
+            mem_remaining = int(stats.get("memory_remaining", 0))
+        disk_total = int(stats.get("disk_total", 0))
+        disk_processed = int(stats.get("disk_processed", 0))
+        disk_remaining = int(stats.get("disk_remaining", 0))
+        if disk_total == 0:
+            # The mirror has not started (the target QEMU is starting): every disk byte is still to copy.
+            disk_total = disk_remaining = sum(d.size_bytes for d in self._disks)
+        processed = int(stats.get("data_processed", mem_processed + disk_processed))
+        page = int(stats.get("memory_page_size", DEFAULT_PAGE_SIZE)) or DEFAULT_PAGE_SIZE
+        written = self._disk_written_bytes()
+        rate, disk_rate = self._last_rates
+        if self._last is not None and now - self._last.at_s > 0.05:
+            dt = now - self._last.at_s
+            rate = max(0, processed - self._last.processed_bytes) / dt
+            disk_rate = max(0, written - self._last.disk_written_bytes) / dt
+            self._last_rates = (rate, disk_rate)
+            self._last = _Sample(now, processed, written)
+        elif self._last is None:
+            self._last = _Sample(now, processed, written)
+        if rate == 0.0:
+            rate = float(stats.get("memory_bps", 0)) + float(stats.get("disk_bps", 0))
+        return Progress(
+            phase=self._phase,
+            elapsed_s=elapsed,
+            round=int(stats.get("memory_iteration", 0)),
+            disk_total_bytes=disk_total,
+            disk_processed_bytes=disk_processed,
+            disk_remaining_bytes=disk_remaining,
+            memory_total_bytes=mem_total,
+            memory_processed_bytes=mem_processed,
+            memory_remaining_bytes=mem_remaining,
+            disk_dirty_rate_bps=disk_rate,
+            memory_dirty_rate_bps=float(stats.get("memory_dirty_rate", 0)) * page,
+            transfer_rate_bps=rate,
+            disk_write_limit_bps=self._disk_limit_bps,
+            memory_throttle_pct=self._throttle_pct,
+            max_downtime_ms=self._max_downtime_ms,
+            downtime_ms=None,
+            bytes_transferred=processed,
+        )
+
+    def _final_progress(self, elapsed: float) -> Progress:
+        lv = _libvirt()
+        if self._error is None and self._phase is not Phase.FAILED:
+            self._advance(Phase.DONE)
+        elif self._phase is not Phase.FAILED:
+            self._fail(str(self._error))
+        stats = self._completed_stats or {}
+        if not stats and self._phase is Phase.DONE:
+            with contextlib.suppress(lv.libvirtError, DriverError):
+                tdom = self._target().lookupByUUIDString(self._uuid)
+                stats = dict(tdom.jobStats(lv.VIR_DOMAIN_JOB_STATS_COMPLETED))
+                self._completed_stats = stats
+        merged = {**self._last_stats, **stats}
+        base = self._progress_from(merged, elapsed, self._clock())
+        downtime = merged.get("downtime")
+        processed = int(merged.get("data_processed", base.bytes_transferred))
+        done = self._phase is Phase.DONE
+        return Progress(
+            phase=self._phase,
+            elapsed_s=float(merged.get("time_elapsed", elapsed * 1000)) / 1000 if done else elapsed,
+            round=base.round,
+            disk_total_bytes=base.disk_total_bytes,
+            disk_processed_bytes=base.disk_total_bytes if done else base.disk_processed_bytes,
+            disk_remaining_bytes=0 if done else base.disk_remaining_bytes,
+            memory_total_bytes=base.memory_total_bytes,
+            memory_processed_bytes=base.memory_processed_bytes,
+            memory_remaining_bytes=0 if done else base.memory_remaining_bytes,
+            disk_dirty_rate_bps=0.0,
+            memory_dirty_rate_bps=0.0,
+            transfer_rate_bps=base.transfer_rate_bps,
+            disk_write_limit_bps=self._disk_limit_bps,
+            memory_throttle_pct=self._throttle_pct,
+            max_downtime_ms=self._max_downtime_ms,
+            downtime_ms=float(downtime) if downtime is not None and done else None,
+            bytes_transferred=processed,
+            error=None if done else self._error_text(),
+            target_at_fault=self._target_at_fault,
+        )
+
+    def _error_text(self) -> str:
+        return str(self._error) if self._error is not None else "aborted"
+
+    def _fail(self, why: str) -> None:
+        if self._phase is Phase.FAILED:
+            return
+        if self._error is not None:
+            self._target_at_fault = self._target_is_at_fault()
+        self._advance(Phase.FAILED)
+        log.warning("migration %s: failed: %s", self.spec.migration_id, why)
+
+    def _target_is_at_fault(self) -> bool:
+        lv = _libvirt()
+        err = self._error
+        if isinstance(err, lv.libvirtError) and err.get_error_code() == lv.VIR_ERR_OPERATION_ABORTED:
+            return False
+        try:
+            self._target()
+        except DriverError:
+            return True
+        text = str(err).lower()
+        return any(s in text for s in ("end of file", "connection", "target", "destination", "remote"))
+
+    def _disk_written_bytes(self) -> int:
+        lv = _libvirt()
+        total = 0
+        if self._dom is None:
+            return 0
+        for disk in self._disks:
+            with contextlib.suppress(lv.libvirtError):
+                total += int(self._dom.blockStats(disk.target)[3])
+        return total
+
+    # -- throttles ------------------------------------------------------------------------------------------
+
+    def _io_throttle_args(self, disk: _Disk, write_bps: int | None) -> dict[str, Any]:
+        args: dict[str, Any] = {"id": disk.alias}
+        for qmp_name in IOTUNE_TO_QMP.values():
+            args[qmp_name] = 0
+        for name, value in disk.iotune.items():
+            args[IOTUNE_TO_QMP[name]] = value
+        if write_bps is not None:
+            if args["bps"]:
+                # QEMU refuses a total limit together with a per-direction one: split the total.
+                args["bps_rd"] = args["bps_rd"] or args["bps"]
+                args["bps_wr"] = min(args["bps"], write_bps)
+                args["bps"] = 0
+            else:
+                args["bps_wr"] = min(args["bps_wr"], write_bps) if args["bps_wr"] else write_bps
+        return args
+
+    def _apply_throttle(self, percent: int) -> None:
+        if percent <= 0:
+            arguments = {
+                "cpu-throttle-initial": DISARMED_THROTTLE_PCT,
+                "cpu-throttle-increment": 1,
+                "max-cpu-throttle": DISARMED_THROTTLE_PCT,
+                "throttle-trigger-threshold": DISARMED_TRIGGER_PCT,
+            }
+        else:
+            arguments = {
+                "cpu-throttle-initial": percent,
+                "cpu-throttle-increment": max(1, percent - self._throttle_pct),
+                "max-cpu-throttle": percent,
+                "throttle-trigger-threshold": ARMED_TRIGGER_PCT,
+            }
+        try:
+            self._qmp(self._dom, "migrate-set-parameters", arguments)
+        except DriverError:
+            if self._thread is not None and self._thread.is_alive():
+                raise
+
+    def _apply_max_downtime(self, ms: int) -> None:
+        lv = _libvirt()
+        try:
+            self._dom.migrateSetMaxDowntime(ms, 0)
+        except lv.libvirtError as e:
+            if self._dom.isActive():
+                raise DriverError(f"cannot set the maximum downtime: {e}") from e
+
+    def _qmp(self, dom: Any, command: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        lv, lvq = _libvirt(), _libvirt_qemu()
+        request = json.dumps({"execute": command, "arguments": dict(arguments)})
+        try:
+            reply = json.loads(lvq.qemuMonitorCommand(dom, request, QMP_FLAGS))
+        except lv.libvirtError as e:
+            raise DriverError(f"QMP {command} failed: {e}") from e
+        if "error" in reply:
+            raise DriverError(f"QMP {command} failed: {reply['error'].get('desc', reply['error'])}")
+        result = reply.get("return", {})
+        return result if isinstance(result, dict) else {"return": result}
+
+    @staticmethod
+    def _alias(dom: Any, target: str) -> str:
+        for dev, _path, _fmt, elem in _disks(dom):
+            alias = elem.find("alias")
+            if dev == target and alias is not None:
+                return str(alias.get("name", ""))
+        raise DriverError(f"disk {target} has no device alias in the running domain")
+
+    # -- events ---------------------------------------------------------------------------------------------
+
+    def _register_events(self) -> None:
+        lv = _libvirt()
+        src = self._source()
+        try:
+            self._callbacks.append(
+                src.domainEventRegisterAny(
+                    self._dom, lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+                )
+            )
+            self._callbacks.append(
+                src.domainEventRegisterAny(
+                    self._dom, lv.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._on_job_completed, None
+                )
+            )
+        except lv.libvirtError as e:
+            # Events only sharpen progress (switchover seen at once, exact downtime); jobStats suffices.
+            log.info("migration %s: no domain events: %s", self.spec.migration_id, e)
+
+    def _unregister_events(self) -> None:
+        src = self._src
+        for cb in self._callbacks:
+            with contextlib.suppress(Exception):
+                src.domainEventDeregisterAny(cb)
+        self._callbacks.clear()
+
+    def _on_lifecycle(self, _conn: Any, _dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        lv = _libvirt()
+        if event == lv.VIR_DOMAIN_EVENT_SUSPENDED and detail == lv.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED:
+            self._switchover_seen = True
+
+    def _on_job_completed(self, _conn: Any, _dom: Any, params: dict[str, Any], _opaque: Any) -> None:
+        self._completed_stats = dict(params)
+
+    # -- target and source storage ----------------------------------------------------------------------------
+
+    def _remove_target_leftovers(self) -> None:
+        """Remove what an earlier attempt left on the target; refuse if the target uses the paths otherwise."""
+        lv = _libvirt()
+        conn = self._target()
+        paths = {d.path for d in self._disks}
+        for tdom in conn.listAllDomains(0):
+            same = tdom.UUIDString() == self._uuid or tdom.name() == self.domain_name
+            if not same:
+                clash = paths & {p for _, p, _, _ in _disks(tdom)}
+                if clash:
+                    raise DriverError(
+                        f"{self.spec.target_host} uses {sorted(clash)} for {tdom.name()}",
+                        target_at_fault=True,
+                    )
+                continue
+            state, reason = tdom.state()
+            if state == lv.VIR_DOMAIN_RUNNING or (
+                state == lv.VIR_DOMAIN_PAUSED and reason not in (lv.VIR_DOMAIN_PAUSED_MIGRATION,)
+            ):
+                # A target copy that runs while the source copy exists: both may be live. Never guess.
+                if not self.spec.offline:
+                    raise DriverError(
+                        f"{self.domain_name} already runs on {self.spec.target_host}; resolve with recover()",
+                        target_at_fault=True,
+                    )
+            log.warning(
+                "migration %s: removing leftover %s from %s",
+                self.spec.migration_id,
+                tdom.name(),
+                self.spec.target_host,
+            )
+            _destroy_and_undefine(tdom)
+        for disk in self._disks:
+            self._delete_volume(conn, disk.path)
+
+    def _create_target_volume(self, disk: _Disk) -> None:
+        lv = _libvirt()
+        conn = self._target()
+        pool = _pool_for(conn, posixpath.dirname(disk.path))
+        name = posixpath.basename(disk.path)
+        xml = (
+            f"<volume><name>{name}</name><capacity unit='bytes'>{disk.size_bytes}</capacity>"
+            f"<target><format type='{disk.format}'/></target></volume>"
+        )
+        try:
+            pool.createXML(xml, 0)
+        except lv.libvirtError as e:
+            raise DriverError(
+                f"cannot create {disk.path} on {self.spec.target_host}: {e}", target_at_fault=True
+            ) from e
+        self._created_volumes.append(disk.path)
+
+    @staticmethod
+    def _delete_volume(conn: Any, path: str) -> bool:
+        lv = _libvirt()
+        pool = _pool_for(conn, posixpath.dirname(path))
+        with contextlib.suppress(lv.libvirtError):
+            pool.refresh(0)
+        try:
+            vol = pool.storageVolLookupByName(posixpath.basename(path))
+        except lv.libvirtError:
+            return False
+        vol.delete(0)
+        return True
+
+    def _clean_after_failure(self) -> None:
+        """Lift the throttle, make sure the source runs (or is shut off again), clean the target."""
+        lv = _libvirt()
+        self._unregister_events()
+        problems = []
+        try:
+            dom = self._source().lookupByUUIDString(self._uuid) if self._uuid else None
+        except lv.libvirtError as e:
+            raise DriverError(f"the source lost {self.domain_name} during a failed migration: {e}") from e
+        if dom is not None:
+            if self._started_offline_copy:
+                with contextlib.suppress(lv.libvirtError):
+                    dom.destroy()
+            elif dom.isActive():
+                if self._disk_limit_bps is not None:
+                    try:
+                        for disk in self._disks:
+                            self._qmp(dom, "block_set_io_throttle", self._io_throttle_args(disk, None))
+                        self._disk_limit_bps = None
+                    except DriverError as e:
+                        problems.append(f"lifting the disk write limit: {e}")
+                state, _reason = dom.state()
+                if state == lv.VIR_DOMAIN_PAUSED:
+                    dom.resume()
+            elif not self.spec.offline:
+                problems.append(f"{self.domain_name} is not running on {self.spec.source_host}")
+        try:
+            self.cleanup_target()
+        except DriverError as e:
+            raise DriverError(
+                f"source checked; target not cleaned: {e}" + (f"; {'; '.join(problems)}" if problems else ""),
+                target_at_fault=True,
+            ) from e
+        if problems:
+            raise DriverError("; ".join(problems))
+
+    def cleanup_target(self) -> None:
+        """Remove this droplet's domain and this attempt's disks from the target. Idempotent."""
+        lv = _libvirt()
+        try:
+            conn = self._target()
+            with contextlib.suppress(lv.libvirtError):
+                tdom = conn.lookupByUUIDString(self._uuid)
+                _destroy_and_undefine(tdom)
+            # Only volumes this attempt created: a path the target uses otherwise is never touched.
+            for path in list(self._created_volumes):
+                self._delete_volume(conn, path)
+                self._created_volumes.remove(path)
+        except lv.libvirtError as e:
+            raise DriverError(f"cleaning {self.spec.target_host} failed: {e}", target_at_fault=True) from e
+
+
+def _destroy_and_undefine(dom: Any) -> None:
+    lv = _libvirt()
+    with contextlib.suppress(lv.libvirtError):
+        if dom.isActive():
+            dom.destroy()
+    with contextlib.suppress(lv.libvirtError):
+        dom.undefineFlags(lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | lv.VIR_DOMAIN_UNDEFINE_NVRAM)
+
+
+def _pool_for(conn: Any, directory: str) -> Any:
+    """A storage pool over ``directory``: an existing one, or a transient ``dir`` pool made for it."""
+    lv = _libvirt()
+    for pool in conn.listAllStoragePools(0):
+        target = _parse(pool.XMLDesc(0)).find("./target/path")
+        if target is not None and (target.text or "").rstrip("/") == directory.rstrip("/"):
+            if not pool.isActive():
+                pool.create(0)
+            return pool
+    name = POOL_PREFIX + hashlib.sha1(directory.encode(), usedforsecurity=False).hexdigest()[:12]
+    with contextlib.suppress(lv.libvirtError):
+        return conn.storagePoolLookupByName(name)
+    xml = f"<pool type='dir'><name>{name}</name><target><path>{directory}</path></target></pool>"
+    try:
+        return conn.storagePoolCreateXML(xml, 0)
+    except lv.libvirtError as e:
+        raise DriverError(f"cannot manage volumes in {directory}: {e}") from e
+
+
+# --- The hypervisor back end -------------------------------------------------------------------------------
+
+
+class LibvirtHypervisor:
+    """The libvirt back end: one URI per host (``host_uris[host]``), a ``LibvirtMigration`` per attempt."""
+
+    def __init__(self, host_uris: Mapping[str, str], *, options: Mapping[str, str] | None = None) -> None:
+        self.host_uris = dict(host_uris)
+        self.options = dict(options or {})
+
+    def migration(self, spec: MigrationSpec) -> LibvirtMigration:
+        if self.options:
+            spec = MigrationSpec(**{**spec.__dict__, "options": {**self.options, **spec.options}})
+        return LibvirtMigration(spec)
+
+    def _uri(self, host: str) -> str:
+        try:
+            return self.host_uris[host]
+        except KeyError as e:
+            raise DriverError(f"no libvirt URI configured for host {host}") from e
+
+    def domain_state(self, host: str, droplet_id: str) -> DomainState:
+        lv = _libvirt()
+        conn = _open(self._uri(host))
+        try:
+            try:
+                dom = conn.lookupByName(droplet_id)
+            except lv.libvirtError:
+                return DomainState.ABSENT
+            state = _power_state(lv, dom.state()[0])
+            return {
+                PowerState.RUNNING: DomainState.RUNNING,
+                PowerState.PAUSED: DomainState.PAUSED,
+            }.get(state, DomainState.SHUT_OFF)
+        finally:
+            conn.close()
+
+    def recover(self, spec: MigrationSpec) -> str:
+        """See ``HypervisorDriver.recover``: make the droplet live on exactly one host and return it."""
+        lv = _libvirt()
+        mig = self.migration(spec)
+        name = mig.domain_name
+        src = _open(spec.source_uri)
+        try:
+            try:
+                sdom = src.lookupByName(name)
+            except lv.libvirtError:
+                sdom = None
+            if sdom is not None:
+                with contextlib.suppress(lv.libvirtError):
+                    if sdom.jobInfo()[0] != lv.VIR_DOMAIN_JOB_NONE:
+                        sdom.abortJob()
+            source_live = sdom is not None and (sdom.isActive() or spec.offline)
+            if source_live and sdom is not None:
+                mig._dom = sdom
+                mig._uuid = sdom.UUIDString()
+                mig._disks = [_Disk(t, p, f, 0, "") for t, p, f, _ in _disks(sdom)]
+                state, reason = sdom.state()
+                if spec.offline and sdom.isActive():
+                    sdom.destroy()
+                elif state == lv.VIR_DOMAIN_PAUSED:
+                    sdom.resume()
+                mig.cleanup_target()
+                return spec.source_host
+            # The source copy is gone or stopped: the target copy is the droplet.
+            if sdom is not None:
+                sdom.undefine()
+            return spec.target_host
+        finally:
+            src.close()
