@@ -14,16 +14,13 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_agent_harness import (  # noqa: F401  (fixtures)
-    AGENT_BIN,
-    DROPLET,
-    AgentProcess,
-    agent_factory,
-    append_hook,
-    lines,
-    metadata,
-)
+from tests.integration import test_agent_harness as harness
+from tests.integration.test_agent_harness import AGENT_BIN, DROPLET, AgentProcess, append_hook, lines
 from tests.servers import MetadataServer
+
+# The harness's fixtures, used here by name.
+metadata = harness.metadata
+agent_factory = harness.agent_factory
 
 pytestmark = pytest.mark.slow
 
