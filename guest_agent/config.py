@@ -216,8 +216,27 @@ def _build(doc: dict[str, Any], *, source: str | None, environ: Mapping[str, str
     policy = _policy(root.table("agent"))
     metrics = _metrics(root.table("metrics"))
     hooks = {phase: _hooks(root, phase) for phase in Phase}
+    _check_nested_vms(hooks, source)
     root.done()
     return AgentConfig(metadata=metadata, agent=policy, metrics=metrics, hooks=hooks, source=source)
+
+
+def _check_nested_vms(hooks: Mapping[Phase, tuple[HookSpec, ...]], source: str | None) -> None:
+    """An after_migration nested_vms hook restarts what one before it recorded: make sure one does."""
+    recorded = {
+        h.uri
+        for phase in (Phase.ON_NOTICE, Phase.BEFORE_OFFLINE)
+        for h in hooks[phase]
+        if isinstance(h, NestedVMsHookSpec)
+    }
+    for i, h in enumerate(hooks[Phase.AFTER_MIGRATION]):
+        if isinstance(h, NestedVMsHookSpec) and h.uri not in recorded:
+            raise ConfigError(
+                f"restarts the nested VMs recorded at notice, but no nested_vms hook in on_notice "
+                f"records {h.uri!r}",
+                key=f"after_migration[{i}].uri",
+                source=source,
+            )
 
 
 def _metadata(t: _Table) -> MetadataConfig:

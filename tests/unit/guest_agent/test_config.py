@@ -183,6 +183,7 @@ HOOK = '[[on_notice]]\nname = "h"\n'
         ('[[on_notice]]\nname = "bad name!"\ncommand = ["x"]\n', "on_notice[0].name", "letters"),
         ('[[after_migrate]]\nname = "x"\n', "after_migrate", "unknown key"),
         ("on_notice = 3\n", "on_notice", "array of tables"),
+        ('[[after_migration]]\nname = "v"\ntype = "nested_vms"\n', "after_migration[0].uri", "records"),
         ("metadata = 3\n", "metadata", "must be a table"),
     ],
 )
