@@ -19,6 +19,7 @@ Policy (DESIGN.md §8):
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
@@ -44,6 +45,12 @@ ACK_OFFLINE_STEP = "@ack-offline"
 POWER_OFF_STEP = "@power-off"
 ACK_RETRY_S = (1.0, 2.0, 4.0, 8.0)  # then give up on the ack and go on
 SHUTDOWN_ABANDONED = "shutdown_abandoned"
+
+
+class _Ack(enum.Enum):
+    DONE = "done"  # sent, or not needed, or given up on (power off anyway)
+    REFUSED = "refused"  # the event is no longer the current one: do not power off
+    STOPPED = "stopped"  # a stop was requested while retrying
 
 
 @dataclass
@@ -264,8 +271,8 @@ class Agent:
 
     def _shutdown(self, rec: EventRecord, notice: Notice | None) -> bool:
         report = self._run_phase(rec, Phase.BEFORE_OFFLINE)
-        if not report.finished:
-            return False
+        if not report.finished or self._stop.is_set():
+            return False  # asked to stop (SIGTERM): the next start resumes here
         required = rec.kind == NoticeKind.OFFLINE_MIGRATE.value or (
             notice is not None and notice.kind is NoticeKind.OFFLINE_MIGRATE and self._same_event(rec, notice)
         )
@@ -278,28 +285,33 @@ class Agent:
             self.journal.put_data(rec.event_id, SHUTDOWN_ABANDONED, True)
             self._set(rec, EventStatus.DRAINED)
             return True
-        if not self._ack_offline(rec):
+        ack = self._ack_offline(rec)
+        if ack is _Ack.REFUSED:
             log.warning("event_id=%s is no longer the current event: not powering off", rec.event_id)
             self._set(rec, EventStatus.RESTORING)
             return True
+        if ack is _Ack.STOPPED or self._stop.is_set():
+            return False
         self._power_off_step(rec)
         self._set(rec, EventStatus.POWERED_OFF)
         return True
 
-    def _ack_offline(self, rec: EventRecord) -> bool:  # noqa: PLR0911  each way out is a different outcome
-        """Send the ack ``offline``; False when the server says the event is no longer current."""
+    def _ack_offline(self, rec: EventRecord) -> _Ack:  # noqa: PLR0911  each way out is a different outcome
+        """Send the ack ``offline`` (retried a few times; a stop request leaves it for the next start)."""
         step = self.journal.event(rec.event_id)
         done = step.hook(Phase.BEFORE_OFFLINE, ACK_OFFLINE_STEP) if step else None
         if done is not None and done.finished:
-            return True
+            return (
+                _Ack.REFUSED if done.outcome is HookOutcome.FAILED and "refused" in done.detail else _Ack.DONE
+            )
         if self._simulated or self._source is None:
             self._record_step(rec, ACK_OFFLINE_STEP, HookResult(HookOutcome.SKIPPED, "simulated: not sent"))
-            return True
+            return _Ack.DONE
         if rec.server_id is None:
             self._record_step(
                 rec, ACK_OFFLINE_STEP, HookResult(HookOutcome.SKIPPED, "text-only server: cannot acknowledge")
             )
-            return True
+            return _Ack.DONE
         power_on_after = self.config.agent.power_on_after
         self.journal.hook_started(rec.event_id, Phase.BEFORE_OFFLINE, ACK_OFFLINE_STEP)
         for attempt, pause_s in enumerate((*ACK_RETRY_S, None), start=1):
@@ -307,20 +319,22 @@ class Agent:
                 self._source.acknowledge(rec.server_id, "offline", power_on_after=power_on_after)
             except AckRejected as e:
                 self._finish_step(rec, ACK_OFFLINE_STEP, HookResult.failed(f"refused: {e}"))
-                return False
+                return _Ack.REFUSED
             except MetadataUnreachable as e:
-                if pause_s is None or self._stop.is_set():
+                if self._stop.is_set():
+                    return _Ack.STOPPED  # started, never finished: the next start sends it again
+                if pause_s is None:
                     # The engine also treats a droplet found shut off as offline (DESIGN §3): go on.
                     self._finish_step(rec, ACK_OFFLINE_STEP, HookResult.failed(f"not delivered: {e}"))
-                    return True
+                    return _Ack.DONE
                 log.warning("event_id=%s: ack offline attempt %d failed: %s", rec.event_id, attempt, e)
                 self._sleep(pause_s)
                 continue
             self._finish_step(
                 rec, ACK_OFFLINE_STEP, HookResult.ok(f"offline, power_on_after={power_on_after}")
             )
-            return True
-        return True  # pragma: no cover  (the loop always returns)
+            return _Ack.DONE
+        return _Ack.DONE  # pragma: no cover  (the loop always returns)
 
     def _power_off_step(self, rec: EventRecord) -> None:
         current = self.journal.event(rec.event_id)
@@ -469,6 +483,8 @@ class Agent:
             log.exception("event_id=%s phase=%s hook=%s crashed", rec.event_id, phase.value, spec.name)
             result = HookResult.failed(f"crashed: {type(e).__name__}: {e}")
         duration_s = self._monotonic() - started
+        if result.outcome is HookOutcome.CUT and timeout_s < spec.timeout_s:
+            result = HookResult(result.outcome, f"{result.detail}; cut at the event's deadline", result.data)
         if result.data:
             for key, value in result.data.items():
                 self.journal.put_data(rec.event_id, key, value)

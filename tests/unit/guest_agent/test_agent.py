@@ -353,3 +353,36 @@ def test_agent_a_crashing_hook_is_a_failed_hook(world: World) -> None:
     world.agent.handle(live())
     assert outcome(world, "ev-1", Phase.ON_NOTICE, "tell-lb") is HookOutcome.FAILED
     assert outcome(world, "ev-1", Phase.ON_NOTICE, "drain") is HookOutcome.OK
+
+
+def test_agent_stop_while_retrying_the_ack_leaves_it_for_the_next_start(world: World) -> None:
+    def down_then_stop() -> None:
+        world.agent.request_stop()
+
+    world.source.ack_errors = [MetadataUnreachable("down")]
+    original_sleep = world.agent._sleep
+
+    def sleep(seconds: float) -> None:
+        down_then_stop()
+        original_sleep(seconds)
+
+    world.agent._sleep = sleep
+    world.agent.handle(offline("ev-2"))
+    assert world.power_offs == []
+    assert status(world, "ev-2") is EventStatus.SHUTTING_DOWN
+
+    world.restart().handle(offline("ev-2"))  # the ack is sent again, then the power-off
+    assert world.source.acks == [("ev-2", "offline", True)]
+    assert len(world.power_offs) == 1
+    assert world.recorder.names().count("stop-app") == 1
+
+
+def test_agent_reports_a_hook_cut_by_the_deadline(world: World) -> None:
+    world.recorder.behaviour["drain"] = lambda ctx, timeout_s: HookResult.cut(f"killed at {timeout_s:g} s")
+    world.agent.handle(live(deadline=world.clock.in_s(20)))
+    rec = world.agent.journal.event("ev-1")
+    assert rec is not None
+    drain = rec.hook(Phase.ON_NOTICE, "drain")
+    assert drain is not None
+    assert drain.outcome is HookOutcome.CUT
+    assert "cut at the event's deadline" in drain.detail
