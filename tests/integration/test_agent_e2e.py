@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from tests.integration import test_agent_harness as harness
 from tests.integration.test_agent_harness import AGENT_BIN, DROPLET, AgentProcess, append_hook, lines
-from tests.servers import MetadataServer
+from tests.servers import MetadataServer, free_port
+from tests.support import require
 
 # The harness's fixtures, used here by name.
 metadata = harness.metadata
@@ -251,3 +253,76 @@ def test_agent_status_shows_the_event_and_the_hooks(
     )
     assert second.returncode != 0
     assert "another guest-agent is running" in second.stderr
+
+
+def test_agent_nested_vms_restarts_exactly_the_running_ones(
+    tmp_path: Path, metadata: MetadataServer, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    """libvirt's test driver: a node with running and shut-off domains; the restart goes through a command."""
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        have_libvirt = False
+    else:
+        have_libvirt = True
+    require(have_libvirt, "libvirt-python is not installed (pip install '.[libvirt]' after libvirt-dev)")
+    node = tmp_path / "node.xml"
+    domain = (
+        "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>{}</name>"
+        "<memory unit='MiB'>128</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os>{}</domain>"
+    )
+    off = "<test:runstate>5</test:runstate>"
+    node.write_text(
+        "<node>"
+        + domain.format("web1", "")
+        + domain.format("web2", "")
+        + domain.format("batch", off)
+        + domain.format("old", off)
+        + "</node>"
+    )
+    uri = f"test://{node}"
+    restarted = tmp_path / "restarted"
+    agent = agent_factory(
+        hooks={
+            "on_notice": [{"name": "record-vms", "type": "nested_vms", "uri": uri}],
+            "after_migration": [
+                {
+                    "name": "restart-vms",
+                    "type": "nested_vms",
+                    "uri": uri,
+                    "restart": "command",
+                    "command": ["/bin/sh", "-c", f'echo "$0" >> {restarted}', "{domain}"],
+                }
+            ],
+        }
+    ).start()
+    metadata.set_event(DROPLET, "ev-vm", event="live_migrate", state="scheduled")
+    agent.wait_status("ev-vm", "drained")
+    assert (agent.event("ev-vm") or {})["data"] == {f"nested_vms:{uri}": {"running": ["web1", "web2"]}}
+    metadata.clear_event(DROPLET)
+    agent.wait_status("ev-vm", "done")
+    assert sorted(lines(restarted)) == ["web1", "web2"]
+    assert agent.hook_outcome("ev-vm", "after_migration", "restart-vms") == "ok"
+
+
+def test_agent_serves_prometheus_metrics_when_enabled(
+    tmp_path: Path, metadata: MetadataServer, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    port = free_port()
+    agent = agent_factory(hooks={"on_notice": [append_hook("drain", tmp_path / "drain")]})
+    agent.config_path.write_text(
+        agent.config_path.read_text() + f'\n[metrics]\nenabled = true\nlisten = "127.0.0.1:{port}"\n'
+    )
+    agent.start()
+    metadata.set_event(
+        DROPLET, "ev-m", event="live_migrate", state="scheduled", deadline="2099-01-01T00:00:00Z"
+    )
+    agent.wait_status("ev-m", "drained")
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert 'guest_agent_events_seen_total{kind="live_migrate"} 1' in text
+    assert 'guest_agent_hook_duration_seconds_count{phase="on_notice",hook="drain"} 1' in text
+    assert "guest_agent_metadata_up 1" in text
+    lead = next(
+        line for line in text.splitlines() if line.startswith("guest_agent_notice_lead_time_seconds ")
+    )
+    assert float(lead.split()[1]) > 365 * 24 * 3600
