@@ -1,0 +1,271 @@
+"""The store, on SQLite and on a real PostgreSQL server (parametrized by the ``store`` fixture)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from host_engine import schema
+from host_engine.errors import Conflict, IllegalTransition, NotFound, StaleClaim, StoreError
+from host_engine.models import NewMigration
+from host_engine.states import HostState, MigrationState
+from host_engine.store import Store, database_url, offline_event_id
+from tests.unit.host_engine.conftest import GIB, T0, FakeClock, make_droplet, make_host
+
+S = MigrationState
+
+
+def _new(droplet: str = "d1", source: str = "hv1", target: str = "hv2", minutes: int = 30) -> NewMigration:
+    nb = T0 + timedelta(minutes=minutes)
+    return NewMigration(
+        droplet_id=droplet,
+        source_host=source,
+        target_host=target,
+        not_before=nb,
+        notice_at=nb - timedelta(minutes=10),
+        deadline=nb,
+        reason="kernel update",
+        requested_by="alice",
+    )
+
+
+@pytest.fixture
+def populated(store: Store) -> Store:
+    for name in ("hv1", "hv2", "hv3"):
+        store.add_host(make_host(name))
+    store.add_droplet(make_droplet("d1", "hv1", owner_tag="acme"))
+    store.add_droplet(make_droplet("d2", "hv1"))
+    return store
+
+
+def test_store_schema_is_versioned(store: Store) -> None:
+    assert store.schema_version() == schema.LATEST_VERSION
+    # Opening again applies nothing and keeps the data.
+    store.add_host(make_host("hv1"))
+    again = Store.open(store.engine.url.render_as_string(hide_password=False))
+    assert again.schema_version() == schema.LATEST_VERSION
+    assert [h.name for h in again.list_hosts()] == ["hv1"]
+    again.close()
+
+
+def test_store_refuses_newer_schema(sqlite_store: Store) -> None:
+    with sqlite_store.engine.begin() as conn:
+        conn.execute(schema.schema_version.insert().values(version=99, applied_at=T0, description="future"))
+    with pytest.raises(StoreError, match="newer"):
+        Store.open(sqlite_store.engine.url.render_as_string(hide_password=False))
+
+
+def test_store_hosts_and_droplets_round_trip(populated: Store, clock: FakeClock) -> None:
+    h = populated.get_host("hv1")
+    assert (h.vcpus, h.memory_bytes, h.state, h.created_at) == (32, 128 * GIB, HostState.ACTIVE, T0)
+    d = populated.get_droplet("d1")
+    assert d.host == "hv1" and d.owner_tag == "acme" and len(d.addresses) == 1
+    assert [x.id for x in populated.list_droplets(host="hv1")] == ["d1", "d2"]
+    clock.advance(60)
+    h2 = populated.set_host_state("hv1", HostState.MAINTENANCE, reason="disk swap", by="alice")
+    assert (h2.state, h2.state_reason, h2.state_changed_by) == (HostState.MAINTENANCE, "disk swap", "alice")
+    assert h2.updated_at == T0 + timedelta(seconds=60)
+
+
+def test_store_unknown_and_duplicate(populated: Store) -> None:
+    with pytest.raises(NotFound, match="unknown host 'nope'"):
+        populated.get_host("nope")
+    with pytest.raises(NotFound):
+        populated.add_droplet(make_droplet("d9", "nope"))
+    with pytest.raises(Conflict, match="already exists"):
+        populated.add_host(make_host("hv1"))
+    with pytest.raises(Conflict, match="already exists"):
+        populated.add_droplet(make_droplet("d1", "hv2"))
+    with pytest.raises(NotFound):
+        populated.get_migration("m-nope")
+
+
+def test_store_create_migration_logs_and_blocks_second(populated: Store) -> None:
+    [m] = populated.create_migrations([_new()])
+    assert m.state is S.PLANNED and m.event_id == f"{m.id}-live" and m.attempt == 0
+    assert m.not_before == T0 + timedelta(minutes=30)
+    with pytest.raises(Conflict, match="already has migration"):
+        populated.create_migrations([_new(target="hv3")])
+    [entry] = populated.history("d1")
+    assert (entry.kind, entry.to_state, entry.migration_id) == ("transition", S.PLANNED, m.id)
+
+
+def test_store_create_migrations_is_all_or_nothing(populated: Store) -> None:
+    with pytest.raises(Conflict):
+        populated.create_migrations([_new("d1"), _new("d2", target="hv1")])  # second targets its own source
+    assert populated.list_migrations() == []
+    assert populated.history("d1") == []
+
+
+def test_store_transition_follows_table_and_logs(populated: Store, clock: FakeClock) -> None:
+    [m] = populated.create_migrations([_new()])
+    clock.advance(1200)
+    m = populated.transition(m.id, S.NOTIFIED, notified_at=clock())
+    assert m.state is S.NOTIFIED and m.notified_at == clock()
+    with pytest.raises(IllegalTransition):
+        populated.transition(m.id, S.COMPLETED)
+    assert populated.get_migration(m.id).state is S.NOTIFIED  # unchanged
+    with pytest.raises(Conflict, match="expected planned"):
+        populated.transition(m.id, S.CANCELLED, expect=S.PLANNED)
+    m = populated.transition(m.id, S.CANCELLED, message="operator abort")
+    assert m.finished_at == clock()
+    log = populated.migration_log(m.id)
+    assert [(e.from_state, e.to_state) for e in log] == [
+        (None, S.PLANNED),
+        (S.PLANNED, S.NOTIFIED),
+        (S.NOTIFIED, S.CANCELLED),
+    ]
+    assert log[-1].message == "operator abort"
+    # The droplet is free again.
+    [m2] = populated.create_migrations([_new(target="hv3")])
+    assert m2.id != m.id
+
+
+def test_store_rejects_unknown_fields(populated: Store) -> None:
+    [m] = populated.create_migrations([_new()])
+    with pytest.raises(ValueError, match="not updatable"):
+        populated.transition(m.id, S.NOTIFIED, state="completed")
+    with pytest.raises(ValueError, match="not updatable"):
+        populated.update_migration(m.id, droplet_id="d2")
+
+
+def test_store_claim_and_complete_switches_host_atomically(populated: Store, clock: FakeClock) -> None:
+    [m] = populated.create_migrations([_new()])
+    populated.transition(m.id, S.NOTIFIED, notified_at=clock())
+    assert populated.claim("w1", due_by=clock()) == []  # not due yet
+    clock.advance(30 * 60)
+    [c] = populated.claim("w1", due_by=clock())
+    assert c.claimed_by == "w1" and c.claimed_at == clock()
+    assert populated.claim("w2", due_by=clock()) == []  # held by w1
+    with pytest.raises(StaleClaim):
+        populated.transition(m.id, S.RUNNING, worker="w2")
+    populated.transition(m.id, S.RUNNING, worker="w1", started_at=clock())
+    done = populated.complete(m.id, worker="w1", stats={"downtime_ms": 42, "bytes": 123})
+    assert done.state is S.COMPLETED and done.stats == {"downtime_ms": 42, "bytes": 123}
+    assert done.claimed_by is None and done.finished_at == clock()
+    assert populated.get_droplet("d1").host == "hv2"
+
+
+def test_store_complete_rolls_back_host_switch_on_illegal_state(populated: Store) -> None:
+    [m] = populated.create_migrations([_new()])
+    with pytest.raises(IllegalTransition):
+        populated.complete(m.id)  # planned -> completed is illegal
+    assert populated.get_droplet("d1").host == "hv1"
+    assert populated.get_migration(m.id).state is S.PLANNED
+
+
+def test_store_expired_claim_can_be_taken_over(populated: Store, clock: FakeClock) -> None:
+    [m] = populated.create_migrations([_new(minutes=0)])
+    populated.transition(m.id, S.NOTIFIED, notified_at=clock())
+    populated.claim("w1", due_by=clock(), lease_s=60)
+    clock.advance(61)
+    [c] = populated.claim("w2", due_by=clock(), lease_s=60)
+    assert c.claimed_by == "w2"
+    assert "lease of w1 expired" in populated.migration_log(m.id)[-1].message
+
+
+def test_store_retry_and_offline_path(populated: Store, clock: FakeClock) -> None:
+    [m] = populated.create_migrations([_new(minutes=0)])
+    populated.transition(m.id, S.NOTIFIED, notified_at=clock())
+    populated.transition(m.id, S.RUNNING, attempt=1)
+    populated.transition(m.id, S.FAILED, last_error="target disk full")
+    m = populated.transition(m.id, S.NOTIFIED, not_before=clock() + timedelta(minutes=5))
+    assert m.event_id.endswith("-live") and m.last_error == "target disk full"
+    populated.transition(m.id, S.RUNNING, attempt=2)
+    populated.transition(m.id, S.FAILED)
+    m = populated.transition(m.id, S.OFFLINE_REQUIRED, event_id=offline_event_id(m.id), offline=True)
+    assert m.event_id == f"{m.id}-offline" and m.offline
+
+
+def test_store_usage_counts_incoming_migrations(populated: Store) -> None:
+    with populated.begin(readonly=True) as tx:
+        before = tx.usage_by_host()
+    assert before["hv1"].vcpus == 4 and before["hv1"].droplets == 2
+    assert "hv2" not in before
+    populated.create_migrations([_new()])
+    with populated.begin(readonly=True) as tx:
+        after = tx.usage_by_host()
+        tags = tx.owner_tags_by_host()
+    assert (
+        after["hv2"].memory_bytes == 4 * GIB and after["hv1"].droplets == 2
+    )  # still on hv1 until it completes
+    assert tags == {"hv1": {"acme"}, "hv2": {"acme"}}
+
+
+def test_store_sim_world_key_values(store: Store) -> None:
+    # The sim driver uses tx.sim_* inside its own transactions.
+    with store.begin() as tx:
+        assert tx.sim_get("world") is None
+        tx.sim_put("world", {"hosts": {"a": 1}})
+        tx.sim_put("world/b", [1, 2])
+    with store.begin() as tx:
+        assert tx.sim_get("world", for_update=True) == {"hosts": {"a": 1}}
+        tx.sim_put("world", {"hosts": {}})
+        assert tx.sim_keys("world") == ["world", "world/b"]
+        tx.sim_delete("world/b")
+    with store.begin(readonly=True) as tx:
+        assert tx.sim_get("world") == {"hosts": {}}
+        assert tx.sim_keys() == ["world"]
+
+
+def test_store_concurrent_claims_never_double(populated: Store) -> None:
+    """Several threads (each its own connection) claim at once: every migration is claimed exactly once."""
+    for i in range(8):
+        populated.add_droplet(make_droplet(f"c{i}", "hv1"))
+    news = [_new(f"c{i}", minutes=0) for i in range(8)]
+    ms = populated.create_migrations(news)
+    for m in ms:
+        populated.transition(m.id, S.NOTIFIED)
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while True:
+            claimed = populated.claim(name, due_by=T0 + timedelta(days=1))
+            if not claimed:
+                return
+            with lock:
+                got.extend(c.id for c in claimed)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(got) == sorted(m.id for m in ms)
+
+
+def test_store_database_url_forms() -> None:
+    assert database_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert database_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert database_url("/x/y.db") == "sqlite:////x/y.db"
+    assert database_url("sqlite:///rel.db") == "sqlite:///rel.db"
+
+
+def test_store_unreachable_database_is_one_line_error() -> None:
+    with pytest.raises(StoreError, match="cannot open store"):
+        Store.open("postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_store_one_active_migration_per_droplet_enforced_by_database(populated: Store) -> None:
+    populated.create_migrations([_new()])
+    with pytest.raises(sa.exc.IntegrityError), populated.engine.begin() as conn:
+        conn.execute(
+            schema.migrations.insert().values(
+                id="m-dup",
+                droplet_id="d1",
+                source_host="hv1",
+                target_host="hv3",
+                state="planned",
+                event_id="m-dup-live",
+                not_before=T0,
+                notice_at=T0,
+                deadline=T0,
+                stats={},
+                created_at=T0,
+                updated_at=T0,
+            )
+        )
