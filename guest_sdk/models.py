@@ -66,6 +66,7 @@ class MaintenanceEvent:
     acknowledged: str | None = None
     etag: str | None = None
     notified_at: datetime | None = None
+    power_on_after: bool | None = None
 
     @property
     def scheduled(self) -> bool:
@@ -89,6 +90,7 @@ class MaintenanceEvent:
             self.not_before,
             self.deadline,
             self.acknowledged,
+            self.power_on_after,
         ) == (
             other.kind,
             other.value,
@@ -97,6 +99,7 @@ class MaintenanceEvent:
             other.not_before,
             other.deadline,
             other.acknowledged,
+            other.power_on_after,
         )
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -110,6 +113,7 @@ class MaintenanceEvent:
             "notified_at": _format_time(self.notified_at),
             "deadline": _format_time(self.deadline),
             "acknowledged": self.acknowledged,
+            "power_on_after": self.power_on_after,
             "etag": self.etag,
         }
 
@@ -154,6 +158,7 @@ class MaintenanceEvent:
             acknowledged=acknowledged,
             etag=normalize_etag(body_etag) if body_etag is not None else etag,
             notified_at=_opt_time(doc, "notified_at"),
+            power_on_after=_opt_bool(doc, "power_on_after"),
         )
 
 
@@ -182,6 +187,13 @@ def _opt_str(doc: dict[str, Any], key: str) -> str | None:
     if not isinstance(value, str):
         raise ProtocolError(f"maintenance_event.json: {key!r} is not a string or null")
     return value
+
+
+def _opt_bool(doc: dict[str, Any], key: str) -> bool | None:
+    value = doc.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise ProtocolError(f"maintenance_event.json: {key!r} is not a boolean or null")
 
 
 def _opt_time(doc: dict[str, Any], key: str) -> datetime | None:
