@@ -107,6 +107,10 @@ class Agent:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def wait_for_stop(self, timeout_s: float) -> bool:
+        """Sleep up to ``timeout_s``, waking early (True) when a stop is requested."""
+        return self._stop.wait(timeout_s)
+
     def replace_config(self, config: AgentConfig, source: EventSource | None = None) -> None:
         """Use a reloaded config (and, if the metadata settings changed, source) from the next step on."""
         self.config = config

@@ -23,6 +23,7 @@ from guest_agent.source import Notice, SDKSource, Watcher
 log = logging.getLogger(__name__)
 
 IDLE_TICK_S = 1.0  # how often the main loop looks at signals when nothing happens
+ERROR_PAUSE_S = 5.0  # after an unexpected error: retry in-process rather than crash-loop under systemd
 _NO_NEWS = object()
 
 
@@ -72,7 +73,7 @@ class Daemon:
             self.agent.report_interrupted()
             self._watcher.start()
             notice: Notice | None = None
-            self.agent.handle(None)  # resume a phase that needs no answer from the server
+            self._handle(None)  # resume a phase that needs no answer from the server
             while not self.agent.stopping:
                 item = self._next(IDLE_TICK_S)
                 if self._reload.is_set():
@@ -80,7 +81,7 @@ class Daemon:
                     self._do_reload()
                 if item is not _NO_NEWS:
                     notice = item  # type: ignore[assignment]
-                self.agent.handle(notice)
+                self._handle(notice)
         finally:
             self._watcher.stop()
             self._source.close()
@@ -89,6 +90,13 @@ class Daemon:
             self.journal.unlock()
         log.info("guest-agent stopped; state saved in %s", self.config.agent.journal_path)
         return 0
+
+    def _handle(self, notice: Notice | None) -> None:
+        try:
+            self.agent.handle(notice)
+        except Exception:  # a full disk, a bug: log it, keep the state, try again shortly
+            log.exception("error while handling the event; retrying in %.0f s", ERROR_PAUSE_S)
+            self.agent.wait_for_stop(ERROR_PAUSE_S)
 
     def _next(self, timeout_s: float) -> object:
         """The latest item from the watcher (only the newest matters), or _NO_NEWS."""

@@ -34,6 +34,9 @@ from guest_sdk import (
 log = logging.getLogger(__name__)
 
 BACKOFF_INITIAL_S = 0.5
+# A watch is renewed this often with a fresh client, so a client that fell back to polling (the SDK does so
+# when a long-poll is answered at once, as a server shutting down gracefully does) long-polls again.
+RENEW_WATCH_S = 300.0
 
 
 class NoticeKind(enum.Enum):
@@ -119,7 +122,7 @@ class SDKSource:
     def changes(self, stop: threading.Event) -> Iterator[Notice]:
         client = self._client()
         try:
-            for ev in client.watch(stop=stop):
+            for ev in client.watch(stop=stop, timeout_s=RENEW_WATCH_S):
                 yield Notice.from_sdk(ev)
         except (MetadataUnavailable, NotOnDroplet, GuestSDKError) as e:
             raise MetadataUnreachable(_why(e)) from e
