@@ -164,8 +164,8 @@ class Agent:
             self._set(rec, EventStatus.DRAINED)
             return True
         if status is EventStatus.DRAINED:
-            if notice is None:
-                return False
+            if notice is None or notice.kind is NoticeKind.OTHER:
+                return False  # unknown (or a value we do not know): not a reason to call the event over
             if self._same_event(rec, notice):
                 if self._wants_shutdown(rec, notice):
                     self._set(rec, EventStatus.SHUTTING_DOWN)
@@ -183,7 +183,7 @@ class Agent:
         if status is EventStatus.SHUTTING_DOWN:
             return self._shutdown(rec, notice)
         if status is EventStatus.POWERED_OFF:
-            if notice is None or self._same_event(rec, notice):
+            if notice is None or notice.kind is NoticeKind.OTHER or self._same_event(rec, notice):
                 return False
             log.info("event_id=%s is over after the power-off: restoring", rec.event_id)
             self._set(rec, EventStatus.RESTORING)
@@ -456,7 +456,10 @@ class Agent:
     def _run_hook(self, rec: EventRecord, phase: Phase, spec: HookSpec, report: PhaseReport) -> HookOutcome:
         timeout_s = spec.timeout_s
         if phase is not Phase.AFTER_MIGRATION and rec.deadline is not None:
-            remaining_s = rec.deadline - self.config.agent.deadline_margin_s - self._wall()
+            # The margin (room for the ack and power-off) never takes more than a quarter of the notice, so a
+            # short notice (demos, tests) still leaves the hooks most of it.
+            margin_s = min(self.config.agent.deadline_margin_s, max(0.0, rec.deadline - rec.first_seen) / 4)
+            remaining_s = rec.deadline - margin_s - self._wall()
             if remaining_s <= 0:
                 self._skip(rec, phase, spec, "the event's deadline has passed", report)
                 return HookOutcome.SKIPPED

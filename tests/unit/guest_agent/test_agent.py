@@ -181,6 +181,20 @@ def test_agent_cuts_a_hook_at_the_deadline(world: World) -> None:
     assert env["MAINTENANCE_DEADLINE"].startswith("2027-01-15T08:00:25")
 
 
+def test_agent_margin_never_eats_a_short_notice(world_factory: Callable[..., World]) -> None:
+    text = '[agent]\njournal_path = "{journal}"\n{policy}\n[[on_notice]]\nname = "drain"\ncommand = ["x"]\n'
+    w = world_factory(config_text=text, policy="deadline_margin_s = 30")
+    w.agent.handle(live(deadline=w.clock.in_s(8)))  # an 8 s notice: the margin is 2 s, not 30
+    assert [(c.name, c.timeout_s) for c in w.recorder.calls] == [("drain", pytest.approx(6))]
+
+
+def test_agent_an_unknown_value_does_not_end_a_drained_event(world: World) -> None:
+    world.agent.handle(live())
+    world.agent.handle(Notice(NoticeKind.OTHER, "live_migrate_v2"))
+    assert status(world, "ev-1") is EventStatus.DRAINED
+    assert world.recorder.names() == ["tell-lb", "drain"]
+
+
 def test_agent_skips_hooks_once_the_deadline_passed(world: World) -> None:
     world.agent.handle(live(deadline=world.clock.in_s(-5)))
     assert world.recorder.calls == []

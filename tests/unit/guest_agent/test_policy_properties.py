@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guest_agent.config import Phase
-from guest_agent.source import CLEAR, Notice
+from guest_agent.source import CLEAR, Notice, NoticeKind
 from guest_agent.states import EventStatus
 
 from .conftest import World, live, offline
@@ -18,6 +18,7 @@ NOTICES = st.one_of(
     st.sampled_from(["a", "b", "c"]).map(live),
     st.sampled_from(["x", "y"]).map(offline),
     st.just(CLEAR),
+    st.just(Notice(NoticeKind.OTHER, "reboot_soon")),
     st.none(),  # the service is unreachable: unknown
 )
 STEPS = st.lists(st.tuples(NOTICES, st.booleans()), min_size=1, max_size=25)
