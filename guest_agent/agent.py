@@ -96,6 +96,7 @@ class Agent:
         self.reports: list[PhaseReport] = []
         self._warned_other: str | None = None
         self._warned_done: str | None = None
+        self._last_event_notice: Notice | None = None  # for the event's current state in hooks' input
 
     # ---- control
 
@@ -136,6 +137,8 @@ class Agent:
 
     def handle(self, notice: Notice | None) -> None:
         """Advance the active event as far as ``notice`` (None: unknown right now) allows."""
+        if notice is not None and notice.is_event:
+            self._last_event_notice = notice
         while not self._stop.is_set() and self._step(notice):
             pass
 
@@ -512,9 +515,11 @@ class Agent:
         return result.outcome
 
     def _event_info(self, rec: EventRecord) -> EventInfo:
+        last = self._last_event_notice
         return EventInfo(
             event_id=rec.event_id,
             kind=rec.kind,
+            state=last.state if last is not None and self._same_event(rec, last) else None,
             not_before=_dt(rec.not_before),
             deadline=_dt(rec.deadline),
             simulated=rec.simulated,
