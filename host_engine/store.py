@@ -274,6 +274,15 @@ class Tx:
         self.conn = conn
         self.now = now
 
+    def lock_planner(self) -> None:
+        """Serialize planners: two plans must not both count the same free room.
+
+        PostgreSQL: a transaction-scoped advisory lock. SQLite: every write transaction already holds the
+        database's write lock (``BEGIN IMMEDIATE``).
+        """
+        if self.conn.dialect.name == "postgresql":
+            self.conn.execute(sa.text("SELECT pg_advisory_xact_lock(7412002)"))
+
     # ---- hosts -------------------------------------------------------------------------------------------
 
     def add_host(self, host: Host) -> Host:
@@ -522,11 +531,13 @@ class Tx:
         target_host: str | None = None,
         droplet_id: str | None = None,
         due_notice_by: datetime | None = None,
+        pending_event_clear: bool = False,
         limit: int | None = None,
     ) -> list[Migration]:
         """Migrations matching every filter given, ordered by ``not_before`` then id.
 
-        ``host`` matches either end; ``due_notice_by`` keeps those whose ``notice_at`` is at or before it.
+        ``host`` matches either end; ``due_notice_by`` keeps those whose ``notice_at`` is at or before it;
+        ``pending_event_clear`` those whose guest was notified and whose event is not recorded as cleared.
         """
         m = t.migrations
         q = sa.select(m).order_by(m.c.not_before, m.c.id)
@@ -542,6 +553,8 @@ class Tx:
             q = q.where(m.c.droplet_id == droplet_id)
         if due_notice_by is not None:
             q = q.where(m.c.notice_at <= due_notice_by)
+        if pending_event_clear:
+            q = q.where(m.c.notified_at.is_not(None), m.c.event_cleared_at.is_(None))
         if limit is not None:
             q = q.limit(limit)
         return [_migration(r) for r in self.conn.execute(q).mappings()]

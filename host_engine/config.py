@@ -1,0 +1,274 @@
+"""The engine's configuration: a TOML file (``--config`` / ``HOST_ENGINE_CONFIG``), then flags.
+
+Built once at the entry point into a frozen :class:`EngineConfig` and passed down. Every key is optional::
+
+    [store]
+    url = "postgresql://engine@db/engine"     # or a SQLite path; --db / HOST_ENGINE_DB win
+
+    [overcommit]                                # capacity x ratio is what placement may fill
+    vcpu = 4.0
+    memory = 1.0
+    disk = 1.0
+
+    [placement]
+    anti_affinity = true                        # keep droplets with the same owner tag on different hosts
+    [placement.weights]
+    least_allocated = 1.0
+    balanced_allocation = 1.0
+
+    [notice]
+    default = "10m"
+    minimum = "10m"                             # shorter only with --unsafe-short-notice
+
+    [concurrency]
+    max_parallel = 4                            # migrations at once, fleet-wide
+    max_per_target = 2                          # migrations at once into one host
+    max_per_source = 2                          # migrations at once out of one host
+
+    [schedule]
+    bandwidth = "1GiB"                          # per second, to estimate how long a migration holds a slot
+    slot_overhead = "2m"                        # added to each estimate (setup, switchover, slack)
+
+    [engine]
+    poll_interval = "1s"
+    late_notice_grace = "1m"                    # a notice later than this pushes not_before back
+    worker = "host-a"                           # default: the hostname and pid
+
+    [notifier]
+    timeout = "5s"
+    attempts = 4
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from host_engine.errors import ConfigError, InvalidInput
+from host_engine.timeparse import parse_duration
+from host_engine.units import parse_size
+
+CONFIG_ENV = "HOST_ENGINE_CONFIG"
+MIN_NOTICE = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class Overcommit:
+    vcpu: float = 4.0
+    memory: float = 1.0
+    disk: float = 1.0
+
+
+@dataclass(frozen=True)
+class Weights:
+    least_allocated: float = 1.0
+    balanced_allocation: float = 1.0
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    overcommit: Overcommit = field(default_factory=Overcommit)
+    weights: Weights = field(default_factory=Weights)
+    anti_affinity: bool = True
+    runners_up: int = 3
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How the planner spaces migrations."""
+
+    notice: timedelta = MIN_NOTICE
+    minimum_notice: timedelta = MIN_NOTICE
+    max_parallel: int = 4
+    max_per_target: int = 2
+    max_per_source: int = 2
+    bandwidth_bps: int = 1024**3
+    slot_overhead: timedelta = timedelta(minutes=2)
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class EngineLoopConfig:
+    poll_interval_s: float = 1.0
+    late_notice_grace: timedelta = timedelta(minutes=1)
+    worker: str = ""
+    notifier_timeout_s: float = 5.0
+    notifier_attempts: int = 4
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    db: str = ""
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineLoopConfig = field(default_factory=EngineLoopConfig)
+    source: str = "defaults"
+
+    @property
+    def worker_id(self) -> str:
+        return self.engine.worker or f"{socket.gethostname()}:{os.getpid()}"
+
+
+_KNOWN: dict[str, set[str]] = {
+    "store": {"url"},
+    "overcommit": {"vcpu", "memory", "disk"},
+    "placement": {"anti_affinity", "weights", "runners_up"},
+    "notice": {"default", "minimum"},
+    "concurrency": {"max_parallel", "max_per_target", "max_per_source"},
+    "schedule": {"bandwidth", "slot_overhead", "max_attempts"},
+    "engine": {"poll_interval", "late_notice_grace", "worker"},
+    "notifier": {"timeout", "attempts"},
+}
+
+
+def _get(doc: Mapping[str, Any], section: str, key: str, kind: type | tuple[type, ...]) -> Any:
+    sec = doc.get(section, {})
+    if key not in sec:
+        return None
+    value = sec[key]
+    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else ()):
+        raise ConfigError(f"config [{section}] {key}: expected {_kind_name(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"config [{section}] {key}: expected {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _positive(section: str, key: str, value: float) -> float:
+    if value <= 0:
+        raise ConfigError(f"config [{section}] {key}: must be positive, got {value!r}")
+    return value
+
+
+def _duration(doc: Mapping[str, Any], section: str, key: str) -> timedelta | None:
+    raw = _get(doc, section, key, (str, int, float))
+    if raw is None:
+        return None
+    try:
+        return parse_duration(str(raw), field=f"[{section}] {key}")
+    except InvalidInput as e:
+        raise ConfigError(f"config {e}") from e
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+) -> EngineConfig:
+    """Read the TOML file at ``path`` (or ``$HOST_ENGINE_CONFIG``; none: the defaults)."""
+    env = os.environ if env is None else env
+    chosen = os.fspath(path) if path is not None else env.get(CONFIG_ENV) or None
+    if chosen is None:
+        return EngineConfig()
+    try:
+        doc = tomllib.loads(Path(chosen).read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {chosen} does not exist") from e
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {chosen}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {chosen} is not valid TOML: {e}") from e
+    return config_from_dict(doc, source=chosen)
+
+
+def config_from_dict(doc: Mapping[str, Any], *, source: str = "dict") -> EngineConfig:
+    """Validate a parsed config document (unknown sections and keys are refused, naming them)."""
+    for section, value in doc.items():
+        if section not in _KNOWN:
+            raise ConfigError(f"config: unknown section [{section}] (known: {', '.join(sorted(_KNOWN))})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: [{section}] must be a table")
+        unknown = set(value) - _KNOWN[section]
+        if unknown:
+            raise ConfigError(f"config: unknown key [{section}] {sorted(unknown)[0]}")
+    db = _get(doc, "store", "url", str) or ""
+    return EngineConfig(
+        db=db, placement=_placement(doc), schedule=_schedule(doc), engine=_engine(doc), source=source
+    )
+
+
+def _placement(doc: Mapping[str, Any]) -> PlacementConfig:
+    placement = PlacementConfig()
+    oc = placement.overcommit
+    for key in ("vcpu", "memory", "disk"):
+        v = _get(doc, "overcommit", key, (int, float))
+        if v is not None:
+            oc = replace(oc, **{key: float(_positive("overcommit", key, float(v)))})
+    weights = placement.weights
+    raw_weights = doc.get("placement", {}).get("weights", {})
+    if not isinstance(raw_weights, dict):
+        raise ConfigError("config: [placement.weights] must be a table")
+    known_weights = {f.name for f in fields(Weights)}
+    for key, v in raw_weights.items():
+        if key not in known_weights:
+            raise ConfigError(
+                f"config: unknown weigher [placement.weights] {key} (known: {sorted(known_weights)})"
+            )
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise ConfigError(f"config [placement.weights] {key}: expected a number >= 0, got {v!r}")
+        weights = replace(weights, **{key: float(v)})
+    placement = replace(placement, overcommit=oc, weights=weights)
+    aa = _get(doc, "placement", "anti_affinity", bool)
+    if aa is not None:
+        placement = replace(placement, anti_affinity=aa)
+    ru = _get(doc, "placement", "runners_up", int)
+    if ru is not None:
+        placement = replace(placement, runners_up=max(0, ru))
+    return placement
+
+
+def _schedule(doc: Mapping[str, Any]) -> ScheduleConfig:
+    sched = ScheduleConfig()
+    notice = _duration(doc, "notice", "default")
+    if notice is not None:
+        sched = replace(sched, notice=notice)
+    minimum = _duration(doc, "notice", "minimum")
+    if minimum is not None:
+        sched = replace(sched, minimum_notice=minimum)
+    for key in ("max_parallel", "max_per_target", "max_per_source"):
+        n = _get(doc, "concurrency", key, int)
+        if n is not None:
+            limits: dict[str, Any] = {key: int(_positive("concurrency", key, n))}
+            sched = replace(sched, **limits)
+    bw = _get(doc, "schedule", "bandwidth", (str, int))
+    if bw is not None:
+        try:
+            bps = parse_size(str(bw), field="[schedule] bandwidth") if isinstance(bw, str) else bw
+        except InvalidInput as e:
+            raise ConfigError(f"config {e}") from e
+        sched = replace(sched, bandwidth_bps=int(_positive("schedule", "bandwidth", bps)))
+    so = _duration(doc, "schedule", "slot_overhead")
+    if so is not None:
+        sched = replace(sched, slot_overhead=so)
+    ma = _get(doc, "schedule", "max_attempts", int)
+    if ma is not None:
+        sched = replace(sched, max_attempts=int(_positive("schedule", "max_attempts", ma)))
+    return sched
+
+
+def _engine(doc: Mapping[str, Any]) -> EngineLoopConfig:
+    eng = EngineLoopConfig()
+    pi = _duration(doc, "engine", "poll_interval")
+    if pi is not None:
+        eng = replace(eng, poll_interval_s=_positive("engine", "poll_interval", pi.total_seconds()))
+    lg = _duration(doc, "engine", "late_notice_grace")
+    if lg is not None:
+        eng = replace(eng, late_notice_grace=lg)
+    worker = _get(doc, "engine", "worker", str)
+    if worker is not None:
+        eng = replace(eng, worker=worker)
+    to = _duration(doc, "notifier", "timeout")
+    if to is not None:
+        eng = replace(eng, notifier_timeout_s=_positive("notifier", "timeout", to.total_seconds()))
+    at = _get(doc, "notifier", "attempts", int)
+    if at is not None:
+        eng = replace(eng, notifier_attempts=int(_positive("notifier", "attempts", at)))
+    return eng

@@ -1,0 +1,198 @@
+"""``host-engine run``: the long-running engine process.
+
+On start-up it reconciles every metadata server with the store (:meth:`MetadataSync.reconcile_all`); then,
+every ``poll_interval``, it
+
+1. sends the notices that are due: a ``planned`` migration whose ``notice_at`` has come gets its event set on
+   the droplet's metadata server, and only then becomes ``notified`` (so ``notified`` always means the guest
+   was told). A notice sent more than ``late_notice_grace`` late (the engine was down) pushes ``not_before``
+   back so the guest still gets its full notice;
+2. clears the events of cancelled migrations whose guest had been told;
+3. runs any further steps it was given (part 2: the executor's ``tick``).
+
+The clock and the sleep are parameters, so tests drive ticks without sleeping; SIGTERM/SIGINT set a flag that
+ends the loop after the current tick (no half-written transaction: each change is one transaction anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from types import FrameType
+from typing import Any, Protocol
+
+from host_engine.config import EngineConfig
+from host_engine.errors import Conflict, HostEngineError
+from host_engine.models import Migration
+from host_engine.reconcile import MetadataSync, ReconcileReport, pending_clears
+from host_engine.states import MigrationState
+from host_engine.store import Store
+from host_engine.timeparse import Clock, format_duration, format_time
+
+log = logging.getLogger(__name__)
+
+
+class TickStep(Protocol):
+    """Anything the loop should also run each tick (the executor in part 2)."""
+
+    def tick(self) -> object: ...
+
+
+@dataclass
+class TickResult:
+    notified: list[Migration] = field(default_factory=list)
+    cleared: list[Migration] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class Engine:
+    """The engine loop. ``sleep`` defaults to waiting on the stop flag (so a signal wakes it at once)."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: EngineConfig,
+        sync: MetadataSync,
+        *,
+        clock: Clock | None = None,
+        sleep: Callable[[float], None] | None = None,
+        steps: Sequence[TickStep] = (),
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.sync = sync
+        self.clock = clock or store.clock
+        self._stop = threading.Event()
+        self._sleep = sleep or (lambda s: self._stop.wait(s) and None)
+        self.steps = list(steps)
+        self.reconcile_reports: list[ReconcileReport] = []
+        self._reconcile_pending = True
+
+    # ---- control -----------------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT end the loop after the current tick (call from the main thread)."""
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s: stopping after this tick", signal.Signals(signum).name)
+            self.request_stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    # ---- work --------------------------------------------------------------------------------------------
+
+    def reconcile(self) -> list[ReconcileReport]:
+        self.reconcile_reports = self.sync.reconcile_all()
+        self._reconcile_pending = any(r.error for r in self.reconcile_reports)
+        return self.reconcile_reports
+
+    def send_due_notices(self) -> tuple[list[Migration], list[str]]:
+        now = self.clock()
+        grace = self.config.engine.late_notice_grace
+        sent: list[Migration] = []
+        errors: list[str] = []
+        for m in self.store.list_migrations(states=[MigrationState.PLANNED], due_notice_by=now):
+            notice = m.not_before - m.notice_at
+            changes: dict[str, Any] = {}
+            note = f"notice sent ({format_duration(notice)} before {format_time(m.not_before)})"
+            if now > m.notice_at + grace:
+                shift = now + notice - m.not_before
+                changes = {
+                    "not_before": m.not_before + shift,
+                    "deadline": m.deadline + shift,
+                    "notice_at": now,
+                }
+                note = (
+                    f"notice sent {format_duration(now - m.notice_at)} late: not_before moved to "
+                    f"{format_time(m.not_before + shift)} to keep the {format_duration(notice)} notice"
+                )
+            pushed = _with(m, **changes)
+            try:
+                self.sync.notify(pushed)
+            except HostEngineError as e:
+                log.warning("migration_id=%s droplet_id=%s notice failed: %s", m.id, m.droplet_id, e)
+                errors.append(f"{m.id}: {e}")
+                continue
+            try:
+                sent.append(
+                    self.store.transition(
+                        m.id,
+                        MigrationState.NOTIFIED,
+                        expect=MigrationState.PLANNED,
+                        notified_at=now,
+                        message=note,
+                        **changes,
+                    )
+                )
+            except Conflict:
+                # Cancelled (or otherwise changed) while we were notifying: take the event back.
+                current = self.store.get_migration(m.id)
+                log.info("migration_id=%s changed to %s during its notice", m.id, current.state.value)
+                if current.state is MigrationState.CANCELLED:
+                    self.store.update_migration(m.id, notified_at=now)
+                    self._clear(self.store.get_migration(m.id), errors)
+        return sent, errors
+
+    def _clear(self, m: Migration, errors: list[str]) -> bool:
+        try:
+            return self.sync.clear(m)
+        except HostEngineError as e:
+            log.warning("migration_id=%s droplet_id=%s clearing the event failed: %s", m.id, m.droplet_id, e)
+            errors.append(f"{m.id}: {e}")
+            return False
+
+    def clear_cancelled(self) -> tuple[list[Migration], list[str]]:
+        cleared: list[Migration] = []
+        errors: list[str] = []
+        for m in pending_clears(self.store):
+            if self._clear(m, errors):
+                cleared.append(m)
+        return cleared, errors
+
+    def tick(self) -> TickResult:
+        result = TickResult()
+        if self._reconcile_pending:
+            self.reconcile()
+            result.errors.extend(r.error for r in self.reconcile_reports if r.error)
+        result.notified, errs = self.send_due_notices()
+        result.errors.extend(errs)
+        result.cleared, errs = self.clear_cancelled()
+        result.errors.extend(errs)
+        for step in self.steps:
+            try:
+                step.tick()
+            except HostEngineError as e:
+                log.warning("engine step %s failed: %s", type(step).__name__, e)
+                result.errors.append(str(e))
+        return result
+
+    def run(self, *, max_ticks: int | None = None) -> int:
+        """Reconcile, then tick until stopped (or ``max_ticks`` ticks). Returns the number of ticks run."""
+        log.info(
+            "engine starting (store %s, poll every %ss)", self.store.url, self.config.engine.poll_interval_s
+        )
+        self.reconcile()
+        ticks = 0
+        while not self.stopping and (max_ticks is None or ticks < max_ticks):
+            self.tick()
+            ticks += 1
+            if self.stopping or (max_ticks is not None and ticks >= max_ticks):
+                break
+            self._sleep(self.config.engine.poll_interval_s)
+        log.info("engine stopped after %d ticks", ticks)
+        return ticks
+
+
+def _with(m: Migration, **changes: Any) -> Migration:
+    return replace(m, **changes)

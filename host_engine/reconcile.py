@@ -1,0 +1,309 @@
+"""Keeping every metadata server in line with the engine's view (DESIGN.md §3, §5).
+
+The store is the truth. :class:`MetadataSync` pushes it to the metadata servers through their admin API:
+
+* ``notify(m)`` — at notice time: register the droplet if the server does not know it, then set
+  ``live_migrate`` (``scheduled``) with the migration's event id, ``not_before`` and ``deadline``;
+* ``clear(m)`` — after a cancel: clear the droplet's event, but only if it is still this migration's event
+  (a newer migration of the same droplet may own it by now);
+* ``reconcile_all()`` — on engine start-up: for every server, list what it holds
+  (``GET /admin/v1/droplets``), then register missing droplets, set missing or stale events, clear events
+  the engine no longer wants, and remove droplets that the engine knows live on a host served by another
+  server. Droplets the engine has never heard of are left alone and reported.
+
+Each server is reached through the URL and token file of a host that names it; hosts naming the same URL
+share one client. All calls are idempotent, so running any of this twice changes nothing the second time.
+Its methods ``completed``, ``retry_scheduled``, ``offline_required`` and ``cancelled`` make it usable as the
+executor's hooks (``host_engine.executor.ExecutorHooks``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from host_engine.errors import HostEngineError, NotifierError
+from host_engine.models import Droplet, Host, Migration
+from host_engine.notifier import AdminClient, read_token_file
+from host_engine.states import ACTIVE_STATES, GuestEvent, MigrationState, guest_event
+from host_engine.store import Store
+from host_engine.timeparse import format_time
+
+log = logging.getLogger(__name__)
+
+ClientFactory = Callable[[Host], AdminClient]
+
+
+def default_client_factory(
+    *, timeout_s: float = 5.0, attempts: int = 4, sleep: Callable[[float], None] | None = None
+) -> ClientFactory:
+    def make(host: Host) -> AdminClient:
+        if not host.metadata_url:
+            raise NotifierError(f"host {host.name} has no metadata server URL (host add --metadata-url)")
+        token = read_token_file(host.metadata_token_file) if host.metadata_token_file else ""
+        return AdminClient(host.metadata_url, token, timeout_s=timeout_s, attempts=attempts, sleep=sleep)
+
+    return make
+
+
+@dataclass(frozen=True)
+class DesiredEvent:
+    id: str
+    event: str
+    state: str
+    not_before: datetime | None
+    deadline: datetime | None
+
+
+def desired_event(m: Migration | None) -> DesiredEvent | None:
+    """The event the guest must see for its active migration ``m`` (None: no event)."""
+    if m is None:
+        return None
+    kind, state = guest_event(m.state)
+    if kind is GuestEvent.NONE or state is None:
+        return None
+    return DesiredEvent(m.event_id, kind.value, state, m.not_before, m.deadline)
+
+
+def _same_time(a: object, b: datetime | None) -> bool:
+    if b is None:
+        return a is None
+    return isinstance(a, str) and a == format_time(b)
+
+
+def _event_matches(actual: object, want: DesiredEvent) -> bool:
+    if not isinstance(actual, dict):
+        return False
+    return (
+        actual.get("id") == want.id
+        and actual.get("event") == want.event
+        and actual.get("state") == want.state
+        and _same_time(actual.get("not_before"), want.not_before)
+        and _same_time(actual.get("deadline"), want.deadline)
+    )
+
+
+@dataclass
+class ReconcileReport:
+    server: str
+    registered: list[str] = field(default_factory=list)
+    events_set: list[str] = field(default_factory=list)
+    events_cleared: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.registered or self.events_set or self.events_cleared or self.removed)
+
+
+class MetadataSync:
+    """Pushes the engine's view to metadata servers. One instance per engine process (it caches clients)."""
+
+    def __init__(self, store: Store, client_factory: ClientFactory | None = None) -> None:
+        self.store = store
+        self._factory = client_factory or default_client_factory()
+        self._clients: dict[tuple[str, str], AdminClient] = {}
+
+    def close(self) -> None:
+        for c in self._clients.values():
+            c.close()
+        self._clients.clear()
+
+    def __enter__(self) -> MetadataSync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def client(self, host: Host) -> AdminClient:
+        key = (host.metadata_url.rstrip("/"), host.metadata_token_file)
+        if key not in self._clients:
+            self._clients[key] = self._factory(host)
+        return self._clients[key]
+
+    # ---- one droplet -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def register(client: AdminClient, droplet: Droplet, host: Host) -> None:
+        client.put_droplet(
+            droplet.id,
+            list(droplet.addresses),
+            hostname=droplet.hostname or droplet.id,
+            region=host.datacenter,
+        )
+
+    def push(self, m: Migration, droplet: Droplet, host: Host) -> None:
+        """Make ``host``'s server show ``m``'s event for ``droplet`` (registering the droplet if needed)."""
+        want = desired_event(m)
+        client = self.client(host)
+        if want is None:
+            client.clear_event(droplet.id)
+            return
+        try:
+            client.set_event(
+                droplet.id,
+                want.id,
+                want.event,
+                want.state,
+                not_before=want.not_before,
+                deadline=want.deadline,
+            )
+        except NotifierError as e:
+            if e.status != 404:
+                raise
+            self.register(client, droplet, host)
+            client.set_event(
+                droplet.id,
+                want.id,
+                want.event,
+                want.state,
+                not_before=want.not_before,
+                deadline=want.deadline,
+            )
+
+    def notify(self, m: Migration) -> None:
+        """Tell the droplet of ``m`` (in a state the guest sees) through its current host's server."""
+        droplet = self.store.get_droplet(m.droplet_id)
+        host = self.store.get_host(droplet.host)
+        self.push(m, droplet, host)
+        log.info(
+            "migration_id=%s droplet_id=%s event_id=%s notice sent to %s (not_before %s)",
+            m.id,
+            m.droplet_id,
+            m.event_id,
+            host.metadata_url,
+            format_time(m.not_before),
+        )
+
+    def clear(self, m: Migration) -> bool:
+        """Clear ``m``'s event if the droplet's server still shows it; record that. True when done."""
+        droplet = self.store.get_droplet(m.droplet_id)
+        host = self.store.get_host(droplet.host)
+        client = self.client(host)
+        doc = client.get_droplet(droplet.id)
+        shown = (doc or {}).get("event") or {}
+        if isinstance(shown, dict) and shown.get("id") == m.event_id:
+            client.clear_event(droplet.id)
+            log.info("migration_id=%s droplet_id=%s event_id=%s cleared", m.id, m.droplet_id, m.event_id)
+        self.store.update_migration(m.id, event_cleared_at=self.store.clock(), message="event cleared")
+        return True
+
+    # ---- executor hooks (host_engine.executor.ExecutorHooks) ---------------------------------------------
+
+    def completed(self, migration: Migration) -> None:
+        """After the switch: register on the target's server, remove from the source's, no event left."""
+        droplet = self.store.get_droplet(migration.droplet_id)
+        target = self.store.get_host(migration.target_host)
+        source = self.store.get_host(migration.source_host)
+        target_client = self.client(target)
+        self.register(target_client, droplet, target)
+        target_client.clear_event(droplet.id)
+        source_client = self.client(source)
+        if source_client is not target_client:
+            source_client.delete_droplet(droplet.id)
+        self.store.update_migration(
+            migration.id, event_cleared_at=self.store.clock(), message="event cleared"
+        )
+
+    def retry_scheduled(self, migration: Migration) -> None:
+        self.notify(migration)
+
+    def offline_required(self, migration: Migration) -> None:
+        self.notify(migration)
+
+    def cancelled(self, migration: Migration) -> None:
+        self.clear(migration)
+
+    # ---- start-up reconciliation -------------------------------------------------------------------------
+
+    def reconcile_all(self) -> list[ReconcileReport]:
+        """Converge every metadata server named by a host. A server that cannot be reached is reported."""
+        hosts = self.store.list_hosts()
+        droplets = self.store.list_droplets()
+        active = {m.droplet_id: m for m in self.store.list_migrations(states=ACTIVE_STATES)}
+        by_server: dict[str, list[Host]] = {}
+        for h in hosts:
+            if h.metadata_url:
+                by_server.setdefault(h.metadata_url.rstrip("/"), []).append(h)
+        host_by_name = {h.name: h for h in hosts}
+        reports = []
+        for url, server_hosts in sorted(by_server.items()):
+            names = {h.name for h in server_hosts}
+            mine = [d for d in droplets if d.host in names]
+            elsewhere = {d.id for d in droplets if d.host not in names}
+            try:
+                reports.append(
+                    self._reconcile_server(url, server_hosts[0], mine, elsewhere, active, host_by_name)
+                )
+            except HostEngineError as e:
+                log.warning("reconcile %s failed: %s", url, e)
+                reports.append(ReconcileReport(url, error=str(e)))
+        return reports
+
+    def _reconcile_server(
+        self,
+        url: str,
+        via: Host,
+        mine: Iterable[Droplet],
+        elsewhere: set[str],
+        active: dict[str, Migration],
+        hosts: dict[str, Host],
+    ) -> ReconcileReport:
+        client = self.client(via)
+        report = ReconcileReport(url)
+        actual = {str(d.get("id")): d for d in client.list_droplets()}
+        wanted_ids = set()
+        for d in mine:
+            wanted_ids.add(d.id)
+            host = hosts[d.host]
+            doc = actual.get(d.id)
+            if (
+                doc is None
+                or sorted(doc.get("addresses") or []) != sorted(d.addresses)
+                or (doc.get("hostname") or "") != (d.hostname or d.id)
+            ):
+                if not d.addresses:
+                    log.warning("droplet_id=%s has no addresses: cannot register it on %s", d.id, url)
+                    continue
+                self.register(client, d, host)
+                report.registered.append(d.id)
+            want = desired_event(active.get(d.id))
+            shown = (doc or {}).get("event") or {}
+            shown_id = shown.get("id") if isinstance(shown, dict) else None
+            if want is not None and not _event_matches(shown, want):
+                client.set_event(
+                    d.id, want.id, want.event, want.state, not_before=want.not_before, deadline=want.deadline
+                )
+                report.events_set.append(d.id)
+            elif want is None and shown_id:
+                client.clear_event(d.id)
+                report.events_cleared.append(d.id)
+        for did in sorted(set(actual) - wanted_ids):
+            if did in elsewhere:
+                client.delete_droplet(did)
+                report.removed.append(did)
+            else:
+                report.unknown.append(did)
+        log.info(
+            "reconciled %s: %d registered, %d events set, %d cleared, %d removed, %d unknown left alone",
+            url,
+            len(report.registered),
+            len(report.events_set),
+            len(report.events_cleared),
+            len(report.removed),
+            len(report.unknown),
+        )
+        return report
+
+
+def pending_clears(store: Store) -> list[Migration]:
+    """Cancelled migrations whose guest was told and whose event is not yet known to be cleared."""
+    return [
+        m
+        for m in store.list_migrations(states=[MigrationState.CANCELLED], pending_event_clear=True)
+        if m.notified_at is not None
+    ]
