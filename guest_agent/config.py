@@ -130,6 +130,7 @@ class MetadataConfig:
     source_address: str | None = None
     timeout_s: float = 5.0
     long_poll_s: int = 60
+    poll_interval_s: float = 5.0  # against a server that cannot long-poll (a plain text-only endpoint)
     max_backoff_s: float = 30.0
 
 
@@ -252,6 +253,7 @@ def _metadata(t: _Table) -> MetadataConfig:
         source_address=source_address,
         timeout_s=t.positive("timeout_s", 5.0),
         long_poll_s=t.integer("long_poll_s", 60, lo=LONG_POLL_MIN_S, hi=LONG_POLL_MAX_S),
+        poll_interval_s=t.positive("poll_interval_s", 5.0),
         max_backoff_s=t.positive("max_backoff_s", 30.0),
     )
     t.done()

@@ -114,6 +114,7 @@ class SDKSource:
             timeout_s=self._cfg.timeout_s,
             source_address=self._cfg.source_address,
             long_poll_timeout_s=self._cfg.long_poll_s,
+            poll_interval_s=self._cfg.poll_interval_s,
         )
         with self._lock:
             self._clients.append(client)
