@@ -102,7 +102,7 @@ def run(config_path: Path) -> None:
 
     config = load_config(config_path)
     setup_logging(config.agent.log_level)
-    daemon = Daemon(config, lambda: load_config(config_path))
+    daemon = Daemon.open(config, lambda: load_config(config_path))
     sys.exit(daemon.run())
 
 

@@ -15,7 +15,7 @@ from types import FrameType
 
 from guest_agent.agent import Agent
 from guest_agent.config import AgentConfig
-from guest_agent.errors import ConfigError
+from guest_agent.errors import ConfigError, GuestAgentError
 from guest_agent.journal import Journal
 from guest_agent.metrics import Metrics, serve
 from guest_agent.source import Notice, SDKSource, Watcher
@@ -28,16 +28,24 @@ _NO_NEWS = object()
 
 
 class Daemon:
-    def __init__(self, config: AgentConfig, load: Callable[[], AgentConfig]) -> None:
+    """The running agent process. Build it with :meth:`open` (which takes the journal lock)."""
+
+    def __init__(self, config: AgentConfig, load: Callable[[], AgentConfig], journal: Journal) -> None:
         self.config = config
         self._load = load
         self._reload = threading.Event()
         self.metrics = Metrics()
-        self.journal = Journal.open(config.agent.journal_path)
-        self.journal.lock()  # before anything runs: one agent per journal
+        self.journal = journal
         self._source = SDKSource(config.metadata)
         self.agent = Agent(config, self.journal, source=self._source, metrics=self.metrics)
         self._watcher = self._new_watcher(self._source)
+
+    @classmethod
+    def open(cls, config: AgentConfig, load: Callable[[], AgentConfig]) -> Daemon:
+        """Open and lock the journal (one agent per journal) before anything runs."""
+        journal = Journal.open(config.agent.journal_path)
+        journal.lock()
+        return cls(config, load, journal)
 
     def _new_watcher(self, source: SDKSource) -> Watcher:
         return Watcher(
@@ -58,11 +66,14 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
-        server = (
-            serve(self.metrics, self.config.metrics.host, self.config.metrics.port)
-            if self.config.metrics.enabled
-            else None
-        )
+        server = None
+        if self.config.metrics.enabled:
+            try:
+                server = serve(self.metrics, self.config.metrics.host, self.config.metrics.port)
+            except OSError as e:
+                self.journal.unlock()
+                where = f"{self.config.metrics.host}:{self.config.metrics.port}"
+                raise GuestAgentError(f"cannot serve metrics on {where}: {e.strerror or e}") from e
         log.info(
             "guest-agent started: metadata %s%s, journal %s",
             self.config.metadata.url,
