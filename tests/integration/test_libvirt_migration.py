@@ -8,8 +8,8 @@ binutils: skipped locally without them, failed under CI=true.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 import subprocess
 import time
 import uuid
@@ -90,12 +90,12 @@ class Conns:
         return self._dst
 
     def close(self) -> None:
+        import libvirt
+
         for conn in (self._src, self._dst):
             if conn is not None:
-                try:
+                with contextlib.suppress(libvirt.libvirtError):
                     conn.close()
-                except Exception:
-                    pass
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
@@ -297,3 +297,231 @@ def test_paused_switchover_leaves_identical_disks(hosts: Any, conns: Conns) -> N
     tdom.destroy()
     tdom.undefine()
     hosts.source.path(image).unlink()
+
+
+# --- 3a. a guest writing its disk faster than the cap converges because of the disk write limit ------------------
+
+# The guest rewrites a 16 MiB hot set of its 24 MiB disk as fast as TCG lets it (~3 MiB/s measured here
+# while the mirror runs) against a 2 MiB/s bandwidth cap.
+FAST_DISK_WRITER = {
+    "mem_kib": 256,
+    "disk_sectors": 128,
+    "paced": False,
+    "disk_span_sectors": 16 * 2048,
+    "disk_mib": 24,
+}
+DISK_CAP_MIBPS = "2"
+
+
+def test_fast_disk_writer_converges_with_the_controllers_write_limit(hosts: Any, conns: Conns) -> None:
+    from host_engine.drivers.libvirt import LibvirtMigration
+    from host_engine.executor import Outcome
+    from tests.libvirt_harness.guest import GuestSpec
+
+    name = "fastdisk3"
+    src_dom = start_guest(hosts, conns, name, GuestSpec(**FAST_DISK_WRITER))
+
+    # The controller's limit is applied on the running source (QEMU's query-block shows it) and the run
+    # converges. (Without it the same run was seen to stall for 30 s and be aborted, but not always: QEMU's
+    # mirror copies in bursts while holding the lock the TCG vCPU needs for I/O, so the guest pauses its
+    # writes during each burst and the mirror sometimes catches up anyway. docs/libvirt.md has the numbers.)
+    seen_on_source: list[int] = []
+
+    def watch(p: Any) -> None:
+        if p.disk_write_limit_bps is not None and p.phase.value in ("disk", "memory"):
+            seen_on_source.extend(v for v in write_limits(src_dom).values() if v)
+
+    result = run(LibvirtMigration(spec_for(hosts, name, bandwidth_mibps=DISK_CAP_MIBPS)), on_progress=watch)
+    print(f"fast disk writer, controller's limit: {result.summary()}")
+    assert result.outcome is Outcome.COMPLETED, result.reason
+    assert result.disk_limit_s > 0
+    assert seen_on_source, "the write limit was never seen in force on the source"
+    assert max(seen_on_source) <= 2 * MiB
+    # The limit was the source's only: the target runs without it.
+    tdom = conns.dst.lookupByName(name)
+    assert set(write_limits(tdom).values()) == {0}
+    wait_counter_advances(tdom)
+    tdom.destroy()
+    tdom.undefine()
+
+
+# --- 3b + 5. a memory working set that cannot converge: detected, aborted, then moved offline -------------------
+
+
+def test_nonconverging_memory_is_aborted_then_moved_offline(hosts: Any, conns: Conns) -> None:
+    import libvirt
+
+    from host_engine.controller import AbortReason, ControllerConfig
+    from host_engine.drivers.libvirt import LibvirtMigration
+    from host_engine.executor import Outcome
+    from tests.libvirt_harness.guest import GuestSpec, read_counters
+
+    name = "dirty48"
+    # 48 MiB rewritten continuously (every page, 18 times a second) against a 32 MiB/s cap.
+    src_dom = start_guest(hosts, conns, name, GuestSpec(mem_kib=48 * 1024, disk_sectors=32, paced=True))
+    xml_before = stable_xml(src_dom)
+    rounds: list[int] = []
+    t0 = time.monotonic()
+    result = run(
+        LibvirtMigration(spec_for(hosts, name, bandwidth_mibps="32")),
+        ControllerConfig(stall_timeout_s=10.0),
+        on_progress=lambda p: rounds.append(p.round),
+    )
+    took_s = time.monotonic() - t0
+    print(f"\n48 MiB working set at 32 MiB/s: {took_s:.1f} s, {result.summary()}")
+    assert result.outcome is Outcome.ABORTED
+    assert result.abort_reason is AbortReason.STALLED
+    assert result.throttle_pct_s > 0  # the stepped throttle was tried first
+    assert max(rounds) <= 20  # QEMU alone spins ~36 rounds / 60 s before giving up
+    # Source untouched: runs, same definition, no limit, no throttle left; the target holds nothing.
+    assert running(src_dom)
+    assert stable_xml(src_dom) == xml_before
+    assert set(write_limits(src_dom).values()) == {0}
+    assert src_dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+    assert name not in domain_names(conns.dst)
+    assert f"{name}.qcow2" not in images(hosts.target)
+    wait_counter_advances(src_dom)
+
+    # The offline path: the owner shuts the droplet down; its disk moves with the domain shut off, and it is
+    # started on the target (power_on_after), booting afresh.
+    src_dom.destroy()
+    t0 = time.monotonic()
+    result = run(LibvirtMigration(spec_for(hosts, name, offline=True, power_on_after=True)))
+    print(f"offline migration: {time.monotonic() - t0:.2f} s, {result.summary()}")
+    assert result.outcome is Outcome.COMPLETED, result.reason
+    assert name not in domain_names(conns.src)
+    assert f"{name}.qcow2" not in images(hosts.source)
+    tdom = conns.dst.lookupByName(name)
+    assert tdom.isPersistent()
+    assert running(tdom)
+    assert read_counters(tdom).passes < 10_000  # a fresh boot: the counters restarted
+    wait_counter_advances(tdom)
+    tdom.destroy()
+    tdom.undefine()
+
+
+def test_offline_migration_leaves_the_guest_shut_off_when_asked(hosts: Any, conns: Conns) -> None:
+    from host_engine.drivers.libvirt import LibvirtMigration
+    from host_engine.executor import Outcome
+    from tests.libvirt_harness.guest import GuestSpec, build_disk, domain_xml
+
+    name = "off5"
+    image = hosts.source.image_path(f"{name}.qcow2")
+    guest = GuestSpec(mem_kib=1024, disk_sectors=64, paced=True)
+    build_disk(guest, hosts.source.path(image))
+    conns.src.defineXML(domain_xml(name, image, guest))
+    spec = spec_for(hosts, name, offline=True, power_on_after=False, keep_source_disks="1")
+    result = run(LibvirtMigration(spec))
+    assert result.outcome is Outcome.COMPLETED, result.reason
+    tdom = conns.dst.lookupByName(name)
+    assert not tdom.isActive()
+    assert tdom.isPersistent()
+    assert name not in domain_names(conns.src)
+    # The guest never ran: the target's disk holds exactly the source's data.
+    compare = subprocess.run(
+        ["qemu-img", "compare", str(hosts.source.path(image)), str(hosts.target.path(image))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    tdom.undefine()
+    hosts.source.path(image).unlink()
+    hosts.target.path(image).unlink()
+
+
+# --- 4. abort mid-migration; a target libvirtd killed mid-migration ------------------------------------------
+
+
+def wait_for_phase(driver: Any, *phases: str, timeout_s: float = 90.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        p = driver.progress()
+        if p.phase.value in phases:
+            return p
+        if p.phase.value in ("done", "failed"):
+            raise AssertionError(f"migration ended ({p.phase.value}: {p.error}) before {phases}")
+        time.sleep(TICK_S)
+    raise AssertionError(f"no phase {phases} within {timeout_s} s")
+
+
+BUSY_GUEST = {"mem_kib": 16 * 1024, "disk_sectors": 64, "paced": True}
+
+
+def test_abort_mid_migration_leaves_the_source_untouched(hosts: Any, conns: Conns) -> None:
+    import libvirt
+
+    from host_engine.drivers.base import Phase
+    from host_engine.drivers.libvirt import LibvirtMigration
+    from tests.libvirt_harness.guest import GuestSpec
+
+    name = "abort4"
+    src_dom = start_guest(hosts, conns, name, GuestSpec(**BUSY_GUEST))
+    xml_before = stable_xml(src_dom)
+    drv = LibvirtMigration(spec_for(hosts, name, bandwidth_mibps="8"))
+    drv.prepare_target()
+    drv.set_max_downtime(50)
+    drv.start()
+    wait_for_phase(drv, "memory")
+    drv.set_disk_write_limit(2 * MiB)
+    assert set(write_limits(src_dom).values()) == {2 * MiB}
+    assert f"{name}.qcow2" in images(hosts.target)
+    assert name in domain_names(conns.dst)  # the incoming domain
+
+    drv.abort()
+    assert drv.progress().phase is Phase.FAILED
+    drv.finalize(False)  # idempotent, as the executor calls both
+    assert running(src_dom)
+    assert stable_xml(src_dom) == xml_before
+    assert set(write_limits(src_dom).values()) == {0}
+    assert src_dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+    wait_counter_advances(src_dom)
+    assert name not in domain_names(conns.dst)
+    assert f"{name}.qcow2" not in images(hosts.target)
+    src_dom.destroy()
+    src_dom.undefine()
+    hosts.source.path(hosts.source.image_path(f"{name}.qcow2")).unlink()
+
+
+def test_target_daemon_killed_mid_migration_then_cleaned_and_retried(hosts: Any, conns: Conns) -> None:
+    from host_engine.drivers.base import DriverError, Phase
+    from host_engine.drivers.libvirt import LibvirtMigration
+    from host_engine.executor import Outcome
+    from tests.libvirt_harness.guest import GuestSpec
+
+    name = "kill4"
+    src_dom = start_guest(hosts, conns, name, GuestSpec(**BUSY_GUEST))
+    xml_before = stable_xml(src_dom)
+    drv = LibvirtMigration(spec_for(hosts, name, bandwidth_mibps="8"))
+    drv.prepare_target()
+    drv.start()
+    wait_for_phase(drv, "memory")
+    hosts.target.kill_daemon()
+    try:
+        p = wait_for_phase(drv, "failed", timeout_s=90.0)
+    except AssertionError:
+        p = drv.progress()
+    assert p.phase is Phase.FAILED, p
+    print(f"\ntarget libvirtd killed: {p.error!r}, target_at_fault={p.target_at_fault}")
+    assert p.target_at_fault
+    with pytest.raises(DriverError) as failure:
+        drv.finalize(False)  # the target cannot be cleaned while its daemon is down
+    assert failure.value.target_at_fault
+    # The source runs on, unchanged.
+    assert running(src_dom)
+    assert stable_xml(src_dom) == xml_before
+    assert set(write_limits(src_dom).values()) == {0}
+    wait_counter_advances(src_dom)
+    assert f"{name}.qcow2" in images(hosts.target)  # the leftover disk
+
+    # The harness restarts the daemon; the engine's next attempt removes the leftovers and succeeds.
+    hosts.target.start()
+    result = run(LibvirtMigration(spec_for(hosts, name)))
+    assert result.outcome is Outcome.COMPLETED, result.reason
+    tdom = conns.dst.lookupByName(name)
+    assert running(tdom)
+    wait_counter_advances(tdom)
+    assert name not in domain_names(conns.src)
+    tdom.destroy()
+    tdom.undefine()

@@ -31,23 +31,41 @@ class GuestSpec:
     paced: bool = True
     memory_mib: int = 128
     disk_mib: int = 64
+    # The guest cycles its writes over this many sectors from 1 MiB on: the disk's hot set.
+    disk_span_sectors: int = 32768
 
     @classmethod
     def at_rates(
-        cls, *, memory_dirty_bps: float, disk_write_bps: float, memory_mib: int = 128, disk_mib: int = 64
+        cls,
+        *,
+        memory_dirty_bps: float,
+        disk_write_bps: float,
+        memory_mib: int = 128,
+        disk_mib: int = 64,
+        disk_span_mib: int = 16,
     ) -> GuestSpec:
         """A paced guest that dirties memory and writes its disk at about these rates (bytes/s)."""
         mem_kib = round(memory_dirty_bps / TICKS_PER_S / 1024)
         sectors = round(disk_write_bps / TICKS_PER_S / SECTOR_BYTES / 32) * 32
         return cls(
-            mem_kib=mem_kib, disk_sectors=sectors, paced=True, memory_mib=memory_mib, disk_mib=disk_mib
+            mem_kib=mem_kib,
+            disk_sectors=sectors,
+            paced=True,
+            memory_mib=memory_mib,
+            disk_mib=disk_mib,
+            disk_span_sectors=disk_span_mib * 1024 * 1024 // SECTOR_BYTES,
         )
 
 
 def build_boot_sector(spec: GuestSpec, work_dir: Path) -> bytes:
     """Assemble and link the boot sector for ``spec``; returns its 512 bytes."""
     obj, binary = work_dir / "guest.o", work_dir / "guest.bin"
-    defs = {"MEM_KIB": spec.mem_kib, "DISK_SECTORS": spec.disk_sectors, "PACE": int(spec.paced)}
+    defs = {
+        "MEM_KIB": spec.mem_kib,
+        "DISK_SECTORS": spec.disk_sectors,
+        "PACE": int(spec.paced),
+        "DISK_SPAN": spec.disk_span_sectors,
+    }
     argv = ["as", "--32"]
     for name, value in defs.items():
         argv += ["--defsym", f"{name}={value}"]

@@ -1,0 +1,253 @@
+"""The libvirt driver against libvirt's own test driver (``test:///ABS/node.xml``): no daemon, milliseconds.
+
+Inventory, domain states and the target-side preparation (disks created through the storage API, leftovers
+removed, clean-up on abort). The migration itself needs real daemons: tests/integration/test_libvirt_*.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import require
+
+MiB = 1024 * 1024
+
+NODE = """<node>
+  <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
+    <name>web1</name>
+    <uuid>11111111-2222-3333-4444-555555555555</uuid>
+    <memory unit='MiB'>512</memory>
+    <vcpu>2</vcpu>
+    <os><type arch='x86_64'>hvm</type></os>
+    <devices>
+      <disk type='file' device='disk'>
+        <driver name='qemu' type='qcow2'/>
+        <source file='/var/lib/libvirt/images/web1.qcow2'/>
+        <target dev='vda' bus='virtio'/>
+      </disk>
+      <disk type='file' device='cdrom'>
+        <source file='/var/lib/libvirt/images/install.iso'/>
+        <target dev='hdc' bus='ide'/>
+        <readonly/>
+      </disk>
+    </devices>
+  </domain>
+  <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
+    <name>db1</name>
+    <memory unit='MiB'>1024</memory>
+    <vcpu>4</vcpu>
+    <os><type arch='x86_64'>hvm</type></os>
+    <devices>
+      <disk type='file' device='disk'>
+        <source file='/var/lib/libvirt/images/db1.img'/>
+        <target dev='vda' bus='virtio'/>
+      </disk>
+    </devices>
+    <test:runstate>5</test:runstate>
+  </domain>
+  <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
+    <name>cache1</name>
+    <memory unit='MiB'>256</memory>
+    <vcpu>1</vcpu>
+    <os><type arch='x86_64'>hvm</type></os>
+    <test:runstate>3</test:runstate>
+  </domain>
+</node>
+"""
+
+EMPTY_NODE = "<node></node>\n"
+
+
+@pytest.fixture
+def lv() -> Any:
+    try:
+        import libvirt
+    except ImportError:
+        require(False, "libvirt-python is not installed (pip install -e '.[libvirt]', needs libvirt-dev)")
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    return libvirt
+
+
+@pytest.fixture
+def source_uri(tmp_path: Path, lv: Any) -> str:
+    node = tmp_path / "source.xml"
+    node.write_text(NODE)
+    return f"test://{node}"
+
+
+@pytest.fixture
+def target_uri(tmp_path: Path, lv: Any) -> str:
+    node = tmp_path / "target.xml"
+    node.write_text(EMPTY_NODE)
+    return f"test://{node}"
+
+
+@pytest.fixture
+def shared(lv: Any) -> Callable[[str], Any]:
+    """One connection per URI, shared by the driver and the test (each open() of a node file is a new world)."""
+    conns: dict[str, Any] = {}
+
+    def open_connection(uri: str) -> Any:
+        if uri not in conns:
+            conns[uri] = lv.open(uri)
+        return conns[uri]
+
+    return open_connection
+
+
+def spec(source_uri: str, target_uri: str, name: str = "web1", **kw: Any) -> Any:
+    from host_engine.drivers.base import MigrationSpec
+
+    return MigrationSpec(
+        migration_id="m1",
+        droplet_id=name,
+        source_host="a",
+        target_host="b",
+        source_uri=source_uri,
+        target_uri=target_uri,
+        vcpus=2,
+        memory_bytes=512 * MiB,
+        disk_bytes=0,
+        **kw,
+    )
+
+
+def test_libvirt_list_domains_reads_the_inventory(source_uri: str) -> None:
+    from host_engine.drivers.libvirt import PowerState, list_domains
+
+    domains = {d.name: d for d in list_domains(source_uri)}
+    assert sorted(domains) == ["cache1", "db1", "web1"]
+    web = domains["web1"]
+    assert web.uuid == "11111111-2222-3333-4444-555555555555"
+    assert (web.vcpus, web.memory_bytes, web.power_state) == (2, 512 * MiB, PowerState.RUNNING)
+    # The read-only CD-ROM is not a disk to migrate or bill.
+    [disk] = web.disks
+    assert (disk.target, disk.path, disk.format) == ("vda", "/var/lib/libvirt/images/web1.qcow2", "qcow2")
+    assert disk.size_bytes > 0  # the test driver reports a constant size
+    assert domains["db1"].power_state is PowerState.SHUT_OFF
+    assert domains["db1"].vcpus == 4
+    assert domains["cache1"].power_state is PowerState.PAUSED
+    assert domains["cache1"].disks == ()
+
+
+def test_libvirt_list_domains_of_an_unreachable_uri_is_one_clear_error(tmp_path: Path, lv: Any) -> None:
+    from host_engine.drivers.base import DriverError
+    from host_engine.drivers.libvirt import list_domains
+
+    with pytest.raises(DriverError, match="cannot connect"):
+        list_domains(f"test://{tmp_path / 'missing.xml'}")
+
+
+def test_libvirt_domain_state(source_uri: str) -> None:
+    from host_engine.drivers.base import DomainState
+    from host_engine.drivers.libvirt import LibvirtHypervisor
+
+    hv = LibvirtHypervisor({"a": source_uri})
+    assert hv.domain_state("a", "web1") is DomainState.RUNNING
+    assert hv.domain_state("a", "cache1") is DomainState.PAUSED
+    assert hv.domain_state("a", "db1") is DomainState.SHUT_OFF
+    assert hv.domain_state("a", "nope") is DomainState.ABSENT
+
+
+def test_libvirt_prepare_target_creates_the_disks_then_abort_removes_them(
+    source_uri: str, target_uri: str, shared: Callable[[str], Any]
+) -> None:
+    from host_engine.drivers.base import Phase
+    from host_engine.drivers.libvirt import LibvirtMigration
+
+    mig = LibvirtMigration(spec(source_uri, target_uri), open_connection=shared)
+    mig.prepare_target()
+    source_dom = shared(source_uri).lookupByName("web1")
+    capacity = source_dom.blockInfo("/var/lib/libvirt/images/web1.qcow2")[0]
+    vol = shared(target_uri).storageVolLookupByPath("/var/lib/libvirt/images/web1.qcow2")
+    assert vol.info()[1] == capacity
+    assert mig.progress().phase is Phase.PREPARING
+
+    mig.abort()
+    assert mig.progress().phase is Phase.FAILED
+    with pytest.raises(lv_error()):
+        shared(target_uri).storageVolLookupByPath("/var/lib/libvirt/images/web1.qcow2")
+    assert source_dom.isActive()  # the source is left running
+
+
+def test_libvirt_prepare_target_refuses_a_path_another_target_domain_uses(
+    source_uri: str, target_uri: str, shared: Callable[[str], Any]
+) -> None:
+    from host_engine.drivers.base import DriverError
+    from host_engine.drivers.libvirt import LibvirtMigration
+
+    other = """<domain type='test'><name>other</name><memory unit='MiB'>64</memory>
+      <os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'>
+      <source file='/var/lib/libvirt/images/web1.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>"""
+    shared(target_uri).defineXML(other)
+    mig = LibvirtMigration(spec(source_uri, target_uri), open_connection=shared)
+    with pytest.raises(DriverError, match="uses") as e:
+        mig.prepare_target()
+    assert e.value.target_at_fault
+    mig.finalize(False)  # nothing of "other" is touched
+    assert shared(target_uri).lookupByName("other").name() == "other"
+
+
+def test_libvirt_prepare_target_removes_a_leftover_of_an_earlier_attempt(
+    source_uri: str, target_uri: str, shared: Callable[[str], Any]
+) -> None:
+    from host_engine.drivers.libvirt import LibvirtMigration
+
+    source_xml = shared(source_uri).lookupByName("web1").XMLDesc(0)
+    leftover = shared(target_uri).defineXML(source_xml)  # an earlier attempt's target copy, never started
+    assert not leftover.isActive()
+    mig = LibvirtMigration(spec(source_uri, target_uri), open_connection=shared)
+    mig.prepare_target()
+    assert "web1" not in [d.name() for d in shared(target_uri).listAllDomains(0)]
+
+
+def test_libvirt_prepare_target_never_removes_a_running_target_copy(
+    source_uri: str, target_uri: str, shared: Callable[[str], Any]
+) -> None:
+    from host_engine.drivers.base import DriverError
+    from host_engine.drivers.libvirt import LibvirtMigration
+
+    source = shared(source_uri).lookupByName("web1")
+    target_copy = shared(target_uri).defineXML(source.XMLDesc(0))
+    target_copy.create()
+    source.suspend()  # as after a switchover whose confirmation never came
+    mig = LibvirtMigration(spec(source_uri, target_uri), open_connection=shared)
+    with pytest.raises(DriverError, match="recover"):
+        mig.prepare_target()
+    assert target_copy.isActive()
+
+
+def test_libvirt_live_spec_for_a_shut_off_domain_asks_for_offline(
+    source_uri: str, target_uri: str, shared: Callable[[str], Any]
+) -> None:
+    from host_engine.drivers.base import DriverError
+    from host_engine.drivers.libvirt import LibvirtMigration
+
+    with pytest.raises(DriverError, match="offline"):
+        LibvirtMigration(spec(source_uri, target_uri, "db1"), open_connection=shared).prepare_target()
+    with pytest.raises(DriverError, match="not an offline"):
+        LibvirtMigration(spec(source_uri, target_uri, offline=True), open_connection=shared).prepare_target()
+
+
+def test_libvirt_migration_options_are_checked(source_uri: str, target_uri: str) -> None:
+    from host_engine.drivers.base import DriverError, MigrationDriver
+    from host_engine.drivers.libvirt import LibvirtHypervisor, LibvirtMigration
+
+    with pytest.raises(DriverError, match="auto_converge"):
+        LibvirtMigration(spec(source_uri, target_uri, options={"auto_converge": "sometimes"}))
+    hv = LibvirtHypervisor({"a": source_uri, "b": target_uri}, options={"bandwidth_mibps": "64"})
+    mig = hv.migration(spec(source_uri, target_uri, options={"paused": "1"}))
+    assert isinstance(mig, MigrationDriver)
+    assert (mig.bandwidth_mibps, mig.target_paused) == (64, True)
+    with pytest.raises(DriverError, match="no libvirt URI"):
+        hv.domain_state("c", "web1")
+
+
+def lv_error() -> type[Exception]:
+    import libvirt
+
+    return libvirt.libvirtError  # type: ignore[no-any-return]
