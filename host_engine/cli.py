@@ -1,0 +1,832 @@
+"""``host-engine``: the hosting engineer's command line.
+
+Every mistake a user can make ends with ONE line on stderr (``host-engine: error: ...``) and the exit code of
+its kind (see :mod:`host_engine.errors`; 2 for a bad flag or value). Commands that change the store do it in
+one transaction, so a refused command leaves the store as it was.
+
+Tests pass a :class:`Deps` as click's ``obj`` to inject the clock, the metadata-server client factory, the
+libvirt domain lister and the engine's sleep.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+import click
+
+from host_engine import inventory, planner
+from host_engine.config import EngineConfig, load_config
+from host_engine.engine import Engine
+from host_engine.errors import HostEngineError, InvalidInput
+from host_engine.models import Droplet, Host, LogEntry, Migration
+from host_engine.placement import Choice, Plan
+from host_engine.reconcile import ClientFactory, MetadataSync, default_client_factory
+from host_engine.states import ACTIVE_STATES, HostState
+from host_engine.store import DB_ENV, Store, default_db_path
+from host_engine.timeparse import Clock, format_duration, format_time, parse_duration, parse_time, utc_now
+from host_engine.units import format_size, parse_size
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Deps:
+    """What the CLI takes from the outside world; tests replace any of it."""
+
+    clock: Clock = utc_now
+    client_factory: ClientFactory | None = None
+    lister: inventory.DomainLister | None = None
+    sleep: Callable[[float], None] | None = None
+    user: str | None = None
+    install_signals: bool = True
+    # Filled in by the root command:
+    db: str | None = None
+    config: EngineConfig = field(default_factory=EngineConfig)
+    _store: Store | None = None
+
+    def store(self) -> Store:
+        if self._store is None:
+            target = self.db or self.config.db or str(default_db_path())
+            self._store = Store.open(target, clock=self.clock)
+        return self._store
+
+    def requested_by(self, given: str | None) -> str:
+        if given:
+            return given
+        if self.user is not None:
+            return self.user
+        try:
+            return os.environ.get("SUDO_USER") or getpass.getuser()
+        except (KeyError, OSError):
+            return "unknown"
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+class _Group(click.Group):
+    """Turns every expected error into one line and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HostEngineError as e:
+            click.echo(f"host-engine: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except click.UsageError as e:
+            if ctx.parent is not None:
+                raise
+            click.echo(f"host-engine: error: {e.format_message()}", err=True)
+            ctx.exit(2)
+
+
+def _deps(ctx: click.Context) -> Deps:
+    deps = ctx.find_object(Deps)
+    if deps is None:  # pragma: no cover - the root command always creates one
+        raise click.UsageError("internal: no dependencies")
+    return deps
+
+
+pass_deps = click.make_pass_decorator(Deps)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", envvar=DB_ENV, help=f"SQLite path or postgresql:// URL (env {DB_ENV}).")
+@click.option(
+    "--config", "config_path", envvar="HOST_ENGINE_CONFIG", help="TOML config (env HOST_ENGINE_CONFIG)."
+)
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.pass_context
+def cli(ctx: click.Context, db: str | None, config_path: str | None, verbose: int) -> None:
+    """Plan and run live migrations of droplets between hypervisors."""
+    deps = ctx.ensure_object(Deps)
+    deps.db = db
+    deps.config = load_config(config_path, env={}) if config_path else EngineConfig()
+    if verbose and not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.DEBUG if verbose > 1 else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+    ctx.call_on_close(deps.close)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def _nonneg(value: int, name: str) -> int:
+    if value < 0:
+        raise InvalidInput(f"--{name} must not be negative, got {value}", field=name)
+    return value
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    text_rows = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in text_rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in text_rows]
+    return "\n".join(lines)
+
+
+def _json(doc: object) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def _host_doc(h: Host) -> dict[str, Any]:
+    return {
+        "name": h.name,
+        "datacenter": h.datacenter,
+        "compat_group": h.compat_group,
+        "state": h.state.value,
+        "vcpus": h.vcpus,
+        "memory_bytes": h.memory_bytes,
+        "disk_bytes": h.disk_bytes,
+        "hypervisor_uri": h.hypervisor_uri,
+        "metadata_url": h.metadata_url,
+        "metadata_token_file": h.metadata_token_file,
+        "state_reason": h.state_reason,
+        "state_changed_by": h.state_changed_by,
+    }
+
+
+def _droplet_doc(d: Droplet) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "host": d.host,
+        "vcpus": d.vcpus,
+        "memory_bytes": d.memory_bytes,
+        "disk_bytes": d.disk_bytes,
+        "owner_tag": d.owner_tag,
+        "addresses": list(d.addresses),
+        "hostname": d.hostname,
+        "power_state": d.power_state,
+    }
+
+
+def _migration_doc(m: Migration, now: datetime) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "droplet": m.droplet_id,
+        "state": m.state.value,
+        "source": m.source_host,
+        "target": m.target_host,
+        "event_id": m.event_id,
+        "not_before": format_time(m.not_before),
+        "notice_at": format_time(m.notice_at),
+        "notified_at": format_time(m.notified_at),
+        "deadline": format_time(m.deadline),
+        "seconds_to_window": int((m.not_before - now).total_seconds()),
+        "attempt": m.attempt,
+        "max_attempts": m.max_attempts,
+        "reason": m.reason,
+        "requested_by": m.requested_by,
+        "last_error": m.last_error,
+        "finished_at": format_time(m.finished_at),
+        "stats": dict(m.stats),
+    }
+
+
+# ---- host ------------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def host() -> None:
+    """Hypervisors: add, list, show, set-state."""
+
+
+@host.command("add")
+@click.argument("name")
+@click.option("--datacenter", required=True)
+@click.option("--vcpus", type=int, required=True)
+@click.option("--memory", required=True, help="e.g. 256GiB")
+@click.option("--disk", required=True, help="e.g. 4TiB")
+@click.option(
+    "--compat-group", default="", help="CPU model / hypervisor version: live moves stay inside one."
+)
+@click.option("--uri", default="", help="libvirt URI of the hypervisor.")
+@click.option("--metadata-url", default="", help="Admin URL of the metadata server serving its droplets.")
+@click.option("--metadata-token-file", default="", help="File holding that server's admin bearer token.")
+@click.option("--state", type=click.Choice([s.value for s in HostState]), default="active")
+@pass_deps
+def host_add(
+    deps: Deps,
+    name: str,
+    datacenter: str,
+    vcpus: int,
+    memory: str,
+    disk: str,
+    compat_group: str,
+    uri: str,
+    metadata_url: str,
+    metadata_token_file: str,
+    state: str,
+) -> None:
+    """Add a hypervisor."""
+    if not name.strip():
+        raise InvalidInput("host name must not be empty", field="name")
+    if metadata_url and not metadata_url.startswith(("http://", "https://")):
+        raise InvalidInput(
+            f"--metadata-url must be an http(s) URL, got {metadata_url!r}", field="metadata_url"
+        )
+    h = Host(
+        name=name,
+        datacenter=datacenter,
+        vcpus=_nonneg(vcpus, "vcpus"),
+        memory_bytes=parse_size(memory, field="--memory"),
+        disk_bytes=parse_size(disk, field="--disk"),
+        compat_group=compat_group,
+        state=HostState(state),
+        hypervisor_uri=uri,
+        metadata_url=metadata_url,
+        metadata_token_file=os.path.abspath(metadata_token_file) if metadata_token_file else "",
+    )
+    deps.store().add_host(h)
+    click.echo(f"host {name} added ({datacenter}, {vcpus} vCPUs, {format_size(h.memory_bytes)}, "
+               f"{format_size(h.disk_bytes)} disk)")  # fmt: skip
+
+
+@host.command("list")
+@click.option("--datacenter")
+@click.option("--json", "as_json", is_flag=True)
+@pass_deps
+def host_list(deps: Deps, datacenter: str | None, as_json: bool) -> None:
+    """List hypervisors with what is committed to them."""
+    store = deps.store()
+    with store.begin(readonly=True) as tx:
+        hosts = tx.list_hosts(datacenter=datacenter)
+        usage = tx.usage_by_host()
+    if as_json:
+        _json(
+            [{**_host_doc(h), "committed": vars(usage[h.name]) if h.name in usage else None} for h in hosts]
+        )
+        return
+    rows = []
+    for h in hosts:
+        u = usage.get(h.name)
+        rows.append(
+            [
+                h.name,
+                h.datacenter,
+                h.state.value,
+                h.compat_group or "-",
+                f"{u.vcpus if u else 0}/{h.vcpus}",
+                f"{format_size(u.memory_bytes if u else 0)}/{format_size(h.memory_bytes)}",
+                f"{format_size(u.disk_bytes if u else 0)}/{format_size(h.disk_bytes)}",
+                u.droplets if u else 0,
+            ]
+        )
+    click.echo(_table(["HOST", "DC", "STATE", "GROUP", "VCPUS", "MEMORY", "DISK", "DROPLETS"], rows))
+
+
+@host.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_deps
+def host_show(deps: Deps, name: str, as_json: bool) -> None:
+    """One hypervisor, its droplets and its migrations."""
+    store = deps.store()
+    with store.begin(readonly=True) as tx:
+        h = tx.get_host(name)
+        droplets = tx.list_droplets(host=name)
+        migrations = tx.list_migrations(host=name, states=ACTIVE_STATES)
+    now = deps.clock()
+    if as_json:
+        _json(
+            {
+                **_host_doc(h),
+                "droplets": [_droplet_doc(d) for d in droplets],
+                "migrations": [_migration_doc(m, now) for m in migrations],
+            }
+        )
+        return
+    for key, value in _host_doc(h).items():
+        shown = format_size(int(value)) if key in ("memory_bytes", "disk_bytes") else value
+        click.echo(f"{key:20} {shown}")
+    click.echo(f"{'droplets':20} {len(droplets)}: {', '.join(d.id for d in droplets) or '-'}")
+    click.echo(f"{'active migrations':20} {len(migrations)}")
+
+
+@host.command("set-state")
+@click.argument("name")
+@click.argument("state", type=click.Choice([s.value for s in HostState]))
+@click.option("--reason", default="")
+@click.option("--by", "by", default=None, help="Who asks (default: the login name).")
+@pass_deps
+def host_set_state(deps: Deps, name: str, state: str, reason: str, by: str | None) -> None:
+    """Mark a hypervisor active, maintenance (nothing new lands on it) or down."""
+    h = deps.store().set_host_state(name, HostState(state), reason=reason, by=deps.requested_by(by))
+    click.echo(f"host {h.name} is {h.state.value}")
+
+
+# ---- droplet ---------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def droplet() -> None:
+    """Droplets: add, set, list, show."""
+
+
+@droplet.command("add")
+@click.argument("droplet_id")
+@click.option("--host", "host_name", required=True)
+@click.option("--vcpus", type=int, required=True)
+@click.option("--memory", required=True)
+@click.option("--disk", required=True)
+@click.option("--owner-tag", default="", help="Droplets with the same tag are kept on different hosts.")
+@click.option("--address", "addresses", multiple=True, help="IPv4/IPv6 address the guest uses (repeat).")
+@click.option("--hostname", default="")
+@pass_deps
+def droplet_add(
+    deps: Deps,
+    droplet_id: str,
+    host_name: str,
+    vcpus: int,
+    memory: str,
+    disk: str,
+    owner_tag: str,
+    addresses: tuple[str, ...],
+    hostname: str,
+) -> None:
+    """Record a droplet running on a host."""
+    d = Droplet(
+        id=inventory.check_droplet_id(droplet_id),
+        host=host_name,
+        vcpus=_nonneg(vcpus, "vcpus"),
+        memory_bytes=parse_size(memory, field="--memory"),
+        disk_bytes=parse_size(disk, field="--disk"),
+        owner_tag=owner_tag,
+        addresses=_check_addresses(addresses),
+        hostname=hostname,
+    )
+    deps.store().add_droplet(d)
+    click.echo(f"droplet {droplet_id} added on {host_name}")
+
+
+def _check_addresses(addresses: Iterable[str]) -> tuple[str, ...]:
+    import ipaddress
+
+    out = []
+    for a in addresses:
+        try:
+            out.append(str(ipaddress.ip_address(a)))
+        except ValueError as e:
+            raise InvalidInput(f"--address {a!r} is not an IPv4 or IPv6 address", field="address") from e
+    return tuple(out)
+
+
+@droplet.command("set")
+@click.argument("droplet_id")
+@click.option("--owner-tag", default=None)
+@click.option("--address", "addresses", multiple=True, help="Replaces the addresses (repeat).")
+@click.option("--hostname", default=None)
+@pass_deps
+def droplet_set(
+    deps: Deps, droplet_id: str, owner_tag: str | None, addresses: tuple[str, ...], hostname: str | None
+) -> None:
+    """Change a droplet's owner tag, addresses or hostname (its size comes from inventory sync)."""
+    changes: dict[str, Any] = {}
+    if owner_tag is not None:
+        changes["owner_tag"] = owner_tag
+    if addresses:
+        changes["addresses"] = _check_addresses(addresses)
+    if hostname is not None:
+        changes["hostname"] = hostname
+    if not changes:
+        raise InvalidInput("nothing to change (--owner-tag, --address, --hostname)")
+    with deps.store().begin() as tx:
+        tx.update_droplet(droplet_id, **changes)
+    click.echo(f"droplet {droplet_id} updated")
+
+
+@droplet.command("list")
+@click.option("--host", "host_name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_deps
+def droplet_list(deps: Deps, host_name: str | None, as_json: bool) -> None:
+    """List droplets (on one host with --host)."""
+    store = deps.store()
+    if host_name is not None:
+        store.get_host(host_name)
+    droplets = store.list_droplets(host=host_name)
+    if as_json:
+        _json([_droplet_doc(d) for d in droplets])
+        return
+    rows = [
+        [d.id, d.host, d.vcpus, format_size(d.memory_bytes), format_size(d.disk_bytes), d.owner_tag or "-",
+         ",".join(d.addresses) or "-", d.power_state]
+        for d in droplets
+    ]  # fmt: skip
+    click.echo(_table(["DROPLET", "HOST", "VCPUS", "MEMORY", "DISK", "OWNER", "ADDRESSES", "POWER"], rows))
+
+
+@droplet.command("show")
+@click.argument("droplet_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_deps
+def droplet_show(deps: Deps, droplet_id: str, as_json: bool) -> None:
+    """One droplet and its current migration."""
+    store = deps.store()
+    with store.begin(readonly=True) as tx:
+        d = tx.get_droplet(droplet_id)
+        m = tx.active_migration_for(droplet_id)
+    doc = {**_droplet_doc(d), "migration": _migration_doc(m, deps.clock()) if m else None}
+    if as_json:
+        _json(doc)
+        return
+    for key, value in _droplet_doc(d).items():
+        shown = format_size(int(value)) if key in ("memory_bytes", "disk_bytes") else value
+        click.echo(f"{key:14} {shown}")
+    click.echo(f"{'migration':14} " + (f"{m.id} {m.state.value} -> {m.target_host}" if m else "-"))
+
+
+# ---- inventory -------------------------------------------------------------------------------------------
+
+
+@cli.group("inventory")
+def inventory_group() -> None:
+    """Read what the hypervisors actually run."""
+
+
+@inventory_group.command("sync")
+@click.argument("host_name")
+@click.option("--dry-run", is_flag=True, help="Report, change nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_deps
+def inventory_sync(deps: Deps, host_name: str, dry_run: bool, as_json: bool) -> None:
+    """Record the domains libvirt reports on HOST (through the host's --uri)."""
+    report = inventory.sync_host(deps.store(), host_name, lister=deps.lister, dry_run=dry_run)
+    if as_json:
+        _json({**report.to_dict(), "dry_run": dry_run})
+        return
+    prefix = "would add" if dry_run else "added"
+    click.echo(f"{host_name}: {prefix} {len(report.added)}, updated {len(report.updated)}, "
+               f"unchanged {len(report.unchanged)}")  # fmt: skip
+    for did in report.added:
+        click.echo(f"  + {did}")
+    for did in report.updated:
+        click.echo(f"  ~ {did}")
+    for did, where in report.elsewhere:
+        click.echo(f"  ! {did}: libvirt shows it here, the store says it is on {where} (left alone)")
+    for did in report.missing:
+        click.echo(f"  ? {did}: in the store on {host_name}, not reported by libvirt (left alone)")
+    for dom, why in report.skipped:
+        click.echo(f"  - {dom}: skipped, {why}")
+
+
+# ---- plan / evacuate / migrate / cancel ------------------------------------------------------------------
+
+
+def _runners(c: Choice) -> str:
+    return ", ".join(f"{h} ({s:.3f})" for h, s in c.runners_up) or "-"
+
+
+def _print_plan(plan: Plan, times: dict[str, tuple[datetime, datetime]] | None = None) -> None:
+    rows = []
+    for c in plan.choices:
+        row: list[object] = [
+            c.droplet_id,
+            c.target or "NONE",
+            f"{c.score:.3f}" if c.score is not None else None,
+        ]
+        if times is not None:
+            nb, notice = times.get(c.droplet_id, (None, None))
+            row += [format_time(nb), format_time(notice)]
+        row += [_runners(c), c.summary_of_rejections()]
+        rows.append(row)
+    headers = ["DROPLET", "TARGET", "SCORE"]
+    if times is not None:
+        headers += ["NOT_BEFORE", "NOTICE_AT"]
+    headers += ["RUNNERS-UP", "REJECTED BY FILTER"]
+    click.echo(_table(headers, rows))
+
+
+def _print_explain(c: Choice) -> None:
+    click.echo(f"\n{c.droplet_id}: every host's verdict")
+    rows = []
+    for v in c.verdicts or ():
+        if v.accepted:
+            detail = ", ".join(f"{k} {val:.3f}" for k, val in v.components.items())
+            rows.append([v.host, f"#{v.rank}", f"{v.score:.3f}" if v.score is not None else None, detail])
+        else:
+            rows.append([v.host, f"rejected: {v.filter}", None, v.reason])
+    click.echo(_table(["HOST", "VERDICT", "SCORE", "DETAIL"], rows))
+
+
+@cli.group()
+def plan() -> None:
+    """Preview plans without writing anything."""
+
+
+@plan.command("evacuate")
+@click.argument("host_name")
+@click.option("--explain", "explain", multiple=True, help="Show every host's verdict for this droplet.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--anti-affinity/--no-anti-affinity", default=None, help="Override the config's anti_affinity.")
+@pass_deps
+def plan_evacuate(
+    deps: Deps, host_name: str, explain: tuple[str, ...], as_json: bool, anti_affinity: bool | None
+) -> None:
+    """Where every droplet of HOST would go, with scores, runners-up and filter rejections."""
+    config = _with_anti_affinity(deps.config, anti_affinity)
+    result = planner.preview_evacuation(deps.store(), host_name, config, explain=explain)
+    if as_json:
+        _json(result.to_dict())
+    else:
+        if not result.choices:
+            click.echo(f"no droplets to move on {host_name}")
+        else:
+            _print_plan(result)
+        for did in explain:
+            _print_explain(result.choice(did))
+    if result.unplaced:
+        ids = ", ".join(c.droplet_id for c in result.unplaced)
+        click.echo(f"host-engine: error: no host can take {len(result.unplaced)} droplet(s): {ids}", err=True)
+        sys.exit(5)
+
+
+def _with_anti_affinity(config: EngineConfig, anti_affinity: bool | None) -> EngineConfig:
+    if anti_affinity is None:
+        return config
+    return replace(config, placement=replace(config.placement, anti_affinity=anti_affinity))
+
+
+def _request(
+    deps: Deps,
+    start: str,
+    notice: str | None,
+    unsafe: bool,
+    max_parallel: int | None,
+    max_per_target: int | None,
+    reason: str,
+    requested_by: str | None,
+) -> planner.Request:
+    cfg = deps.config.schedule
+    now = deps.clock()
+    return planner.Request(
+        start=parse_time(start, now=now, field="--start"),
+        notice=parse_duration(notice, field="--notice") if notice is not None else cfg.notice,
+        limits=planner.Limits(
+            max_parallel if max_parallel is not None else cfg.max_parallel,
+            max_per_target if max_per_target is not None else cfg.max_per_target,
+            cfg.max_per_source if max_parallel is None else max(cfg.max_per_source, max_parallel),
+        ),
+        reason=reason,
+        requested_by=deps.requested_by(requested_by),
+        unsafe_short_notice=unsafe,
+    )
+
+
+def _schedule_output(schedule: planner.Schedule, as_json: bool, written: Sequence[Migration]) -> None:
+    if as_json:
+        _json({**schedule.to_dict(), "migrations": [m.id for m in written]})
+        return
+    times = {mv.droplet.id: (mv.not_before, mv.notice_at) for mv in schedule.moves}
+    if schedule.moves:
+        _print_plan(schedule.plan, times)
+    for did in schedule.skipped:
+        click.echo(f"{did}: already migrating, left as planned")
+
+
+_timing_options = [
+    click.option(
+        "--start", required=True, help="RFC 3339 time with a zone (2026-12-01T02:00Z), now, or +30m."
+    ),
+    click.option(
+        "--notice", default=None, help="How long before its window each guest is told (default 10m)."
+    ),
+    click.option(
+        "--unsafe-short-notice", is_flag=True, help="Allow a notice under the minimum (demos, tests)."
+    ),
+    click.option("--reason", default="", help="Why: recorded and shown in history."),
+    click.option("--requested-by", default=None, help="Who asks (default: the login name)."),
+    click.option("--dry-run", is_flag=True, help="Show the plan, write nothing."),
+    click.option("--json", "as_json", is_flag=True),
+]
+
+
+def _timing(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(_timing_options):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@click.argument("host_name")
+@_timing
+@click.option("--max-parallel", type=int, default=None, help="Migrations at once, fleet-wide.")
+@click.option("--max-per-target", type=int, default=None, help="Migrations at once into one host.")
+@click.option("--anti-affinity/--no-anti-affinity", default=None)
+@pass_deps
+def evacuate(
+    deps: Deps,
+    host_name: str,
+    start: str,
+    notice: str | None,
+    unsafe_short_notice: bool,
+    reason: str,
+    requested_by: str | None,
+    dry_run: bool,
+    as_json: bool,
+    max_parallel: int | None,
+    max_per_target: int | None,
+    anti_affinity: bool | None,
+) -> None:
+    """Move every droplet off HOST from --start on; HOST goes into maintenance."""
+    req = _request(
+        deps, start, notice, unsafe_short_notice, max_parallel, max_per_target, reason, requested_by
+    )
+    config = _with_anti_affinity(deps.config, anti_affinity)
+    schedule, written = planner.evacuate(deps.store(), host_name, req, config, dry_run=dry_run)
+    _schedule_output(schedule, as_json, written)
+    if as_json:
+        return
+    if dry_run:
+        click.echo(f"dry run: {len(schedule.moves)} migration(s) would be planned; nothing written")
+    else:
+        line = f"host {host_name} is in maintenance; {len(written)} migration(s) planned"
+        if written:
+            first = format_time(min(m.notice_at for m in written))
+            line += f", first notice {first}, last window {format_time(max(m.not_before for m in written))}"
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("droplet_id")
+@click.option("--to", "to", default=None, help="Target host (must still pass every filter).")
+@_timing
+@pass_deps
+def migrate(
+    deps: Deps,
+    droplet_id: str,
+    to: str | None,
+    start: str,
+    notice: str | None,
+    unsafe_short_notice: bool,
+    reason: str,
+    requested_by: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Move one droplet (to the best host, or --to HOST) from --start on."""
+    req = _request(deps, start, notice, unsafe_short_notice, None, None, reason, requested_by)
+    schedule, written = planner.migrate_one(
+        deps.store(), droplet_id, req, deps.config, to=to, dry_run=dry_run
+    )
+    _schedule_output(schedule, as_json, written)
+    if not as_json:
+        click.echo("dry run: nothing written" if dry_run else f"migration {written[0].id} planned")
+
+
+@cli.command()
+@click.argument("migration_id", required=False)
+@click.option("--host", "host_name", default=None, help="Cancel every cancellable migration out of HOST.")
+@click.option("--reason", default="")
+@click.option("--by", "by", default=None)
+@pass_deps
+def cancel(deps: Deps, migration_id: str | None, host_name: str | None, reason: str, by: str | None) -> None:
+    """Cancel a migration (or all of a host's); guests already told see their event cleared."""
+    store = deps.store()
+    cancelled = planner.cancel(
+        store, migration_id=migration_id, host=host_name, by=deps.requested_by(by), reason=reason
+    )
+    for m in cancelled:
+        click.echo(f"{m.id} ({m.droplet_id}) cancelled")
+    if not cancelled:
+        click.echo("nothing to cancel")
+    told = [m for m in cancelled if m.notified_at is not None]
+    if told:
+        with MetadataSync(store, deps.client_factory or _client_factory(deps)) as sync:
+            for m in told:
+                try:
+                    sync.clear(m)
+                except HostEngineError as e:
+                    click.echo(f"{m.id}: event not cleared yet ({e}); the engine will retry", err=True)
+    if host_name is not None:
+        h = store.get_host(host_name)
+        if h.state is HostState.MAINTENANCE:
+            click.echo(
+                f"host {host_name} stays in maintenance (host set-state {host_name} active to reopen it)"
+            )
+
+
+def _client_factory(deps: Deps) -> ClientFactory:
+    e = deps.config.engine
+    return default_client_factory(
+        timeout_s=e.notifier_timeout_s, attempts=e.notifier_attempts, sleep=deps.sleep
+    )
+
+
+# ---- status / history ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--host", "host_name", default=None)
+@click.option("--all", "show_all", is_flag=True, help="Include completed and cancelled migrations.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_deps
+def status(deps: Deps, host_name: str | None, show_all: bool, as_json: bool) -> None:
+    """Migrations: state, source -> target, time to their window."""
+    store = deps.store()
+    if host_name is not None:
+        store.get_host(host_name)
+    ms = store.list_migrations(host=host_name, states=None if show_all else ACTIVE_STATES)
+    now = deps.clock()
+    if as_json:
+        _json([_migration_doc(m, now) for m in ms])
+        return
+    if not ms:
+        click.echo("no migrations" if show_all else "no active migrations")
+        return
+    rows = [
+        [m.id, m.droplet_id, m.state.value, f"{m.source_host} -> {m.target_host}", format_time(m.not_before),
+         _window(m, now), f"{m.attempt}/{m.max_attempts}"]
+        for m in ms
+    ]  # fmt: skip
+    click.echo(_table(["MIGRATION", "DROPLET", "STATE", "MOVE", "NOT_BEFORE", "WINDOW", "ATTEMPT"], rows))
+
+
+def _window(m: Migration, now: datetime) -> str:
+    if m.state.is_terminal:
+        return "done"
+    delta = m.not_before - now
+    return f"in {format_duration(delta)}" if delta.total_seconds() > 0 else "open"
+
+
+@cli.command()
+@click.argument("droplet_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_deps
+def history(deps: Deps, droplet_id: str, as_json: bool) -> None:
+    """Everything that happened to a droplet's migrations, oldest first."""
+    store = deps.store()
+    store.get_droplet(droplet_id)
+    entries = store.history(droplet_id)
+    if as_json:
+        _json([_entry_doc(e) for e in entries])
+        return
+    if not entries:
+        click.echo(f"no migrations of {droplet_id} yet")
+        return
+    rows = [[format_time(e.at), e.migration_id, e.kind, _states(e), e.message] for e in entries]
+    click.echo(_table(["AT", "MIGRATION", "KIND", "STATE", "MESSAGE"], rows))
+
+
+def _states(e: LogEntry) -> str:
+    if e.to_state is None:
+        return ""
+    return f"{e.from_state.value if e.from_state else ''} -> {e.to_state.value}"
+
+
+def _entry_doc(e: LogEntry) -> dict[str, Any]:
+    return {
+        "at": format_time(e.at),
+        "migration": e.migration_id,
+        "kind": e.kind,
+        "from": e.from_state.value if e.from_state else None,
+        "to": e.to_state.value if e.to_state else None,
+        "message": e.message,
+        "data": dict(e.data),
+    }
+
+
+# ---- run -------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--poll-interval", default=None, help="Time between ticks (default from config: 1s).")
+@click.option("--max-ticks", type=int, default=None, help="Stop after N ticks (tests, cron).")
+@pass_deps
+def run(deps: Deps, poll_interval: str | None, max_ticks: int | None) -> None:
+    """The engine: reconcile the metadata servers, then send notices as they fall due (SIGTERM stops it)."""
+    config = deps.config
+    if poll_interval is not None:
+        seconds = parse_duration(poll_interval, field="--poll-interval").total_seconds()
+        if seconds <= 0:
+            raise InvalidInput("--poll-interval must be positive", field="poll_interval")
+        config = replace(config, engine=replace(config.engine, poll_interval_s=seconds))
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = deps.store()
+    with MetadataSync(store, deps.client_factory or _client_factory(deps)) as sync:
+        engine = Engine(store, config, sync, clock=deps.clock, sleep=deps.sleep)
+        if deps.install_signals and threading.current_thread() is threading.main_thread():
+            engine.install_signal_handlers()
+        engine.run(max_ticks=max_ticks)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="host-engine", obj=Deps())
