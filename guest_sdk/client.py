@@ -55,6 +55,9 @@ USER_AGENT = "droplet-live-migration-guest-sdk/0.1"
 TEXT_PATH = "/v1/maintenance_event"
 JSON_PATH = "/v1/maintenance_event.json"
 ACK_PATH = "/v1/maintenance_event/ack"
+# A long-poll answered early with an unchanged ETag this many times in a row means the server ignores it.
+EARLY_ANSWERS_BEFORE_POLLING = 3
+EARLY_ANSWER_PAUSE_S = 1.0
 # What a server without the JSON API answers for its paths (a plain server: 404; some: 405 or 501).
 _NOT_IMPLEMENTED = frozenset({404, 405, 501})
 
@@ -130,6 +133,7 @@ class MaintenanceClient:
         # parameters (answers at once with the same ETag) switches the client to polling.
         self._json_supported: bool | None = None
         self._long_poll_ok = long_poll
+        self._early_answers = 0
         self._last_event: MaintenanceEvent | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -295,25 +299,33 @@ class MaintenanceClient:
         if self._long_poll_ok and current.etag is not None:
             wait_s = self.long_poll_timeout_s
             if remaining_s is not None:
-                wait_s = max(1, min(wait_s, math.ceil(remaining_s)))
+                # Whole seconds, rounded down: only the last long-poll of a wait can overrun it (by < 1 s).
+                wait_s = max(1, min(wait_s, math.floor(remaining_s)))
             params = {"wait_for_change": "true", "last_etag": current.etag, "timeout_sec": str(wait_s)}
             started = self._clock()
             following = self._get_details(
                 params=params, read_timeout_s=wait_s + self.long_poll_margin_s, deadline=deadline
             )
             if following.etag == current.etag and self._clock() - started < wait_s / 2:
-                # Same ETag, answered well before the wait it was asked for: this server ignores
-                # wait_for_change. Poll from now on (the next reading pauses first) rather than spin.
-                log.info("%s answers long-polls at once: falling back to polling", self.base_url)
-                self._long_poll_ok = False
+                # Same ETag, answered well before the wait it was asked for. Once, that is a server shutting
+                # down gracefully (it answers every held long-poll); again and again, a server that ignores
+                # wait_for_change: then poll from now on rather than spin.
+                self._early_answers += 1
+                if self._early_answers >= EARLY_ANSWERS_BEFORE_POLLING:
+                    log.info("%s answers long-polls at once: falling back to polling", self.base_url)
+                    self._long_poll_ok = False
+                else:
+                    self._pause(remaining_s, min(self.poll_interval_s, EARLY_ANSWER_PAUSE_S))
+            else:
+                self._early_answers = 0
             return self._remember(following)
         self._pause(remaining_s)
         return self._remember(self._get_details(deadline=deadline))
 
-    def _pause(self, remaining_s: float | None) -> None:
-        pause_s = (
-            self.poll_interval_s if remaining_s is None else max(0.0, min(self.poll_interval_s, remaining_s))
-        )
+    def _pause(self, remaining_s: float | None, interval_s: float | None = None) -> None:
+        pause_s = self.poll_interval_s if interval_s is None else interval_s
+        if remaining_s is not None:
+            pause_s = max(0.0, min(pause_s, remaining_s))
         if pause_s > 0:
             self._sleep(pause_s)
 

@@ -293,3 +293,35 @@ def test_sdk_wait_rides_through_a_server_restart(server: MetadataServer, droplet
     ev = result["event"]
     assert isinstance(ev, MaintenanceEvent)
     assert ev.kind is EventKind.NONE
+
+
+def test_sdk_wait_keeps_long_polling_across_a_graceful_restart(
+    server: MetadataServer, droplet: tuple[str, str]
+) -> None:
+    droplet_id, address = droplet
+    server.set_event(droplet_id, "ev-term")
+    result: dict[str, object] = {}
+    with _client(server, address, retry_attempts=40, retry_max_backoff_s=1.0) as client:
+        assert client.wait(timeout_s=VISIBLE_WITHIN_S).id == "ev-term"
+
+        def waiter() -> None:
+            try:
+                result["event"] = client.wait_until_clear(timeout_s=60)
+            except Exception as e:  # handed to the main thread's assertion
+                result["error"] = e
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.5)
+        server.restart()  # SIGTERM: the server answers every held long-poll at once, unchanged
+        time.sleep(0.5)
+        assert thread.is_alive()
+        server.clear_event(droplet_id)
+        changed_at = time.monotonic()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        assert "error" not in result, result.get("error")
+        assert isinstance(result["event"], MaintenanceEvent)
+        assert result["event"].kind is EventKind.NONE
+        assert time.monotonic() - changed_at < WAKE_BOUND_S + 1.0  # at most one short pause after the restart
+        assert client.uses_long_poll  # one early answer is a restart, not a server that cannot long-poll

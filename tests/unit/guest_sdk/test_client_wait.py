@@ -162,7 +162,7 @@ def test_wait_falls_back_to_polling_when_server_ignores_long_poll(
 
     def answer(_req: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
         calls["n"] += 1
-        doc = LIVE1 if calls["n"] >= 5 else NONE0
+        doc = LIVE1 if calls["n"] >= 7 else NONE0
         return 200, {"ETag": f'"{doc["etag"]}"'}, json.dumps(doc)
 
     http.add_callback(responses.GET, JSON_URL, callback=answer, content_type="application/json")
@@ -170,8 +170,31 @@ def test_wait_falls_back_to_polling_when_server_ignores_long_poll(
     ev = client.wait(timeout_s=600)
     assert ev.kind is EventKind.LIVE_MIGRATE
     assert not client.uses_long_poll
-    assert fake_clock.sleeps == [3.0, 3.0, 3.0]  # paced by the interval, no hot loop
-    assert calls["n"] == 5
+    # Two early answers get a short pause (a server shutting down answers once early); the third in a
+    # row switches to polling, paced by the interval: no hot loop either way.
+    assert fake_clock.sleeps == [1.0, 1.0, 3.0, 3.0, 3.0]
+    assert calls["n"] == 7
+
+
+def test_wait_keeps_long_polling_after_one_early_answer(
+    http: responses.RequestsMock, make_client: MakeClient, fake_clock: FakeClock
+) -> None:
+    # A server restarting gracefully answers its held long-polls at once, unchanged; then it holds again.
+    server = LongPollServer(fake_clock, NONE0, [(1000.0 + 500, LIVE1)])
+    early = {"left": 1}
+
+    def answer(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
+        if "wait_for_change" in str(request.url) and early["left"]:
+            early["left"] -= 1
+            return 200, {"ETag": '"e0"'}, json.dumps(NONE0)
+        return server(request)
+
+    http.add_callback(responses.GET, JSON_URL, callback=answer, content_type="application/json")
+    client = make_client(poll_interval_s=5.0)
+    assert client.wait(timeout_s=3600).kind is EventKind.LIVE_MIGRATE
+    assert client.uses_long_poll
+    assert fake_clock.sleeps == [1.0]
+    assert fake_clock.now == 1500.0
 
 
 def test_wait_unavailable_while_event_known_is_reported_not_cleared(
