@@ -31,11 +31,12 @@ How a migration runs (one :class:`LibvirtMigration` per attempt, driven through 
     it (back to the disk's own limits) on abort and failure, so the source is left as it was.
 ``set_memory_throttle``
     QEMU's auto-converge CPU throttle, steered: the capability is enabled at start but disarmed
-    (``max-cpu-throttle`` 1 %, trigger threshold 100 %); a request for N % sets QMP ``migrate-set-parameters``
-    ``cpu-throttle-initial`` / ``max-cpu-throttle`` to N and the trigger threshold to 1 %, so QEMU throttles at
-    exactly N % from its next dirty-sync on. QEMU has no other way to throttle vCPUs during a migration, and
-    the capability cannot be switched on once a migration runs; the controller, not QEMU, picks the level.
-    ``options["auto_converge"]="qemu"`` leaves QEMU's own policy instead (for comparisons), ``"off"`` disables it.
+    (``max-cpu-throttle`` 1 %, trigger threshold 100 %); a request for N % sets QMP
+    ``migrate-set-parameters`` ``cpu-throttle-initial`` / ``max-cpu-throttle`` to N and the trigger threshold
+    to 1 %, so QEMU throttles at exactly N % from its next dirty-sync on. QEMU has no other way to throttle
+    vCPUs during a migration, and the capability cannot be switched on once a migration runs; the
+    controller, not QEMU, picks the level. ``options["auto_converge"]="qemu"`` leaves QEMU's own policy
+    instead (for comparisons), ``"off"`` disables it.
 ``switchover``
     pauses the source (``suspend``, what ``virsh migrate --timeout-suspend`` does): QEMU then moves the
     remainder and libvirt resumes the guest on the target. QEMU also switches over by itself when the
@@ -239,7 +240,7 @@ def _disk_size(dom: Any, path: str) -> int:
 
 
 def list_domains(uri: str) -> list[DomainInfo]:
-    """Every domain defined or running on the hypervisor at ``uri``, with vCPUs, memory, disks, power state."""
+    """Every domain defined or running at ``uri``, with vCPUs, memory, disks and power state."""
     lv = _libvirt()
     conn = _open(uri)
     try:
@@ -747,8 +748,7 @@ class LibvirtMigration(MigrationDriver):
         lv = _libvirt()
         deadline = self._clock() + JOB_START_WAIT_S
         while self._clock() < deadline:
-            assert self._thread is not None
-            if not self._thread.is_alive():
+            if self._thread is None or not self._thread.is_alive():
                 return
             with contextlib.suppress(lv.libvirtError):
                 if self._dom.jobInfo()[0] != lv.VIR_DOMAIN_JOB_NONE:
@@ -764,13 +764,13 @@ class LibvirtMigration(MigrationDriver):
             return
         with contextlib.suppress(lv.libvirtError):
             state, reason = self._dom.state()
-            if state == lv.VIR_DOMAIN_PAUSED and reason in (
+            paused_for_switchover = state == lv.VIR_DOMAIN_PAUSED and reason in (
                 lv.VIR_DOMAIN_PAUSED_MIGRATION,
                 lv.VIR_DOMAIN_PAUSED_USER,
-            ):
-                if not self.spec.offline and int(stats.get("memory_processed", 0)) > 0:
-                    self._advance(Phase.SWITCHOVER)
-                    return
+            )
+            if paused_for_switchover and not self.spec.offline and int(stats.get("memory_processed", 0)):
+                self._advance(Phase.SWITCHOVER)
+                return
         if int(stats.get("memory_processed", 0)) > 0 or int(stats.get("memory_iteration", 0)) > 0:
             self._advance(Phase.MEMORY)
         else:
@@ -1046,10 +1046,10 @@ class LibvirtMigration(MigrationDriver):
     def _on_job_completed(self, _conn: Any, _dom: Any, params: dict[str, Any], _opaque: Any) -> None:
         self._completed_stats = dict(params)
 
-    # -- target and source storage ----------------------------------------------------------------------------
+    # -- target and source storage --------------------------------------------------------------------------
 
     def _remove_target_leftovers(self) -> None:
-        """Remove what an earlier attempt left on the target; refuse if the target uses the paths otherwise."""
+        """Remove what an earlier attempt left on the target; refuse if another domain uses the paths."""
         lv = _libvirt()
         conn = self._target()
         paths = {d.path for d in self._disks}
@@ -1257,7 +1257,7 @@ class LibvirtHypervisor:
                 mig._dom = sdom
                 mig._uuid = sdom.UUIDString()
                 mig._disks = [_Disk(t, p, f, 0, "") for t, p, f, _ in _disks(sdom)]
-                state, reason = sdom.state()
+                state, _reason = sdom.state()
                 if spec.offline and sdom.isActive():
                     sdom.destroy()
                 elif state == lv.VIR_DOMAIN_PAUSED:

@@ -131,8 +131,7 @@ class LibvirtHost:
         stderr = (self.root / "log" / "libvirtd.stderr").open("ab")
         try:
             self.process = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private"]
-                + ["sh", "-c", script],
+                [*self._enter_namespaces(), "sh", "-c", script],
                 stdin=subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=stderr,
@@ -141,6 +140,9 @@ class LibvirtHost:
         finally:
             stderr.close()
         self._wait_ready(sock)
+
+    def _enter_namespaces(self) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private"]
 
     def _wait_ready(self, sock: Path) -> None:
         import libvirt
@@ -243,10 +245,8 @@ class TwoHosts:
             self._netns_made.append(host.netns)
             _run(["ip", "-n", host.netns, "link", "set", "lo", "up"])
         va, vb = self._veth
-        _run(
-            ["ip", "link", "add", va, "netns", self.source.netns, "type", "veth", "peer", vb, "netns"]
-            + [self.target.netns]
-        )
+        ends = ["ip", "link", "add", va, "netns", self.source.netns, "type", "veth", "peer", vb]
+        _run([*ends, "netns", self.target.netns])
         for host, dev in ((self.source, va), (self.target, vb)):
             _run(["ip", "-n", host.netns, "addr", "add", f"{host.ip}/24", "dev", dev])
             _run(["ip", "-n", host.netns, "link", "set", dev, "up"])
