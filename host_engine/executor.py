@@ -15,22 +15,39 @@ from __future__ import annotations
 
 import enum
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from host_engine.controller import (
     Abort,
     AbortReason,
+    Action,
     ControllerConfig,
     ControllerState,
+    Decision,
     SetDiskWriteLimit,
     SetMemoryThrottle,
     Switchover,
     decide,
 )
-from host_engine.drivers.base import DriverError, MigrationDriver, Phase, Progress
+from host_engine.drivers.base import (
+    DomainState,
+    DriverError,
+    HypervisorDriver,
+    MigrationDriver,
+    MigrationSpec,
+    Phase,
+    Progress,
+)
+from host_engine.errors import Conflict, StaleClaim
+from host_engine.models import Migration
+from host_engine.retry import RetryConfig, after_failure, backoff_s
+from host_engine.states import CANCELLABLE, MigrationState
+from host_engine.store import Store, Tx, offline_event_id
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +114,10 @@ class MigrationResult:
         }
 
 
+#: A replacement for the controller (benchmarks compare ours with other policies): Progress -> actions.
+Policy = Callable[[Progress], tuple[Action, ...]]
+
+
 class MigrationRun:
     """One attempt, advanced one controller tick at a time by ``step``."""
 
@@ -109,8 +130,10 @@ class MigrationRun:
         on_progress: Callable[[Progress], None] | None = None,
         should_abort: Callable[[], str | None] | None = None,
         keep_trace: bool = True,
+        policy: Policy | None = None,
     ) -> None:
         self.driver = driver
+        self.policy = policy
         self.config = config
         self.clock = clock
         self.on_progress = on_progress
@@ -151,7 +174,10 @@ class MigrationRun:
         if self.on_progress is not None:
             self.on_progress(p)
 
-        decision = decide(p, self.config, self.state)
+        if self.policy is not None:
+            decision = Decision(self.policy(p), self.state)
+        else:
+            decision = decide(p, self.config, self.state)
         self.state = decision.state
         if p.phase is Phase.DONE:
             self._apply_lifts(decision.actions)
@@ -252,9 +278,16 @@ def run_migration(
     tick_s: float = DEFAULT_TICK_S,
     on_progress: Callable[[Progress], None] | None = None,
     should_abort: Callable[[], str | None] | None = None,
+    policy: Policy | None = None,
 ) -> MigrationResult:
-    """Run one migration attempt to its end: prepare, start, tick the controller, finish or clean up."""
-    run = MigrationRun(driver, config, clock, on_progress=on_progress, should_abort=should_abort)
+    """Run one migration attempt to its end: prepare, start, tick the controller, finish or clean up.
+
+    ``policy`` replaces the convergence controller (benchmarks of other policies); ``on_progress`` sees every
+    snapshot; ``should_abort`` returning a reason stops the attempt (source untouched, target cleaned).
+    """
+    run = MigrationRun(
+        driver, config, clock, on_progress=on_progress, should_abort=should_abort, policy=policy
+    )
     if not run.begin() and run.result is not None:
         return run.result
     while True:
@@ -281,3 +314,552 @@ def run_concurrently(
         if len(results) < len(runs):
             clock.sleep(tick_s)
     return [results[i] for i in range(len(runs))]
+
+
+# --- The executor proper: migrations from the store, one worker among several ------------------------------
+
+# Renew the claim every 30 s against a 300 s lease: ten missed renewals before another worker may take over,
+# yet a dead worker's migration is recovered within five minutes.
+DEFAULT_RENEW_EVERY_S = 30.0
+DEFAULT_LEASE_S = 300.0
+# Write progress (stats) to the store every 5 s, and a log line whenever phase, round, throttle or disk limit
+# changes: `status --watch` refreshes about that fast, and the store sees well under one write per second.
+DEFAULT_PROGRESS_EVERY_S = 5.0
+# Four concurrent attempts per worker: they share NICs fairly, so more only stretches every one of them.
+DEFAULT_MAX_CONCURRENT = 4
+# An offline copy that failed this often needs an operator: the migration stays ``failed``.
+DEFAULT_MAX_OFFLINE_ATTEMPTS = 3
+# Keys in ``migrations.stats``.
+ABORT_REQUEST_KEY = "abort_requested_by"
+NONCONVERGING_KEY = "nonconverging_attempts"
+OFFLINE_ATTEMPTS_KEY = "offline_attempts"
+FAILED_TARGETS_KEY = "failed_targets"
+PROGRESS_KEY = "progress"
+LAST_ATTEMPT_KEY = "last_attempt"
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    worker: str
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    tick_s: float = DEFAULT_TICK_S
+    renew_every_s: float = DEFAULT_RENEW_EVERY_S
+    lease_s: float = DEFAULT_LEASE_S
+    progress_every_s: float = DEFAULT_PROGRESS_EVERY_S
+    max_offline_attempts: int = DEFAULT_MAX_OFFLINE_ATTEMPTS
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+
+class ExecutorHooks(Protocol):
+    """What the engine does around a migration's life (metadata servers, metrics). Called after the store
+    committed; an exception is logged, never undoes the store."""
+
+    def completed(self, migration: Migration) -> None:
+        """Register on the target's metadata server, remove from the source's, clear the flag."""
+
+    def retry_scheduled(self, migration: Migration) -> None:
+        """The guest keeps reading live_migrate (same event id), with the new not_before."""
+
+    def offline_required(self, migration: Migration) -> None:
+        """The guest now reads offline_migrate under a new event id."""
+
+    def cancelled(self, migration: Migration) -> None:
+        """An operator aborted it: clear the flag."""
+
+
+class NoHooks:
+    def completed(self, migration: Migration) -> None:
+        pass
+
+    def retry_scheduled(self, migration: Migration) -> None:
+        pass
+
+    def offline_required(self, migration: Migration) -> None:
+        pass
+
+    def cancelled(self, migration: Migration) -> None:
+        pass
+
+
+#: Picks another target for a migration, avoiding the given hosts; None when there is none.
+TargetChooser = Callable[[Migration, frozenset[str]], str | None]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """An attempt that ended, and the state its migration is in afterwards."""
+
+    migration_id: str
+    attempt: int
+    result: MigrationResult
+    state: MigrationState
+
+
+@dataclass
+class _Active:
+    migration: Migration
+    run: MigrationRun
+    offline: bool
+    last_write_s: float
+    last_logged: Progress | None = None
+    lost_claim: str | None = None
+    abort_requested: str | None = None
+
+
+def attempt_id(migration_id: str, attempt: int) -> str:
+    """The driver-side id of one attempt: each retry is a new job on the hypervisors."""
+    return f"{migration_id}.{attempt}"
+
+
+def progress_dict(p: Progress) -> dict[str, object]:
+    """A Progress as plain JSON values (stats, log data, ``--json``)."""
+    return {
+        "phase": p.phase.value,
+        "elapsed_s": round(p.elapsed_s, 2),
+        "round": p.round,
+        "disk_total_bytes": p.disk_total_bytes,
+        "disk_remaining_bytes": p.disk_remaining_bytes,
+        "memory_total_bytes": p.memory_total_bytes,
+        "memory_remaining_bytes": p.memory_remaining_bytes,
+        "disk_dirty_rate_bps": round(p.disk_dirty_rate_bps),
+        "memory_dirty_rate_bps": round(p.memory_dirty_rate_bps),
+        "transfer_rate_bps": round(p.transfer_rate_bps),
+        "disk_write_limit_bps": p.disk_write_limit_bps,
+        "memory_throttle_pct": p.memory_throttle_pct,
+        "downtime_ms": p.downtime_ms,
+        "bytes_transferred": p.bytes_transferred,
+    }
+
+
+def describe(p: Progress) -> str:
+    """One line a person can follow."""
+    left_mib = (p.disk_remaining_bytes + p.memory_remaining_bytes) / (1024 * 1024)
+    parts = [
+        f"{p.phase.value}",
+        f"round {p.round}",
+        f"{left_mib:.0f} MiB left",
+        f"{p.transfer_rate_bps / (1024 * 1024):.0f} MiB/s",
+    ]
+    if p.memory_throttle_pct:
+        parts.append(f"throttle {p.memory_throttle_pct} %")
+    if p.disk_write_limit_bps is not None:
+        parts.append(f"disk limit {p.disk_write_limit_bps / (1024 * 1024):.0f} MiB/s")
+    if p.downtime_ms is not None:
+        parts.append(f"downtime {p.downtime_ms:.0f} ms")
+    return ", ".join(parts)
+
+
+class Executor:
+    """Claims due migrations from the store and drives them through a hypervisor driver under the controller.
+
+    The engine's loop calls ``tick()`` and then sleeps ``config.tick_s`` on the same clock;
+    ``run_until_idle()`` does both until nothing runs (``host-engine migrate --now``, tests). Several
+    processes may run against one PostgreSQL: claims skip rows another worker holds (``FOR UPDATE SKIP
+    LOCKED``) and every write after the claim proves it still holds (``worker=``). On SQLite, one writer.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        hypervisor: HypervisorDriver,
+        config: ExecutorConfig,
+        clock: Clock,
+        *,
+        hooks: ExecutorHooks | None = None,
+        choose_target: TargetChooser | None = None,
+        rand: Callable[[], float] | None = None,
+    ) -> None:
+        self.store = store
+        self.hypervisor = hypervisor
+        self.config = config
+        self.clock = clock
+        self.hooks: ExecutorHooks = hooks or NoHooks()
+        self.choose_target = choose_target
+        self.rand = rand or random.Random().random  # noqa: S311 - jitter, not secrets
+        self.active: dict[str, _Active] = {}
+        self._last_recover_s: float | None = None
+        self._waiting_logged: set[str] = set()
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+
+    def tick(self) -> list[Finished]:
+        """Recover orphans (now and then), claim what is due, advance every attempt by one controller step."""
+        done: list[Finished] = []
+        now = self.clock.now()
+        if self._last_recover_s is None or now - self._last_recover_s >= self.config.renew_every_s:
+            self._last_recover_s = now
+            done += self.recover()
+        done += self.claim_due()
+        for a in list(self.active.values()):
+            finished = self._step(a)
+            if finished is not None:
+                done.append(finished)
+        return done
+
+    def run_until_idle(self, *, max_s: float | None = None) -> list[Finished]:
+        """Tick and sleep on the clock until nothing is running (or ``max_s`` passes)."""
+        started = self.clock.now()
+        done = self.tick()
+        while self.active and (max_s is None or self.clock.now() - started < max_s):
+            self.clock.sleep(self.config.tick_s)
+            done += self.tick()
+        return done
+
+    def shutdown(self) -> list[Finished]:
+        """Stop this worker: abort its attempts (sources untouched) and hand them to the retry path."""
+        done = []
+        for a in list(self.active.values()):
+            a.abort_requested = a.abort_requested or "worker shutting down"
+            finished = self._step(a)
+            if finished is not None:
+                done.append(finished)
+        return done
+
+    # ---- starting ----------------------------------------------------------------------------------------
+
+    def claim_due(self) -> list[Finished]:
+        free = self.config.max_concurrent - len(self.active)
+        if free <= 0:
+            return []
+        claimed = self.store.claim(
+            self.config.worker,
+            states=(MigrationState.NOTIFIED, MigrationState.OFFLINE_REQUIRED),
+            due_by=self.store.clock(),
+            lease_s=self.config.lease_s,
+            limit=free,
+        )
+        done = []
+        for m in claimed:
+            if m.id not in self.active:
+                finished = self._start(m)
+                if finished is not None:
+                    done.append(finished)
+        return done
+
+    def _start(self, m: Migration) -> Finished | None:
+        worker = self.config.worker
+        power = self.hypervisor.domain_state(m.source_host, m.droplet_id)
+        offline = (
+            m.state is MigrationState.OFFLINE_REQUIRED or m.ack == "offline" or power is DomainState.SHUT_OFF
+        )
+        if power is DomainState.ABSENT or (offline and power is not DomainState.SHUT_OFF):
+            # Absent: the inventory is wrong, an operator must look. Running but offline: the guest was told
+            # (offline_migrate, or it acknowledged offline) and shuts itself down; try again next tick.
+            note = (
+                f"{m.droplet_id} is not on {m.source_host}: operator needed"
+                if power is DomainState.ABSENT
+                else f"waiting for {m.droplet_id} to shut down for the offline copy"
+            )
+            with self.store.begin() as tx:
+                tx.release_claim(m.id, worker)
+                if m.id not in self._waiting_logged:
+                    tx.append_log(m.id, "wait", note, droplet_id=m.droplet_id)
+            if m.id not in self._waiting_logged:
+                log.warning("migration_id=%s: %s", m.id, note)
+            self._waiting_logged.add(m.id)
+            return None
+        self._waiting_logged.discard(m.id)
+        attempt = m.attempt + 1
+        m = self.store.transition(
+            m.id,
+            MigrationState.OFFLINE_RUNNING if offline else MigrationState.RUNNING,
+            worker=worker,
+            attempt=attempt,
+            offline=offline,
+            started_at=self.store.clock(),
+            message=f"attempt {attempt} ({'offline copy' if offline else 'live'}) "
+            f"{m.source_host} -> {m.target_host} on {worker}",
+        )
+        log.info("migration_id=%s droplet_id=%s attempt %s started", m.id, m.droplet_id, attempt)
+        run = MigrationRun(self.hypervisor.migration(self._spec(m)), self.config.controller, self.clock)
+        a = _Active(m, run, offline, self.clock.now())
+        run.on_progress = lambda p: self._on_progress(a, p)
+        run.should_abort = lambda: a.lost_claim or a.abort_requested
+        self.active[m.id] = a
+        if not run.begin():
+            return self._step(a)
+        return None
+
+    def _spec(self, m: Migration) -> MigrationSpec:
+        with self.store.begin(readonly=True) as tx:
+            droplet = tx.get_droplet(m.droplet_id)
+            source = tx.get_host(m.source_host)
+            target = tx.get_host(m.target_host)
+        return MigrationSpec(
+            migration_id=attempt_id(m.id, m.attempt),
+            droplet_id=m.droplet_id,
+            source_host=m.source_host,
+            target_host=m.target_host,
+            source_uri=source.hypervisor_uri,
+            target_uri=target.hypervisor_uri,
+            vcpus=droplet.vcpus,
+            memory_bytes=droplet.memory_bytes,
+            disk_bytes=droplet.disk_bytes,
+            offline=m.offline,
+            power_on_after=m.power_on_after,
+        )
+
+    # ---- running -----------------------------------------------------------------------------------------
+
+    def _on_progress(self, a: _Active, p: Progress) -> None:
+        """Renew the claim, record progress, pick up an operator's abort: at most every few seconds."""
+        now = self.clock.now()
+        last = a.last_logged
+        changed = last is None or (p.phase, p.round, p.memory_throttle_pct, p.disk_write_limit_bps) != (
+            last.phase,
+            last.round,
+            last.memory_throttle_pct,
+            last.disk_write_limit_bps,
+        )
+        if not changed and now - a.last_write_s < self.config.progress_every_s:
+            return
+        mid = a.migration.id
+        try:
+            with self.store.begin() as tx:
+                m = tx.renew_claim(mid, self.config.worker)
+                tx.update_migration(mid, stats={**m.stats, PROGRESS_KEY: progress_dict(p)})
+                if changed:
+                    tx.append_log(
+                        mid, "progress", describe(p), droplet_id=m.droplet_id, data=progress_dict(p)
+                    )
+        except StaleClaim as e:
+            log.error("migration_id=%s: %s; stopping this attempt", mid, e)
+            a.lost_claim = f"claim lost: {e}"
+            return
+        requested = m.stats.get(ABORT_REQUEST_KEY)
+        if requested and not a.abort_requested:
+            a.abort_requested = f"aborted by {requested}"
+        a.last_write_s = now
+        a.last_logged = p
+
+    def _step(self, a: _Active) -> Finished | None:
+        result = a.run.result or a.run.step()
+        if result is None:
+            return None
+        del self.active[a.migration.id]
+        if a.lost_claim:
+            # Another worker took over (our lease expired): it owns the store row and recovery.
+            return Finished(a.migration.id, a.migration.attempt, result, a.migration.state)
+        return self._finish(a.migration, a.offline, result, operator_abort=a.abort_requested)
+
+    # ---- ending ------------------------------------------------------------------------------------------
+
+    def _finish(
+        self, m: Migration, offline: bool, result: MigrationResult, *, operator_abort: str | None
+    ) -> Finished:
+        worker = self.config.worker
+        attempt_stats = {"attempt": m.attempt, "offline": offline, **result.summary()}
+        if result.outcome is Outcome.COMPLETED:
+            done = self.store.complete(
+                m.id,
+                worker=worker,
+                stats={LAST_ATTEMPT_KEY: attempt_stats},
+                message=f"completed: {m.droplet_id} now on {m.target_host} "
+                f"(downtime {result.downtime_ms or 0:.0f} ms, {result.duration_s:.1f} s)",
+            )
+            log.info("migration_id=%s droplet_id=%s completed on %s", m.id, m.droplet_id, m.target_host)
+            self._hook("completed", done)
+            return Finished(m.id, m.attempt, result, done.state)
+
+        now = self.store.clock()
+        nonconverging = int(m.stats.get(NONCONVERGING_KEY, 0))
+        if result.abort_reason in (AbortReason.STALLED, AbortReason.TIMEOUT):
+            nonconverging += 1
+        failed_targets = set(m.stats.get(FAILED_TARGETS_KEY, []))
+        if result.target_at_fault:
+            failed_targets.add(m.target_host)
+        offline_attempts = int(m.stats.get(OFFLINE_ATTEMPTS_KEY, 0)) + (1 if offline else 0)
+        stats = {
+            **m.stats,
+            LAST_ATTEMPT_KEY: attempt_stats,
+            NONCONVERGING_KEY: nonconverging,
+            FAILED_TARGETS_KEY: sorted(failed_targets),
+            OFFLINE_ATTEMPTS_KEY: offline_attempts,
+        }
+        stats.pop(ABORT_REQUEST_KEY, None)
+        reason = result.reason or result.outcome.value
+        log.warning(
+            "migration_id=%s droplet_id=%s attempt %s failed: %s", m.id, m.droplet_id, m.attempt, reason
+        )
+        with self.store.begin() as tx:
+            failed = tx.transition(
+                m.id,
+                MigrationState.FAILED,
+                worker=worker,
+                last_error=reason,
+                stats=stats,
+                message=f"attempt {m.attempt} failed: {reason}; {m.droplet_id} still on {m.source_host}",
+                data=attempt_stats,
+            )
+            if operator_abort and operator_abort != "worker shutting down":
+                nxt = tx.transition(m.id, MigrationState.CANCELLED, message=operator_abort)
+                hook = "cancelled"
+            elif offline:
+                nxt, hook = self._after_offline_failure(tx, failed, now, result)
+            else:
+                nxt, hook = self._after_live_failure(tx, failed, now, result, nonconverging, failed_targets)
+        if hook:
+            self._hook(hook, nxt)
+        return Finished(m.id, m.attempt, result, nxt.state)
+
+    def _after_live_failure(
+        self,
+        tx: Tx,
+        m: Migration,
+        now: datetime,
+        result: MigrationResult,
+        nonconverging: int,
+        failed_targets: set[str],
+    ) -> tuple[Migration, str]:
+        decision = after_failure(
+            attempt=m.attempt,
+            max_attempts=m.max_attempts,
+            target_at_fault=result.target_at_fault,
+            abort_reason=result.abort_reason.value if result.abort_reason else None,
+            nonconverging_attempts=nonconverging,
+            config=self.config.retry,
+            rand=self.rand,
+        )
+        not_before = now + timedelta(seconds=decision.delay_s)
+        if decision.offline:
+            nxt = tx.transition(
+                m.id,
+                MigrationState.OFFLINE_REQUIRED,
+                message=f"{decision.reason}; offline copy not before {not_before.isoformat()}",
+                event_id=offline_event_id(m.id),
+                notice_at=now,
+                not_before=not_before,
+                deadline=not_before,
+                offline=True,
+                ack=None,
+                claimed_by=None,
+                claimed_at=None,
+            )
+            return nxt, "offline_required"
+        target = m.target_host
+        if decision.other_target and self.choose_target is not None:
+            target = self.choose_target(m, frozenset(failed_targets | {m.source_host})) or target
+        nxt = tx.transition(
+            m.id,
+            MigrationState.NOTIFIED,
+            message=f"{decision.reason}: attempt {m.attempt + 1} to {target} "
+            f"not before {not_before.isoformat()}",
+            target_host=target,
+            not_before=not_before,
+            deadline=max(m.deadline, not_before),
+            claimed_by=None,
+            claimed_at=None,
+        )
+        return nxt, "retry_scheduled"
+
+    def _after_offline_failure(
+        self, tx: Tx, m: Migration, now: datetime, result: MigrationResult
+    ) -> tuple[Migration, str]:
+        if int(m.stats.get(OFFLINE_ATTEMPTS_KEY, 0)) >= self.config.max_offline_attempts:
+            tx.update_migration(
+                m.id,
+                claimed_by=None,
+                claimed_at=None,
+                message="offline copy failed too often: operator needed (retry or cancel)",
+                log_kind="alert",
+            )
+            return tx.get_migration(m.id), ""
+        target = m.target_host
+        if result.target_at_fault and self.choose_target is not None:
+            avoid = frozenset(set(m.stats.get(FAILED_TARGETS_KEY, [])) | {m.source_host})
+            target = self.choose_target(m, avoid) or target
+        not_before = now + timedelta(seconds=backoff_s(m.attempt, self.config.retry, self.rand))
+        nxt = tx.transition(
+            m.id,
+            MigrationState.OFFLINE_REQUIRED,
+            message=f"offline copy to {target} again not before {not_before.isoformat()}",
+            target_host=target,
+            not_before=not_before,
+            claimed_by=None,
+            claimed_at=None,
+        )
+        return nxt, "offline_required"
+
+    def _hook(self, name: str, m: Migration) -> None:
+        try:
+            getattr(self.hooks, name)(m)
+        except Exception:  # a metadata server being down must not undo a committed migration
+            log.exception("migration_id=%s: %s hook failed", m.id, name)
+
+    # ---- recovery ----------------------------------------------------------------------------------------
+
+    def recover(self) -> list[Finished]:
+        """Take over running migrations whose worker died (claim lease expired, or this worker's own after a
+        restart): make the droplet run on exactly one host, then record the outcome as the attempt's end."""
+        now = self.store.clock()
+        stale_before = now - timedelta(seconds=self.config.lease_s)
+        worker = self.config.worker
+        done = []
+        candidates = self.store.list_migrations(
+            states=(MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING)
+        )
+        for candidate in candidates:
+            if candidate.id in self.active:
+                continue
+            ours = candidate.claimed_by == worker
+            stale = (
+                candidate.claimed_by is None
+                or candidate.claimed_at is None
+                or candidate.claimed_at < stale_before
+            )
+            if not (ours or stale):
+                continue
+            claimed = self.store.claim(
+                worker,
+                states=(candidate.state,),
+                lease_s=self.config.lease_s,
+                migration_id=candidate.id,
+                include_own=True,
+            )
+            if not claimed:
+                continue
+            m = claimed[0]
+            spec = self._spec(m)
+            where = self.hypervisor.recover(spec)
+            log.warning(
+                "migration_id=%s droplet_id=%s: worker %s died mid-attempt; droplet runs on %s",
+                m.id,
+                m.droplet_id,
+                m.claimed_by,
+                where,
+            )
+            completed = where == m.target_host
+            result = MigrationResult(
+                outcome=Outcome.COMPLETED if completed else Outcome.FAILED,
+                reason=None if completed else "worker died mid-attempt; source resumed, target cleaned",
+                abort_reason=None,
+                target_at_fault=False,
+                duration_s=0.0,
+                downtime_ms=None,
+                throttle_pct_s=0.0,
+                disk_limit_s=0.0,
+                bytes_transferred=0,
+                rounds=0,
+            )
+            done.append(
+                self._finish(m, m.state is MigrationState.OFFLINE_RUNNING, result, operator_abort=None)
+            )
+        return done
+
+
+def request_abort(store: Store, migration_id: str, *, by: str) -> Migration:
+    """``host-engine abort MIGRATION``: a running one is stopped by its worker within a few seconds (source
+    untouched, then ``cancelled``); one not yet running is cancelled at once."""
+    with store.begin() as tx:
+        m = tx.get_migration(migration_id, for_update=True)
+        if m.state in (MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING):
+            return tx.update_migration(
+                migration_id,
+                stats={**m.stats, ABORT_REQUEST_KEY: by},
+                message=f"abort requested by {by}",
+                log_kind="abort",
+            )
+        if m.state in CANCELLABLE:
+            return tx.transition(migration_id, MigrationState.CANCELLED, message=f"cancelled by {by}")
+        raise Conflict(f"migration {migration_id} is {m.state.value}: nothing to abort")

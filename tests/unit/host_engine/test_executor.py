@@ -1,0 +1,385 @@
+"""The executor on SQLite with the sim driver: success, retries, the offline path, aborts, dead workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from host_engine.controller import GiB
+from host_engine.drivers.base import DomainState, Phase
+from host_engine.drivers.sim import (
+    Fault,
+    FaultKind,
+    SimClock,
+    SimHypervisor,
+    SimWorld,
+    Workload,
+    diabolical,
+    web,
+)
+from host_engine.errors import Conflict
+from host_engine.executor import (
+    ABORT_REQUEST_KEY,
+    Executor,
+    ExecutorConfig,
+    attempt_id,
+    request_abort,
+)
+from host_engine.models import Droplet, Host, Migration, NewMigration
+from host_engine.retry import RetryConfig
+from host_engine.states import MigrationState as S
+from host_engine.store import Store, live_event_id, offline_event_id
+
+T0 = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)
+MEMORY = GiB
+DISK = 8 * GiB
+
+
+@dataclass
+class Hooks:
+    calls: list[tuple[str, str, str]] = field(default_factory=list)
+    fail: bool = False
+
+    def _record(self, name: str, m: Migration) -> None:
+        self.calls.append((name, m.id, m.state.value))
+        if self.fail:
+            raise RuntimeError("metadata server down")
+
+    def completed(self, m: Migration) -> None:
+        self._record("completed", m)
+
+    def retry_scheduled(self, m: Migration) -> None:
+        self._record("retry_scheduled", m)
+
+    def offline_required(self, m: Migration) -> None:
+        self._record("offline_required", m)
+
+    def cancelled(self, m: Migration) -> None:
+        self._record("cancelled", m)
+
+
+@dataclass
+class Env:
+    world: SimWorld
+    store: Store
+    clock: SimClock
+    hooks: Hooks
+
+    def executor(self, worker: str = "w1", **kw: object) -> Executor:
+        choose = kw.pop("choose_target", None)
+        config = ExecutorConfig(worker=worker, **kw)  # type: ignore[arg-type]
+        return Executor(
+            self.store,
+            SimHypervisor(self.world),
+            config,
+            self.clock,
+            hooks=self.hooks,
+            choose_target=choose,  # type: ignore[arg-type]
+            rand=lambda: 0.5,
+        )
+
+    def droplet(self, droplet_id: str, host: str = "a", workload: Workload | None = None) -> None:
+        self.store.add_droplet(
+            Droplet(droplet_id, host, 2, MEMORY, DISK, addresses=(f"10.0.0.{len(self.world.droplets) + 2}",))
+        )
+        self.world.add_droplet(
+            droplet_id, host, memory_bytes=MEMORY, disk_bytes=DISK, workload=workload or web()
+        )
+
+    def migration(self, droplet_id: str, source: str = "a", target: str = "b", **kw: object) -> str:
+        now = self.store.clock()
+        (m,) = self.store.create_migrations(
+            [NewMigration(droplet_id, source, target, now, now, now + timedelta(hours=1), **kw)]  # type: ignore[arg-type]
+        )
+        self.store.transition(m.id, S.NOTIFIED, notified_at=now)
+        return m.id
+
+    def state(self, mid: str) -> S:
+        return self.store.get_migration(mid).state
+
+    def drive(self, ex: Executor, until: Callable[[], bool], max_s: float = 4 * 3600) -> None:
+        started = self.clock.now()
+        while not until():
+            assert self.clock.now() - started < max_s, "did not happen in time"
+            ex.tick()
+            self.clock.sleep(ex.config.tick_s if ex.active else 10.0)
+
+    def assert_on_exactly(self, droplet_id: str, host: str) -> None:
+        assert self.store.get_droplet(droplet_id).host == host
+        assert self.world.droplets[droplet_id].host == host
+        assert self.world.hosts_holding(droplet_id) == [host]
+        d = self.world.droplets[droplet_id]
+        assert d.throttle_pct == 0
+        assert d.disk_limit_bps is None
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    world = SimWorld(11)
+    store = Store.open(tmp_path / "engine.db", clock=lambda: T0 + timedelta(seconds=world.time_s))
+    for name in ("a", "b", "c"):
+        world.add_host(name)
+        store.add_host(
+            Host(
+                name,
+                "nyc1",
+                32,
+                128 * GiB,
+                2000 * GiB,
+                hypervisor_uri=f"sim://{name}",
+                metadata_url="http://x/",
+            )
+        )
+    yield Env(world, store, SimClock(world), Hooks())
+    store.close()
+
+
+def kinds(store: Store, mid: str) -> list[str]:
+    return [e.kind for e in store.migration_log(mid)]
+
+
+def test_executor_runs_a_due_migration_to_completion_and_records_it(env: Env) -> None:
+    env.droplet("d1")
+    mid = env.migration("d1")
+    done = env.executor().run_until_idle()
+    assert [(f.migration_id, f.state) for f in done] == [(mid, S.COMPLETED)]
+    m = env.store.get_migration(mid)
+    assert m.state is S.COMPLETED
+    assert m.attempt == 1
+    assert m.claimed_by is None
+    last = m.stats["last_attempt"]
+    assert last["outcome"] == "completed"
+    assert 0 < last["downtime_ms"] <= 300
+    assert last["bytes_transferred"] >= DISK + MEMORY
+    assert m.stats["progress"]["phase"] == "done"
+    env.assert_on_exactly("d1", "b")
+    log = kinds(env.store, mid)
+    assert "claim" in log
+    assert log.count("progress") >= 3  # phase changes at least: disk, memory, switchover
+    assert env.hooks.calls == [("completed", mid, "completed")]
+
+
+def test_executor_does_not_start_before_not_before(env: Env) -> None:
+    env.droplet("d1")
+    now = env.store.clock()
+    (m,) = env.store.create_migrations(
+        [NewMigration("d1", "a", "b", now + timedelta(minutes=10), now, now + timedelta(hours=1))]
+    )
+    env.store.transition(m.id, S.NOTIFIED, notified_at=now)
+    ex = env.executor()
+    assert ex.tick() == []
+    assert env.state(m.id) is S.NOTIFIED
+    env.drive(ex, lambda: env.state(m.id) is S.COMPLETED)
+    started = env.store.get_migration(m.id).started_at
+    assert started is not None
+    assert started >= now + timedelta(minutes=10)
+
+
+def test_executor_target_crash_retries_on_another_target(env: Env) -> None:
+    env.droplet("d1")
+    mid = env.migration("d1")
+    env.world.inject_fault(attempt_id(mid, 1), Fault(FaultKind.TARGET_CRASH, Phase.MEMORY))
+    chosen: list[frozenset[str]] = []
+
+    def choose(m: Migration, avoid: frozenset[str]) -> str | None:
+        chosen.append(avoid)
+        return next((h for h in ("a", "b", "c") if h not in avoid), None)
+
+    ex = env.executor(choose_target=choose)
+    first = ex.run_until_idle()
+    assert [f.state for f in first] == [S.NOTIFIED]
+    m = env.store.get_migration(mid)
+    assert m.target_host == "c"
+    assert m.event_id == live_event_id(mid)  # same event for the guest
+    assert m.stats["failed_targets"] == ["b"]
+    assert chosen == [frozenset({"a", "b"})]
+    env.assert_on_exactly("d1", "a")
+    env.drive(ex, lambda: env.state(mid) is S.COMPLETED)
+    env.assert_on_exactly("d1", "c")
+    assert [c[0] for c in env.hooks.calls] == ["retry_scheduled", "completed"]
+
+
+def test_executor_source_errors_use_up_attempts_then_offline_migration_completes(env: Env) -> None:
+    env.droplet("d1")
+    mid = env.migration("d1", power_on_after=False)
+    for attempt in (1, 2, 3):
+        env.world.inject_fault(attempt_id(mid, attempt), Fault(FaultKind.SOURCE_ERROR, Phase.DISK, after_s=5))
+    ex = env.executor()
+    env.drive(ex, lambda: env.state(mid) is S.OFFLINE_REQUIRED)
+    m = env.store.get_migration(mid)
+    assert m.attempt == 3
+    assert m.event_id == offline_event_id(mid)
+    assert m.offline
+    assert m.ack is None
+    assert m.not_before >= env.store.clock() + timedelta(minutes=9)
+    env.assert_on_exactly("d1", "a")
+    # The guest has not shut down: the executor waits, it does not pull the plug.
+    env.clock.sleep(700)
+    ex.tick()
+    assert env.state(mid) is S.OFFLINE_REQUIRED
+    assert "wait" in kinds(env.store, mid)
+    # The guest agent's before_offline hook shuts it down.
+    env.world.droplets["d1"].state = DomainState.SHUT_OFF
+    env.drive(ex, lambda: env.state(mid) is S.COMPLETED)
+    env.assert_on_exactly("d1", "b")
+    assert env.world.droplets["d1"].state is DomainState.SHUT_OFF  # power state as acknowledged
+    assert env.store.get_migration(mid).stats["last_attempt"]["offline"] is True
+    assert [c[0] for c in env.hooks.calls] == [
+        "retry_scheduled",
+        "retry_scheduled",
+        "offline_required",
+        "completed",
+    ]
+
+
+def test_executor_diabolical_guest_goes_offline_after_two_nonconverging_attempts(env: Env) -> None:
+    env.droplet("d1", workload=diabolical(link_multiple=5))
+    mid = env.migration("d1")
+    ex = env.executor()
+    env.drive(ex, lambda: env.state(mid) is S.OFFLINE_REQUIRED)
+    m = env.store.get_migration(mid)
+    assert m.attempt == 2
+    assert m.stats["nonconverging_attempts"] == 2
+    assert m.stats["last_attempt"]["abort_reason"] == "stalled"
+    env.assert_on_exactly("d1", "a")
+    assert env.world.droplets["d1"].state is DomainState.RUNNING
+
+
+def test_executor_guest_that_acknowledged_offline_gets_an_offline_copy(env: Env) -> None:
+    env.droplet("d1")
+    mid = env.migration("d1")
+    env.store.update_migration(mid, ack="offline")
+    env.world.droplets["d1"].state = DomainState.SHUT_OFF
+    done = env.executor().run_until_idle()
+    assert [f.state for f in done] == [S.COMPLETED]
+    log = env.store.migration_log(mid)
+    assert any(e.to_state is S.OFFLINE_RUNNING for e in log)
+    assert env.world.droplets["d1"].state is DomainState.RUNNING  # power_on_after defaults to true
+    env.assert_on_exactly("d1", "b")
+
+
+def test_executor_operator_abort_stops_a_running_migration_source_untouched(env: Env) -> None:
+    env.droplet("d1")
+    mid = env.migration("d1")
+    ex = env.executor()
+    ex.tick()
+    env.clock.sleep(2)
+    ex.tick()
+    assert env.state(mid) is S.RUNNING
+    request_abort(env.store, mid, by="alice")
+    assert env.store.get_migration(mid).stats[ABORT_REQUEST_KEY] == "alice"
+    env.drive(ex, lambda: env.state(mid) is S.CANCELLED, max_s=30)
+    env.assert_on_exactly("d1", "a")
+    assert env.world.droplets["d1"].state is DomainState.RUNNING
+    assert env.hooks.calls == [("cancelled", mid, "cancelled")]
+    with pytest.raises(Conflict):
+        request_abort(env.store, mid, by="alice")
+
+
+def test_executor_abort_of_a_migration_not_yet_running_cancels_it(env: Env) -> None:
+    env.droplet("d1")
+    mid = env.migration("d1")
+    assert request_abort(env.store, mid, by="bob").state is S.CANCELLED
+
+
+def test_executor_dead_worker_mid_copy_is_recovered_by_another_after_its_lease(env: Env) -> None:
+    env.droplet("d1")
+    mid = env.migration("d1")
+    dead = env.executor("w1")
+    dead.tick()
+    env.clock.sleep(20)
+    dead.tick()
+    assert env.world.migrations[attempt_id(mid, 1)].phase in (Phase.DISK, Phase.MEMORY)
+    del dead  # killed: no clean-up ran
+    other = env.executor("w2")
+    other.tick()
+    assert env.state(mid) is S.RUNNING  # the lease has not expired yet: hands off
+    env.clock.sleep(301)
+    env.drive(other, lambda: env.state(mid) is S.COMPLETED)
+    m = env.store.get_migration(mid)
+    assert m.attempt == 2
+    assert "worker died" in (m.last_error or "")
+    env.assert_on_exactly("d1", "b")
+
+
+def test_executor_dead_worker_after_switchover_is_completed_by_recovery(env: Env) -> None:
+    env.droplet("d1")
+    mid = env.migration("d1")
+    dead = env.executor("w1")
+    dead.tick()
+    while True:
+        env.clock.sleep(0.5)
+        if env.world.migrations[attempt_id(mid, 1)].phase is Phase.DONE:
+            break
+        dead.tick()
+    del dead  # the droplet runs on b, the store still says a
+    assert env.store.get_droplet("d1").host == "a"
+    assert env.world.droplets["d1"].host == "b"
+    restarted = env.executor("w1")  # same worker id after a restart: no need to wait for the lease
+    done = restarted.tick()
+    assert [(f.migration_id, f.state) for f in done] == [(mid, S.COMPLETED)]
+    env.assert_on_exactly("d1", "b")
+
+
+def test_executor_shutdown_aborts_and_hands_over_to_retry(env: Env) -> None:
+    env.droplet("d1")
+    mid = env.migration("d1")
+    ex = env.executor()
+    ex.tick()
+    env.clock.sleep(5)
+    ex.tick()
+    done = ex.shutdown()
+    assert [f.state for f in done] == [S.NOTIFIED]
+    env.assert_on_exactly("d1", "a")
+    assert env.store.get_migration(mid).claimed_by is None
+
+
+def test_executor_hook_failure_does_not_undo_the_store(env: Env) -> None:
+    env.hooks.fail = True
+    env.droplet("d1")
+    mid = env.migration("d1")
+    env.executor().run_until_idle()
+    assert env.state(mid) is S.COMPLETED
+    assert env.hooks.calls == [("completed", mid, "completed")]
+
+
+def test_executor_two_workers_share_the_queue_and_run_each_migration_once(env: Env) -> None:
+    mids = []
+    for i in range(6):
+        env.droplet(f"d{i}")
+        mids.append(env.migration(f"d{i}", target="b" if i % 2 else "c"))
+    workers = [env.executor("w1", max_concurrent=2), env.executor("w2", max_concurrent=2)]
+
+    def all_done() -> bool:
+        return all(env.state(m) is S.COMPLETED for m in mids)
+
+    started = env.clock.now()
+    while not all_done():
+        assert env.clock.now() - started < 3600
+        for w in workers:
+            w.tick()
+            assert len(w.active) <= 2
+        env.clock.sleep(0.5)
+    for mid in mids:
+        starts = [e for e in env.store.migration_log(mid) if e.to_state is S.RUNNING]
+        assert len(starts) == 1
+    by_worker = {
+        e.message.rsplit(" ", 1)[-1]
+        for m in mids
+        for e in env.store.migration_log(m)
+        if e.to_state is S.RUNNING
+    }
+    assert by_worker == {"w1", "w2"}
+
+
+def test_executor_config_retry_limits_are_respected(env: Env) -> None:
+    env.droplet("d1")
+    mid = env.migration("d1", max_attempts=1)
+    env.world.inject_fault(attempt_id(mid, 1), Fault(FaultKind.LINK_DROP, Phase.MEMORY))
+    ex = env.executor(retry=RetryConfig(max_attempts=1))
+    env.drive(ex, lambda: env.state(mid) is S.OFFLINE_REQUIRED)
+    assert env.store.get_migration(mid).stats["last_attempt"]["abort_reason"] in ("no_transfer", "stalled")
