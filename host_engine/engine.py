@@ -117,7 +117,7 @@ class Engine:
                     f"notice sent {format_duration(now - m.notice_at)} late: not_before moved to "
                     f"{format_time(m.not_before + shift)} to keep the {format_duration(notice)} notice"
                 )
-            pushed = _with(m, **changes)
+            pushed = _with(m, state=MigrationState.NOTIFIED, **changes)
             try:
                 self.sync.notify(pushed)
             except HostEngineError as e:

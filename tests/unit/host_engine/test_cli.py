@@ -24,9 +24,11 @@ def db(tmp_path: Path) -> str:
 def invoke(db: str, clock: FakeClock, *args: str, **deps: Any) -> Result:
     runner = CliRunner()
     return runner.invoke(
-        cli, ["--db", db, *args], obj=Deps(clock=clock, user="tester", install_signals=False, **deps),
+        cli,
+        ["--db", db, *args],
+        obj=Deps(clock=clock, user="tester", install_signals=False, **deps),
         catch_exceptions=False,
-    )  # fmt: skip
+    )
 
 
 def ok(db: str, clock: FakeClock, *args: str, **deps: Any) -> Result:
@@ -54,16 +56,97 @@ def snapshot(db: str) -> dict[str, list[tuple[Any, ...]]]:
 @pytest.fixture
 def fleet(db: str, clock: FakeClock) -> str:
     for i in (1, 2, 3):
-        ok(db, clock, "host", "add", f"hv{i}", "--datacenter", "nyc1", "--vcpus", "16", "--memory", "64GiB",
-           "--disk", "1TiB", "--compat-group", "g1", "--metadata-url", "http://127.0.0.1:9")  # fmt: skip
-    ok(db, clock, "host", "add", "small", "--datacenter", "nyc1", "--vcpus", "2", "--memory", "2GiB", "--disk",
-       "10GiB", "--compat-group", "g1")  # fmt: skip
-    ok(db, clock, "droplet", "add", "web1", "--host", "hv1", "--vcpus", "2", "--memory", "4GiB", "--disk", "80GiB",
-       "--owner-tag", "acme", "--address", "10.0.0.1")  # fmt: skip
-    ok(db, clock, "droplet", "add", "web2", "--host", "hv1", "--vcpus", "2", "--memory", "4GiB", "--disk", "80GiB",
-       "--owner-tag", "acme", "--address", "10.0.0.2")  # fmt: skip
-    ok(db, clock, "droplet", "add", "big", "--host", "hv2", "--vcpus", "8", "--memory", "60GiB", "--disk", "100GiB",
-       "--address", "10.0.0.3")  # fmt: skip
+        ok(
+            db,
+            clock,
+            "host",
+            "add",
+            f"hv{i}",
+            "--datacenter",
+            "nyc1",
+            "--vcpus",
+            "16",
+            "--memory",
+            "64GiB",
+            "--disk",
+            "1TiB",
+            "--compat-group",
+            "g1",
+            "--metadata-url",
+            "http://127.0.0.1:9",
+        )
+    ok(
+        db,
+        clock,
+        "host",
+        "add",
+        "small",
+        "--datacenter",
+        "nyc1",
+        "--vcpus",
+        "2",
+        "--memory",
+        "2GiB",
+        "--disk",
+        "10GiB",
+        "--compat-group",
+        "g1",
+    )
+    ok(
+        db,
+        clock,
+        "droplet",
+        "add",
+        "web1",
+        "--host",
+        "hv1",
+        "--vcpus",
+        "2",
+        "--memory",
+        "4GiB",
+        "--disk",
+        "80GiB",
+        "--owner-tag",
+        "acme",
+        "--address",
+        "10.0.0.1",
+    )
+    ok(
+        db,
+        clock,
+        "droplet",
+        "add",
+        "web2",
+        "--host",
+        "hv1",
+        "--vcpus",
+        "2",
+        "--memory",
+        "4GiB",
+        "--disk",
+        "80GiB",
+        "--owner-tag",
+        "acme",
+        "--address",
+        "10.0.0.2",
+    )
+    ok(
+        db,
+        clock,
+        "droplet",
+        "add",
+        "big",
+        "--host",
+        "hv2",
+        "--vcpus",
+        "8",
+        "--memory",
+        "60GiB",
+        "--disk",
+        "100GiB",
+        "--address",
+        "10.0.0.3",
+    )
     return db
 
 
@@ -120,11 +203,37 @@ def test_cli_evacuate_dry_run_writes_nothing(fleet: str, clock: FakeClock) -> No
 
 def test_cli_evacuate_spacing_respects_limits(db: str, clock: FakeClock) -> None:
     for i in range(1, 5):
-        ok(db, clock, "host", "add", f"h{i}", "--datacenter", "d", "--vcpus", "64", "--memory", "256GiB", "--disk",
-           "4TiB")  # fmt: skip
+        ok(
+            db,
+            clock,
+            "host",
+            "add",
+            f"h{i}",
+            "--datacenter",
+            "d",
+            "--vcpus",
+            "64",
+            "--memory",
+            "256GiB",
+            "--disk",
+            "4TiB",
+        )
     for i in range(6):
-        ok(db, clock, "droplet", "add", f"d{i}", "--host", "h1", "--vcpus", "1", "--memory", "1GiB", "--disk",
-           "10GiB")  # fmt: skip
+        ok(
+            db,
+            clock,
+            "droplet",
+            "add",
+            f"d{i}",
+            "--host",
+            "h1",
+            "--vcpus",
+            "1",
+            "--memory",
+            "1GiB",
+            "--disk",
+            "10GiB",
+        )
     doc = json.loads(
         ok(
             db,
@@ -138,14 +247,14 @@ def test_cli_evacuate_spacing_respects_limits(db: str, clock: FakeClock) -> None
             "--max-per-target",
             "1",
             "--json",
-        ).output  # fmt: skip
+        ).output
     )
     starts = sorted(m["not_before"] for m in doc["moves"])
     assert len(set(starts)) == 3  # 6 moves, 2 at a time
     assert Counter_of(starts) == {starts[0]: 2, starts[2]: 2, starts[4]: 2}
 
 
-def Counter_of(items: list[str]) -> dict[str, int]:  # noqa: N802 - reads like collections.Counter
+def Counter_of(items: list[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for i in items:
         out[i] = out.get(i, 0) + 1
@@ -174,31 +283,31 @@ BAD: list[tuple[str, list[str], int, str]] = [
         ["droplet", "add", "x", "--host", "nope", "--vcpus", "1", "--memory", "1GiB", "--disk", "1GiB"],
         3,
         "unknown host",
-    ),  # fmt: skip
+    ),
     (
         "negative vcpus",
         ["droplet", "add", "x", "--host", "hv1", "--vcpus", "-1", "--memory", "1GiB", "--disk", "1GiB"],
         2,
         "must not be negative",
-    ),  # fmt: skip
+    ),
     (
         "negative memory",
         ["droplet", "add", "x", "--host", "hv1", "--vcpus", "1", "--memory", "-4GiB", "--disk", "1GiB"],
         2,
         "must not be negative",
-    ),  # fmt: skip
+    ),
     (
         "negative host disk",
         ["host", "add", "h9", "--datacenter", "d", "--vcpus", "1", "--memory", "1GiB", "--disk", "-1TiB"],
         2,
         "must not be negative",
-    ),  # fmt: skip
+    ),
     (
         "size without unit",
         ["host", "add", "h9", "--datacenter", "d", "--vcpus", "1", "--memory", "4096", "--disk", "1TiB"],
         2,
         "needs a unit",
-    ),  # fmt: skip
+    ),
     (
         "bad address",
         [
@@ -218,19 +327,19 @@ BAD: list[tuple[str, list[str], int, str]] = [
         ],
         2,
         "not an IPv4 or IPv6",
-    ),  # fmt: skip
+    ),
     (
         "bad droplet id",
         ["droplet", "add", "a/b", "--host", "hv1", "--vcpus", "1", "--memory", "1GiB", "--disk", "1GiB"],
         2,
         "must be 1-64",
-    ),  # fmt: skip
+    ),
     (
         "duplicate host",
         ["host", "add", "hv1", "--datacenter", "d", "--vcpus", "1", "--memory", "1GiB", "--disk", "1GiB"],
         4,
         "already exists",
-    ),  # fmt: skip
+    ),
     ("start in the past", ["evacuate", "hv1", "--start", "2020-01-01T00:00Z"], 2, "in the past"),
     ("malformed time", ["evacuate", "hv1", "--start", "next tuesday"], 2, "malformed time"),
     ("time without zone", ["evacuate", "hv1", "--start", "2026-12-01T02:00"], 2, "no timezone"),
@@ -253,8 +362,23 @@ def test_cli_bad_input_one_line_nonzero_store_unchanged(
     fleet: str, clock: FakeClock, what: str, args: list[str], code: int, message: str
 ) -> None:
     # Fill hv1 and hv3 so that "big" (60 GiB) has nowhere to go from hv2.
-    ok(fleet, clock, "droplet", "add", "filler3", "--host", "hv3", "--vcpus", "1", "--memory", "30GiB", "--disk",
-       "1GiB", "--address", "10.0.1.3")  # fmt: skip
+    ok(
+        fleet,
+        clock,
+        "droplet",
+        "add",
+        "filler3",
+        "--host",
+        "hv3",
+        "--vcpus",
+        "1",
+        "--memory",
+        "30GiB",
+        "--disk",
+        "1GiB",
+        "--address",
+        "10.0.1.3",
+    )
     before = snapshot(fleet)
     r = invoke(fleet, clock, *args)
     assert r.exit_code == code, (r.output, r.stderr)

@@ -1,0 +1,213 @@
+"""The engine loop: notices at the right time, late notices keep their length, cancels clear, restarts
+reconcile, SIGTERM stops. The admin API is faked at the transport; the clock is a FakeClock."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import responses
+
+from host_engine import planner
+from host_engine.config import EngineConfig
+from host_engine.engine import Engine
+from host_engine.reconcile import MetadataSync, default_client_factory
+from host_engine.states import MigrationState
+from host_engine.store import Store
+from tests.unit.host_engine.conftest import T0, FakeClock, make_droplet, make_host
+from tests.unit.host_engine.fake_admin import FakeAdmin
+
+S = MigrationState
+URL_A = "http://127.0.0.1:8101"
+URL_B = "http://127.0.0.1:8102"
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[FakeAdmin, FakeAdmin]]:
+    a, b = FakeAdmin(URL_A), FakeAdmin(URL_B)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        a.install(rsps)
+        b.install(rsps)
+        yield a, b
+
+
+@pytest.fixture
+def world(sqlite_store: Store, tmp_path: Path) -> Store:
+    token = tmp_path / "token"
+    token.write_text("s3cret")
+    # hv1 and hv2 are served by server A, hv3 by server B.
+    for name, url in (("hv1", URL_A), ("hv2", URL_A), ("hv3", URL_B)):
+        sqlite_store.add_host(make_host(name, metadata_url=url, metadata_token_file=str(token)))
+    for i in range(3):
+        sqlite_store.add_droplet(make_droplet(f"d{i}", "hv1", addresses=(f"10.0.0.{i + 1}",)))
+    sqlite_store.add_droplet(make_droplet("other", "hv2", addresses=("10.0.9.9",)))
+    return sqlite_store
+
+
+def make_engine(store: Store, clock: FakeClock) -> Engine:
+    sync = MetadataSync(store, default_client_factory(attempts=2, sleep=lambda s: None))
+    return Engine(store, EngineConfig(), sync, clock=clock, sleep=clock.sleep)
+
+
+def evacuate_hv1(store: Store, clock: FakeClock, *, start_s: float = 3600, notice_s: float = 600) -> None:
+    req = planner.Request(
+        start=clock() + timedelta(seconds=start_s),
+        notice=timedelta(seconds=notice_s),
+        limits=planner.Limits(10, 10, 10),
+        requested_by="tester",
+        unsafe_short_notice=True,
+    )
+    planner.evacuate(store, "hv1", req, EngineConfig())
+
+
+def test_engine_notices_exactly_at_notice_time(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    a, b = servers
+    evacuate_hv1(world, clock)
+    engine = make_engine(world, clock)
+    engine.tick()  # reconcile registers every droplet; no notice yet
+    assert set(a.droplets) == {"d0", "d1", "d2", "other"} and b.droplets == {}
+    assert all(a.event(d) is None for d in a.droplets)
+    clock.advance(3000 - 1)
+    assert engine.tick().notified == []
+    clock.advance(1)  # notice_at = start - 10 min
+    notified = engine.tick().notified
+    assert sorted(m.droplet_id for m in notified) == ["d0", "d1", "d2"]
+    for m in notified:
+        ev = a.event(m.droplet_id)
+        assert ev is not None
+        assert (ev["event"], ev["id"], ev["state"]) == ("live_migrate", m.event_id, "scheduled")
+        assert ev["not_before"] == (T0 + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert m.state is S.NOTIFIED and m.notified_at == clock()
+    assert a.event("other") is None and b.droplets == {}
+    assert engine.tick().notified == []  # sent once
+
+
+def test_engine_late_notice_moves_window(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    evacuate_hv1(world, clock)
+    engine = make_engine(world, clock)
+    clock.advance(3600 + 300)  # the engine was down through notice time and the window
+    [m, *_] = engine.tick().notified
+    assert m.not_before == clock() + timedelta(minutes=10)
+    assert "late" in world.migration_log(m.id)[-1].message
+
+
+def test_engine_unreachable_server_retries_next_tick(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    a, _ = servers
+    evacuate_hv1(world, clock)
+    engine = make_engine(world, clock)
+    a.down = True
+    clock.advance(3000)
+    result = engine.tick()
+    assert result.notified == [] and result.errors
+    assert {m.state for m in world.list_migrations()} == {S.PLANNED}  # never "notified" without a notice
+    a.down = False
+    result = engine.tick()
+    assert len(result.notified) == 3
+
+
+def test_engine_clears_cancelled_events(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    a, _ = servers
+    evacuate_hv1(world, clock)
+    engine = make_engine(world, clock)
+    clock.advance(3000)
+    engine.tick()
+    planner.cancel(world, host="hv1", by="tester")
+    a.down = True
+    assert engine.tick().cleared == []  # server down: still pending
+    a.down = False
+    cleared = engine.tick().cleared
+    assert len(cleared) == 3
+    assert all(a.event(d) is None for d in ("d0", "d1", "d2"))
+    assert all(m.event_cleared_at is not None for m in world.list_migrations())
+    assert engine.tick().cleared == []
+
+
+def test_engine_clear_leaves_a_newer_event_alone(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    a, _ = servers
+    evacuate_hv1(world, clock)
+    engine = make_engine(world, clock)
+    clock.advance(3000)
+    engine.tick()
+    [old] = world.list_migrations(droplet_id="d0")
+    planner.cancel(world, migration_id=old.id)
+    a.droplets["d0"]["event"]["id"] = "someone-elses"
+    engine.tick()
+    assert a.event("d0") is not None and a.event("d0")["id"] == "someone-elses"  # type: ignore[index]
+
+
+def test_engine_restart_reconciles_a_server_that_lost_its_state(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    a, b = servers
+    evacuate_hv1(world, clock)
+    engine = make_engine(world, clock)
+    clock.advance(3000)
+    engine.tick()
+    want = {d: dict(a.event(d) or {}) for d in ("d0", "d1", "d2")}
+    a.droplets.clear()  # the server lost everything
+    b.droplets["d0"] = {
+        "addresses": ["10.0.0.1"],
+        "hostname": "d0",
+        "region": "",
+        "event": None,
+    }  # stale copy
+    b.droplets["stranger"] = {"addresses": ["10.7.7.7"], "hostname": "", "region": "", "event": None}
+    engine2 = make_engine(world, clock)
+    [ra, rb] = engine2.reconcile()
+    assert sorted(ra.registered) == ["d0", "d1", "d2", "other"]
+    assert sorted(ra.events_set) == ["d0", "d1", "d2"]
+    assert rb.removed == ["d0"] and rb.unknown == ["stranger"]
+    for d, ev in want.items():
+        got = a.event(d)
+        assert got is not None and (got["id"], got["not_before"]) == (ev["id"], ev["not_before"])
+    # Converged: a second pass changes nothing.
+    assert not any(r.changed for r in engine2.reconcile())
+
+
+def test_engine_run_loop_sleeps_with_injected_clock(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    evacuate_hv1(world, clock, start_s=900, notice_s=600)
+    engine = make_engine(world, clock)
+    ticks = engine.run(max_ticks=400)
+    assert ticks == 400 and clock.slept_s == [1.0] * 399
+    assert {m.state for m in world.list_migrations()} == {S.NOTIFIED}
+
+
+def test_engine_sigterm_stops_after_the_tick(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    engine = make_engine(world, clock)
+    old_term = signal.getsignal(signal.SIGTERM)
+    old_int = signal.getsignal(signal.SIGINT)
+
+    class Killer:
+        calls = 0
+
+        def tick(self) -> None:
+            Killer.calls += 1
+            if Killer.calls == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    engine.steps.append(Killer())
+    try:
+        engine.install_signal_handlers()
+        ticks = engine.run(max_ticks=1000)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+    assert ticks == 3 and engine.stopping

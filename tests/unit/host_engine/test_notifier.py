@@ -1,0 +1,104 @@
+"""The admin API client: idempotent calls, retries only for transient failures, one root error."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import responses
+
+from host_engine.errors import AdminAPIUnavailable, ConfigError, NotifierError, TransientError
+from host_engine.notifier import AdminClient, read_token_file
+from tests.unit.host_engine.fake_admin import FakeAdmin
+
+URL = "http://127.0.0.1:8001"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAdmin]:
+    f = FakeAdmin(URL)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        f.install(rsps)
+        yield f
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+@pytest.fixture
+def client(sleeps: list[float]) -> Iterator[AdminClient]:
+    with AdminClient(URL, "s3cret", attempts=4, sleep=sleeps.append) as c:
+        yield c
+
+
+def test_notifier_sets_and_clears_event(fake: FakeAdmin, client: AdminClient) -> None:
+    client.put_droplet("d1", ["10.0.0.1"], hostname="web1", region="nyc1")
+    nb = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)
+    doc = client.set_event("d1", "m-1-live", "live_migrate", "scheduled", not_before=nb, deadline=nb)
+    assert doc["event"]["not_before"] == "2026-12-01T02:00:00Z"
+    # Idempotent: the same PUT again changes nothing.
+    client.set_event("d1", "m-1-live", "live_migrate", "scheduled", not_before=nb, deadline=nb)
+    assert fake.event("d1") is not None and fake.event("d1")["id"] == "m-1-live"  # type: ignore[index]
+    client.clear_event("d1")
+    client.clear_event("d1")
+    client.clear_event("unknown")  # nothing to clear is success
+    assert fake.event("d1") is None
+    assert [d["id"] for d in client.list_droplets()] == ["d1"]
+
+
+def test_notifier_retries_transient_then_succeeds(
+    fake: FakeAdmin, client: AdminClient, sleeps: list[float]
+) -> None:
+    fake.fail_next = [503, 429]
+    client.put_droplet("d1", ["10.0.0.1"])
+    assert len(sleeps) == 2 and all(0 <= s <= 5 for s in sleeps)
+    assert "d1" in fake.droplets
+
+
+def test_notifier_gives_up_as_transient(fake: FakeAdmin, client: AdminClient, sleeps: list[float]) -> None:
+    fake.down = True
+    with pytest.raises(AdminAPIUnavailable, match="after 4 attempts") as e:
+        client.list_droplets()
+    assert isinstance(e.value, TransientError)
+    assert len(fake.calls) == 4 and len(sleeps) == 3
+
+
+def test_notifier_does_not_retry_client_errors(fake: FakeAdmin, sleeps: list[float]) -> None:
+    with AdminClient(URL, "wrong", sleep=sleeps.append) as c, pytest.raises(NotifierError) as e:
+        c.put_droplet("d1", ["10.0.0.1"])
+    assert e.value.status == 401 and e.value.code == "unauthorized"
+    assert not isinstance(e.value, TransientError)
+    assert len(fake.calls) == 1 and sleeps == []
+
+
+def test_notifier_unknown_droplet_event_is_404(fake: FakeAdmin, client: AdminClient) -> None:
+    with pytest.raises(NotifierError) as e:
+        client.set_event("nope", "m-1-live", "live_migrate", "scheduled")
+    assert e.value.status == 404
+    assert client.get_droplet("nope") is None
+
+
+def test_notifier_token_never_shown() -> None:
+    c = AdminClient(URL, "s3cret")
+    assert "s3cret" not in repr(c)
+    c.close()
+
+
+def test_notifier_token_file(tmp_path: Path) -> None:
+    p = tmp_path / "tok"
+    p.write_text("abc\n")
+    assert read_token_file(p) == "abc"
+    p.write_text("  ")
+    with pytest.raises(ConfigError, match="empty"):
+        read_token_file(p)
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_token_file(tmp_path / "missing")
+
+
+def test_notifier_refuses_non_http_url() -> None:
+    with pytest.raises(ConfigError):
+        AdminClient("ftp://x", "t")
