@@ -1206,14 +1206,22 @@ def _pool_for(conn: Any, directory: str) -> Any:
 class LibvirtHypervisor:
     """The libvirt back end: one URI per host (``host_uris[host]``), a ``LibvirtMigration`` per attempt."""
 
-    def __init__(self, host_uris: Mapping[str, str], *, options: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        host_uris: Mapping[str, str],
+        *,
+        options: Mapping[str, str] | None = None,
+        open_connection: Callable[[str], Any] | None = None,
+    ) -> None:
         self.host_uris = dict(host_uris)
         self.options = dict(options or {})
+        # Injected (tests share connections to libvirt's test driver): then connections are not closed here.
+        self._open_connection = open_connection
 
     def migration(self, spec: MigrationSpec) -> LibvirtMigration:
         if self.options:
             spec = MigrationSpec(**{**spec.__dict__, "options": {**self.options, **spec.options}})
-        return LibvirtMigration(spec)
+        return LibvirtMigration(spec, open_connection=self._open_connection or _open)
 
     def _uri(self, host: str) -> str:
         try:
@@ -1223,7 +1231,7 @@ class LibvirtHypervisor:
 
     def domain_state(self, host: str, droplet_id: str) -> DomainState:
         lv = _libvirt()
-        conn = _open(self._uri(host))
+        conn = (self._open_connection or _open)(self._uri(host))
         try:
             try:
                 dom = conn.lookupByName(droplet_id)
@@ -1235,38 +1243,70 @@ class LibvirtHypervisor:
                 PowerState.PAUSED: DomainState.PAUSED,
             }.get(state, DomainState.SHUT_OFF)
         finally:
-            conn.close()
+            if self._open_connection is None:
+                conn.close()
 
     def recover(self, spec: MigrationSpec) -> str:
-        """See ``HypervisorDriver.recover``: make the droplet live on exactly one host and return it."""
+        """See ``HypervisorDriver.recover``: make the droplet live on exactly one host and return it.
+
+        The switchover completed when the target's copy *runs* (libvirt resumes it only after the source's
+        QEMU sent its last page): then the source copy is removed. Otherwise the source copy is the droplet:
+        any job is cancelled, the source resumed (or, offline, shut off again) and the target cleaned.
+        """
         lv = _libvirt()
         mig = self.migration(spec)
-        name = mig.domain_name
-        src = _open(spec.source_uri)
         try:
-            try:
-                sdom = src.lookupByName(name)
-            except lv.libvirtError:
-                sdom = None
+            src, dst = mig._source(), mig._target()
+            sdom = _lookup(src, mig.domain_name)
+            tdom = _lookup(dst, mig.domain_name)
             if sdom is not None:
                 with contextlib.suppress(lv.libvirtError):
                     if sdom.jobInfo()[0] != lv.VIR_DOMAIN_JOB_NONE:
                         sdom.abortJob()
-            source_live = sdom is not None and (sdom.isActive() or spec.offline)
-            if source_live and sdom is not None:
-                mig._dom = sdom
-                mig._uuid = sdom.UUIDString()
-                mig._disks = [_Disk(t, p, f, 0, "") for t, p, f, _ in _disks(sdom)]
-                state, _reason = sdom.state()
-                if spec.offline and sdom.isActive():
-                    sdom.destroy()
-                elif state == lv.VIR_DOMAIN_PAUSED:
-                    sdom.resume()
-                mig.cleanup_target()
-                return spec.source_host
-            # The source copy is gone or stopped: the target copy is the droplet.
-            if sdom is not None:
-                sdom.undefine()
-            return spec.target_host
-        finally:
-            src.close()
+            target_runs = tdom is not None and tdom.state()[0] == lv.VIR_DOMAIN_RUNNING
+            if sdom is None or target_runs:
+                if sdom is not None:
+                    log.warning(
+                        "recover %s: switchover completed; removing the source copy", spec.migration_id
+                    )
+                    _destroy_and_undefine(sdom)
+                if tdom is None:
+                    raise DriverError(
+                        f"{mig.domain_name} is on neither {spec.source_host} nor {spec.target_host}"
+                    )
+                return spec.target_host
+            if spec.offline:
+                if sdom.isActive():
+                    sdom.destroy()  # started paused for the copy: shut off again
+            elif sdom.state()[0] == lv.VIR_DOMAIN_PAUSED:
+                sdom.resume()
+            elif not sdom.isActive():
+                raise DriverError(f"{mig.domain_name} is shut off on {spec.source_host}; not resuming it")
+            mig._dom = sdom
+            mig._uuid = sdom.UUIDString()
+            mig._disks = [_Disk(t, p, f, 0, "") for t, p, f, _ in _disks(sdom)]
+            if tdom is not None or any(_volume_exists(dst, d.path) for d in mig._disks):
+                mig._remove_target_leftovers()
+            return spec.source_host
+        except lv.libvirtError as e:
+            raise DriverError(f"recovering {spec.migration_id} failed: {e}") from e
+
+
+def _lookup(conn: Any, name: str) -> Any | None:
+    lv = _libvirt()
+    try:
+        return conn.lookupByName(name)
+    except lv.libvirtError:
+        return None
+
+
+def _volume_exists(conn: Any, path: str) -> bool:
+    lv = _libvirt()
+    pool = _pool_for(conn, posixpath.dirname(path))
+    with contextlib.suppress(lv.libvirtError):
+        pool.refresh(0)
+    try:
+        pool.storageVolLookupByName(posixpath.basename(path))
+    except lv.libvirtError:
+        return False
+    return True

@@ -364,17 +364,27 @@ def test_nonconverging_memory_is_aborted_then_moved_offline(hosts: Any, conns: C
     src_dom = start_guest(hosts, conns, name, GuestSpec(mem_kib=48 * 1024, disk_sectors=32, paced=True))
     xml_before = stable_xml(src_dom)
     rounds: list[int] = []
+    qemu_throttle: list[int] = []
+
+    def watch(p: Any) -> None:
+        rounds.append(p.round)
+        with contextlib.suppress(libvirt.libvirtError, KeyError):
+            qemu_throttle.append(int(qmp(src_dom, "query-migrate")["cpu-throttle-percentage"]))
+
     t0 = time.monotonic()
     result = run(
         LibvirtMigration(spec_for(hosts, name, bandwidth_mibps="32")),
         ControllerConfig(stall_timeout_s=10.0),
-        on_progress=lambda p: rounds.append(p.round),
+        on_progress=watch,
     )
     took_s = time.monotonic() - t0
     print(f"\n48 MiB working set at 32 MiB/s: {took_s:.1f} s, {result.summary()}")
     assert result.outcome is Outcome.ABORTED
     assert result.abort_reason is AbortReason.STALLED
-    assert result.throttle_pct_s > 0  # the stepped throttle was tried first
+    assert result.throttle_pct_s > 0  # the stepped throttle was tried first...
+    # ...and QEMU applied exactly the controller's levels, never its own (20 % + 10 % a round up to 99 %).
+    print(f"QEMU's CPU throttle seen: {sorted(set(qemu_throttle))}")
+    assert qemu_throttle and max(qemu_throttle) == ControllerConfig().throttle_max_pct
     assert max(rounds) <= 20  # QEMU alone spins ~36 rounds / 60 s before giving up
     # Source untouched: runs, same definition, no limit, no throttle left; the target holds nothing.
     assert running(src_dom)
@@ -469,6 +479,7 @@ def test_abort_mid_migration_leaves_the_source_untouched(hosts: Any, conns: Conn
     wait_for_phase(drv, "memory")
     drv.set_disk_write_limit(2 * MiB)
     assert set(write_limits(src_dom).values()) == {2 * MiB}
+    assert qmp(src_dom, "query-migrate-parameters")["downtime-limit"] == 50  # set before the job began
     assert f"{name}.qcow2" in images(hosts.target)
     assert name in domain_names(conns.dst)  # the incoming domain
 

@@ -251,3 +251,38 @@ def lv_error() -> type[Exception]:
     import libvirt
 
     return libvirt.libvirtError  # type: ignore[no-any-return]
+
+
+def test_libvirt_recover_before_switchover_keeps_the_source_and_cleans_the_target(
+    source_uri: str, target_uri: str, shared: Callable[[str], Any]
+) -> None:
+    from host_engine.drivers.libvirt import LibvirtHypervisor
+
+    hv = LibvirtHypervisor({"a": source_uri, "b": target_uri}, open_connection=shared)
+    source = shared(source_uri).lookupByName("web1")
+    hv.migration(spec(source_uri, target_uri)).prepare_target()  # the dead worker's attempt: disks made
+    leftover = shared(target_uri).defineXML(source.XMLDesc(0))
+    source.suspend()  # paused mid-migration when the worker died
+    assert hv.recover(spec(source_uri, target_uri)) == "a"
+    assert source.state()[0] == 1  # running again
+    assert [d.name() for d in shared(target_uri).listAllDomains(0)] == []
+    with pytest.raises(lv_error()):
+        shared(target_uri).storageVolLookupByPath("/var/lib/libvirt/images/web1.qcow2")
+    del leftover
+    assert hv.recover(spec(source_uri, target_uri)) == "a"  # idempotent
+
+
+def test_libvirt_recover_after_switchover_keeps_the_target(
+    source_uri: str, target_uri: str, shared: Callable[[str], Any]
+) -> None:
+    from host_engine.drivers.libvirt import LibvirtHypervisor
+
+    hv = LibvirtHypervisor({"a": source_uri, "b": target_uri}, open_connection=shared)
+    source = shared(source_uri).lookupByName("web1")
+    target_copy = shared(target_uri).defineXML(source.XMLDesc(0))
+    target_copy.create()
+    source.suspend()  # switchover done, the source's confirmation never came
+    assert hv.recover(spec(source_uri, target_uri)) == "b"
+    assert "web1" not in [d.name() for d in shared(source_uri).listAllDomains(0)]
+    assert target_copy.isActive()
+    assert hv.recover(spec(source_uri, target_uri)) == "b"  # idempotent
