@@ -93,6 +93,8 @@ ABORT_WAIT_S = 60.0
 # How long start() waits for libvirt to report the migration job, so limits can be applied to it.
 JOB_START_WAIT_S = 10.0
 JOB_START_POLL_S = 0.02
+# A control call that failed is ignored if the migration job ends within this long (it raced the end).
+END_RACE_WAIT_S = 2.0
 # finalize(True) waits this long for the migration thread to return (the job completed event comes first).
 FINALIZE_WAIT_S = 120.0
 # A disk write limit is a QMP command; QEMU answers in milliseconds even under load.
@@ -539,9 +541,9 @@ class LibvirtMigration(MigrationDriver):
             | lv.VIR_MIGRATE_PERSIST_DEST
             | lv.VIR_MIGRATE_UNDEFINE_SOURCE
         )
-        if self.auto_converge != "off":
+        if self.auto_converge != "off" and not self.spec.offline:
             flags |= lv.VIR_MIGRATE_AUTO_CONVERGE
-        if self.auto_converge == "controlled":
+        if self.auto_converge == "controlled" and not self.spec.offline:
             initial = self._throttle_pct or DISARMED_THROTTLE_PCT
             params[lv.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = initial
             params[lv.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = 1
@@ -556,8 +558,9 @@ class LibvirtMigration(MigrationDriver):
         )
         self._thread.start()
         self._wait_for_job()
-        if self.auto_converge == "controlled":
-            self._apply_throttle(self._throttle_pct)
+        if self.auto_converge == "controlled" and not self.spec.offline:
+            with self._unless_ended():
+                self._apply_throttle(self._throttle_pct)
         log.info(
             "migration %s: %s → %s started (bandwidth cap %s MiB/s, flags %#x)",
             self.spec.migration_id,
@@ -603,9 +606,10 @@ class LibvirtMigration(MigrationDriver):
         except lv.libvirtError:
             self._disk_limit_bps = None
             return
-        for disk in self._disks:
-            self._qmp(self._dom, "block_set_io_throttle", self._io_throttle_args(disk, bytes_per_s))
-        self._disk_limit_bps = bytes_per_s
+        with self._unless_ended():
+            for disk in self._disks:
+                self._qmp(self._dom, "block_set_io_throttle", self._io_throttle_args(disk, bytes_per_s))
+        self._disk_limit_bps = None if self._succeeded() else bytes_per_s
         log.info(
             "migration %s: disk write limit on %s: %s",
             self.spec.migration_id,
@@ -633,15 +637,17 @@ class LibvirtMigration(MigrationDriver):
                 "migration %s: QEMU cannot lower a throttle mid-migration; keeping it", self.spec.migration_id
             )
             return
-        self._apply_throttle(percent)
-        self._throttle_pct = percent
+        with self._unless_ended():
+            self._apply_throttle(percent)
+        self._throttle_pct = percent if self._running() else 0
 
     def set_max_downtime(self, ms: int) -> None:
         if ms <= 0:
             raise DriverError("max downtime must be positive")
         self._max_downtime_ms = ms
         if self._dom is not None and self._thread is not None:
-            self._apply_max_downtime(ms)
+            with self._unless_ended():
+                self._apply_max_downtime(ms)
 
     def set_bandwidth_limit(self, bytes_per_s: int | None) -> None:
         """Change the migration's bandwidth cap while it runs (``migrateSetMaxSpeed``, whole MiB/s)."""
@@ -655,7 +661,6 @@ class LibvirtMigration(MigrationDriver):
                 raise DriverError(f"cannot set the migration bandwidth: {e}") from e
 
     def _switchover(self) -> None:
-        lv = _libvirt()
         if self._dom is None or self._thread is None:
             raise DriverError("switchover() before start()")
         phase = self.progress().phase
@@ -667,11 +672,10 @@ class LibvirtMigration(MigrationDriver):
                 "migration %s: switchover asked in phase %s: not yet", self.spec.migration_id, phase.value
             )
             return
-        try:
+        with self._unless_ended():
             self._dom.suspend()
-        except lv.libvirtError as e:
-            if self._thread.is_alive():
-                raise DriverError(f"switchover (pause of the source) failed: {e}") from e
+        if not self._running():
+            return
         self._advance(Phase.SWITCHOVER)
         log.info("migration %s: switchover: source paused", self.spec.migration_id)
 
@@ -730,6 +734,27 @@ class LibvirtMigration(MigrationDriver):
 
     def _running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @contextlib.contextmanager
+    def _unless_ended(self) -> Iterator[None]:
+        """A control call on the source that fails because the job has just ended is not an error.
+
+        A small guest can finish its migration between one controller tick and the next call: the source
+        domain is then gone (or stopped) and QEMU/libvirt refuse the call. The outcome is the job's.
+        """
+        lv = _libvirt()
+        try:
+            yield
+        except (DriverError, lv.libvirtError) as e:
+            thread = self._thread
+            if thread is not None:
+                thread.join(END_RACE_WAIT_S)
+                if not thread.is_alive():
+                    log.info("migration %s: ignored, the job has ended: %s", self.spec.migration_id, e)
+                    return
+            if isinstance(e, DriverError):
+                raise
+            raise DriverError(str(e)) from e
 
     def _succeeded(self) -> bool:
         """The migration job returned without error: the target holds the live copy now."""
@@ -970,11 +995,7 @@ class LibvirtMigration(MigrationDriver):
                 "max-cpu-throttle": percent,
                 "throttle-trigger-threshold": ARMED_TRIGGER_PCT,
             }
-        try:
-            self._qmp(self._dom, "migrate-set-parameters", arguments)
-        except DriverError:
-            if self._thread is not None and self._thread.is_alive():
-                raise
+        self._qmp(self._dom, "migrate-set-parameters", arguments)
 
     def _apply_max_downtime(self, ms: int) -> None:
         lv = _libvirt()
