@@ -148,6 +148,10 @@ class Placer:
         self._used_m = [float(usage.get(h.name, empty).memory_bytes) for h in self.hosts]
         self._used_d = [float(usage.get(h.name, empty).disk_bytes) for h in self.hosts]
         self._tags = [set(tags.get(h.name, ())) for h in self.hosts]
+        self._tag_hosts: dict[str, set[int]] = {}
+        for i, host_tags in enumerate(self._tags):
+            for tag in host_tags:
+                self._tag_hosts.setdefault(tag, set()).add(i)
         self._index = {h.name: i for i, h in enumerate(self.hosts)}
 
     # ---- weighers ----------------------------------------------------------------------------------------
@@ -249,9 +253,19 @@ class Placer:
         ranking = sorted((-self.score(i), self.hosts[i].name, i) for i in candidates)
         runners = self.config.runners_up
         choices = []
+        # Capacity rejections per droplet shape, counted once over all candidates, then kept up to date
+        # incrementally: a placement changes one host, so only that host's verdict can change.
+        shape_counts: dict[tuple[int, int, int], list[int]] = {}
+        candidate_set = set(candidates)
         for d in placement_order(droplets):
+            shape = (d.vcpus, d.memory_bytes, d.disk_bytes)
+            if shape not in shape_counts:
+                shape_counts[shape] = self._count_capacity(candidates, *shape)
+            cv, cm, cd = shape_counts[shape]
             counts = dict(static_counts)
-            counts.update(self._count_dynamic(candidates, d))
+            counts.update(
+                vcpus=cv, memory=cm, disk=cd, anti_affinity=self._count_anti_affinity(candidate_set, d)
+            )
             picked: list[tuple[str, float, int]] = []
             for neg, name, i in ranking:
                 if self._dynamic_reject(i, d) is None:
@@ -274,24 +288,44 @@ class Placer:
                 )
                 old = (-score, name, i)
                 del ranking[bisect.bisect_left(ranking, old)]
-                self._used_v[i] += d.vcpus
-                self._used_m[i] += d.memory_bytes
-                self._used_d[i] += d.disk_bytes
-                if d.owner_tag:
-                    self._tags[i].add(d.owner_tag)
+                self._commit(i, d, shape_counts)
                 bisect.insort(ranking, (-self.score(i), name, i))
             else:
                 choices.append(Choice(d.id, None, None, (), counts, len(self.hosts), verdicts))
         return Plan(source.name, tuple(choices))
 
-    def _count_dynamic(self, candidates: Sequence[int], d: Droplet) -> dict[str, int]:
-        # The hot loop of a fleet-sized plan: plain locals, no calls.
-        rv, rm, rd = d.vcpus, d.memory_bytes, d.disk_bytes
+    def _commit(self, i: int, d: Droplet, shape_counts: dict[tuple[int, int, int], list[int]]) -> None:
+        """Count ``d`` against host ``i``, and move ``i`` between the shapes' rejection counts."""
+        before = {s: self._capacity_category(i, *s) for s in shape_counts}
+        self._used_v[i] += d.vcpus
+        self._used_m[i] += d.memory_bytes
+        self._used_d[i] += d.disk_bytes
+        if d.owner_tag:
+            self._tags[i].add(d.owner_tag)
+            self._tag_hosts.setdefault(d.owner_tag, set()).add(i)
+        for s, was in before.items():
+            now = self._capacity_category(i, *s)
+            if now != was:
+                if was:
+                    shape_counts[s][was - 1] -= 1
+                if now:
+                    shape_counts[s][now - 1] += 1
+
+    def _capacity_category(self, i: int, rv: int, rm: int, rd: int) -> int:
+        """0: room for the shape; 1, 2, 3: rejected by the vcpus, memory, disk filter."""
+        if self._cap_v[i] - self._used_v[i] < rv:
+            return 1
+        if self._cap_m[i] - self._used_m[i] < rm:
+            return 2
+        if self._cap_d[i] - self._used_d[i] < rd:
+            return 3
+        return 0
+
+    def _count_capacity(self, candidates: Sequence[int], rv: int, rm: int, rd: int) -> list[int]:
+        # The one full pass per droplet shape: plain locals, no calls.
         cap_v, cap_m, cap_d = self._cap_v, self._cap_m, self._cap_d
         used_v, used_m, used_d = self._used_v, self._used_m, self._used_d
-        tag = d.owner_tag if self.config.anti_affinity else ""
-        tags = self._tags
-        cv = cm = cd = ca = 0
+        cv = cm = cd = 0
         for i in candidates:
             if cap_v[i] - used_v[i] < rv:
                 cv += 1
@@ -299,9 +333,18 @@ class Placer:
                 cm += 1
             elif cap_d[i] - used_d[i] < rd:
                 cd += 1
-            elif tag and tag in tags[i]:
-                ca += 1
-        return {"vcpus": cv, "memory": cm, "disk": cd, "anti_affinity": ca}
+        return [cv, cm, cd]
+
+    def _count_anti_affinity(self, candidates: set[int], d: Droplet) -> int:
+        """Candidates with room for ``d`` that the anti-affinity filter rejects (few: hosts with its tag)."""
+        if not (self.config.anti_affinity and d.owner_tag):
+            return 0
+        shape = (d.vcpus, d.memory_bytes, d.disk_bytes)
+        return sum(
+            1
+            for i in self._tag_hosts.get(d.owner_tag, ())
+            if i in candidates and self._capacity_category(i, *shape) == 0
+        )
 
     def _verdicts(
         self,

@@ -181,8 +181,9 @@ def _existing_slots(tx: Tx, cfg: ScheduleConfig) -> list[Slot]:
     ]
 
 
-def _placer(tx: Tx, datacenter: str, cfg: PlacementConfig) -> Placer:
-    return Placer(tx.list_hosts(datacenter=datacenter), tx.usage_by_host(), tx.owner_tags_by_host(), cfg)
+def _placer(tx: Tx, datacenter: str, cfg: PlacementConfig, droplets: Sequence[Droplet]) -> Placer:
+    tags = tx.owner_tags_by_host(only=[d.owner_tag for d in droplets]) if cfg.anti_affinity else {}
+    return Placer(tx.list_hosts(datacenter=datacenter), tx.usage_by_host(), tags, cfg)
 
 
 def _describe_unplaced(c: Choice, d: Droplet) -> str:
@@ -190,6 +191,11 @@ def _describe_unplaced(c: Choice, d: Droplet) -> str:
         f"no host can take droplet {d.id} ({d.vcpus} vCPUs, {format_size(d.memory_bytes)}, "
         f"{format_size(d.disk_bytes)} disk): rejected {c.summary_of_rejections()}"
     )
+
+
+def _migrating(tx: Tx, host_name: str) -> set[str]:
+    """Droplets on ``host_name`` that already have an active migration."""
+    return {m.droplet_id for m in tx.list_migrations(states=ACTIVE_STATES, source_host=host_name)}
 
 
 def plan_placement(
@@ -201,9 +207,8 @@ def plan_placement(
     explain: Iterable[str] = (),
     only_target: str | None = None,
 ) -> Plan:
-    return _placer(tx, source.datacenter, cfg).place(
-        droplets, source, explain=explain, only_target=only_target
-    )
+    placer = _placer(tx, source.datacenter, cfg, droplets)
+    return placer.place(droplets, source, explain=explain, only_target=only_target)
 
 
 def preview_evacuation(
@@ -212,7 +217,8 @@ def preview_evacuation(
     """``plan evacuate``: where each droplet of ``host_name`` would go now. Writes nothing."""
     with store.begin(readonly=True) as tx:
         source = tx.get_host(host_name)
-        droplets = [d for d in tx.list_droplets(host=host_name) if tx.active_migration_for(d.id) is None]
+        busy = _migrating(tx, host_name)
+        droplets = [d for d in tx.list_droplets(host=host_name) if d.id not in busy]
         explain = list(explain)
         known = {d.id for d in droplets}
         for did in explain:
@@ -307,8 +313,9 @@ def _evacuate(
         source = tx.get_host(host_name, for_update=True)
         droplets: list[Droplet] = []
         skipped: list[Droplet] = []
+        busy = _migrating(tx, host_name)
         for d in tx.list_droplets(host=host_name):
-            (skipped if tx.active_migration_for(d.id) is not None else droplets).append(d)
+            (skipped if d.id in busy else droplets).append(d)
         schedule = _schedule(tx, source, droplets, request, config)
         schedule = Schedule(schedule.source, schedule.plan, schedule.moves, tuple(d.id for d in skipped))
         if dry_run:

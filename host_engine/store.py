@@ -437,11 +437,19 @@ class Tx:
             )
         return usage
 
-    def owner_tags_by_host(self) -> dict[str, set[str]]:
-        """Owner tags present on each host, counting droplets on their way to it."""
+    def owner_tags_by_host(self, only: Iterable[str] | None = None) -> dict[str, set[str]]:
+        """Owner tags present on each host, counting droplets on their way to it.
+
+        ``only``: just these tags (placement only needs the tags of the droplets it places).
+        """
         tags: dict[str, set[str]] = {}
         d = t.droplets
+        wanted = None if only is None else sorted({tag for tag in only if tag})
+        if wanted is not None and not wanted:
+            return tags
         q = sa.select(d.c.host, d.c.owner_tag).where(d.c.owner_tag != "").distinct()
+        if wanted is not None:
+            q = q.where(d.c.owner_tag.in_(wanted))
         for host, tag in self.conn.execute(q):
             tags.setdefault(host, set()).add(tag)
         m = t.migrations
@@ -451,6 +459,8 @@ class Tx:
             .where(m.c.state.in_(_ACTIVE_VALUES), d.c.owner_tag != "")
             .distinct()
         )
+        if wanted is not None:
+            q2 = q2.where(d.c.owner_tag.in_(wanted))
         for host, tag in self.conn.execute(q2):
             tags.setdefault(host, set()).add(tag)
         return tags

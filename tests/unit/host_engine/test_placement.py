@@ -149,11 +149,12 @@ hosts_st = st.lists(
     min_size=1,
     max_size=12,
 )
+# Few distinct sizes, so that shapes repeat and the incremental rejection counts get exercised.
 droplets_st = st.lists(
     st.tuples(
-        st.integers(0, 16),
-        st.integers(0, 64),
-        st.integers(0, 500),
+        st.sampled_from([0, 1, 2, 4, 8, 16]),
+        st.sampled_from([0, 1, 4, 16, 64]),
+        st.sampled_from([0, 10, 100, 500]),
         st.sampled_from(["", "", "acme", "blue", "c"]),
     ),
     min_size=1,
