@@ -11,6 +11,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 import responses
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guest_sdk import EventKind, MaintenanceClient, MetadataUnavailable, WaitTimeout
 from tests.unit.guest_sdk.conftest import JSON_URL, TEXT_URL, FakeClock, event_json
@@ -46,7 +48,12 @@ class LongPollServer:
             give_up = self.clock.now + timeout_sec
             last = query["last_etag"].strip('"')
             if self.current()["etag"] == last:
-                upcoming = [when for when, _ in self.changes_at if self.clock.now < when <= give_up]
+                # Hold until the ETag differs from the caller's (a change to the same content is none).
+                upcoming = [
+                    when
+                    for when, doc in self.changes_at
+                    if self.clock.now < when <= give_up and doc["etag"] != last
+                ]
                 self.clock.now = min(upcoming) if upcoming else give_up
         doc = self.current()
         return 200, {"ETag": f'"{doc["etag"]}"'}, json.dumps(doc)
@@ -280,3 +287,46 @@ def test_watch_polls_a_text_only_server(
     http.add_callback(responses.GET, TEXT_URL, callback=lambda _req: (200, {}, next(bodies)))
     kinds = [ev.kind for ev in make_client(poll_interval_s=1.0).watch(timeout_s=5.5)]
     assert kinds == [EventKind.NONE, EventKind.LIVE_MIGRATE, EventKind.NONE]
+
+
+PALETTE = [
+    event_json("", etag="p0"),
+    event_json("live_migrate", etag="p1"),
+    event_json("live_migrate", state="in_progress", etag="p2"),
+    event_json("offline_migrate", id="ev-2", etag="p3"),
+    event_json("live_migrate", acknowledged="ready", etag="p4"),
+]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    initial=st.integers(0, len(PALETTE) - 1),
+    timeline=st.lists(
+        st.tuples(st.integers(1, 400), st.integers(0, len(PALETTE) - 1)), min_size=0, max_size=12
+    ),
+    long_poll_s=st.integers(15, 120),
+)
+def test_watch_yields_exactly_the_changes_each_once(
+    initial: int, timeline: list[tuple[int, int]], long_poll_s: int
+) -> None:
+    clock = FakeClock()
+    changes: list[tuple[float, dict[str, object]]] = []
+    at = clock.now
+    for gap, index in timeline:
+        at += gap
+        changes.append((at, PALETTE[index]))
+    expected = [PALETTE[initial]["etag"]]
+    for _, doc in changes:
+        if doc["etag"] != expected[-1]:
+            expected.append(doc["etag"])
+    server = LongPollServer(clock, PALETTE[initial], changes)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as http:
+        serve(http, server)
+        with MaintenanceClient(
+            "http://169.254.169.254", sleep=clock.sleep, clock=clock.clock, long_poll_timeout_s=long_poll_s
+        ) as client:
+            seen = [ev.etag for ev in client.watch(timeout_s=at - clock.now + 1)]
+    assert seen == expected
+    assert clock.sleeps == []  # all by long-poll
+    # Bounded work: one long-poll per change plus one per long_poll_s of quiet time, plus the first read.
+    assert len(server.queries) <= 2 + len(changes) + (at - 1000.0 + 1) / long_poll_s + 1
