@@ -144,6 +144,21 @@ def log_writer(
     )
 
 
+def cache(
+    *,
+    memory_rate_bps: float = 800 * MiB,
+    memory_hot_bytes: int = 4 * GiB,
+    disk_rate_bps: float = 1 * MiB,
+    disk_hot_bytes: int = 256 * MiB,
+) -> Workload:
+    """An in-memory cache or a busy JVM heap: memory dirtied at about two thirds of the link, little disk.
+
+    Below the link, so pre-copy converges by itself, slowly; QEMU's auto-converge (which triggers when the
+    guest dirties more than half of what was sent) throttles it anyway.
+    """
+    return Workload("cache", disk_rate_bps, disk_hot_bytes, Pattern.RANDOM, memory_rate_bps, memory_hot_bytes)
+
+
 def diabolical(
     *,
     link_bps: float = DEFAULT_NIC_BPS,
@@ -175,6 +190,7 @@ WORKLOADS = {
     "web": web,
     "database": database,
     "log_writer": log_writer,
+    "cache": cache,
     "diabolical": diabolical,
 }
 
