@@ -4,8 +4,8 @@
     .venv/bin/python bench/run_all.py [name ...]     # e.g. run_all.py metadata_server
 
 Each script runs as its own subprocess with this interpreter, from the repository root, in name order,
-and writes its JSON results to bench/results/<name>.json when it takes ``--json`` (the scripts of this
-project do). The first failure stops the run with that script's exit code.
+with no arguments (its own defaults: the scripts do not agree on what ``--json`` takes). The first failure
+stops the run with that script's exit code.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-RESULTS = BENCH / "results"
 
 
 def scripts(only: list[str]) -> list[Path]:
@@ -33,10 +32,6 @@ def scripts(only: list[str]) -> list[Path]:
     return found
 
 
-def takes_json(script: Path) -> bool:
-    return "--json" in script.read_text()
-
-
 def main() -> int:
     todo = scripts(sys.argv[1:])
     if not todo:
@@ -44,9 +39,6 @@ def main() -> int:
         return 0
     for script in todo:
         argv = [sys.executable, str(script)]
-        if takes_json(script):
-            RESULTS.mkdir(exist_ok=True)
-            argv += ["--json", str(RESULTS / f"{script.stem}.json")]
         print(f"==> {' '.join(argv)}", flush=True)
         started = time.monotonic()
         code = subprocess.run(argv, cwd=ROOT, check=False).returncode
