@@ -99,7 +99,15 @@ def main(
     request_timeout_s: float,
     attempts: int,
 ) -> None:
-    """Print this droplet's maintenance event; the exit status says which (0 none, 10 live, 11 offline)."""
+    """Print this droplet's maintenance event, as curl would; the exit status says which.
+
+    \b
+    0   no event
+    10  live_migrate
+    11  offline_migrate
+    12  another value
+    1   an error: unreachable service, not a droplet, a malformed answer, a wait that timed out
+    """
     try:
         with MaintenanceClient(
             url,

@@ -137,7 +137,10 @@ class MaintenanceEvent:
         """
         if not isinstance(doc, dict):
             raise ProtocolError(f"maintenance_event.json is not a JSON object: {_preview(json.dumps(doc))}")
-        raw = doc.get("event", "")
+        if "event" not in doc:
+            # Reading a document without the field as "no event" would be the silent answer we never give.
+            raise ProtocolError("maintenance_event.json has no 'event' field")
+        raw = doc["event"]
         if raw is None:
             raw = ""
         if not isinstance(raw, str):

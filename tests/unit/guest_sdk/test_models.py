@@ -98,6 +98,8 @@ def test_models_json_unknown_event_and_unknown_ack_are_reported_not_refused() ->
         {"event": "live_migrate", "not_before": "tomorrow"},
         {"event": "live_migrate", "not_before": "2026-12-01T02:00:00"},  # no offset
         {"event": "<b>live</b>"},
+        {"id": "ev-1", "state": "scheduled"},  # no event field: not "no event"
+        {},
     ],
 )
 def test_models_json_wrong_shape_is_protocol_error(doc: object) -> None:
