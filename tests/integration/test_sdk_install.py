@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tomllib
 import venv
 from pathlib import Path
 
@@ -18,7 +19,6 @@ import pytest
 from tests.support import require
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("guest_sdk", "guest_agent", "host_engine", "metadata_server")
 # What requests, tenacity and click need, on Linux (click's colorama is Windows-only).
 ALLOWED = {
     "droplet-live-migration",
@@ -31,6 +31,23 @@ ALLOWED = {
     "click",
 }
 INSTALL_TIMEOUT_S = 300
+
+
+def copy_project(dest: Path) -> None:
+    """What a build of the project reads: pyproject, its top-level files, and the packages it includes."""
+    dest.mkdir()
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for path in ROOT.iterdir():
+        if path.is_file() and (
+            path.suffix in {".toml", ".md", ".cfg", ".in", ".txt"} or path.name.startswith("LICENSE")
+        ):
+            shutil.copy2(path, dest / path.name)
+    patterns = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.split("*")[0].rstrip(".") for p in patterns}
+    assert "guest_sdk" in packages
+    for package in sorted(packages):
+        if (ROOT / package).is_dir():
+            shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def _names(python: Path) -> set[str]:
@@ -48,11 +65,7 @@ def _names(python: Path) -> set[str]:
 def test_sdk_install_pulls_in_only_requests_tenacity_click(tmp_path: Path) -> None:
     require((ROOT / "pyproject.toml").exists(), "the project sources are not beside the tests")
     src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, src / name)
-    for package in PACKAGES:
-        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_project(src)
 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
