@@ -522,13 +522,25 @@ class Executor:
         free = self.config.max_concurrent - len(self.active)
         if free <= 0:
             return []
+        now = self.store.clock()
         claimed = self.store.claim(
             self.config.worker,
             states=(MigrationState.NOTIFIED, MigrationState.OFFLINE_REQUIRED),
-            due_by=self.store.clock(),
+            due_by=now,
             lease_s=self.config.lease_s,
             limit=free,
         )
+        # A guest that acknowledged "ready" may be moved before its not_before (DESIGN.md §3, step 5).
+        for early in self.store.list_migrations(states=(MigrationState.NOTIFIED,)):
+            if len(claimed) >= free:
+                break
+            if early.ack == "ready" and early.not_before > now and early.claimed_by is None:
+                claimed += self.store.claim(
+                    self.config.worker,
+                    states=(MigrationState.NOTIFIED,),
+                    lease_s=self.config.lease_s,
+                    migration_id=early.id,
+                )
         done = []
         for m in claimed:
             if m.id not in self.active:
@@ -541,7 +553,10 @@ class Executor:
         worker = self.config.worker
         power = self.hypervisor.domain_state(m.source_host, m.droplet_id)
         offline = (
-            m.state is MigrationState.OFFLINE_REQUIRED or m.ack == "offline" or power is DomainState.SHUT_OFF
+            m.offline
+            or m.state is MigrationState.OFFLINE_REQUIRED
+            or m.ack == "offline"
+            or power is DomainState.SHUT_OFF
         )
         if power is DomainState.ABSENT or (offline and power is not DomainState.SHUT_OFF):
             # Absent: the inventory is wrong, an operator must look. Running but offline: the guest was told

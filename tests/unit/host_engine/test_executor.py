@@ -383,3 +383,18 @@ def test_executor_config_retry_limits_are_respected(env: Env) -> None:
     ex = env.executor(retry=RetryConfig(max_attempts=1))
     env.drive(ex, lambda: env.state(mid) is S.OFFLINE_REQUIRED)
     assert env.store.get_migration(mid).stats["last_attempt"]["abort_reason"] in ("no_transfer", "stalled")
+
+
+def test_executor_starts_early_when_the_guest_acknowledged_ready(env: Env) -> None:
+    env.droplet("d1")
+    now = env.store.clock()
+    (m,) = env.store.create_migrations(
+        [NewMigration("d1", "a", "b", now + timedelta(minutes=30), now, now + timedelta(hours=1))]
+    )
+    env.store.transition(m.id, S.NOTIFIED, notified_at=now)
+    ex = env.executor()
+    ex.tick()
+    assert env.state(m.id) is S.NOTIFIED
+    env.store.update_migration(m.id, ack="ready")
+    env.drive(ex, lambda: env.state(m.id) is S.COMPLETED, max_s=600)
+    env.assert_on_exactly("d1", "b")
