@@ -692,6 +692,12 @@ class LibvirtMigration(MigrationDriver):
             thread.join(ABORT_WAIT_S)
             if thread.is_alive():
                 raise DriverError(f"the migration job did not stop within {ABORT_WAIT_S:.0f} s of abortJob")
+            if self._succeeded():
+                # Too late: QEMU had finished the switchover. The target copy is the droplet now; cleaning
+                # it up would destroy the only running copy.
+                raise DriverError(
+                    "abort came too late: the migration completed and the target runs the droplet"
+                )
         if self._phase is not Phase.DONE:
             self._fail("aborted")
         self._clean_after_failure()
