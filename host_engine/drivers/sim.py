@@ -34,8 +34,9 @@ import logging
 import math
 import random
 import zlib
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from host_engine.drivers.base import DomainState, DriverError, MigrationSpec, Phase, Progress
 
@@ -313,6 +314,8 @@ class SimWorld:
 
     def __init__(self, seed: int = 0, *, step_s: float = DEFAULT_STEP_S) -> None:
         self.seed = seed
+        # Bumped by every save to the store, to detect two processes saving the same world (see save_world).
+        self.generation = 0
         self.step_s = step_s
         self.time_s = 0.0
         self.version = 0
@@ -636,6 +639,7 @@ class SimWorld:
         rng_version, rng_internal, rng_gauss = self.rng.getstate()
         return {
             "format": 1,
+            "generation": self.generation,
             "seed": self.seed,
             "step_s": self.step_s,
             "time_s": self.time_s,
@@ -664,6 +668,7 @@ class SimWorld:
         world = cls(data["seed"], step_s=data["step_s"])
         world.time_s = data["time_s"]
         world.version = data["version"]
+        world.generation = data.get("generation", 0)
         v, internal, gauss = data["rng"]
         world.rng.setstate((v, tuple(internal), gauss))
         for h in data["hosts"]:
@@ -788,6 +793,56 @@ def _migration_from_dict(data: dict[str, Any]) -> Migration:
     for k in _SET_FIELDS:
         values[k] = set(data[k])
     return Migration(**values)
+
+
+# --- Keeping the world where several processes see it (DESIGN.md §9) -------------------------------------
+
+WORLD_KEY = "world"
+
+
+class WorldConflict(Exception):
+    """Another process saved the world since this copy was loaded: reload instead of overwriting its work."""
+
+
+class SimKV(Protocol):
+    """The store's key/value table for the simulator (``host_engine.store.Tx`` has these)."""
+
+    def sim_get(self, key: str, *, for_update: bool = False) -> Any | None: ...
+
+    def sim_put(self, key: str, value: Any) -> None: ...
+
+
+class SimKVStore(Protocol):
+    """Something that opens transactions over a ``SimKV`` (``host_engine.store.Store``)."""
+
+    def begin(self) -> AbstractContextManager[SimKV]: ...
+
+
+def load_world(store: SimKVStore, key: str = WORLD_KEY) -> SimWorld | None:
+    """The world saved under ``key``, or None if there is none yet."""
+    with store.begin() as tx:
+        data = tx.sim_get(key)
+    return None if data is None else SimWorld.from_dict(data)
+
+
+def save_world(store: SimKVStore, world: SimWorld, key: str = WORLD_KEY) -> None:
+    """Save ``world`` in one transaction, refusing (``WorldConflict``) if another process saved it meanwhile.
+
+    The generation check runs under the row lock (``FOR UPDATE`` on PostgreSQL, the single writer on SQLite),
+    so of two processes that loaded the same generation only the first save wins.
+    """
+    new_generation = world.generation + 1
+    with store.begin() as tx:
+        current = tx.sim_get(key, for_update=True)
+        stored = 0 if current is None else int(current.get("generation", 0))
+        if current is not None and stored != world.generation:
+            raise WorldConflict(
+                f"sim world {key!r} is at generation {stored}, this copy at {world.generation}"
+            )
+        data = world.to_dict()
+        data["generation"] = new_generation
+        tx.sim_put(key, data)
+    world.generation = new_generation
 
 
 # --- The driver -------------------------------------------------------------------------------------------
