@@ -17,10 +17,14 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from host_engine.controller import (
     Abort,
@@ -469,8 +473,10 @@ class Executor:
         hooks: ExecutorHooks | None = None,
         choose_target: TargetChooser | None = None,
         rand: Callable[[], float] | None = None,
+        metrics: ExecutorMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.hypervisor = hypervisor
         self.config = config
         self.clock = clock
@@ -664,6 +670,8 @@ class Executor:
         self, m: Migration, offline: bool, result: MigrationResult, *, operator_abort: str | None
     ) -> Finished:
         worker = self.config.worker
+        if self.metrics is not None:
+            self.metrics.observe(result)
         attempt_stats = {"attempt": m.attempt, "offline": offline, **result.summary()}
         if result.outcome is Outcome.COMPLETED:
             done = self.store.complete(
@@ -878,3 +886,83 @@ def request_abort(store: Store, migration_id: str, *, by: str) -> Migration:
         if m.state in CANCELLABLE:
             return tx.transition(migration_id, MigrationState.CANCELLED, message=f"cancelled by {by}")
         raise Conflict(f"migration {migration_id} is {m.state.value}: nothing to abort")
+
+
+class _StatesCollector(Collector):
+    """Migrations by state, read from the store at scrape time (every worker reports the same numbers)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("host_engine_migrations", "Migrations by state", labels=["state"])
+        counts = dict.fromkeys(MigrationState, 0)
+        for m in self._store.list_migrations():
+            counts[m.state] += 1
+        for state, n in counts.items():
+            family.add_metric([state.value], n)
+        yield family
+
+
+class ExecutorMetrics:
+    """Prometheus metrics of migrations (``host-engine run`` serves ``exposition()`` on ``/metrics``)."""
+
+    def __init__(self, store: Store, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.attempts = Counter(
+            "host_engine_migration_attempts",
+            "Finished attempts by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "host_engine_migration_duration_seconds",
+            "Duration of finished attempts",
+            buckets=(10, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+            registry=self.registry,
+        )
+        self.downtime = Histogram(
+            "host_engine_migration_downtime_seconds",
+            "Pause at switchover of completed attempts",
+            buckets=(0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 5.0),
+            registry=self.registry,
+        )
+        self.transferred = Counter(
+            "host_engine_migration_transferred_bytes", "Bytes sent by attempts", registry=self.registry
+        )
+        self.throttle = Counter(
+            "host_engine_migration_throttle_percent_seconds",
+            "vCPU throttle applied, percent x seconds",
+            registry=self.registry,
+        )
+        self.disk_limit = Counter(
+            "host_engine_migration_disk_limit_seconds",
+            "Time guests spent under a temporary disk write limit",
+            registry=self.registry,
+        )
+        self.registry.register(_StatesCollector(store))
+
+    def observe(self, result: MigrationResult) -> None:
+        self.attempts.labels(result.outcome.value).inc()
+        self.duration.observe(result.duration_s)
+        if result.downtime_ms is not None:
+            self.downtime.observe(result.downtime_ms / 1000.0)
+        self.transferred.inc(result.bytes_transferred)
+        self.throttle.inc(result.throttle_pct_s)
+        self.disk_limit.inc(result.disk_limit_s)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def timeline(store: Store, migration_id: str) -> list[dict[str, object]]:
+    """The recorded progress of a migration, oldest first, for ``host-engine report`` (rounds, remaining
+    bytes, rate, throttle and disk limit over time; one row per logged change, attempt by attempt)."""
+    rows: list[dict[str, object]] = []
+    attempt = 0
+    for e in store.migration_log(migration_id):
+        if e.to_state in (MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING):
+            attempt += 1
+        if e.kind == "progress":
+            rows.append({"at": e.at.isoformat(), "attempt": attempt, **e.data})
+    return rows

@@ -18,6 +18,7 @@ from host_engine.drivers.sim import (
     SimHypervisor,
     SimWorld,
     Workload,
+    database,
     diabolical,
     web,
 )
@@ -26,8 +27,10 @@ from host_engine.executor import (
     ABORT_REQUEST_KEY,
     Executor,
     ExecutorConfig,
+    ExecutorMetrics,
     attempt_id,
     request_abort,
+    timeline,
 )
 from host_engine.models import Droplet, Host, Migration, NewMigration
 from host_engine.retry import RetryConfig
@@ -398,3 +401,23 @@ def test_executor_starts_early_when_the_guest_acknowledged_ready(env: Env) -> No
     env.store.update_migration(m.id, ack="ready")
     env.drive(ex, lambda: env.state(m.id) is S.COMPLETED, max_s=600)
     env.assert_on_exactly("d1", "b")
+
+
+def test_executor_metrics_and_timeline_describe_what_happened(env: Env) -> None:
+    env.droplet("d1", workload=database())
+    mid = env.migration("d1")
+    metrics = ExecutorMetrics(env.store)
+    ex = env.executor()
+    ex.metrics = metrics
+    ex.run_until_idle()
+    text = metrics.exposition().decode()
+    assert 'host_engine_migration_attempts_total{outcome="completed"} 1.0' in text
+    assert 'host_engine_migrations{state="completed"} 1.0' in text
+    assert "host_engine_migration_downtime_seconds_bucket" in text
+    assert "host_engine_migration_disk_limit_seconds_total" in text
+    rows = timeline(env.store, mid)
+    assert rows[0]["phase"] == "disk"
+    assert rows[-1]["phase"] == "done"
+    assert {r["attempt"] for r in rows} == {1}
+    assert any(r["disk_write_limit_bps"] for r in rows)  # the database got its temporary limit
+    assert rows[-1]["disk_write_limit_bps"] is None
