@@ -202,9 +202,9 @@ class MetadataSync:
         target_client = self.client(target)
         self.register(target_client, droplet, target)
         target_client.clear_event(droplet.id)
-        source_client = self.client(source)
-        if source_client is not target_client:
-            source_client.delete_droplet(droplet.id)
+        # Hosts sharing one server (small sites, the demo): the move only clears the flag (DESIGN.md §2).
+        if source.metadata_url.rstrip("/") != target.metadata_url.rstrip("/"):
+            self.client(source).delete_droplet(droplet.id)
         self.store.update_migration(
             migration.id, event_cleared_at=self.store.clock(), message="event cleared"
         )

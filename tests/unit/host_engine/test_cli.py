@@ -414,5 +414,47 @@ def test_cli_config_overcommit_changes_placement(fleet: str, clock: FakeClock, t
     assert move["notice_at"] == "2026-12-01T00:45:00Z"  # the config's 15m default notice
 
 
-def test_cli_demo_is_left_free() -> None:
-    assert "demo" not in cli.commands
+def test_cli_end_to_end_on_sqlite_and_postgres(db_url: str, clock: FakeClock) -> None:
+    """The same commands against either store (``db_url`` is parametrized: SQLite file, real PostgreSQL)."""
+    for i in (1, 2):
+        ok(
+            db_url,
+            clock,
+            "host",
+            "add",
+            f"hv{i}",
+            "--datacenter",
+            "d",
+            "--vcpus",
+            "8",
+            "--memory",
+            "32GiB",
+            "--disk",
+            "500GiB",
+        )
+    ok(
+        db_url,
+        clock,
+        "droplet",
+        "add",
+        "web1",
+        "--host",
+        "hv1",
+        "--vcpus",
+        "2",
+        "--memory",
+        "4GiB",
+        "--disk",
+        "40GiB",
+        "--address",
+        "10.0.0.1",
+    )
+    before = snapshot(db_url)
+    r = invoke(db_url, clock, "evacuate", "hv1", "--start", "+1h", "--notice", "1m")
+    assert r.exit_code == 2 and snapshot(db_url) == before
+    ok(db_url, clock, "evacuate", "hv1", "--start", "+1h", "--reason", "firmware")
+    [m] = json.loads(ok(db_url, clock, "status", "--json").output)
+    assert (m["droplet"], m["target"], m["state"]) == ("web1", "hv2", "planned")
+    ok(db_url, clock, "cancel", m["id"])
+    hist = json.loads(ok(db_url, clock, "history", "web1", "--json").output)
+    assert [h["to"] for h in hist] == ["planned", "cancelled"]

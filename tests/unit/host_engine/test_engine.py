@@ -211,3 +211,24 @@ def test_engine_sigterm_stops_after_the_tick(
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
     assert ticks == 3 and engine.stopping
+
+
+def test_engine_completed_hook_moves_the_droplet_between_servers(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    """What the executor calls after a switch: the target's server gets the droplet, the source's loses it."""
+    a, b = servers
+    evacuate_hv1(world, clock)
+    engine = make_engine(world, clock)
+    clock.advance(3000)
+    engine.tick()
+    for m in world.list_migrations():
+        world.transition(m.id, S.RUNNING)
+        done = world.complete(m.id)
+        engine.sync.completed(done)
+        target_server = b if done.target_host == "hv3" else a
+        assert done.droplet_id in target_server.droplets
+        assert target_server.event(done.droplet_id) is None
+        if target_server is b:
+            assert done.droplet_id not in a.droplets
+    assert all(m.event_cleared_at is not None for m in world.list_migrations())
