@@ -108,29 +108,35 @@ class GuestApp:
         if view is None:
             return _not_a_droplet(environ, as_json)
         query = environ.get("QUERY_STRING", "")
-        if query:
-            try:
-                wait, etag, timeout_s = self._long_poll_params(query)
-            except ValidationError as e:
-                return error(400, e.code, str(e), as_json=as_json, field=e.field)
-            if wait:
-                droplet_id = view.droplet.id
-                if not self.hub.try_hold(droplet_id, self.settings.max_waits_per_droplet):
-                    code, headers, body = error(
-                        429, "too_many_waits", "too many long-polls held for this droplet", as_json=as_json
-                    )
-                    return code, [*headers, ("Retry-After", "1")], body
-                self.metrics.held_long_polls.inc()
-                try:
-                    view = self.hub.wait_for_change(
-                        droplet_id, view.etag if etag is None else etag, timeout_s
-                    )
-                finally:
-                    self.hub.release(droplet_id)
-                    self.metrics.held_long_polls.dec()
-                if view is None:
-                    return _not_a_droplet(environ, as_json)
-        return _event_answer(view, as_json)
+        if not query:
+            return _event_answer(view, as_json)
+        try:
+            wait, etag, timeout_s = self._long_poll_params(query)
+        except ValidationError as e:
+            return error(400, e.code, str(e), as_json=as_json, field=e.field)
+        if not wait:
+            return _event_answer(view, as_json)
+        return self._long_poll(environ, view, view.etag if etag is None else etag, timeout_s, as_json)
+
+    def _long_poll(
+        self, environ: WSGIEnvironment, view: DropletView, etag: str, timeout_s: int, as_json: bool
+    ) -> Answer:
+        droplet_id = view.droplet.id
+        if not self.hub.try_hold(droplet_id, self.settings.max_waits_per_droplet):
+            return _retry_later(429, "too_many_waits", "too many long-polls held for this droplet", as_json)
+        self.metrics.held_long_polls.inc()
+        try:
+            changed = self.hub.wait_for_change(droplet_id, etag, timeout_s)
+        finally:
+            self.hub.release(droplet_id)
+            self.metrics.held_long_polls.dec()
+        if self.hub.stopping:
+            # Not "unchanged": tell the client to come back, so it never mistakes a server shutting
+            # down for one that cannot long-poll.
+            return _retry_later(503, "shutting_down", "the metadata server is restarting; retry", as_json)
+        if changed is None:
+            return _not_a_droplet(environ, as_json)
+        return _event_answer(changed, as_json)
 
     def _long_poll_params(self, query: str) -> tuple[bool, str | None, int]:
         try:
@@ -160,6 +166,11 @@ def _event_answer(view: DropletView, as_json: bool) -> Answer:
         ],
         body,
     )
+
+
+def _retry_later(code: int, err: str, message: str, as_json: bool) -> Answer:
+    status, headers, body = error(code, err, message, as_json=as_json)
+    return status, [*headers, ("Retry-After", "1")], body
 
 
 def _not_a_droplet(environ: WSGIEnvironment, as_json: bool) -> Answer:

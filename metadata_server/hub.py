@@ -49,6 +49,10 @@ class Hub:
     def view_for_id(self, droplet_id: str) -> DropletView | None:
         return self._by_id.get(droplet_id)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def held(self) -> int:
         return sum(self._held.values())
 

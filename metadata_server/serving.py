@@ -29,7 +29,9 @@ from .errors import ListenError
 
 log = logging.getLogger(__name__)
 
-GRACEFUL_TIMEOUT_S = 5
+# Held long-polls are answered at once on SIGTERM (gevent_worker.py), so the graceful wait only covers
+# requests in flight (milliseconds) and idle keep-alive connections, which need not hold shutdown up.
+GRACEFUL_TIMEOUT_S = 2
 GUEST_WORKER_CONNECTIONS = 10_000
 ADMIN_THREADS = 8
 
