@@ -445,7 +445,10 @@ def _track(progress: Progress, config: ControllerConfig, state: ControllerState)
     now = progress.elapsed_s
     left = remaining_bytes(progress)
     best = state.best_remaining_bytes
-    if best is None or left < best * (1.0 - config.stall_min_improvement):
+    # A "new low" must beat the best by 5 % of the smaller of the best and what the link moves in a stall
+    # window: 5 % of a 2 TB first pass would take longer than the window at 1 GB/s, and is not a stall.
+    window_bytes = max(progress.transfer_rate_bps, 1.0) * config.stall_timeout_s
+    if best is None or left < best - config.stall_min_improvement * min(best, window_bytes):
         state = replace(state, best_remaining_bytes=left, best_remaining_at_s=now)
     if best is None or progress.bytes_transferred > state.last_bytes_transferred:
         state = replace(state, last_bytes_transferred=progress.bytes_transferred, last_transfer_at_s=now)

@@ -47,7 +47,7 @@ from host_engine.drivers.base import (
     Phase,
     Progress,
 )
-from host_engine.errors import Conflict, StaleClaim
+from host_engine.errors import Conflict, HostEngineError, StaleClaim
 from host_engine.models import Migration
 from host_engine.retry import RetryConfig, after_failure, backoff_s
 from host_engine.states import CANCELLABLE, MigrationState
@@ -549,10 +549,16 @@ class Executor:
                 )
         done = []
         for m in claimed:
-            if m.id not in self.active:
+            if m.id in self.active:
+                continue
+            try:
                 finished = self._start(m)
-                if finished is not None:
-                    done.append(finished)
+            except (HostEngineError, DriverError):
+                # Claimed (maybe already running) but not started here: recovery picks it up again.
+                log.exception("migration_id=%s droplet_id=%s: could not start", m.id, m.droplet_id)
+                continue
+            if finished is not None:
+                done.append(finished)
         return done
 
     def _start(self, m: Migration) -> Finished | None:
@@ -648,6 +654,9 @@ class Executor:
             log.error("migration_id=%s: %s; stopping this attempt", mid, e)
             a.lost_claim = f"claim lost: {e}"
             return
+        except HostEngineError as e:  # the store is unreachable: keep migrating, write on a later tick
+            log.warning("migration_id=%s: progress not recorded: %s", mid, e)
+            return
         requested = m.stats.get(ABORT_REQUEST_KEY)
         if requested and not a.abort_requested:
             a.abort_requested = f"aborted by {requested}"
@@ -662,7 +671,13 @@ class Executor:
         if a.lost_claim:
             # Another worker took over (our lease expired): it owns the store row and recovery.
             return Finished(a.migration.id, a.migration.attempt, result, a.migration.state)
-        return self._finish(a.migration, a.offline, result, operator_abort=a.abort_requested)
+        try:
+            return self._finish(a.migration, a.offline, result, operator_abort=a.abort_requested)
+        except HostEngineError:
+            # The hypervisors are consistent (one host runs the droplet); the store could not record it. The
+            # row stays running under our claim and recovery finishes it from what the hypervisor reports.
+            log.exception("migration_id=%s: outcome not recorded; recovery will", a.migration.id)
+            return Finished(a.migration.id, a.migration.attempt, result, a.migration.state)
 
     # ---- ending ------------------------------------------------------------------------------------------
 
@@ -843,13 +858,16 @@ class Executor:
             if not claimed:
                 continue
             m = claimed[0]
-            spec = self._spec(m)
-            where = self.hypervisor.recover(spec)
+            try:
+                where = self.hypervisor.recover(self._spec(m))
+            except (HostEngineError, DriverError):
+                log.exception("migration_id=%s: recovery failed; will try again", m.id)
+                continue
             log.warning(
                 "migration_id=%s droplet_id=%s: worker %s died mid-attempt; droplet runs on %s",
                 m.id,
                 m.droplet_id,
-                m.claimed_by,
+                candidate.claimed_by,
                 where,
             )
             completed = where == m.target_host
@@ -865,9 +883,11 @@ class Executor:
                 bytes_transferred=0,
                 rounds=0,
             )
-            done.append(
-                self._finish(m, m.state is MigrationState.OFFLINE_RUNNING, result, operator_abort=None)
-            )
+            try:
+                offline = m.state is MigrationState.OFFLINE_RUNNING
+                done.append(self._finish(m, offline, result, operator_abort=None))
+            except HostEngineError:
+                log.exception("migration_id=%s: recovered outcome not recorded; will try again", m.id)
         return done
 
 

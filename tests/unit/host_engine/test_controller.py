@@ -266,3 +266,30 @@ def test_controller_aborts_when_no_data_moves_and_when_switchover_hangs() -> Non
 def test_controller_config_rejects_nonsense(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         ControllerConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_controller_a_long_first_pass_over_a_huge_disk_is_not_a_stall() -> None:
+    """2 TiB at 1 GiB/s: each 30 s window moves 30 GiB, 1.5 % of the remainder, and that is progress."""
+    cfg = ControllerConfig()
+    state = ControllerState()
+    total = 2048 * GiB
+    for t in range(0, 600):
+        left = total - t * GiB
+        p = Progress(
+            phase=Phase.DISK,
+            elapsed_s=float(t),
+            round=0,
+            disk_total_bytes=total,
+            disk_processed_bytes=total - left,
+            disk_remaining_bytes=left,
+            memory_total_bytes=64 * GiB,
+            memory_processed_bytes=0,
+            memory_remaining_bytes=64 * GiB,
+            disk_dirty_rate_bps=10 * MiB,
+            memory_dirty_rate_bps=0,
+            transfer_rate_bps=GiB,
+            bytes_transferred=t * GiB,
+        )
+        d = decide(p, cfg, state)
+        state = d.state
+        assert not of_type(d.actions, Abort), d.actions

@@ -22,7 +22,7 @@ from host_engine.drivers.sim import (
     diabolical,
     web,
 )
-from host_engine.errors import Conflict
+from host_engine.errors import Conflict, StoreError
 from host_engine.executor import (
     ABORT_REQUEST_KEY,
     Executor,
@@ -421,3 +421,27 @@ def test_executor_metrics_and_timeline_describe_what_happened(env: Env) -> None:
     assert {r["attempt"] for r in rows} == {1}
     assert any(r["disk_write_limit_bps"] for r in rows)  # the database got its temporary limit
     assert rows[-1]["disk_write_limit_bps"] is None
+
+
+def test_executor_store_outage_at_the_end_is_healed_by_recovery(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env.droplet("d1")
+    mid = env.migration("d1")
+    real_complete = env.store.complete
+    outages = [StoreError("store error: connection refused")]
+
+    def flaky_complete(migration_id: str, **kw: object) -> Migration:
+        if outages:
+            raise outages.pop()
+        return real_complete(migration_id, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(env.store, "complete", flaky_complete)
+    ex = env.executor()
+    ex.run_until_idle()
+    # The droplet moved; the store could not say so yet.
+    assert env.state(mid) is S.RUNNING
+    assert env.world.droplets["d1"].host == "b"
+    env.drive(ex, lambda: env.state(mid) is S.COMPLETED, max_s=120)
+    env.assert_on_exactly("d1", "b")
+    assert [c[0] for c in env.hooks.calls] == ["completed"]
