@@ -164,6 +164,16 @@ def _errors(what: str, *, target_at_fault: bool = False) -> Iterator[None]:
         raise DriverError(f"{what}: {e}", target_at_fault=target_at_fault) from e
 
 
+def _int_option(options: Mapping[str, str], name: str, default: int) -> int:
+    try:
+        value = int(options.get(name, default))
+    except ValueError as e:
+        raise DriverError(f"options.{name} must be a whole number, not {options[name]!r}") from e
+    if value < 0:
+        raise DriverError(f"options.{name} must not be negative")
+    return value
+
+
 def _parse(xml: str) -> ET.Element:
     return ET.fromstring(xml)  # noqa: S314 - XML produced by libvirtd itself, not by a user
 
@@ -361,7 +371,7 @@ class LibvirtMigration(MigrationDriver):
         self.domain_name = opts.get("domain", spec.droplet_id)
         self.peer_uri = opts.get("peer_uri", spec.target_uri)
         self.migrate_uri = opts.get("migrate_uri")
-        self.bandwidth_mibps = int(opts.get("bandwidth_mibps", "0"))
+        self.bandwidth_mibps = _int_option(opts, "bandwidth_mibps", 0)
         self.auto_converge = opts.get("auto_converge", "controlled")
         if self.auto_converge not in ("controlled", "qemu", "off"):
             raise DriverError(
@@ -370,7 +380,7 @@ class LibvirtMigration(MigrationDriver):
         self.target_paused = opts.get("paused") == "1"
         self.keep_source_disks = opts.get("keep_source_disks") == "1"
         self._max_downtime_ms: int | None = (
-            int(opts["max_downtime_ms"]) if "max_downtime_ms" in opts else None
+            _int_option(opts, "max_downtime_ms", 0) if "max_downtime_ms" in opts else None
         )
         self._disk_limit_bps: int | None = None
         self._throttle_pct = 0
@@ -463,6 +473,18 @@ class LibvirtMigration(MigrationDriver):
                 self._finalize_success()
             else:
                 self._abort()
+        self.close()
+
+    def close(self) -> None:
+        """Close this attempt's connections (reopened if the handle is used again)."""
+        self._unregister_events()
+        if self._open is not _open:
+            return  # injected connections belong to the caller
+        for conn in (self._src, self._dst):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        self._src = self._dst = None
 
     def _prepare_target(self) -> None:
         _EventLoop.ensure()
