@@ -78,6 +78,15 @@ class Deps:
 class _Group(click.Group):
     """Turns every expected error into one line and its exit code."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            if ctx.parent is not None:
+                raise
+            click.echo(f"host-engine: error: {e.format_message()}", err=True)
+            ctx.exit(2)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -106,13 +115,22 @@ pass_deps = click.make_pass_decorator(Deps)
 @click.option(
     "--config", "config_path", envvar="HOST_ENGINE_CONFIG", help="TOML config (env HOST_ENGINE_CONFIG)."
 )
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override one config value (repeat), e.g. --set overcommit.vcpu=2 --set notice.default=15m",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.pass_context
-def cli(ctx: click.Context, db: str | None, config_path: str | None, verbose: int) -> None:
+def cli(
+    ctx: click.Context, db: str | None, config_path: str | None, overrides: tuple[str, ...], verbose: int
+) -> None:
     """Plan and run live migrations of droplets between hypervisors."""
     deps = ctx.ensure_object(Deps)
     deps.db = db
-    deps.config = load_config(config_path, env={}) if config_path else EngineConfig()
+    deps.config = load_config(config_path, env={}, overrides=overrides)
     if verbose and not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.DEBUG if verbose > 1 else logging.INFO,

@@ -44,7 +44,7 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -160,14 +160,47 @@ def _duration(doc: Mapping[str, Any], section: str, key: str) -> timedelta | Non
         raise ConfigError(f"config {e}") from e
 
 
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"overcommit.vcpu=2"`` -> (["overcommit", "vcpu"], 2). The value is read as TOML, else as a string."""
+    key, sep, raw = item.partition("=")
+    path = [part.strip() for part in key.split(".")]
+    if not sep or len(path) < 2 or not all(path):
+        raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE (e.g. overcommit.vcpu=2)")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_overrides(doc: Mapping[str, Any], items: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``doc`` with each ``SECTION.KEY=VALUE`` of ``items`` set (flags win over the file)."""
+    out: dict[str, Any] = dict(doc)
+    for item in items:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return out
+
+
 def load_config(
-    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
 ) -> EngineConfig:
-    """Read the TOML file at ``path`` (or ``$HOST_ENGINE_CONFIG``; none: the defaults)."""
+    """Read the TOML file at ``path`` (or ``$HOST_ENGINE_CONFIG``; none: the defaults), then ``overrides``."""
     env = os.environ if env is None else env
     chosen = os.fspath(path) if path is not None else env.get(CONFIG_ENV) or None
     if chosen is None:
-        return EngineConfig()
+        return (
+            config_from_dict(apply_overrides({}, overrides), source="flags") if overrides else EngineConfig()
+        )
     try:
         doc = tomllib.loads(Path(chosen).read_text())
     except FileNotFoundError as e:
@@ -176,7 +209,7 @@ def load_config(
         raise ConfigError(f"cannot read config file {chosen}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {chosen} is not valid TOML: {e}") from e
-    return config_from_dict(doc, source=chosen)
+    return config_from_dict(apply_overrides(doc, overrides), source=chosen)
 
 
 def config_from_dict(doc: Mapping[str, Any], *, source: str = "dict") -> EngineConfig:

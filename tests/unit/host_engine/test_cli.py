@@ -458,3 +458,28 @@ def test_cli_end_to_end_on_sqlite_and_postgres(db_url: str, clock: FakeClock) ->
     ok(db_url, clock, "cancel", m["id"])
     hist = json.loads(ok(db_url, clock, "history", "web1", "--json").output)
     assert [h["to"] for h in hist] == ["planned", "cancelled"]
+
+
+def test_cli_set_overrides_config_values(fleet: str, clock: FakeClock, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[overcommit]\nmemory = 1.0\n")
+    ok(fleet, clock, "droplet", "add", "filler3", "--host", "hv3", "--vcpus", "1", "--memory", "30GiB", "--disk",
+       "1GiB", "--address", "10.0.1.3")  # fmt: skip
+    # "big" (60 GiB) fits nowhere at 1.0; --set wins over the file and makes room.
+    r = invoke(fleet, clock, "--config", str(cfg), "plan", "evacuate", "hv2")
+    assert r.exit_code == 5
+    r = ok(fleet, clock, "--config", str(cfg), "--set", "overcommit.memory=2", "--set", "notice.default=15m",
+           "evacuate", "hv2", "--start", "+1h", "--json")  # fmt: skip
+    [move] = json.loads(r.output)["moves"]
+    assert move["notice_at"] == "2026-12-01T00:45:00Z"
+    r = invoke(fleet, clock, "--set", "overcommit", "host", "list")
+    assert r.exit_code == 6 and "SECTION.KEY=VALUE" in r.stderr
+    r = invoke(fleet, clock, "--set", "overcommit.gpu=2", "host", "list")
+    assert r.exit_code == 6 and "unknown key [overcommit] gpu" in r.stderr
+
+
+def test_cli_unknown_global_option_is_one_line(fleet: str, clock: FakeClock) -> None:
+    r = invoke(fleet, clock, "--bogus", "host", "list")
+    assert r.exit_code == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("host-engine: error: No such option '--bogus'")
