@@ -25,6 +25,7 @@ import click
 
 from host_engine import inventory, planner
 from host_engine.config import EngineConfig, load_config
+from host_engine.demo import demo as demo_command
 from host_engine.engine import Engine
 from host_engine.errors import HostEngineError, InvalidInput
 from host_engine.models import Droplet, Host, LogEntry, Migration
@@ -843,6 +844,9 @@ def run(deps: Deps, poll_interval: str | None, max_ticks: int | None) -> None:
         if deps.install_signals and threading.current_thread() is threading.main_thread():
             engine.install_signal_handlers()
         engine.run(max_ticks=max_ticks)
+
+
+cli.add_command(demo_command)  # host-engine demo: host_engine/demo.py
 
 
 def main(argv: Sequence[str] | None = None) -> None:
