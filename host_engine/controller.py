@@ -199,6 +199,26 @@ def completion_timeout_s(config: ControllerConfig, disk_bytes: int, memory_bytes
     return config.timeout_floor_s + config.timeout_s_per_gib * total_gib
 
 
+def eta_s(progress: Progress) -> float | None:
+    """Seconds until the remainder is gone at the current rates, or None while it is not shrinking.
+
+    The guest re-dirties while the copy runs, so the remainder shrinks at transfer minus dirty rate; before
+    the memory phase the memory still to copy is in the remainder too. A rough figure for people, not policy.
+
+    >>> p = _example(transfer_rate_bps=GiB, memory_remaining_bytes=2 * GiB, memory_dirty_rate_bps=512 * MiB)
+    >>> eta_s(p)
+    4.0
+    >>> eta_s(replace(p, memory_dirty_rate_bps=GiB)) is None
+    True
+    """
+    if progress.phase in (Phase.DONE, Phase.FAILED):
+        return 0.0 if progress.phase is Phase.DONE else None
+    net = progress.transfer_rate_bps - progress.disk_dirty_rate_bps - progress.memory_dirty_rate_bps
+    if net <= 0:
+        return None
+    return remaining_bytes(progress) / net
+
+
 def fits_downtime(progress: Progress, config: ControllerConfig, budget_ms: float | None = None) -> bool:
     """Whether the remainder can be moved within the downtime budget at the measured transfer rate.
 

@@ -37,6 +37,7 @@ from host_engine.controller import (
     SetMemoryThrottle,
     Switchover,
     decide,
+    eta_s,
 )
 from host_engine.drivers.base import (
     DomainState,
@@ -433,6 +434,7 @@ def progress_dict(p: Progress) -> dict[str, object]:
         "memory_throttle_pct": p.memory_throttle_pct,
         "downtime_ms": p.downtime_ms,
         "bytes_transferred": p.bytes_transferred,
+        "eta_s": None if (eta := eta_s(p)) is None else round(eta, 1),
     }
 
 
@@ -451,6 +453,9 @@ def describe(p: Progress) -> str:
         parts.append(f"disk limit {p.disk_write_limit_bps / (1024 * 1024):.0f} MiB/s")
     if p.downtime_ms is not None:
         parts.append(f"downtime {p.downtime_ms:.0f} ms")
+    elif p.phase in (Phase.DISK, Phase.MEMORY):
+        eta = eta_s(p)
+        parts.append("not converging yet" if eta is None else f"ETA {eta:.0f} s")
     return ", ".join(parts)
 
 
