@@ -439,6 +439,9 @@ class SimWorld:
         self.time_s += dt
 
     def _fire_faults(self, mig: Migration) -> None:
+        if not self.hosts[mig.spec.target_host].alive:  # crashed under another migration to the same host
+            self._fail(mig, f"target host {mig.spec.target_host} is down", target_at_fault=True)
+            return
         for fault in list(mig.faults):
             if fault.phase is mig.phase and self.time_s - mig.phase_since_s >= fault.after_s:
                 mig.faults.remove(fault)

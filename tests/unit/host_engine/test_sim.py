@@ -343,3 +343,22 @@ def test_sim_any_workload_any_fault_droplet_ends_on_exactly_one_host_with_equal_
     else:
         assert d.host == "src"
         assert d.state is DomainState.RUNNING
+
+
+def test_sim_a_target_crash_fails_every_migration_heading_there() -> None:
+    world = SimWorld(2)
+    for h in ("src", "dst"):
+        world.add_host(h)
+    drivers = []
+    for i in range(2):
+        world.add_droplet(f"d{i}", "src", memory_bytes=GiB, disk_bytes=8 * GiB)
+        spec = MigrationSpec(f"m{i}", f"d{i}", "src", "dst", "", "", 1, GiB, 8 * GiB)
+        drivers.append(SimHypervisor(world).migration(spec))
+    world.inject_fault("m0", Fault(FaultKind.TARGET_CRASH, Phase.DISK, after_s=2))
+    runs = [MigrationRun(d, ControllerConfig(), SimClock(world)) for d in drivers]
+    results = run_concurrently(runs, SimClock(world))
+    assert [r.outcome for r in results] == [Outcome.FAILED, Outcome.FAILED]
+    assert all(r.target_at_fault for r in results)
+    for i in range(2):
+        assert world.hosts_holding(f"d{i}") == ["src"]
+        assert world.droplets[f"d{i}"].state is DomainState.RUNNING
