@@ -106,3 +106,33 @@ def test_inventory_sync_needs_uri(sqlite_store: Store) -> None:
     sqlite_store.add_host(make_host("hv1"))
     with pytest.raises(InvalidInput, match="no hypervisor URI"):
         sync_host(sqlite_store, "hv1", lister=lambda uri: [])
+
+
+@pytest.mark.usefixtures("libvirt_available")
+def test_inventory_sync_cli(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from host_engine.cli import Deps, cli
+
+    uri = node_file(tmp_path, ("web1", 512, 1, True))
+    db = str(tmp_path / "e.db")
+
+    def run(*args: str) -> tuple[int, str, str]:
+        r = CliRunner().invoke(
+            cli, ["--db", db, *args], obj=Deps(install_signals=False), catch_exceptions=False
+        )
+        return r.exit_code, r.stdout, r.stderr
+
+    assert run("host", "add", "hv1", "--datacenter", "d", "--vcpus", "4", "--memory", "8GiB", "--disk", "1TiB",
+               "--uri", uri)[0] == 0  # fmt: skip
+    code, out, _ = run("inventory", "sync", "hv1", "--dry-run")
+    assert code == 0 and "would add 1" in out and "+ web1" in out
+    assert run("droplet", "list", "--json")[1].strip() == "[]"
+    code, out, _ = run("inventory", "sync", "hv1")
+    assert code == 0 and "added 1" in out
+    code, _, err = run("inventory", "sync", "nope")
+    assert code == 3 and err.strip() == "host-engine: error: unknown host 'nope'"
+    assert run("host", "add", "hv2", "--datacenter", "d", "--vcpus", "4", "--memory", "8GiB", "--disk", "1TiB",
+               "--uri", f"test://{tmp_path}/missing.xml")[0] == 0  # fmt: skip
+    code, _, err = run("inventory", "sync", "hv2")
+    assert code == 8 and len(err.strip().splitlines()) == 1 and "cannot read the domains of hv2" in err

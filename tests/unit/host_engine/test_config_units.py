@@ -1,0 +1,115 @@
+"""Config files, sizes, durations and times: what a user types, parsed or refused with one clear message."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from host_engine.config import EngineConfig, apply_overrides, config_from_dict, load_config
+from host_engine.errors import ConfigError, InvalidInput
+from host_engine.timeparse import format_duration, format_time, parse_duration, parse_time
+from host_engine.units import format_size, parse_size
+
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("64GiB", 64 * 1024**3), ("512M", 512 * 1024**2), ("1.5TiB", int(1.5 * 1024**4)), ("2TB", 2 * 10**12),
+     ("100 kb", 100_000), ("0B", 0), ("4g", 4 * 1024**3)],
+)  # fmt: skip
+def test_units_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(("text", "message"), [("-1GiB", "negative"), ("4096", "needs a unit"), ("4 XB", "unknown unit"),
+                                               ("lots", "malformed"), ("", "malformed")])  # fmt: skip
+def test_units_refuse_bad_sizes(text: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        parse_size(text, field="--memory")
+
+
+def test_units_format_size() -> None:
+    assert format_size(64 * 1024**3) == "64GiB"
+    assert format_size(1536 * 1024**2) == "1.5GiB"
+    assert format_size(12) == "12B"
+
+
+def test_timeparse_durations() -> None:
+    assert parse_duration("10m") == timedelta(minutes=10)
+    assert parse_duration("1h30m") == timedelta(minutes=90)
+    assert parse_duration("250ms") == timedelta(milliseconds=250)
+    assert parse_duration("45") == timedelta(seconds=45)
+    for bad in ("", "ten minutes", "10x", "m10", "-5m"):
+        with pytest.raises(InvalidInput):
+            parse_duration(bad)
+    assert format_duration(timedelta(minutes=9, seconds=30)) == "9m30s"
+    assert format_duration(timedelta(hours=1, minutes=5)) == "1h05m"
+    assert format_duration(timedelta(seconds=-120)) == "-2m"
+
+
+def test_timeparse_times() -> None:
+    assert parse_time("2026-12-01T02:00Z", now=NOW) == datetime(2026, 12, 1, 2, tzinfo=UTC)
+    assert parse_time("2026-12-01T03:00+01:00", now=NOW) == datetime(2026, 12, 1, 2, tzinfo=UTC)
+    assert parse_time("now", now=NOW) == NOW
+    assert parse_time("+30m", now=NOW) == NOW + timedelta(minutes=30)
+    with pytest.raises(InvalidInput, match="no timezone"):
+        parse_time("2026-12-01T02:00", now=NOW)
+    with pytest.raises(InvalidInput, match="malformed time"):
+        parse_time("tomorrow", now=NOW)
+    assert format_time(datetime(2026, 12, 1, 2, 0, 0, 123, tzinfo=UTC)) == "2026-12-01T02:00:00Z"
+
+
+def test_config_defaults_and_file(tmp_path: Path) -> None:
+    d = EngineConfig()
+    assert (d.placement.overcommit.vcpu, d.placement.overcommit.memory, d.placement.overcommit.disk) == (
+        4.0,
+        1.0,
+        1.0,
+    )
+    assert d.schedule.notice == timedelta(minutes=10)
+    f = tmp_path / "c.toml"
+    f.write_text(
+        '[store]\nurl = "postgresql://x@y/z"\n[overcommit]\nvcpu = 8\n[placement]\nanti_affinity = false\n'
+        '[placement.weights]\nleast_allocated = 2.5\n[notice]\ndefault = "20m"\n[concurrency]\nmax_parallel = 9\n'
+        '[schedule]\nbandwidth = "500MiB"\n[engine]\npoll_interval = "250ms"\n[notifier]\nattempts = 2\n'
+    )
+    c = load_config(f)
+    assert c.db == "postgresql://x@y/z" and c.placement.overcommit.vcpu == 8.0
+    assert not c.placement.anti_affinity and c.placement.weights.least_allocated == 2.5
+    assert c.schedule.notice == timedelta(minutes=20) and c.schedule.max_parallel == 9
+    assert c.schedule.bandwidth_bps == 500 * 1024**2 and c.engine.poll_interval_s == 0.25
+    assert c.engine.notifier_attempts == 2
+    assert load_config(env={"HOST_ENGINE_CONFIG": str(f)}).schedule.max_parallel == 9
+    assert load_config(f, overrides=["concurrency.max_parallel=3"]).schedule.max_parallel == 3
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"bogus": {}}, "unknown section"),
+        ({"overcommit": {"cpu": 2}}, "unknown key"),
+        ({"overcommit": {"vcpu": "lots"}}, "expected int or float"),
+        ({"overcommit": {"vcpu": True}}, "expected int or float"),
+        ({"overcommit": {"memory": 0}}, "must be positive"),
+        ({"notice": {"default": "soon"}}, "malformed duration"),
+        ({"concurrency": {"max_parallel": 0}}, "must be positive"),
+        ({"placement": {"weights": {"gpu": 1}}}, "unknown weigher"),
+        ({"placement": {"weights": {"least_allocated": -1}}}, "expected a number >= 0"),
+        ({"placement": {"anti_affinity": "yes"}}, "expected bool"),
+        ({"schedule": {"bandwidth": "fast"}}, "malformed size"),
+        ({"overcommit": 3}, "must be a table"),
+    ],
+)
+def test_config_refuses_bad_values(doc: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(doc)
+
+
+def test_config_overrides_merge() -> None:
+    doc = apply_overrides({"overcommit": {"vcpu": 2.0}}, ["overcommit.memory=1.5", "notice.default=15m"])
+    assert doc == {"overcommit": {"vcpu": 2.0, "memory": 1.5}, "notice": {"default": "15m"}}
+    with pytest.raises(ConfigError):
+        apply_overrides({}, ["novalue"])
