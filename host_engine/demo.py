@@ -278,19 +278,26 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def _stop(
-    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S
-) -> None:
-    """Signal the child's process group (it leads one), wait, then SIGKILL whatever is left."""
+def _signal(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Signal the child's process group (each child leads one: its workers and hooks are in it)."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout_s)
+
+
+def _reap(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Wait for a signalled child, then SIGKILL whatever is left of its group."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout_s)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # workers or hooks left in the group
+        os.killpg(proc.pid, signal.SIGKILL)
     if proc.poll() is None:
         proc.wait(timeout_s)
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    _signal(proc, sig)
+    _reap(proc)
 
 
 @dataclass
@@ -569,9 +576,14 @@ class Demo:
 
     def close(self) -> None:
         """Stop every process this demo started; remove its files unless asked to keep them."""
-        for agent in self.agents.values():
+        running = [a.proc for a in self.agents.values() if a.proc is not None]
+        for proc in running:  # all at once: each agent takes up to a second to finish its step
+            _signal(proc)
+        for proc in running:
             with contextlib.suppress(Exception):
-                agent.stop()
+                _reap(proc)
+        for agent in self.agents.values():
+            agent.proc = None
         if self.server is not None:
             with contextlib.suppress(Exception):
                 self.server.stop()
