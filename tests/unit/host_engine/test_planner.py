@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from host_engine.config import ScheduleConfig
-from host_engine.errors import InvalidInput
+from host_engine.config import EngineConfig, ScheduleConfig
+from host_engine.errors import InvalidInput, NoCapacity
 from host_engine.models import Droplet
-from host_engine.planner import Limits, Request, Slot, estimate, lay_out, validate_request
-from tests.unit.host_engine.conftest import GIB, T0
+from host_engine.planner import Limits, Request, Slot, estimate, evacuate, lay_out, validate_request
+from host_engine.states import HostState
+from host_engine.store import Store
+from tests.unit.host_engine.conftest import GIB, T0, make_droplet, make_host
 
 CFG = ScheduleConfig(bandwidth_bps=1 * GIB, slot_overhead=timedelta(minutes=1))
 
@@ -98,3 +101,35 @@ def test_planner_accepts_short_notice_only_when_unsafe() -> None:
     validate_request(req, ScheduleConfig(), T0)
     with pytest.raises(InvalidInput):
         Limits(0, 1, 1)
+
+
+def test_planner_concurrent_evacuations_never_share_room(store: Store) -> None:
+    """Two evacuations at once (two connections, SQLite or PostgreSQL): room for one droplet goes to one."""
+    for name in ("src1", "src2"):
+        store.add_host(make_host(name, vcpus=64, memory_bytes=256 * GIB))
+    store.add_host(make_host("target", vcpus=64, memory_bytes=16 * GIB))
+    store.add_droplet(make_droplet("a", "src1", memory_bytes=12 * GIB))
+    store.add_droplet(make_droplet("b", "src2", memory_bytes=12 * GIB))
+    # src1 and src2 go into maintenance as they are evacuated, so "target" is the only possible home.
+    req = Request(T0 + timedelta(hours=1), timedelta(minutes=10), Limits(4, 4, 4), requested_by="t")
+    barrier = threading.Barrier(2)
+    outcomes: dict[str, str] = {}
+
+    def evac(host: str) -> None:
+        barrier.wait()
+        try:
+            evacuate(store, host, req, EngineConfig())
+            outcomes[host] = "ok"
+        except NoCapacity:
+            outcomes[host] = "no capacity"
+
+    threads = [threading.Thread(target=evac, args=(h,)) for h in ("src1", "src2")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(outcomes.values()) == ["no capacity", "ok"]
+    [m] = store.list_migrations()
+    assert m.target_host == "target"
+    loser = "src1" if outcomes["src1"] == "no capacity" else "src2"
+    assert store.get_host(loser).state is HostState.ACTIVE  # the refused evacuation changed nothing
