@@ -333,6 +333,43 @@ def disk_write_limit(progress: Progress, config: ControllerConfig) -> int | None
     return max(config.disk_limit_floor_bps, int(rate * config.disk_limit_ratio))
 
 
+def last_resort_disk_limit(
+    progress: Progress, config: ControllerConfig, state: ControllerState
+) -> int | None:
+    """The disk write limit to apply instead of calling a stall, or None.
+
+    ``disk_write_limit`` waits for few blocks to remain, but a guest that writes its disk faster than its
+    share of the link (several migrations on one NIC, a slow link) never lets the remainder get "few": the
+    mirror plateaus and the stall rule would abort. Before that happens, when the remainder has made no new
+    low for ``stall_timeout_s`` and the guest writes at >= ``disk_fast_write_ratio`` of the transfer rate, the
+    limit goes on anyway: the one thing that lets such a copy end. Still temporary, still lifted at the end.
+
+    Worked example: a database writing 1000 MiB/s with a third of a 10 Gbit/s link (~400 MiB/s), its mirror
+    stuck at ~7 GiB for 30 s: limit it to 10 % of the link share.
+
+    >>> cfg = ControllerConfig()
+    >>> p = _example(phase=Phase.DISK, elapsed_s=100.0, transfer_rate_bps=400 * MiB,
+    ...              disk_remaining_bytes=7 * GiB, disk_dirty_rate_bps=1000 * MiB)
+    >>> last_resort_disk_limit(p, cfg, ControllerState(best_remaining_at_s=70.0)) == 40 * MiB
+    True
+
+    Stuck for 20 s only: not yet.
+
+    >>> last_resort_disk_limit(p, cfg, ControllerState(best_remaining_at_s=80.0)) is None
+    True
+    """
+    if progress.phase not in (Phase.DISK, Phase.MEMORY) or not config.disk_limit_enabled:
+        return None
+    if progress.disk_write_limit_bps is not None or progress.disk_remaining_bytes <= 0:
+        return None
+    rate = progress.transfer_rate_bps
+    if rate <= 0 or progress.disk_dirty_rate_bps < rate * config.disk_fast_write_ratio:
+        return None
+    if progress.elapsed_s - state.best_remaining_at_s < config.stall_timeout_s:
+        return None
+    return max(config.disk_limit_floor_bps, int(rate * config.disk_limit_ratio))
+
+
 def memory_throttle(
     progress: Progress, config: ControllerConfig, state: ControllerState, disk_limit_bps: int | None = None
 ) -> int:
@@ -437,6 +474,11 @@ def decide(progress: Progress, config: ControllerConfig, state: ControllerState)
 
     state = _track(progress, config, state)
 
+    last_resort = last_resort_disk_limit(progress, config, state)
+    if last_resort is not None:
+        # A fresh stall window for the limit to show its effect, instead of an abort now.
+        state = replace(state, best_remaining_at_s=now)
+
     abort = _abort_reason(progress, config, state)
     if abort is not None:
         return Decision((abort,), state)
@@ -444,7 +486,7 @@ def decide(progress: Progress, config: ControllerConfig, state: ControllerState)
     if progress.phase is Phase.SWITCHOVER:
         return Decision((), state)
 
-    limit = disk_write_limit(progress, config)
+    limit = last_resort if last_resort is not None else disk_write_limit(progress, config)
     if limit != progress.disk_write_limit_bps:
         actions.append(SetDiskWriteLimit(limit))
     throttle = memory_throttle(progress, config, state, limit)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from host_engine.controller import ControllerConfig, GiB, MiB
 from host_engine.drivers.base import DomainState, HypervisorDriver, MigrationDriver, MigrationSpec, Phase
 from host_engine.drivers.sim import (
+    DEFAULT_NIC_BPS,
     FAULT_PHASES,
     WORKLOADS,
     Fault,
@@ -362,3 +363,21 @@ def test_sim_a_target_crash_fails_every_migration_heading_there() -> None:
     for i in range(2):
         assert world.hosts_holding(f"d{i}") == ["src"]
         assert world.droplets[f"d{i}"].state is DomainState.RUNNING
+
+
+def test_sim_database_on_a_third_of_the_link_converges_with_the_last_resort_disk_limit() -> None:
+    """Writing faster than its share of the link, its mirror never gets to "few blocks": the limit goes on
+    after a stall window instead of an abort."""
+    world = SimWorld(1)
+    world.add_host("src", nic_bps=DEFAULT_NIC_BPS / 3)
+    world.add_host("dst")
+    world.add_droplet("d1", "src", memory_bytes=MEMORY, disk_bytes=DISK, workload=database())
+    spec = MigrationSpec("m1", "d1", "src", "dst", "", "", 1, MEMORY, DISK)
+    driver = SimHypervisor(world).migration(spec)
+    result = run_migration(driver, ControllerConfig(), SimClock(world))
+    assert result.outcome is Outcome.COMPLETED, result.reason
+    assert driver.verified is True
+    assert result.disk_limit_s > 0
+    first = next(p for p in result.trace if p.disk_write_limit_bps is not None)
+    assert first.disk_remaining_bytes > first.transfer_rate_bps * ControllerConfig().disk_limit_window_s
+    assert world.droplets["d1"].disk_limit_bps is None
