@@ -23,8 +23,9 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from host_engine.errors import HostEngineError, NotifierError
+from host_engine.errors import HostEngineError, NotifierError, TransientError
 from host_engine.models import Droplet, Host, Migration
 from host_engine.notifier import AdminClient, read_token_file
 from host_engine.states import ACTIVE_STATES, GuestEvent, MigrationState, guest_event
@@ -95,6 +96,8 @@ class ReconcileReport:
     unknown: list[str] = field(default_factory=list)
     error: str | None = None
 
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
     @property
     def changed(self) -> bool:
         return bool(self.registered or self.events_set or self.events_cleared or self.removed)
@@ -128,8 +131,8 @@ class MetadataSync:
     # ---- one droplet -------------------------------------------------------------------------------------
 
     @staticmethod
-    def register(client: AdminClient, droplet: Droplet, host: Host) -> None:
-        client.put_droplet(
+    def register(client: AdminClient, droplet: Droplet, host: Host) -> dict[str, Any]:
+        return client.put_droplet(
             droplet.id,
             list(droplet.addresses),
             hostname=droplet.hostname or droplet.id,
@@ -220,6 +223,37 @@ class MetadataSync:
 
     # ---- start-up reconciliation -------------------------------------------------------------------------
 
+    def _reconcile_droplet(
+        self,
+        client: AdminClient,
+        d: Droplet,
+        host: Host,
+        doc: dict[str, Any] | None,
+        active: Migration | None,
+        report: ReconcileReport,
+    ) -> None:
+        if (
+            doc is None
+            or sorted(doc.get("addresses") or []) != sorted(d.addresses)
+            or (doc.get("hostname") or "") != (d.hostname or d.id)
+        ):
+            if not d.addresses:
+                report.failed.append((d.id, "no addresses: cannot register it (droplet set --address)"))
+                return
+            doc = self.register(client, d, host)
+            report.registered.append(d.id)
+        want = desired_event(active)
+        shown = doc.get("event") or {}
+        shown_id = shown.get("id") if isinstance(shown, dict) else None
+        if want is not None and not _event_matches(shown, want):
+            client.set_event(
+                d.id, want.id, want.event, want.state, not_before=want.not_before, deadline=want.deadline
+            )
+            report.events_set.append(d.id)
+        elif want is None and shown_id:
+            client.clear_event(d.id)
+            report.events_cleared.append(d.id)
+
     def reconcile_all(self) -> list[ReconcileReport]:
         """Converge every metadata server named by a host. A server that cannot be reached is reported."""
         hosts = self.store.list_hosts()
@@ -256,38 +290,22 @@ class MetadataSync:
         client = self.client(via)
         report = ReconcileReport(url)
         actual = {str(d.get("id")): d for d in client.list_droplets()}
-        wanted_ids = set()
-        for d in mine:
-            wanted_ids.add(d.id)
-            host = hosts[d.host]
-            doc = actual.get(d.id)
-            if (
-                doc is None
-                or sorted(doc.get("addresses") or []) != sorted(d.addresses)
-                or (doc.get("hostname") or "") != (d.hostname or d.id)
-            ):
-                if not d.addresses:
-                    log.warning("droplet_id=%s has no addresses: cannot register it on %s", d.id, url)
-                    continue
-                self.register(client, d, host)
-                report.registered.append(d.id)
-            want = desired_event(active.get(d.id))
-            shown = (doc or {}).get("event") or {}
-            shown_id = shown.get("id") if isinstance(shown, dict) else None
-            if want is not None and not _event_matches(shown, want):
-                client.set_event(
-                    d.id, want.id, want.event, want.state, not_before=want.not_before, deadline=want.deadline
-                )
-                report.events_set.append(d.id)
-            elif want is None and shown_id:
-                client.clear_event(d.id)
-                report.events_cleared.append(d.id)
+        wanted_ids = {d.id for d in mine}
+        # Stale copies first: a droplet that moved away may hold an address a registration below needs.
         for did in sorted(set(actual) - wanted_ids):
             if did in elsewhere:
                 client.delete_droplet(did)
                 report.removed.append(did)
             else:
                 report.unknown.append(did)
+        for d in mine:
+            try:
+                self._reconcile_droplet(client, d, hosts[d.host], actual.get(d.id), active.get(d.id), report)
+            except TransientError:
+                raise  # the server is gone: the whole pass is retried
+            except NotifierError as e:  # this droplet only (e.g. an address another droplet holds there)
+                log.warning("reconcile %s: droplet_id=%s refused: %s", url, d.id, e)
+                report.failed.append((d.id, str(e)))
         log.info(
             "reconciled %s: %d registered, %d events set, %d cleared, %d removed, %d unknown left alone",
             url,

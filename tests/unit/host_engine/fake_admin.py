@@ -74,6 +74,11 @@ class FakeAdmin:
         if m:
             did = m.group("id")
             if method == "PUT":
+                for other, rec in self.droplets.items():
+                    clash = set(rec["addresses"]) & set(body["addresses"])
+                    if other != did and clash:
+                        msg = f"address {sorted(clash)[0]} already belongs to droplet {other}"
+                        return 409, {}, json.dumps({"error": "address_in_use", "message": msg})
                 created = did not in self.droplets
                 old = self.droplets.get(did, {"event": None})
                 self.droplets[did] = {

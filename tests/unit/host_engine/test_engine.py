@@ -232,3 +232,14 @@ def test_engine_completed_hook_moves_the_droplet_between_servers(
         if target_server is b:
             assert done.droplet_id not in a.droplets
     assert all(m.event_cleared_at is not None for m in world.list_migrations())
+
+
+def test_engine_reconcile_refused_droplet_does_not_stop_the_others(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    a, _ = servers
+    a.droplets["squatter"] = {"addresses": ["10.0.0.1"], "hostname": "", "region": "", "event": None}
+    [ra, _rb] = make_engine(world, clock).reconcile()
+    assert ra.error is None
+    assert [d for d, _ in ra.failed] == ["d0"] and "already belongs to droplet squatter" in ra.failed[0][1]
+    assert sorted(ra.registered) == ["d1", "d2", "other"] and ra.unknown == ["squatter"]
