@@ -4,7 +4,7 @@ For each workload, N seeds: an 8 GiB / 80 GiB droplet moved between two hosts wi
 downtime, throttle (percent x seconds), time under the disk write limit, duration, bytes sent / (disk +
 memory), and how many runs converged. All times are simulated; the wall time per run is printed too.
 
-    .venv/bin/python bench/convergence.py [--seeds 5] [--json]
+    .venv/bin/python bench/convergence.py [--seeds 5] [--shared] [--json]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from host_engine.controller import ControllerConfig, GiB
 from host_engine.drivers.base import MigrationSpec
 from host_engine.drivers.sim import DEFAULT_NIC_BPS, WORKLOADS, SimClock, SimHypervisor, SimWorld, Workload
-from host_engine.executor import MigrationResult, run_migration
+from host_engine.executor import MigrationResult, MigrationRun, run_concurrently, run_migration
 
 MEMORY_BYTES = 8 * GiB
 DISK_BYTES = 80 * GiB
@@ -109,10 +109,51 @@ def markdown(summaries: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def shared_nic(concurrent: int, seed: int, config: ControllerConfig) -> list[MigrationResult]:
+    """``concurrent`` database droplets leaving one host at once, each to its own target: one NIC shared."""
+    world = SimWorld(seed)
+    world.add_host("src")
+    runs = []
+    for i in range(concurrent):
+        world.add_host(f"dst{i}")
+        world.add_droplet(
+            f"d{i}",
+            "src",
+            memory_bytes=MEMORY_BYTES,
+            disk_bytes=DISK_BYTES,
+            vcpus=4,
+            workload=WORKLOADS["database"](),
+        )
+        spec = MigrationSpec(f"m{i}", f"d{i}", "src", f"dst{i}", "", "", 4, MEMORY_BYTES, DISK_BYTES)
+        runs.append(
+            MigrationRun(SimHypervisor(world).migration(spec), config, SimClock(world), keep_trace=False)
+        )
+    return run_concurrently(runs, SimClock(world))
+
+
+def shared_markdown(seeds: int, config: ControllerConfig) -> str:
+    lines = [
+        "| databases leaving one host at once | converged | downtime ms (median / max) "
+        "| disk limit s (median) | duration s (median) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for n in (1, 2, 3, 4):
+        results = [r for seed in range(seeds) for r in shared_nic(n, seed, config)]
+        ok = [r for r in results if r.converged]
+        down = [r.downtime_ms for r in ok if r.downtime_ms is not None]
+        lines.append(
+            f"| {n} | {len(ok)}/{len(results)} | {_fmt(_median(down))} / {_fmt(max(down) if down else None)} "
+            f"| {_fmt(_median([r.disk_limit_s for r in results]), '.0f')} "
+            f"| {_fmt(_median([r.duration_s for r in results]))} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--shared", action="store_true", help="also: 1-4 databases sharing the source NIC")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     rows = run(args.seeds, ControllerConfig(), dict(WORKLOADS))
@@ -125,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.seeds} seeds, {time.perf_counter() - started:.1f} s wall"
     )
     print(markdown(summaries))
+    if args.shared:
+        print()
+        print(shared_markdown(args.seeds, ControllerConfig()))
     return 0
 
 
