@@ -7,11 +7,13 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from host_engine import schema
 from host_engine.errors import Conflict, IllegalTransition, NotFound, StaleClaim, StoreError
 from host_engine.models import NewMigration
-from host_engine.states import HostState, MigrationState
+from host_engine.states import ACTIVE_STATES, CANCELLABLE, HostState, MigrationState, can_transition
 from host_engine.store import Store, database_url, offline_event_id
 from tests.unit.host_engine.conftest import GIB, T0, FakeClock, make_droplet, make_host
 
@@ -269,3 +271,32 @@ def test_store_one_active_migration_per_droplet_enforced_by_database(populated: 
                 updated_at=T0,
             )
         )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(list(MigrationState)), max_size=12))
+def test_store_transitions_follow_the_table_under_any_sequence(
+    populated: Store, steps: list[MigrationState]
+) -> None:
+    """Random sequences of requested states: legal ones are written and logged, illegal ones raise and
+    change nothing; the log replays to the final state."""
+    with populated.begin() as tx:  # the fixture is shared by the examples: finish the previous one
+        for old in tx.list_migrations(states=ACTIVE_STATES):
+            if old.state not in CANCELLABLE:
+                tx.transition(old.id, S.FAILED)
+            tx.transition(old.id, S.CANCELLED)
+    [m] = populated.create_migrations([_new(minutes=0)])
+    state = S.PLANNED
+    for to in steps:
+        if can_transition(state, to):
+            assert populated.transition(m.id, to).state is to
+            state = to
+            if to.is_terminal:
+                break
+        else:
+            with pytest.raises(IllegalTransition):
+                populated.transition(m.id, to)
+            assert populated.get_migration(m.id).state is state
+    log = populated.migration_log(m.id)
+    assert log[-1].to_state is state
+    assert all(can_transition(e.from_state, e.to_state) for e in log[1:] if e.from_state and e.to_state)
