@@ -445,3 +445,17 @@ def test_executor_store_outage_at_the_end_is_healed_by_recovery(
     env.drive(ex, lambda: env.state(mid) is S.COMPLETED, max_s=120)
     env.assert_on_exactly("d1", "b")
     assert [c[0] for c in env.hooks.calls] == ["completed"]
+
+
+def test_executor_droplet_found_shut_off_at_start_gets_an_offline_copy(env: Env) -> None:
+    env.droplet("d1")
+    mid = env.migration("d1", power_on_after=False)
+    env.world.droplets["d1"].state = DomainState.SHUT_OFF  # the owner powered it off; no ack
+    done = env.executor().run_until_idle()
+    assert [f.state for f in done] == [S.COMPLETED]
+    m = env.store.get_migration(mid)
+    assert m.offline
+    assert m.stats["last_attempt"]["throttle_pct_s"] == 0
+    assert m.stats["last_attempt"]["disk_limit_s"] == 0
+    assert env.world.droplets["d1"].state is DomainState.SHUT_OFF
+    env.assert_on_exactly("d1", "b")
