@@ -48,6 +48,16 @@ from host_engine.drivers.base import (
     Phase,
     Progress,
 )
+from host_engine.drivers.sim import (
+    WORKLOADS,
+    WORLD_KEY,
+    SimClock,
+    SimHypervisor,
+    SimWorld,
+    WorldConflict,
+    load_world,
+    save_world,
+)
 from host_engine.errors import Conflict, HostEngineError, StaleClaim
 from host_engine.models import Migration
 from host_engine.retry import RetryConfig, after_failure, backoff_s
@@ -991,3 +1001,112 @@ def timeline(store: Store, migration_id: str) -> list[dict[str, object]]:
         if e.kind == "progress":
             rows.append({"at": e.at.isoformat(), "attempt": attempt, **e.data})
     return rows
+
+
+# --- The simulated hypervisor inside ``host-engine run`` ----------------------------------------------------
+
+# The sim for a fleet read from the store: 16 MiB blocks keep an 80 GiB droplet at 5,120 versions.
+SIM_DEFAULT_WORKLOAD = "web"
+
+
+def sim_world_from_store(store: Store, *, seed: int = 0, workload: str = SIM_DEFAULT_WORKLOAD) -> SimWorld:
+    """A simulated datacenter matching the store's inventory: every host, every droplet on its host, each
+    droplet running the ``workload`` model (``shut_off`` droplets powered off)."""
+    world = SimWorld(seed)
+    for h in store.list_hosts():
+        world.add_host(h.name)
+    factory = WORKLOADS[workload]
+    for d in store.list_droplets():
+        world.add_droplet(
+            d.id,
+            d.host,
+            memory_bytes=d.memory_bytes,
+            disk_bytes=d.disk_bytes,
+            vcpus=d.vcpus,
+            workload=factory(),
+            state=DomainState.SHUT_OFF
+            if d.power_state == DomainState.SHUT_OFF.value
+            else DomainState.RUNNING,
+        )
+    return world
+
+
+class SimTickStep:
+    """The executor on the simulated hypervisor, as a step of the engine loop (``Engine(steps=[...])``).
+
+    Each ``tick`` advances the world by the wall time since the last one (times ``speed``), in controller
+    ticks, then saves it to the store, where restarts, other processes and ``host-engine`` commands find it
+    (DESIGN.md §9). Build it with ``open``, which loads the world (or creates one from the inventory).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        world: SimWorld,
+        executor: Executor,
+        *,
+        speed: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+        key: str = WORLD_KEY,
+    ) -> None:
+        self.store = store
+        self.world = world
+        self.executor = executor
+        self.speed = speed
+        self.monotonic = monotonic
+        self.key = key
+        self._last = monotonic()
+
+    @classmethod
+    def open(
+        cls,
+        store: Store,
+        config: ExecutorConfig,
+        *,
+        speed: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+        hooks: ExecutorHooks | None = None,
+        choose_target: TargetChooser | None = None,
+        metrics: ExecutorMetrics | None = None,
+        key: str = WORLD_KEY,
+        seed: int = 0,
+    ) -> SimTickStep:
+        world = load_world(store, key)
+        if world is None:
+            world = sim_world_from_store(store, seed=seed)
+            save_world(store, world, key)
+            log.info(
+                "created the simulated datacenter %r from the inventory (%s droplets)",
+                key,
+                len(world.droplets),
+            )
+        clock = SimClock(world)
+        executor = Executor(
+            store,
+            SimHypervisor(world),
+            config,
+            clock,
+            hooks=hooks,
+            choose_target=choose_target,
+            metrics=metrics,
+        )
+        return cls(store, world, executor, speed=speed, monotonic=monotonic, key=key)
+
+    def tick(self) -> list[Finished]:
+        now = self.monotonic()
+        due_s = (now - self._last) * self.speed
+        self._last = now
+        done = self.executor.tick()
+        tick_s = self.executor.config.tick_s
+        while due_s > 1e-9:
+            step = min(tick_s, due_s)
+            self.world.advance(step)
+            due_s -= step
+            done += self.executor.tick()
+        try:
+            save_world(self.store, self.world, self.key)
+        except WorldConflict:
+            # Another process runs this world too: ours would overwrite its work. Stop driving it here.
+            log.error("simulated datacenter %r changed under this process; stopping its executor", self.key)
+            raise
+        return done

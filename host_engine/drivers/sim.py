@@ -34,6 +34,7 @@ import logging
 import math
 import random
 import zlib
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -186,7 +187,8 @@ def diabolical(
     )
 
 
-WORKLOADS = {
+#: Every workload model by name, each callable with no arguments for its defaults.
+WORKLOADS: dict[str, Callable[[], Workload]] = {
     "idle": idle,
     "web": web,
     "database": database,

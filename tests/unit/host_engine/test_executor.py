@@ -20,6 +20,7 @@ from host_engine.drivers.sim import (
     Workload,
     database,
     diabolical,
+    load_world,
     web,
 )
 from host_engine.errors import Conflict, StoreError
@@ -28,6 +29,7 @@ from host_engine.executor import (
     Executor,
     ExecutorConfig,
     ExecutorMetrics,
+    SimTickStep,
     attempt_id,
     request_abort,
     timeline,
@@ -459,3 +461,32 @@ def test_executor_droplet_found_shut_off_at_start_gets_an_offline_copy(env: Env)
     assert m.stats["last_attempt"]["disk_limit_s"] == 0
     assert env.world.droplets["d1"].state is DomainState.SHUT_OFF
     env.assert_on_exactly("d1", "b")
+
+
+def test_executor_sim_tick_step_follows_wall_time_and_keeps_the_world_in_the_store(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "engine.db")
+    for name in ("a", "b"):
+        store.add_host(Host(name, "nyc1", 32, 128 * GiB, 2000 * GiB, hypervisor_uri=f"sim://{name}"))
+    store.add_droplet(Droplet("d1", "a", 2, MEMORY, DISK, addresses=("10.0.0.2",)))
+    now = store.clock()
+    (m,) = store.create_migrations([NewMigration("d1", "a", "b", now, now, now + timedelta(hours=1))])
+    store.transition(m.id, S.NOTIFIED, notified_at=now)
+    wall = [0.0]
+
+    def monotonic() -> float:
+        return wall[0]
+
+    step = SimTickStep.open(store, ExecutorConfig(worker="w1"), speed=10.0, monotonic=monotonic)
+    assert load_world(store) is not None  # created from the inventory and saved at once
+    for _ in range(60):
+        wall[0] += 1.0  # one engine poll per wall second: 10 simulated seconds each
+        step.tick()
+        if store.get_migration(m.id).state is S.COMPLETED:
+            break
+    assert store.get_migration(m.id).state is S.COMPLETED
+    assert step.world.time_s == pytest.approx(10.0 * wall[0])
+    # A restart finds the moved droplet in the stored world.
+    again = SimTickStep.open(store, ExecutorConfig(worker="w1"), monotonic=monotonic)
+    assert again.world.droplets["d1"].host == "b"
+    assert again.world.hosts_holding("d1") == ["b"]
+    store.close()
