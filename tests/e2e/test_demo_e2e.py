@@ -1,0 +1,135 @@
+"""The whole system end to end: the demo's evacuation as a test, then again with things breaking mid-way.
+
+Real processes on loopback (one ``metadata-server``, one ``guest-agent`` per droplet, each from its own
+127.0.0.N address), the engine and executor in the test process on SQLite with the simulated hypervisor.
+Assertions are the demo's own consistency checks (``Demo.verify``) plus what each scenario adds: every
+droplet on exactly one host (store = simulator), every hook ran exactly once (hook output files = agents'
+journals), and the store, the metadata server and the agents agree on where each droplet is and that no
+event is left.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from guest_sdk import MaintenanceClient
+from guest_sdk.models import EventKind
+from host_engine.demo import EVACUATE, Demo, DemoOptions
+from host_engine.states import MigrationState
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(150)]
+
+RESTART_DOWN_S = 1.5  # how long the metadata server stays down mid-evacuation
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[Demo]:
+    lines: list[str] = []
+    with Demo(DemoOptions(workdir=tmp_path / "demo", timeout_s=90.0), echo=lines.append) as d:
+        d.setup()
+        yield d
+    # Demo.close stopped every process: nothing it started may outlive it.
+    assert d.server is not None and d.server.proc is None
+    assert all(a.proc is None for a in d.agents.values())
+
+
+def assert_agrees(demo: Demo) -> None:
+    """Store, simulator, metadata server and agents tell one story."""
+    assert demo.verify() == []
+    assert demo.store is not None and demo.server is not None
+    store = demo.store
+    for did, mid in demo.migrations.items():
+        m = store.get_migration(mid)
+        assert m.state is MigrationState.COMPLETED, did
+        assert store.get_droplet(did).host == m.target_host != EVACUATE
+        assert demo.world.hosts_holding(did) == [m.target_host]
+    # Each guest, asking from its own address as a droplet does, reads "no event".
+    for did, agent in demo.agents.items():
+        with MaintenanceClient(demo.server.guest_url, source_address=agent.address) as client:
+            assert client.event().kind is EventKind.NONE, did
+
+
+def test_e2e_evacuation_ends_consistent(demo: Demo) -> None:
+    written = demo.evacuate()
+    assert {m.droplet_id for m in written} == {d.id for d in demo.options.droplets if d.host == EVACUATE}
+    started = time.monotonic()
+    demo.run()
+    assert time.monotonic() - started < 60
+    assert_agrees(demo)
+    rows = {r.droplet: r for r in demo.rows()}
+    # The owner who prefers offline got an offline migration; the injected fault cost one retry.
+    assert rows["batch-1"].result.startswith("completed (offline")
+    assert "2 attempts" in rows["logs-1"].result
+    assert "batch-1" in demo.powered_off and "batch-1" in demo.booted
+    # Every guest was told ahead (unsafe short notice: seconds, not minutes) and its drain hook ran first.
+    for r in rows.values():
+        assert r.lead_s is not None and r.lead_s > 3.0, r
+
+
+@dataclass
+class Chaos:
+    """Breaks things between engine ticks: kill -9 an agent mid-event; restart the metadata server."""
+
+    victim: str = "web-1"
+    killed_at: float | None = None
+    server_down_at: float | None = None
+    server_back_at: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __call__(self, demo: Demo) -> None:
+        self._kill_agent(demo)
+        self._restart_server(demo)
+
+    def _kill_agent(self, demo: Demo) -> None:
+        """Once the victim's drain hook is done and it waits for the flag to clear: kill -9, start again."""
+        if self.killed_at is not None:
+            return
+        agent = demo.agents[self.victim]
+        journal = agent.journal()
+        active = journal.get("active")
+        event = journal.get("events", {}).get(active) if active else None
+        if event is None or event.get("status") != "drained":
+            return
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGKILL)
+        agent.proc.wait(10)
+        agent.proc = None
+        self.killed_at = time.time()  # wall clock: the hooks stamp their lines with `date +%s.%N`
+        self.notes.append(f"killed {self.victim}'s agent with -9 while {active} was drained")
+        agent.start()
+
+    def _restart_server(self, demo: Demo) -> None:
+        """When the first migration has completed and others still run: down for a while, then back."""
+        assert demo.store is not None and demo.server is not None
+        if self.server_back_at is not None:
+            return
+        if self.server_down_at is None:
+            states = [demo.store.get_migration(mid).state for mid in demo.migrations.values()]
+            if MigrationState.COMPLETED in states and any(not s.is_terminal for s in states):
+                demo.server.stop()
+                self.server_down_at = time.monotonic()
+                self.notes.append(f"metadata server down with states {sorted(s.value for s in states)}")
+            return
+        if time.monotonic() - self.server_down_at >= RESTART_DOWN_S:
+            demo.server.launch()
+            self.server_back_at = time.monotonic()
+
+
+def test_e2e_metadata_server_restart_and_agent_kill9_mid_evacuation(demo: Demo) -> None:
+    chaos = Chaos()
+    demo.evacuate()
+    demo.run(on_tick=chaos)
+    assert chaos.killed_at is not None, "the agent was never killed"
+    assert chaos.server_back_at is not None, "the metadata server was never restarted"
+    assert_agrees(demo)
+    # The killed agent resumed from its journal: the drain ran once (before the kill), the restore once (after).
+    victim = demo.agents[chaos.victim]
+    runs = victim.hook_runs()
+    assert [(r[1], r[2]) for r in runs] == [("on_notice", "lb-drain"), ("after_migration", "lb-ready")]
+    assert runs[0][0] < chaos.killed_at < runs[1][0]
