@@ -9,6 +9,14 @@ Whatever happens, an attempt ends in one of two states the rest of the system ca
 ``COMPLETED`` — the droplet runs on the target, the source holds nothing, no limit is left on it;
 or ``ABORTED``/``FAILED`` — the source runs the droplet untouched (resumed, no throttle, no disk limit)
 and the target holds nothing of it. Which host was at fault goes to the retry policy (``host_engine.retry``).
+
+Around that loop, the store side:
+
+- ``Executor`` claims due migrations (``FOR UPDATE SKIP LOCKED``), drives them, records progress and the log,
+  and takes each failure down the path of DESIGN.md §3 (retry, another target, ``offline_required``, the
+  offline copy); it also recovers migrations whose worker died. ``tick()`` is one engine-loop step.
+- ``request_abort`` is ``host-engine abort``; ``timeline`` feeds ``host-engine report``; ``ExecutorMetrics``
+  is the Prometheus side; ``SimTickStep`` runs it all on the simulated hypervisor inside ``host-engine run``.
 """
 
 from __future__ import annotations
