@@ -519,6 +519,7 @@ class Row:
     size: str
     lead_s: float | None
     downtime_ms: float | None
+    offline: bool
     throttle: str
     bytes_moved: int
     result: str
@@ -550,8 +551,8 @@ class Demo:
         self.engine: Engine | None = None
         self.executor: Executor | None = None
         self.migrations: dict[str, str] = {}  # droplet id -> migration id
-        self.powered_off: set[str] = set()
-        self.booted: set[str] = set()
+        self.powered_off: dict[str, float] = {}  # droplet -> wall time it went off (its power-off command)
+        self.booted: dict[str, float] = {}  # droplet -> wall time it was powered on again
         self._seen = _Seen()
         self._last_reconcile = 0.0
         self._run_started: float | None = None
@@ -853,7 +854,11 @@ class Demo:
         store = self._need_store()
         for did, agent in self.agents.items():
             if did not in self.powered_off and agent.poweroff_path.exists():
-                self.powered_off.add(did)
+                stamp = agent.poweroff_path.read_text().split(" ", 1)[0]
+                try:
+                    self.powered_off[did] = float(stamp)
+                except ValueError:
+                    self.powered_off[did] = time.time()
                 self.world.droplets[did].state = DomainState.SHUT_OFF
                 agent.stop()
                 self.say(f"{did}: powered itself off (acknowledged offline); its guest agent is down with it")
@@ -865,7 +870,7 @@ class Demo:
                     and store.get_migration(mid).state is MigrationState.COMPLETED
                     and sim.state is DomainState.RUNNING
                 ):
-                    self.booted.add(did)
+                    self.booted[did] = time.time()
                     self.say(f"{did}: powered on on {sim.host}; the guest agent starts again")
                     agent.start()
 
@@ -1032,13 +1037,17 @@ class Demo:
             attempts = f"{m.attempt} attempts" if m.attempt > 1 else "1 attempt"
             how = "offline" if last.get("offline") else "live"
             spec = self._spec(did)
+            downtime_ms = last.get("downtime_ms")
+            if how == "offline" and did in self.powered_off and did in self.booted:
+                downtime_ms = (self.booted[did] - self.powered_off[did]) * 1000  # off, copied, on again
             out.append(
                 Row(
                     droplet=did,
                     workload=spec.kind,
                     size=f"{spec.vcpus}c/{spec.memory_gib}G/{spec.disk_gib}G",
                     lead_s=lead,
-                    downtime_ms=last.get("downtime_ms"),
+                    downtime_ms=downtime_ms,
+                    offline=how == "offline",
                     throttle=", ".join(parts) or "-",
                     bytes_moved=int(last.get("bytes_transferred") or 0),
                     result=f"{m.state.value} ({how}, {attempts})",
@@ -1057,7 +1066,7 @@ class Demo:
                 r.workload,
                 r.size,
                 "-" if r.lead_s is None else f"{r.lead_s:.1f} s",
-                "-" if r.downtime_ms is None else f"{r.downtime_ms:.0f} ms",
+                _downtime(r),
                 r.throttle,
                 f"{r.bytes_moved / GiB:.1f} GiB",
                 r.result,
@@ -1073,11 +1082,20 @@ class Demo:
         self.echo("")
         wall_s = time.monotonic() - (self._run_started or time.monotonic())
         self.echo(
-            "  notice lead: from the notice to the start of the copy; downtime: the pause at switchover"
+            "  notice lead: from the notice to the start of the copy; downtime: the pause at switchover "
+            "(offline: power-off to power-on)"
         )
         self.echo(
             f"  the simulated hypervisors ran {self.world.time_s:.0f} s of migration time in {wall_s:.0f} s"
         )
+
+
+def _downtime(r: Row) -> str:
+    if r.downtime_ms is None:
+        return "-"
+    if r.offline:
+        return f"{r.downtime_ms / 1000:.1f} s off"
+    return f"{r.downtime_ms:.0f} ms"
 
 
 def _rejections(c: Choice) -> str:
