@@ -59,7 +59,11 @@ defined, shut off). Why not storage-volume streams (``virStorageVol.download`` �
 streams carry every byte through the engine's own connection (source → engine → target, two hops over
 whatever link the engine has), and the domain must then be defined by hand; the paused migration copies
 host to host over the migration network with the same code path, progress, bandwidth cap and abort as a
-live one. Measured on the build machine with a 64 MiB disk (docs/libvirt.md): see the numbers there.
+live one. Measured on the build machine (docs/libvirt.md), where the engine sits on the hosts' own
+machine so its two hops cost nothing: streams 0.19 s / 2.6 s for 32 / 256 MiB of data, the paused
+migration 9.1 s / 11.0 s, almost all of it the fixed cost of starting QEMU on both hosts (2.3-5.4 s once the
+hosts are warm). The fixed cost is paid once per droplet; the engine's link would be paid per byte, for
+every offline migration of the fleet at once.
 """
 
 from __future__ import annotations
