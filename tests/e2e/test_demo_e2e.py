@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from guest_sdk import MaintenanceClient
 from guest_sdk.models import EventKind
+from host_engine.cli import cli
 from host_engine.demo import EVACUATE, Demo, DemoOptions
 from host_engine.states import MigrationState
 
@@ -133,3 +135,9 @@ def test_e2e_metadata_server_restart_and_agent_kill9_mid_evacuation(demo: Demo) 
     runs = victim.hook_runs()
     assert [(r[1], r[2]) for r in runs] == [("on_notice", "lb-drain"), ("after_migration", "lb-ready")]
     assert runs[0][0] < chaos.killed_at < runs[1][0]
+
+
+def test_e2e_demo_command_is_registered() -> None:
+    result = CliRunner().invoke(cli, ["demo", "--help"], catch_exceptions=False)
+    assert result.exit_code == 0
+    assert "--keep" in result.output
