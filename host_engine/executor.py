@@ -548,34 +548,32 @@ class Executor:
     # ---- starting ----------------------------------------------------------------------------------------
 
     def claim_due(self) -> list[Finished]:
+        """Claim and start what is due, up to ``max_concurrent``. A migration that must wait (its guest has
+        not shut down for an offline copy yet) is skipped unclaimed, so it never blocks the ones behind it."""
         free = self.config.max_concurrent - len(self.active)
         if free <= 0:
             return []
         now = self.store.clock()
-        claimed = self.store.claim(
-            self.config.worker,
-            states=(MigrationState.NOTIFIED, MigrationState.OFFLINE_REQUIRED),
-            due_by=now,
-            lease_s=self.config.lease_s,
-            limit=free,
-        )
-        # A guest that acknowledged "ready" may be moved before its not_before (DESIGN.md §3, step 5).
-        for early in self.store.list_migrations(states=(MigrationState.NOTIFIED,)):
-            if len(claimed) >= free:
-                break
-            if early.ack == "ready" and early.not_before > now and early.claimed_by is None:
-                claimed += self.store.claim(
-                    self.config.worker,
-                    states=(MigrationState.NOTIFIED,),
-                    lease_s=self.config.lease_s,
-                    migration_id=early.id,
-                )
+        stale_before = now - timedelta(seconds=self.config.lease_s)
         done = []
-        for m in claimed:
-            if m.id in self.active:
+        for m in self.store.list_migrations(
+            states=(MigrationState.NOTIFIED, MigrationState.OFFLINE_REQUIRED)
+        ):
+            if free <= 0:
+                break
+            # Due at not_before; a guest that acknowledged "ready" may go earlier (DESIGN.md §3, step 5).
+            due = m.not_before <= now or (m.state is MigrationState.NOTIFIED and m.ack == "ready")
+            held = m.claimed_by is not None and m.claimed_at is not None and m.claimed_at >= stale_before
+            if m.id in self.active or not due or held or self._must_wait(m):
                 continue
+            claimed = self.store.claim(
+                self.config.worker, states=(m.state,), lease_s=self.config.lease_s, migration_id=m.id
+            )
+            if not claimed:  # another worker was faster
+                continue
+            free -= 1
             try:
-                finished = self._start(m)
+                finished = self._start(claimed[0])
             except (HostEngineError, DriverError):
                 # Claimed (maybe already running) but not started here: recovery picks it up again.
                 log.exception("migration_id=%s droplet_id=%s: could not start", m.id, m.droplet_id)
@@ -584,32 +582,38 @@ class Executor:
                 done.append(finished)
         return done
 
-    def _start(self, m: Migration) -> Finished | None:
-        worker = self.config.worker
-        power = self.hypervisor.domain_state(m.source_host, m.droplet_id)
-        offline = (
+    @staticmethod
+    def _wants_offline(m: Migration, power: DomainState) -> bool:
+        return (
             m.offline
             or m.state is MigrationState.OFFLINE_REQUIRED
             or m.ack == "offline"
             or power is DomainState.SHUT_OFF
         )
-        if power is DomainState.ABSENT or (offline and power is not DomainState.SHUT_OFF):
-            # Absent: the inventory is wrong, an operator must look. Running but offline: the guest was told
-            # (offline_migrate, or it acknowledged offline) and shuts itself down; try again next tick.
+
+    def _must_wait(self, m: Migration) -> bool:
+        """Not startable yet: the droplet is absent (an operator must look), or an offline copy waits for the
+        guest, which was told (offline_migrate, or it acknowledged offline), to shut itself down."""
+        power = self.hypervisor.domain_state(m.source_host, m.droplet_id)
+        if power is not DomainState.ABSENT and not (
+            self._wants_offline(m, power) and power is not DomainState.SHUT_OFF
+        ):
+            self._waiting_logged.discard(m.id)
+            return False
+        if m.id not in self._waiting_logged:
             note = (
                 f"{m.droplet_id} is not on {m.source_host}: operator needed"
                 if power is DomainState.ABSENT
                 else f"waiting for {m.droplet_id} to shut down for the offline copy"
             )
-            with self.store.begin() as tx:
-                tx.release_claim(m.id, worker)
-                if m.id not in self._waiting_logged:
-                    tx.append_log(m.id, "wait", note, droplet_id=m.droplet_id)
-            if m.id not in self._waiting_logged:
-                log.warning("migration_id=%s: %s", m.id, note)
+            self.store.append_log(m.id, "wait", note, droplet_id=m.droplet_id)
+            log.warning("migration_id=%s: %s", m.id, note)
             self._waiting_logged.add(m.id)
-            return None
-        self._waiting_logged.discard(m.id)
+        return True
+
+    def _start(self, m: Migration) -> Finished | None:
+        worker = self.config.worker
+        offline = self._wants_offline(m, self.hypervisor.domain_state(m.source_host, m.droplet_id))
         attempt = m.attempt + 1
         m = self.store.transition(
             m.id,

@@ -490,3 +490,19 @@ def test_executor_sim_tick_step_follows_wall_time_and_keeps_the_world_in_the_sto
     assert again.world.droplets["d1"].host == "b"
     assert again.world.hosts_holding("d1") == ["b"]
     store.close()
+
+
+def test_executor_a_migration_waiting_for_its_guest_does_not_block_the_queue(env: Env) -> None:
+    env.droplet("d1")
+    env.droplet("d2")
+    waiting = env.migration("d1")
+    env.store.update_migration(waiting, ack="offline")  # the guest will shut down... but has not yet
+    env.clock.sleep(1.0)  # so the waiting one is first in the queue
+    other = env.migration("d2")
+    ex = env.executor(max_concurrent=1)
+    env.drive(ex, lambda: env.state(other) is S.COMPLETED, max_s=600)
+    assert env.state(waiting) is S.NOTIFIED
+    assert kinds(env.store, waiting).count("wait") == 1
+    assert "claim" not in kinds(env.store, waiting)
+    env.world.droplets["d1"].state = DomainState.SHUT_OFF
+    env.drive(ex, lambda: env.state(waiting) is S.COMPLETED, max_s=600)
