@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from host_engine.config import PlacementConfig
 from host_engine.controller import (
     Abort,
     AbortReason,
@@ -68,6 +69,7 @@ from host_engine.drivers.sim import (
 )
 from host_engine.errors import Conflict, HostEngineError, StaleClaim
 from host_engine.models import Migration
+from host_engine.planner import plan_placement
 from host_engine.retry import RetryConfig, after_failure, backoff_s
 from host_engine.states import CANCELLABLE, MigrationState
 from host_engine.store import Store, Tx, offline_event_id
@@ -407,6 +409,21 @@ class NoHooks:
 
 #: Picks another target for a migration, avoiding the given hosts; None when there is none.
 TargetChooser = Callable[[Migration, frozenset[str]], str | None]
+
+
+def placement_chooser(store: Store, config: PlacementConfig) -> TargetChooser:
+    """A ``TargetChooser`` from the placement filters and weighers (DESIGN.md §6): the best host for the
+    droplet that is not to be avoided, among the chosen one and its runners-up; None when none fits."""
+
+    def choose(m: Migration, avoid: frozenset[str]) -> str | None:
+        with store.begin(readonly=True) as tx:
+            droplet = tx.get_droplet(m.droplet_id)
+            plan = plan_placement(tx, tx.get_host(m.source_host), [droplet], config)
+        c = plan.choice(droplet.id)
+        ranked = ([c.target] if c.target else []) + [host for host, _score in c.runners_up]
+        return next((h for h in ranked if h not in avoid), None)
+
+    return choose
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from host_engine.config import PlacementConfig
 from host_engine.controller import GiB
 from host_engine.drivers.base import DomainState, Phase
 from host_engine.drivers.sim import (
@@ -31,6 +32,7 @@ from host_engine.executor import (
     ExecutorMetrics,
     SimTickStep,
     attempt_id,
+    placement_chooser,
     request_abort,
     timeline,
 )
@@ -506,3 +508,15 @@ def test_executor_a_migration_waiting_for_its_guest_does_not_block_the_queue(env
     assert "claim" not in kinds(env.store, waiting)
     env.world.droplets["d1"].state = DomainState.SHUT_OFF
     env.drive(ex, lambda: env.state(waiting) is S.COMPLETED, max_s=600)
+
+
+def test_executor_placement_chooser_retries_on_the_best_remaining_host(env: Env) -> None:
+    env.droplet("d1")
+    mid = env.migration("d1")
+    env.world.inject_fault(attempt_id(mid, 1), Fault(FaultKind.TARGET_CRASH, Phase.DISK, after_s=1))
+    ex = env.executor(choose_target=placement_chooser(env.store, PlacementConfig()))
+    env.drive(ex, lambda: env.state(mid) is S.COMPLETED)
+    assert env.store.get_migration(mid).target_host == "c"
+    env.assert_on_exactly("d1", "c")
+    only_failed = placement_chooser(env.store, PlacementConfig())
+    assert only_failed(env.store.get_migration(mid), frozenset({"a", "b", "c"})) is None
