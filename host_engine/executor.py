@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from host_engine.config import PlacementConfig
+from host_engine.config import EngineConfig, PlacementConfig
 from host_engine.controller import (
     Abort,
     AbortReason,
@@ -67,7 +67,7 @@ from host_engine.drivers.sim import (
     load_world,
     save_world,
 )
-from host_engine.errors import Conflict, HostEngineError, StaleClaim
+from host_engine.errors import Conflict, HostEngineError, InvalidInput, StaleClaim
 from host_engine.models import Migration
 from host_engine.planner import plan_placement
 from host_engine.retry import RetryConfig, after_failure, backoff_s
@@ -1139,3 +1139,40 @@ class SimTickStep:
             log.error("simulated datacenter %r changed under this process; stopping its executor", self.key)
             raise
         return done
+
+
+def executor_step(
+    store: Store,
+    config: EngineConfig,
+    *,
+    driver: str,
+    hooks: ExecutorHooks | None = None,
+    metrics: ExecutorMetrics | None = None,
+    sim_speed: float = 1.0,
+) -> SimTickStep | Executor:
+    """What ``host-engine run`` adds to the engine loop (``Engine(..., steps=[executor_step(...)])``).
+
+    ``driver`` is ``"sim"`` (the simulated datacenter kept in the store, following wall time x ``sim_speed``)
+    or ``"libvirt"`` (each host's ``hypervisor_uri``). Either way retries pick another target through the
+    placement filters and weighers, and the controller ticks once per engine poll.
+    """
+    exec_config = ExecutorConfig(worker=config.worker_id, tick_s=config.engine.poll_interval_s)
+    chooser = placement_chooser(store, config.placement)
+    if driver == "sim":
+        return SimTickStep.open(
+            store, exec_config, speed=sim_speed, hooks=hooks, choose_target=chooser, metrics=metrics
+        )
+    if driver == "libvirt":
+        from host_engine.drivers.libvirt import LibvirtHypervisor
+
+        uris = {h.name: h.hypervisor_uri for h in store.list_hosts()}
+        return Executor(
+            store,
+            LibvirtHypervisor(uris),
+            exec_config,
+            RealClock(),
+            hooks=hooks,
+            choose_target=chooser,
+            metrics=metrics,
+        )
+    raise InvalidInput(f"unknown hypervisor driver {driver!r} (sim, libvirt)", field="driver")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from host_engine.config import PlacementConfig
+from host_engine.config import EngineConfig, EngineLoopConfig, PlacementConfig
 from host_engine.controller import GiB
 from host_engine.drivers.base import DomainState, Phase
 from host_engine.drivers.sim import (
@@ -24,7 +24,7 @@ from host_engine.drivers.sim import (
     load_world,
     web,
 )
-from host_engine.errors import Conflict, StoreError
+from host_engine.errors import Conflict, InvalidInput, StoreError
 from host_engine.executor import (
     ABORT_REQUEST_KEY,
     Executor,
@@ -32,6 +32,7 @@ from host_engine.executor import (
     ExecutorMetrics,
     SimTickStep,
     attempt_id,
+    executor_step,
     placement_chooser,
     request_abort,
     timeline,
@@ -520,3 +521,16 @@ def test_executor_placement_chooser_retries_on_the_best_remaining_host(env: Env)
     env.assert_on_exactly("d1", "c")
     only_failed = placement_chooser(env.store, PlacementConfig())
     assert only_failed(env.store.get_migration(mid), frozenset({"a", "b", "c"})) is None
+
+
+def test_executor_step_builds_the_engine_loop_step_for_each_driver(env: Env) -> None:
+    config = EngineConfig(engine=EngineLoopConfig(worker="w9", poll_interval_s=2.0))
+    sim_step = executor_step(env.store, config, driver="sim")
+    assert isinstance(sim_step, SimTickStep)
+    assert sim_step.executor.config.worker == "w9"
+    assert sim_step.executor.config.tick_s == 2.0
+    assert set(sim_step.world.hosts) == {"a", "b", "c"}
+    libvirt_step = executor_step(env.store, config, driver="libvirt")
+    assert isinstance(libvirt_step, Executor)
+    with pytest.raises(InvalidInput, match="driver"):
+        executor_step(env.store, config, driver="xen")
