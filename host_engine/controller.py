@@ -5,10 +5,12 @@ The driver is the mechanism (copy disk, pre-copy memory, switch over); this modu
 
 - keep copying (no action);
 - when few modified disk blocks remain but the droplet keeps writing fast, apply a *temporary* disk write
-  limit, and lift it the moment switchover is done (or the migration ends any other way);
+  limit, and lift it the moment switchover is done (or the migration ends any other way); the same limit
+  is the last resort before calling a stall, for a guest that writes faster than its share of the link;
 - when memory pre-copy is not converging, a short, stepped vCPU throttle, bounded, never stepped down
   mid-migration and lifted at the end;
-- switch over when the remaining data fits the downtime budget at the measured bandwidth;
+- switch over when the remaining data fits the downtime budget at the measured bandwidth (copying on while
+  another tick still shrinks it, unless the guest is being slowed);
 - abort when the completion timeout for the droplet's size passes, when progress stalls with no remedy
   left, or when a switchover does not finish (the guest is paused: resuming the source beats a frozen guest).
 
@@ -71,8 +73,9 @@ DEFAULT_THROTTLE_MAX_PCT = 80
 # (target QEMU start, first probe: a few s; ~1.2 s handover) with room. Nova uses 800 s/GiB: far too patient.
 DEFAULT_TIMEOUT_FLOOR_S = 120.0
 DEFAULT_TIMEOUT_S_PER_GIB = 64.0
-# Stalled = the remainder has not reached a new low (by ≥ 5 %) for 30 s and no remedy is left. QEMU's
-# non-converging run above spent 60 s / 36 rounds at a constant remainder; 30 s is ~18 such rounds.
+# Stalled = the remainder has not reached a new low (by ≥ 5 % of itself, or of what the link moves in the
+# window if that is less) for 30 s and no remedy is left. QEMU's non-converging run above spent 60 s / 36
+# rounds at a constant remainder; 30 s is ~18 such rounds.
 DEFAULT_STALL_TIMEOUT_S = 30.0
 DEFAULT_STALL_MIN_IMPROVEMENT = 0.05
 # No byte moved for 15 s: the link or a peer is gone (TCP keepalive-scale), whatever the remainder says.
