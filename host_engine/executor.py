@@ -764,6 +764,11 @@ class Executor:
         log.warning(
             "migration_id=%s droplet_id=%s attempt %s failed: %s", m.id, m.droplet_id, m.attempt, reason
         )
+        cancel = bool(operator_abort) and operator_abort != "worker shutting down"
+        # Decided before the transaction: choosing a target reads the store (placement) on its own.
+        target = m.target_host
+        if result.target_at_fault and self.choose_target is not None and not cancel:
+            target = self.choose_target(m, frozenset(failed_targets | {m.source_host})) or target
         with self.store.begin() as tx:
             failed = tx.transition(
                 m.id,
@@ -774,13 +779,13 @@ class Executor:
                 message=f"attempt {m.attempt} failed: {reason}; {m.droplet_id} still on {m.source_host}",
                 data=attempt_stats,
             )
-            if operator_abort and operator_abort != "worker shutting down":
-                nxt = tx.transition(m.id, MigrationState.CANCELLED, message=operator_abort)
+            if cancel:
+                nxt = tx.transition(m.id, MigrationState.CANCELLED, message=operator_abort or "")
                 hook = "cancelled"
             elif offline:
-                nxt, hook = self._after_offline_failure(tx, failed, now, result)
+                nxt, hook = self._after_offline_failure(tx, failed, now, target)
             else:
-                nxt, hook = self._after_live_failure(tx, failed, now, result, nonconverging, failed_targets)
+                nxt, hook = self._after_live_failure(tx, failed, now, result, nonconverging, target)
         if hook:
             self._hook(hook, nxt)
         return Finished(m.id, m.attempt, result, nxt.state)
@@ -792,7 +797,7 @@ class Executor:
         now: datetime,
         result: MigrationResult,
         nonconverging: int,
-        failed_targets: set[str],
+        other_target: str,
     ) -> tuple[Migration, str]:
         decision = after_failure(
             attempt=m.attempt,
@@ -819,9 +824,7 @@ class Executor:
                 claimed_at=None,
             )
             return nxt, "offline_required"
-        target = m.target_host
-        if decision.other_target and self.choose_target is not None:
-            target = self.choose_target(m, frozenset(failed_targets | {m.source_host})) or target
+        target = other_target if decision.other_target else m.target_host
         nxt = tx.transition(
             m.id,
             MigrationState.NOTIFIED,
@@ -836,7 +839,7 @@ class Executor:
         return nxt, "retry_scheduled"
 
     def _after_offline_failure(
-        self, tx: Tx, m: Migration, now: datetime, result: MigrationResult
+        self, tx: Tx, m: Migration, now: datetime, target: str
     ) -> tuple[Migration, str]:
         if int(m.stats.get(OFFLINE_ATTEMPTS_KEY, 0)) >= self.config.max_offline_attempts:
             tx.update_migration(
@@ -847,10 +850,6 @@ class Executor:
                 log_kind="alert",
             )
             return tx.get_migration(m.id), ""
-        target = m.target_host
-        if result.target_at_fault and self.choose_target is not None:
-            avoid = frozenset(set(m.stats.get(FAILED_TARGETS_KEY, [])) | {m.source_host})
-            target = self.choose_target(m, avoid) or target
         not_before = now + timedelta(seconds=backoff_s(m.attempt, self.config.retry, self.rand))
         nxt = tx.transition(
             m.id,
