@@ -206,11 +206,13 @@ class FaultKind(enum.Enum):
 
 @dataclass(frozen=True)
 class Fault:
-    """Fire ``kind`` once the migration has spent ``after_s`` in ``phase``."""
+    """Fire ``kind`` once the migration has spent ``after_s`` in ``phase``. A link drop with ``duration_s``
+    is a flap: the link comes back after that long (None: it stays down)."""
 
     kind: FaultKind
     phase: Phase
     after_s: float = 0.0
+    duration_s: float | None = None
 
 
 FAULT_PHASES = (Phase.PREPARING, Phase.DISK, Phase.MEMORY, Phase.SWITCHOVER)
@@ -280,6 +282,7 @@ class Migration:
     memory_pos: int = 0
     credit_bytes: float = 0.0
     link_up: bool = True
+    link_back_at_s: float | None = None
     disk_sent_bytes: int = 0
     memory_sent_bytes: int = 0
     max_downtime_ms: int | None = None
@@ -419,6 +422,9 @@ class SimWorld:
         for mig in active:
             self._fire_faults(mig)
         active = [m for m in active if m.active]
+        for m in active:
+            if m.link_back_at_s is not None and self.time_s >= m.link_back_at_s:
+                m.link_up, m.link_back_at_s = True, None
         # Fair shares of each host's transmit and receive sides among the migrations that have work.
         senders = [m for m in active if m.link_up and (m.disk_pending or m.memory_pending)]
         tx: dict[str, int] = {}
@@ -458,6 +464,8 @@ class SimWorld:
         )
         if fault.kind is FaultKind.LINK_DROP:
             mig.link_up = False
+            if fault.duration_s is not None:
+                mig.link_back_at_s = self.time_s + fault.duration_s
             return
         if fault.kind is FaultKind.TARGET_CRASH:
             self.hosts[mig.spec.target_host].alive = False
@@ -747,11 +755,11 @@ def _unpack(text: str) -> array.array[int]:
 
 
 def _fault_to_dict(f: Fault) -> dict[str, Any]:
-    return {"kind": f.kind.value, "phase": f.phase.value, "after_s": f.after_s}
+    return {"kind": f.kind.value, "phase": f.phase.value, "after_s": f.after_s, "duration_s": f.duration_s}
 
 
 def _fault_from_dict(d: dict[str, Any]) -> Fault:
-    return Fault(FaultKind(d["kind"]), Phase(d["phase"]), d["after_s"])
+    return Fault(FaultKind(d["kind"]), Phase(d["phase"]), d["after_s"], d.get("duration_s"))
 
 
 def _droplet_to_dict(d: Droplet) -> dict[str, Any]:

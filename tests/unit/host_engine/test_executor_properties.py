@@ -40,6 +40,7 @@ faults = st.lists(
         kind=st.sampled_from(FaultKind),
         phase=st.sampled_from(FAULT_PHASES),
         after_s=st.floats(min_value=0, max_value=8),
+        duration_s=st.none() | st.floats(min_value=0, max_value=30),
     ),
     max_size=3,
 )

@@ -321,6 +321,7 @@ faults = st.none() | st.builds(
     kind=st.sampled_from(FaultKind),
     phase=st.sampled_from(FAULT_PHASES),
     after_s=st.floats(min_value=0, max_value=5),
+    duration_s=st.none() | st.floats(min_value=0, max_value=30),
 )
 
 
@@ -381,3 +382,20 @@ def test_sim_database_on_a_third_of_the_link_converges_with_the_last_resort_disk
     first = next(p for p in result.trace if p.disk_write_limit_bps is not None)
     assert first.disk_remaining_bytes > first.transfer_rate_bps * ControllerConfig().disk_limit_window_s
     assert world.droplets["d1"].disk_limit_bps is None
+
+
+@pytest.mark.parametrize(("down_s", "survives"), [(5.0, True), (20.0, False)])
+def test_sim_a_link_flap_shorter_than_the_no_transfer_timeout_is_ridden_out(
+    down_s: float, survives: bool
+) -> None:
+    s = make(WORKLOADS["web"](), memory=GiB, disk=8 * GiB)
+    s.world.inject_fault("m1", Fault(FaultKind.LINK_DROP, Phase.DISK, after_s=2, duration_s=down_s))
+    result, driver = s.run()
+    if survives:
+        assert result.outcome is Outcome.COMPLETED, result.reason
+        assert driver.verified is True
+        assert_runs_on_exactly(s.world, "dst")
+    else:
+        assert result.abort_reason is not None
+        assert result.abort_reason.value == "no_transfer"
+        assert_source_untouched(s, result)
