@@ -66,7 +66,13 @@ from host_engine.drivers.sim import (
 )
 from host_engine.engine import Engine
 from host_engine.errors import HostEngineError
-from host_engine.executor import LAST_ATTEMPT_KEY, Executor, ExecutorConfig, attempt_id
+from host_engine.executor import (
+    LAST_ATTEMPT_KEY,
+    Executor,
+    ExecutorConfig,
+    attempt_id,
+    placement_chooser,
+)
 from host_engine.models import Droplet, Host, LogEntry, Migration
 from host_engine.notifier import AdminClient
 from host_engine.placement import Choice, Plan
@@ -692,6 +698,7 @@ class Demo:
             ),
             SimClock(self.world),
             hooks=self.sync,
+            choose_target=placement_chooser(store, config.placement),
             rand=lambda: 0.5,
         )
         self.engine = Engine(store, config, self.sync, sleep=lambda _s: None)
