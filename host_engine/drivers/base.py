@@ -89,7 +89,15 @@ class DriverError(Exception):
 
 @runtime_checkable
 class MigrationDriver(Protocol):
-    """One migration's handle. Created per migration by ``HypervisorDriver.migration(spec)``."""
+    """One migration's handle. Created per migration by ``HypervisorDriver.migration(spec)``.
+
+    What the executor's loop (``host_engine.executor.run_migration``) relies on: ``progress()`` reports a
+    failure as ``phase=FAILED`` with ``error`` and ``target_at_fault`` (an exception is for a call that could
+    not be made at all); ``switchover()`` returns at once and later snapshots show ``SWITCHOVER`` then
+    ``DONE``; after ``DONE`` the ``set_*`` calls are no-ops (the source is gone, the target never had a
+    limit); after a failure the loop calls ``abort()``, ``set_disk_write_limit(None)``,
+    ``set_memory_throttle(0)`` and ``finalize(False)``, each of which may find nothing left to do.
+    """
 
     def prepare_target(self) -> None:
         """Create what the target needs (disks of the right size, network) before data moves."""
