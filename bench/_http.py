@@ -113,12 +113,15 @@ class Conn:
         self.out = bytearray()
         self.buf = bytearray()
         self.state = ""
+        self.pending = 0  # requests sent and not yet answered
         err = self.sock.connect_ex(dest)
         if err not in (0, errno.EINPROGRESS):
             raise OSError(err, f"connect to {dest} from {source}: {errno.errorcode.get(err, err)}")
         loop.sel.register(self.sock, selectors.EVENT_WRITE, self)
 
     def send(self, data: bytes) -> None:
+        """Send one request (queued until the connection is up)."""
+        self.pending += 1
         self.out += data
         if self.connected:
             self._flush()
@@ -148,7 +151,9 @@ class Conn:
                 return
             if not data:
                 self.close()
-                raise ConnectionError(f"server closed the connection (state {self.state!r})")
+                if self.pending:
+                    raise ConnectionError(f"server closed the connection (state {self.state!r})")
+                return  # an idle keep-alive connection the server let go
             now = time.time()
             for level, kind, value in ancillary:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
@@ -156,6 +161,7 @@ class Conn:
                     now = sec + nsec * 1e-9
             self.buf += data
             while (parsed := parse_response(self.buf)) is not None:
+                self.pending -= 1
                 self.on_response(self, Response(*parsed, at=now))
 
     def close(self) -> None:
