@@ -900,7 +900,10 @@ class SimHypervisor:
             return spec.target_host
         driver = SimMigrationDriver(world, spec)
         driver.abort()
-        driver.finalize(False)
+        if (
+            mig is not None
+        ):  # never prepared here (e.g. the worker died before prepare_target): nothing to finalize
+            driver.finalize(False)
         return spec.source_host
 
 

@@ -399,3 +399,9 @@ def test_sim_a_link_flap_shorter_than_the_no_transfer_timeout_is_ridden_out(
         assert result.abort_reason is not None
         assert result.abort_reason.value == "no_transfer"
         assert_source_untouched(s, result)
+
+
+def test_sim_recover_of_an_attempt_that_never_reached_the_hypervisor_is_a_no_op() -> None:
+    s = make(WORKLOADS["idle"](), memory=GiB, disk=8 * GiB)
+    assert s.hv.recover(s.spec) == "src"
+    assert_runs_on_exactly(s.world, "src")
