@@ -531,6 +531,9 @@ def test_target_daemon_killed_mid_migration_then_cleaned_and_retried(hosts: Any,
 
     # The harness restarts the daemon; the engine's next attempt removes the leftovers and succeeds.
     hosts.target.start()
+    print(f"after the restart the target holds {domain_names(conns.dst)} and {images(hosts.target)}")
+    # The retry's prepare_target removes the leftovers: creating the disk again would fail if the old file
+    # were still there ("storage volume already exists").
     result = run(LibvirtMigration(spec_for(hosts, name)))
     assert result.outcome is Outcome.COMPLETED, result.reason
     tdom = conns.dst.lookupByName(name)
