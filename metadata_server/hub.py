@@ -36,6 +36,7 @@ class Hub:
         self._held: dict[str, int] = {}
         self._stopping = threading.Event()
         self._version = -1
+        self._seq = 0
         self.reload()
 
     # ---- reads -----------------------------------------------------------------------------------------
@@ -94,9 +95,37 @@ class Hub:
 
     # ---- changes ---------------------------------------------------------------------------------------
 
+    def refresh(self) -> None:
+        """Apply only the droplets written since the last look, and wake their long-polls."""
+        version = self._store.data_version()
+        seq, changed = self._store.changed_since(self._seq)
+        if not changed:
+            self._version = version
+            return
+        views = {i: (DropletView.of(d) if d is not None else None) for i, d in changed.items()}
+        with self._lock:
+            by_id = dict(self._by_id)
+            by_address = dict(self._by_address)
+            for droplet_id, after in views.items():
+                before = by_id.pop(droplet_id, None)
+                if before is not None:
+                    for a in before.droplet.addresses:
+                        if by_address.get(a) is before:
+                            del by_address[a]
+                if after is not None:
+                    by_id[droplet_id] = after
+                    for a in after.droplet.addresses:
+                        by_address[a] = after
+                if before is None or after is None or before.etag != after.etag:
+                    event = self._changed.pop(droplet_id, None)
+                    if event is not None:
+                        event.set()
+            self._by_id, self._by_address, self._version, self._seq = by_id, by_address, version, seq
+
     def reload(self) -> None:
         """Rebuild the maps from the store and wake the long-polls of droplets that changed."""
         version = self._store.data_version()
+        seq = self._store.last_change()
         droplets = self._store.all()
         old_views = self._by_id
         by_id: dict[str, DropletView] = {}
@@ -107,6 +136,7 @@ class Hub:
         with self._lock:
             old = self._by_id
             self._by_id, self._by_address, self._version = by_id, by_address, version
+            self._seq = max(self._seq, seq)
             for droplet_id in set(old) | set(by_id):
                 before, after = old.get(droplet_id), by_id.get(droplet_id)
                 if before is None or after is None or before.etag != after.etag:
@@ -119,7 +149,7 @@ class Hub:
         while not self._stopping.wait(self._poll_interval_s):
             try:
                 if self._store.data_version() != self._version:
-                    self.reload()
+                    self.refresh()
             except Exception:  # a transient SQLite error must not kill the watcher
                 log.exception("reloading the state file failed; will retry")
 

@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 # requests in flight (milliseconds) and idle keep-alive connections, which need not hold shutdown up.
 GRACEFUL_TIMEOUT_S = 2
 GUEST_WORKER_CONNECTIONS = 10_000
-ADMIN_THREADS = 8
+# gthread gives each accepted connection a thread until its first request arrives, so idle keep-alive
+# connections (one per engine worker, per reconciliation) must not be able to exhaust the pool.
+ADMIN_THREADS = 32
 
 
 def bind(listen: Listen, what: str) -> socket.socket:

@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import ConfigError, Conflict, NotFound
 from .model import Ack, AckAction, Droplet, Event, EventKind, EventState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
@@ -42,6 +42,13 @@ CREATE TABLE IF NOT EXISTS events (
     ack_power_on_after INTEGER,
     ack_at TEXT
 );
+-- One row per droplet ever written: the sequence number of its last change (removals included),
+-- so other processes can reload just what changed since the sequence number they last saw.
+CREATE TABLE IF NOT EXISTS changes (
+    droplet_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_seq ON changes(seq);
 """
 
 
@@ -103,6 +110,7 @@ class Store:
     ) -> tuple[Droplet, bool]:
         """Register or replace a droplet. Returns the record and whether it was created."""
         with self._write() as c:
+            self._touch(c, droplet_id)
             placeholders = ",".join("?" * len(addresses))
             clash = c.execute(
                 f"SELECT address, droplet_id FROM addresses WHERE address IN ({placeholders}) "  # noqa: S608
@@ -128,6 +136,7 @@ class Store:
 
     def delete_droplet(self, droplet_id: str) -> None:
         with self._write() as c:
+            self._touch(c, droplet_id)
             if c.execute("DELETE FROM droplets WHERE id = ?", (droplet_id,)).rowcount == 0:
                 raise NotFound(f"no droplet {droplet_id}")
 
@@ -173,6 +182,7 @@ class Store:
     ) -> tuple[Droplet, bool]:
         """Set the droplet's one current event. Same id: update, keep ack. New id: replace, drop ack."""
         with self._write() as c:
+            self._touch(c, droplet_id)
             self._require(c, droplet_id)
             row = c.execute("SELECT id FROM events WHERE droplet_id = ?", (droplet_id,)).fetchone()
             if row is not None and row[0] == event_id:
@@ -194,6 +204,7 @@ class Store:
 
     def clear_event(self, droplet_id: str) -> None:
         with self._write() as c:
+            self._touch(c, droplet_id)
             self._require(c, droplet_id)
             c.execute("DELETE FROM events WHERE droplet_id = ?", (droplet_id,))
 
@@ -201,6 +212,7 @@ class Store:
         self, droplet_id: str, event_id: str, action: AckAction, power_on_after: bool, now: str
     ) -> Droplet:
         with self._write() as c:
+            self._touch(c, droplet_id)
             self._require(c, droplet_id)
             row = c.execute("SELECT id FROM events WHERE droplet_id = ?", (droplet_id,)).fetchone()
             if row is None:
@@ -214,6 +226,38 @@ class Store:
             return self._load(c, droplet_id)
 
     # ---- helpers --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _touch(c: sqlite3.Connection, droplet_id: str) -> None:
+        c.execute(
+            "INSERT INTO changes (droplet_id, seq) "
+            "VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM changes)) "
+            "ON CONFLICT(droplet_id) DO UPDATE SET seq = excluded.seq",
+            (droplet_id,),
+        )
+
+    def last_change(self) -> int:
+        with self._lock:
+            (seq,) = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
+            return int(seq)
+
+    def changed_since(self, seq: int) -> tuple[int, dict[str, Droplet | None]]:
+        """Droplets written after ``seq`` (None: removed), and the newest sequence number; one read."""
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN")
+            try:
+                rows = c.execute("SELECT droplet_id, seq FROM changes WHERE seq > ?", (seq,)).fetchall()
+                out: dict[str, Droplet | None] = {}
+                for droplet_id, s in rows:
+                    seq = max(seq, s)
+                    try:
+                        out[droplet_id] = self._load(c, droplet_id)
+                    except NotFound:
+                        out[droplet_id] = None
+            finally:
+                c.execute("COMMIT")
+            return seq, out
 
     @staticmethod
     def _require(c: sqlite3.Connection, droplet_id: str) -> None:
