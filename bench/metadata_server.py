@@ -529,6 +529,14 @@ def commit_for_all(db_path: Path, droplet_ids: list[str]) -> float:
         conn.executemany(
             "UPDATE events SET state = 'in_progress' WHERE droplet_id = ?", [(d,) for d in droplet_ids]
         )
+        # The guest workers apply only droplets whose change sequence moved (metadata_server/store.py).
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'changes'").fetchone():
+            (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
+            conn.executemany(
+                "INSERT INTO changes (droplet_id, seq) VALUES (?, ?) "
+                "ON CONFLICT(droplet_id) DO UPDATE SET seq = excluded.seq",
+                [(d, seq + n + 1) for n, d in enumerate(droplet_ids)],
+            )
         conn.execute("COMMIT")
         return time.time()
     finally:
