@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -21,7 +22,28 @@ from .errors import MetadataServerError
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Every mistake a user can make is one line on stderr and an exit code, never a usage dump."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MetadataServerError as e:
+            click.echo(f"metadata-server: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except click.UsageError as e:
+            click.echo(f"metadata-server: error: {e.format_message()}", err=True)
+            ctx.exit(2)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            click.echo(f"metadata-server: error: {e.format_message()}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """The metadata server droplets ask about maintenance (curl http://169.254.169.254/v1/maintenance_event).
 
@@ -95,27 +117,23 @@ def serve(
 ) -> None:
     """Serve the guest and admin listeners until SIGTERM or SIGINT."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    try:
-        config = build_config(
-            guest_listen=guest_listen,
-            admin_listen=admin_listen,
-            db=db,
-            token=load_token(admin_token_file),
-            tls_cert=admin_tls_cert,
-            tls_key=admin_tls_key,
-            insecure_admin=insecure_admin,
-            workers=workers,
-            max_waits_per_droplet=max_waits_per_droplet,
-            log_level=log_level,
-        )
-        # Open (and create or upgrade) the state file now, so a bad --db is one clear error.
-        from .store import Store
+    config = build_config(
+        guest_listen=guest_listen,
+        admin_listen=admin_listen,
+        db=db,
+        token=load_token(admin_token_file),
+        tls_cert=admin_tls_cert,
+        tls_key=admin_tls_key,
+        insecure_admin=insecure_admin,
+        workers=workers,
+        max_waits_per_droplet=max_waits_per_droplet,
+        log_level=log_level,
+    )
+    # Open (and create or upgrade) the state file now, so a bad --db is one clear error.
+    from .store import Store
 
-        Store(config.db_path).close()
-        from .serving import serve as run
+    Store(config.db_path).close()
+    from .serving import serve as run
 
-        code = run(config, lambda line: click.echo(line, err=True))
-    except MetadataServerError as e:
-        click.echo(f"metadata-server: error: {e}", err=True)
-        sys.exit(e.exit_code)
+    code = run(config, lambda line: click.echo(line, err=True))
     sys.exit(code)

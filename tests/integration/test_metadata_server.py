@@ -254,6 +254,9 @@ def test_cli_refuses_to_start_without_a_token(tmp_path: Path) -> None:
         (["--admin-listen", "0.0.0.0:8775"], "not a loopback address"),
         (["--admin-tls-cert", "/nonexistent.pem"], "must be given together"),
         (["--workers", "0"], "--workers must be from 1 to 64"),
+        (["--workers", "many"], "Invalid value for '--workers'"),
+        (["--no-such-flag"], "No such option '--no-such-flag'"),
+        (["--log-level", "loud"], "Invalid value for '--log-level'"),
     ],
 )
 def test_cli_bad_flags_are_one_clear_line(
