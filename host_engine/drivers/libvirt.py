@@ -1257,23 +1257,34 @@ def _pool_for(conn: Any, directory: str) -> Any:
 
 
 class LibvirtHypervisor:
-    """The libvirt back end: one URI per host (``host_uris[host]``), a ``LibvirtMigration`` per attempt."""
+    """The libvirt back end: one URI per host (``host_uris[host]``), a ``LibvirtMigration`` per attempt.
+
+    ``peer_uris[host]`` is how the *other hosts' daemons* reach ``host`` for peer-to-peer migration, when
+    that differs from the engine's own URI (e.g. the engine on a UNIX socket or an SSH tunnel, the daemons
+    over TLS on the migration network); by default the engine's URI. ``options`` apply to every migration
+    (``bandwidth_mibps`` etc., see ``LibvirtMigration``); a spec's own options win.
+    """
 
     def __init__(
         self,
         host_uris: Mapping[str, str],
         *,
+        peer_uris: Mapping[str, str] | None = None,
         options: Mapping[str, str] | None = None,
         open_connection: Callable[[str], Any] | None = None,
     ) -> None:
         self.host_uris = dict(host_uris)
+        self.peer_uris = dict(peer_uris or {})
         self.options = dict(options or {})
         # Injected (tests share connections to libvirt's test driver): then connections are not closed here.
         self._open_connection = open_connection
 
     def migration(self, spec: MigrationSpec) -> LibvirtMigration:
-        if self.options:
-            spec = MigrationSpec(**{**spec.__dict__, "options": {**self.options, **spec.options}})
+        options = dict(self.options)
+        if spec.target_host in self.peer_uris:
+            options["peer_uri"] = self.peer_uris[spec.target_host]
+        if options:
+            spec = MigrationSpec(**{**spec.__dict__, "options": {**options, **spec.options}})
         return LibvirtMigration(spec, open_connection=self._open_connection or _open)
 
     def _uri(self, host: str) -> str:

@@ -243,6 +243,9 @@ def test_libvirt_migration_options_are_checked(source_uri: str, target_uri: str)
     mig = hv.migration(spec(source_uri, target_uri, options={"paused": "1"}))
     assert isinstance(mig, MigrationDriver)
     assert (mig.bandwidth_mibps, mig.target_paused) == (64, True)
+    assert mig.peer_uri == target_uri  # by default the daemons use the engine's URI
+    hv = LibvirtHypervisor({"a": source_uri, "b": target_uri}, peer_uris={"b": "qemu+tls://b.example/system"})
+    assert hv.migration(spec(source_uri, target_uri)).peer_uri == "qemu+tls://b.example/system"
     with pytest.raises(DriverError, match="no libvirt URI"):
         hv.domain_state("c", "web1")
 
