@@ -33,6 +33,7 @@ Built once at the entry point into a frozen :class:`EngineConfig` and passed dow
     poll_interval = "1s"
     late_notice_grace = "1m"                    # a notice later than this pushes not_before back
     worker = "host-a"                           # default: the hostname and pid
+    driver = "sim"                              # hypervisor driver: "sim" (simulated) or "libvirt"
 
     [notifier]
     timeout = "5s"
@@ -56,6 +57,11 @@ from host_engine.units import parse_size
 
 CONFIG_ENV = "HOST_ENGINE_CONFIG"
 MIN_NOTICE = timedelta(minutes=10)
+# The hypervisor drivers ``host-engine run`` drives migrations through (executor.executor_step).
+DRIVERS = ("sim", "libvirt")
+# The simulated hypervisor by default: a fresh install (and the demo, the tests) runs end to end without
+# libvirt; a fleet says ``driver = "libvirt"`` once, in its config file.
+DEFAULT_DRIVER = "sim"
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class EngineLoopConfig:
     worker: str = ""
     notifier_timeout_s: float = 5.0
     notifier_attempts: int = 4
+    driver: str = DEFAULT_DRIVER
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,7 @@ _KNOWN: dict[str, set[str]] = {
     "notice": {"default", "minimum"},
     "concurrency": {"max_parallel", "max_per_target", "max_per_source"},
     "schedule": {"bandwidth", "slot_overhead", "max_attempts"},
-    "engine": {"poll_interval", "late_notice_grace", "worker"},
+    "engine": {"poll_interval", "late_notice_grace", "worker", "driver"},
     "notifier": {"timeout", "attempts"},
 }
 
@@ -298,6 +305,11 @@ def _engine(doc: Mapping[str, Any]) -> EngineLoopConfig:
     worker = _get(doc, "engine", "worker", str)
     if worker is not None:
         eng = replace(eng, worker=worker)
+    driver = _get(doc, "engine", "driver", str)
+    if driver is not None:
+        if driver not in DRIVERS:
+            raise ConfigError(f"config [engine] driver: expected one of {', '.join(DRIVERS)}, got {driver!r}")
+        eng = replace(eng, driver=driver)
     to = _duration(doc, "notifier", "timeout")
     if to is not None:
         eng = replace(eng, notifier_timeout_s=_positive("notifier", "timeout", to.total_seconds()))

@@ -12,6 +12,7 @@ Every error a user can cause ends the CLI with one line on stderr and the class'
 | 6 | ``ConfigError`` | the configuration file or environment is wrong |
 | 7 | ``StoreError`` | the database failed or has an unknown schema |
 | 8 | ``TransientError`` | a remote side (metadata server, hypervisor) is unreachable: safe to retry |
+| 9 | ``MigrationIncomplete`` | a migration run at once did not complete (cancelled, offline required) |
 """
 
 from __future__ import annotations
@@ -102,3 +103,9 @@ class InventoryError(HostEngineError):
     """Reading a hypervisor's domains failed."""
 
     exit_code = 8
+
+
+class MigrationIncomplete(HostEngineError):
+    """A migration the command waited for ended otherwise than completed (``host-engine migrate --now``)."""
+
+    exit_code = 9

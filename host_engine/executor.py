@@ -374,6 +374,8 @@ class ExecutorConfig:
     max_offline_attempts: int = DEFAULT_MAX_OFFLINE_ATTEMPTS
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    # Claim only these migrations (``host-engine migrate --now`` runs its own, not whatever else is due).
+    only: frozenset[str] | None = None
 
 
 class ExecutorHooks(Protocol):
@@ -581,6 +583,8 @@ class Executor:
             # Due at not_before; a guest that acknowledged "ready" may go earlier (DESIGN.md §3, step 5).
             due = m.not_before <= now or (m.state is MigrationState.NOTIFIED and m.ack == "ready")
             held = m.claimed_by is not None and m.claimed_at is not None and m.claimed_at >= stale_before
+            if self.config.only is not None and m.id not in self.config.only:
+                continue
             if m.id in self.active or not due or held or self._must_wait(m):
                 continue
             claimed = self.store.claim(
@@ -928,7 +932,10 @@ class Executor:
             )
             try:
                 offline = m.state is MigrationState.OFFLINE_RUNNING
-                done.append(self._finish(m, offline, result, operator_abort=None))
+                requested = m.stats.get(ABORT_REQUEST_KEY)
+                # An operator's abort of an orphaned attempt still cancels it (not a retry).
+                operator_abort = f"aborted by {requested}" if requested else None
+                done.append(self._finish(m, offline, result, operator_abort=operator_abort))
             except HostEngineError:
                 log.exception("migration_id=%s: recovered outcome not recorded; will try again", m.id)
         return done
@@ -1139,6 +1146,13 @@ class SimTickStep:
             raise
         return done
 
+    def shutdown(self) -> list[Finished]:
+        """Stop driving: abort this worker's attempts (sources untouched, each handed to the retry path) and
+        save the world, so nothing waits for the claim lease to expire."""
+        done = self.executor.shutdown()
+        save_world(self.store, self.world, self.key)
+        return done
+
 
 def executor_step(
     store: Store,
@@ -1148,18 +1162,31 @@ def executor_step(
     hooks: ExecutorHooks | None = None,
     metrics: ExecutorMetrics | None = None,
     sim_speed: float = 1.0,
+    only: Sequence[str] | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> SimTickStep | Executor:
     """What ``host-engine run`` adds to the engine loop (``Engine(..., steps=[executor_step(...)])``).
 
     ``driver`` is ``"sim"`` (the simulated datacenter kept in the store, following wall time x ``sim_speed``)
     or ``"libvirt"`` (each host's ``hypervisor_uri``). Either way retries pick another target through the
-    placement filters and weighers, and the controller ticks once per engine poll.
+    placement filters and weighers, and the controller ticks once per engine poll. ``only`` restricts the
+    executor to those migration ids; ``monotonic`` is the wall clock the sim follows (tests inject one).
     """
-    exec_config = ExecutorConfig(worker=config.worker_id, tick_s=config.engine.poll_interval_s)
+    exec_config = ExecutorConfig(
+        worker=config.worker_id,
+        tick_s=config.engine.poll_interval_s,
+        only=None if only is None else frozenset(only),
+    )
     chooser = placement_chooser(store, config.placement)
     if driver == "sim":
         return SimTickStep.open(
-            store, exec_config, speed=sim_speed, hooks=hooks, choose_target=chooser, metrics=metrics
+            store,
+            exec_config,
+            speed=sim_speed,
+            monotonic=monotonic,
+            hooks=hooks,
+            choose_target=chooser,
+            metrics=metrics,
         )
     if driver == "libvirt":
         from host_engine.drivers.libvirt import LibvirtHypervisor

@@ -1,0 +1,126 @@
+"""Recorded migration progress, for people: one-line summaries (``status``, ``migrate --now``) and the rows of
+``host-engine report``.
+
+The executor records progress as plain values (``host_engine.executor.progress_dict``) in the migration's
+``stats["progress"]`` and in the log's ``progress`` entries; everything here reads those dicts, so the CLI
+needs neither a driver nor a live attempt to show where a migration is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+
+from host_engine.timeparse import format_duration
+
+MIB = 1024 * 1024
+
+#: ``host-engine report``'s columns (``timeline_row`` gives the values in this order).
+TIMELINE_HEADERS = (
+    "AT",
+    "ATTEMPT",
+    "PHASE",
+    "ROUND",
+    "DONE",
+    "REMAINING",
+    "RATE",
+    "THROTTLE",
+    "DISK LIMIT",
+    "ETA",
+)
+
+
+def _int(p: Mapping[str, object], key: str) -> int:
+    value = p.get(key)
+    return int(value) if isinstance(value, int | float) else 0
+
+
+def _float(p: Mapping[str, object], key: str) -> float | None:
+    value = p.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def remaining_bytes(p: Mapping[str, object]) -> int:
+    return _int(p, "disk_remaining_bytes") + _int(p, "memory_remaining_bytes")
+
+
+def percent_done(p: Mapping[str, object]) -> float | None:
+    """Share of disk + memory not left to send, 0-100 (it can fall back while a busy guest dirties pages).
+
+    >>> percent_done({"disk_total_bytes": 100, "disk_remaining_bytes": 0,
+    ...               "memory_total_bytes": 100, "memory_remaining_bytes": 50})
+    75.0
+    >>> percent_done({"phase": "done"}) is None
+    True
+    """
+    total = _int(p, "disk_total_bytes") + _int(p, "memory_total_bytes")
+    if total <= 0:
+        return None
+    return max(0.0, min(100.0, 100.0 * (total - remaining_bytes(p)) / total))
+
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:.0f} MiB"
+
+
+def format_eta(p: Mapping[str, object]) -> str:
+    """``ETA 12s``, or why there is none."""
+    phase = p.get("phase")
+    if phase in ("switchover", "done"):
+        return "switching over" if phase == "switchover" else "done"
+    eta = _float(p, "eta_s")
+    if eta is None:
+        return "no ETA (not converging yet)"
+    return f"ETA {format_duration(timedelta(seconds=eta))}"
+
+
+def summary(p: Mapping[str, object]) -> str:
+    """One line: phase, round, percent, what is left, rate, throttles, ETA.
+
+    >>> summary({"phase": "memory", "round": 3, "disk_total_bytes": 1 << 30, "disk_remaining_bytes": 0,
+    ...          "memory_total_bytes": 1 << 30, "memory_remaining_bytes": 1 << 28,
+    ...          "transfer_rate_bps": 1 << 30, "memory_throttle_pct": 20, "eta_s": 0.3})
+    'memory, round 3, 88 %, 256 MiB left at 1024 MiB/s, throttle 20 %, ETA 0s'
+    """
+    parts = [str(p.get("phase", "?")), f"round {_int(p, 'round')}"]
+    pct = percent_done(p)
+    if pct is not None:
+        parts.append(f"{pct:.0f} %")
+    parts.append(f"{_mib(remaining_bytes(p))} left at {_mib(_float(p, 'transfer_rate_bps') or 0)}/s")
+    if _int(p, "memory_throttle_pct"):
+        parts.append(f"throttle {_int(p, 'memory_throttle_pct')} %")
+    limit = _float(p, "disk_write_limit_bps")
+    if limit is not None:
+        parts.append(f"disk limit {_mib(limit)}/s")
+    downtime = _float(p, "downtime_ms")
+    if downtime is not None:
+        parts.append(f"downtime {downtime:.0f} ms")
+    else:
+        parts.append(format_eta(p))
+    return ", ".join(parts)
+
+
+def short(p: Mapping[str, object]) -> str:
+    """What ``host-engine status`` shows in its PROGRESS column: ``memory 88 % ETA 5s``."""
+    pct = percent_done(p)
+    pct_text = f" {pct:.0f} %" if pct is not None else ""
+    return f"{p.get('phase', '?')}{pct_text} {format_eta(p)}"
+
+
+def timeline_row(row: Mapping[str, object]) -> Sequence[object]:
+    """One ``host_engine.executor.timeline`` row as the values of ``TIMELINE_HEADERS``."""
+    pct = percent_done(row)
+    limit = _float(row, "disk_write_limit_bps")
+    eta = _float(row, "eta_s")
+    return (
+        row.get("at"),
+        row.get("attempt"),
+        row.get("phase"),
+        row.get("round"),
+        None if pct is None else f"{pct:.0f} %",
+        _mib(remaining_bytes(row)),
+        f"{_mib(_float(row, 'transfer_rate_bps') or 0)}/s",
+        f"{_int(row, 'memory_throttle_pct')} %",
+        None if limit is None else f"{_mib(limit)}/s",
+        None if eta is None else format_duration(timedelta(seconds=eta)),
+    )
