@@ -10,12 +10,15 @@ libvirt domain lister and the engine's sleep.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
 import os
+import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -24,14 +27,33 @@ from typing import Any
 import click
 
 from host_engine import inventory, planner
-from host_engine.config import EngineConfig, load_config
+from host_engine import progress as progress_text
+from host_engine.config import DRIVERS, EngineConfig, load_config
 from host_engine.demo import demo as demo_command
+from host_engine.drivers.sim import WorldConflict
 from host_engine.engine import Engine
-from host_engine.errors import HostEngineError, InvalidInput
+from host_engine.errors import (
+    Conflict,
+    HostEngineError,
+    InvalidInput,
+    MigrationIncomplete,
+    TransientError,
+)
+from host_engine.executor import (
+    LAST_ATTEMPT_KEY,
+    PROGRESS_KEY,
+    Executor,
+    ExecutorMetrics,
+    SimTickStep,
+    executor_step,
+    request_abort,
+    timeline,
+)
+from host_engine.metrics_http import parse_listen, serve_metrics
 from host_engine.models import Droplet, Host, LogEntry, Migration
 from host_engine.placement import Choice, Plan
 from host_engine.reconcile import ClientFactory, MetadataSync, default_client_factory
-from host_engine.states import ACTIVE_STATES, HostState
+from host_engine.states import ACTIVE_STATES, HostState, MigrationState
 from host_engine.store import DB_ENV, Store, default_db_path
 from host_engine.timeparse import Clock, format_duration, format_time, parse_duration, parse_time, utc_now
 from host_engine.units import format_size, parse_size
@@ -47,6 +69,8 @@ class Deps:
     client_factory: ClientFactory | None = None
     lister: inventory.DomainLister | None = None
     sleep: Callable[[float], None] | None = None
+    # The wall clock the simulated hypervisor follows (``time.monotonic``); tests tie it to their fake clock.
+    monotonic: Callable[[], float] | None = None
     user: str | None = None
     install_signals: bool = True
     # Filled in by the root command:
@@ -619,10 +643,9 @@ def _schedule_output(schedule: planner.Schedule, as_json: bool, written: Sequenc
         click.echo(f"{did}: already migrating, left as planned")
 
 
+_START_HELP = "RFC 3339 time with a zone (2026-12-01T02:00Z), now, or +30m."
+
 _timing_options = [
-    click.option(
-        "--start", required=True, help="RFC 3339 time with a zone (2026-12-01T02:00Z), now, or +30m."
-    ),
     click.option(
         "--notice", default=None, help="How long before its window each guest is told (default 10m)."
     ),
@@ -637,7 +660,24 @@ _timing_options = [
 
 
 def _timing(f: Callable[..., Any]) -> Callable[..., Any]:
-    for opt in reversed(_timing_options):
+    for opt in reversed([click.option("--start", required=True, help=_START_HELP), *_timing_options]):
+        f = opt(f)
+    return f
+
+
+def _timing_or_now(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``migrate``'s timing: ``--start`` or ``--now`` (run it in this process, at once)."""
+    options = [
+        click.option("--start", default=None, help=_START_HELP + " Required unless --now."),
+        click.option(
+            "--now",
+            is_flag=True,
+            help="Notify at once and run the migration here, printing progress, until it ends "
+            "(needs --unsafe-short-notice; --notice, default 0s, delays the window).",
+        ),
+        *_timing_options,
+    ]
+    for opt in reversed(options):
         f = opt(f)
     return f
 
@@ -682,31 +722,229 @@ def evacuate(
         click.echo(line)
 
 
+_driver_option = click.option(
+    "--driver",
+    type=click.Choice(DRIVERS),
+    default=None,
+    help="Hypervisor driver (default: config [engine] driver, else sim).",
+)
+_sim_speed_option = click.option(
+    "--sim-speed",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="sim driver: simulated seconds per wall-clock second.",
+)
+
+
 @cli.command()
 @click.argument("droplet_id")
 @click.option("--to", "to", default=None, help="Target host (must still pass every filter).")
-@_timing
+@_timing_or_now
+@_driver_option
+@_sim_speed_option
 @pass_deps
 def migrate(
     deps: Deps,
     droplet_id: str,
     to: str | None,
-    start: str,
+    start: str | None,
+    now: bool,
     notice: str | None,
     unsafe_short_notice: bool,
     reason: str,
     requested_by: str | None,
     dry_run: bool,
     as_json: bool,
+    driver: str | None,
+    sim_speed: float,
 ) -> None:
-    """Move one droplet (to the best host, or --to HOST) from --start on."""
-    req = _request(deps, start, notice, unsafe_short_notice, None, None, reason, requested_by)
+    """Move one droplet (to the best host, or --to HOST) from --start on, or --now in this process."""
+    if now and start is not None:
+        raise InvalidInput("--now and --start exclude each other", field="start")
+    if not now and start is None:
+        raise click.MissingParameter(param_hint="'--start'", param_type="option")
+    if now and not unsafe_short_notice:
+        raise InvalidInput(
+            "--now notifies the guest at once, with no notice period: add --unsafe-short-notice "
+            "(demos, tests, emergencies)",
+            field="now",
+        )
+    if now:
+        notice = notice if notice is not None else "0s"
+    req = _request(deps, start or f"+{notice}", notice, unsafe_short_notice, None, None, reason, requested_by)
     schedule, written = planner.migrate_one(
         deps.store(), droplet_id, req, deps.config, to=to, dry_run=dry_run
     )
-    _schedule_output(schedule, as_json, written)
-    if not as_json:
-        click.echo("dry run: nothing written" if dry_run else f"migration {written[0].id} planned")
+    if not now or dry_run:
+        _schedule_output(schedule, as_json, written)
+        if not as_json:
+            click.echo("dry run: nothing written" if dry_run else f"migration {written[0].id} planned")
+        return
+    _run_now(deps, written[0], driver or deps.config.engine.driver, sim_speed, as_json)
+
+
+def _run_now(deps: Deps, planned: Migration, driver: str, sim_speed: float, as_json: bool) -> None:
+    """``migrate --now``: notify at once, then drive this one migration here until it ends."""
+    store = deps.store()
+    mid = planned.id
+    say: Callable[[str], None] = (lambda _line: None) if as_json else click.echo
+    say(f"migration {mid}: {planned.droplet_id} {planned.source_host} -> {planned.target_host}, planned")
+    sleep = deps.sleep or time.sleep
+    with MetadataSync(store, deps.client_factory or _client_factory(deps)) as sync:
+        engine = Engine(store, deps.config, sync, clock=deps.clock, sleep=sleep)
+        _sent, errors = engine.send_due_notices()
+        m = store.get_migration(mid)
+        if m.state is MigrationState.PLANNED:
+            why = next((e for e in errors if e.startswith(f"{mid}:")), "not due yet")
+            raise TransientError(
+                f"migration {mid} is planned but its notice could not be sent ({why}); "
+                "host-engine run retries it, host-engine cancel drops it"
+            )
+        say(f"migration {mid}: notice sent (event {m.event_id}), window opens {format_time(m.not_before)}")
+        step = _executor_step(deps, store, deps.config, driver, hooks=sync, sim_speed=sim_speed, only=[mid])
+        m = _drive_one(deps, step, mid, say, sleep)
+    last = m.stats.get(LAST_ATTEMPT_KEY) or {}
+    if as_json:
+        _json({**_migration_doc(m, deps.clock()), "timeline": timeline(store, mid)})
+    if m.state is MigrationState.COMPLETED:
+        downtime = last.get("downtime_ms") if isinstance(last, dict) else None
+        say(
+            f"migration {mid} completed: {m.droplet_id} now runs on {m.target_host}"
+            + (f" (downtime {float(downtime):.0f} ms)" if isinstance(downtime, int | float) else "")
+        )
+        return
+    raise MigrationIncomplete(
+        f"migration {mid} ended {m.state.value}"
+        + (f" after attempt {m.attempt}: {m.last_error}" if m.last_error else "")
+        + ("; an offline migration is scheduled" if m.state is MigrationState.OFFLINE_REQUIRED else "")
+    )
+
+
+# ``migrate --now`` prints every logged change (phase, round, throttle) and, between them, the latest recorded
+# progress at most this often: a long disk copy still shows its percent and ETA moving.
+NOW_PROGRESS_EVERY_S = 5.0
+
+# The states that end ``migrate --now``: done, given up on live (offline_required), or stuck failed.
+_NOW_ENDS = frozenset(
+    {
+        MigrationState.COMPLETED,
+        MigrationState.CANCELLED,
+        MigrationState.OFFLINE_REQUIRED,
+        MigrationState.FAILED,
+    }
+)
+
+
+def _drive_one(
+    deps: Deps,
+    step: SimTickStep | Executor,
+    mid: str,
+    say: Callable[[str], None],
+    sleep: Callable[[float], None],
+) -> Migration:
+    """Tick ``step`` until migration ``mid`` ends, echoing its log (progress lines with percent and ETA).
+
+    SIGINT/SIGTERM stop the attempt cleanly (source untouched; it goes back to the retry path)."""
+    store = step.store
+    stop = threading.Event()
+    restore = _catch_stop_signals(stop) if deps.install_signals else {}
+    seen = len(store.migration_log(mid))
+    wall = deps.monotonic or time.monotonic
+    last_said_s, last_shown = wall(), None
+    try:
+        while True:
+            try:
+                step.tick()
+            except WorldConflict as e:
+                raise _world_conflict(e) from e
+            for entry in store.migration_log(mid)[seen:]:
+                seen += 1
+                say(f"  {_log_line(entry)}")
+                last_said_s, last_shown = wall(), entry.data.get("elapsed_s", last_shown)
+            m = store.get_migration(mid)
+            p = m.stats.get(PROGRESS_KEY)
+            if (
+                isinstance(p, dict)
+                and m.state.is_active
+                and p.get("elapsed_s") != last_shown
+                and wall() - last_said_s >= NOW_PROGRESS_EVERY_S
+            ):
+                say(f"  {progress_text.summary(p)}")
+                last_said_s, last_shown = wall(), p.get("elapsed_s")
+            if m.state in _NOW_ENDS:
+                return m
+            if stop.is_set():
+                break
+            sleep(deps.config.engine.poll_interval_s)
+    finally:
+        for signum, handler in restore.items():
+            signal.signal(signum, handler)
+        _shutdown_step(step)
+    m = store.get_migration(mid)
+    raise MigrationIncomplete(
+        f"interrupted: migration {mid} is {m.state.value}, {m.droplet_id} still on {m.source_host}"
+        + (f"; retried from {format_time(m.not_before)} by host-engine run" if m.state.is_active else "")
+    )
+
+
+def _catch_stop_signals(stop: threading.Event) -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, lambda _s, _f: stop.set())
+    return previous
+
+
+def _log_line(e: LogEntry) -> str:
+    if e.kind == "progress" and e.data:
+        return progress_text.summary(e.data)
+    return e.message
+
+
+def _world_conflict(e: WorldConflict) -> Conflict:
+    return Conflict(
+        f"the simulated datacenter is driven by another host-engine process ({e}); "
+        "follow it with host-engine status"
+    )
+
+
+def _shutdown_step(step: SimTickStep | Executor) -> None:
+    """Release this process's running attempts now (sources untouched), not at the claim's lease expiry."""
+    try:
+        for f in step.shutdown():
+            log.info("migration_id=%s: attempt %s stopped (%s)", f.migration_id, f.attempt, f.state.value)
+    except WorldConflict as e:
+        log.error("sim world changed under this process; not saved: %s", e)
+    except HostEngineError as e:
+        log.error("shutting the executor down failed (its claims expire on their own): %s", e)
+
+
+def _executor_step(
+    deps: Deps,
+    store: Store,
+    config: EngineConfig,
+    driver: str,
+    *,
+    hooks: MetadataSync,
+    sim_speed: float,
+    metrics: ExecutorMetrics | None = None,
+    only: Sequence[str] | None = None,
+) -> SimTickStep | Executor:
+    try:
+        return executor_step(
+            store,
+            config,
+            driver=driver,
+            hooks=hooks,
+            metrics=metrics,
+            sim_speed=sim_speed,
+            only=only,
+            monotonic=deps.monotonic or time.monotonic,
+        )
+    except WorldConflict as e:
+        raise _world_conflict(e) from e
 
 
 @cli.command()
@@ -771,10 +1009,68 @@ def status(deps: Deps, host_name: str | None, show_all: bool, as_json: bool) -> 
         return
     rows = [
         [m.id, m.droplet_id, m.state.value, f"{m.source_host} -> {m.target_host}", format_time(m.not_before),
-         _window(m, now), f"{m.attempt}/{m.max_attempts}"]
+         _window(m, now), f"{m.attempt}/{m.max_attempts}", _progress_cell(m)]
         for m in ms
     ]  # fmt: skip
-    click.echo(_table(["MIGRATION", "DROPLET", "STATE", "MOVE", "NOT_BEFORE", "WINDOW", "ATTEMPT"], rows))
+    headers = ["MIGRATION", "DROPLET", "STATE", "MOVE", "NOT_BEFORE", "WINDOW", "ATTEMPT", "PROGRESS"]
+    click.echo(_table(headers, rows))
+
+
+def _progress_cell(m: Migration) -> str | None:
+    """A running migration's last recorded progress: phase, percent, ETA."""
+    p = m.stats.get(PROGRESS_KEY)
+    if m.state not in (MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING) or not isinstance(p, dict):
+        return None
+    return progress_text.short(p) + (" (abort requested)" if m.stats.get("abort_requested_by") else "")
+
+
+@cli.command()
+@click.argument("migration_id")
+@click.option("--by", "by", default=None, help="Who asks (default: the login name).")
+@pass_deps
+def abort(deps: Deps, migration_id: str, by: str | None) -> None:
+    """Stop a migration: a running one is aborted by its worker (source untouched), then cancelled."""
+    store = deps.store()
+    m = request_abort(store, migration_id, by=deps.requested_by(by))
+    if m.state is MigrationState.CANCELLED:
+        click.echo(f"{m.id} ({m.droplet_id}) cancelled; it had not started")
+        if m.notified_at is not None:
+            with MetadataSync(store, deps.client_factory or _client_factory(deps)) as sync:
+                try:
+                    sync.clear(m)
+                except HostEngineError as e:
+                    click.echo(f"{m.id}: event not cleared yet ({e}); the engine will retry", err=True)
+        return
+    click.echo(
+        f"{m.id} ({m.droplet_id}): abort requested; its worker stops the attempt within seconds, "
+        f"{m.droplet_id} keeps running on {m.source_host}, then the migration is cancelled "
+        "(follow with host-engine status)"
+    )
+
+
+@cli.command()
+@click.argument("migration_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_deps
+def report(deps: Deps, migration_id: str, as_json: bool) -> None:
+    """A migration's recorded progress over time: phase, round, remaining, rate, throttle, ETA."""
+    store = deps.store()
+    m = store.get_migration(migration_id)
+    rows = timeline(store, migration_id)
+    if as_json:
+        _json({"migration": _migration_doc(m, deps.clock()), "timeline": rows})
+        return
+    click.echo(
+        f"{m.id}: {m.droplet_id} {m.source_host} -> {m.target_host}, {m.state.value}, "
+        f"attempt {m.attempt}/{m.max_attempts}"
+    )
+    last = m.stats.get(LAST_ATTEMPT_KEY)
+    if isinstance(last, dict):
+        click.echo("last attempt: " + ", ".join(f"{k} {v}" for k, v in last.items() if v is not None))
+    if not rows:
+        click.echo("no progress recorded yet")
+        return
+    click.echo(_table(progress_text.TIMELINE_HEADERS, [progress_text.timeline_row(r) for r in rows]))
 
 
 def _window(m: Migration, now: datetime) -> str:
@@ -827,23 +1123,58 @@ def _entry_doc(e: LogEntry) -> dict[str, Any]:
 @cli.command()
 @click.option("--poll-interval", default=None, help="Time between ticks (default from config: 1s).")
 @click.option("--max-ticks", type=int, default=None, help="Stop after N ticks (tests, cron).")
+@_driver_option
+@_sim_speed_option
+@click.option(
+    "--metrics-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics (PORT alone: loopback).",
+)
 @pass_deps
-def run(deps: Deps, poll_interval: str | None, max_ticks: int | None) -> None:
-    """The engine: reconcile the metadata servers, then send notices as they fall due (SIGTERM stops it)."""
+def run(
+    deps: Deps,
+    poll_interval: str | None,
+    max_ticks: int | None,
+    driver: str | None,
+    sim_speed: float,
+    metrics_listen: str | None,
+) -> None:
+    """The engine: reconcile the metadata servers, send notices as they fall due, and run the migrations
+    whose window opened (SIGTERM stops it, releasing running attempts with their sources untouched)."""
     config = deps.config
     if poll_interval is not None:
         seconds = parse_duration(poll_interval, field="--poll-interval").total_seconds()
         if seconds <= 0:
             raise InvalidInput("--poll-interval must be positive", field="poll_interval")
         config = replace(config, engine=replace(config.engine, poll_interval_s=seconds))
+    listen = parse_listen(metrics_listen) if metrics_listen is not None else None
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = deps.store()
-    with MetadataSync(store, deps.client_factory or _client_factory(deps)) as sync:
-        engine = Engine(store, config, sync, clock=deps.clock, sleep=deps.sleep)
+    with contextlib.ExitStack() as stack:
+        sync = stack.enter_context(MetadataSync(store, deps.client_factory or _client_factory(deps)))
+        metrics = ExecutorMetrics(store)
+        if listen is not None:
+            stack.enter_context(serve_metrics(*listen, metrics.exposition))
+        step = _executor_step(
+            deps,
+            store,
+            config,
+            driver or config.engine.driver,
+            hooks=sync,
+            sim_speed=sim_speed,
+            metrics=metrics,
+        )
+        engine = Engine(store, config, sync, clock=deps.clock, sleep=deps.sleep, steps=[step])
         if deps.install_signals and threading.current_thread() is threading.main_thread():
             engine.install_signal_handlers()
-        engine.run(max_ticks=max_ticks)
+        try:
+            engine.run(max_ticks=max_ticks)
+        except WorldConflict as e:
+            raise _world_conflict(e) from e
+        finally:
+            _shutdown_step(step)
 
 
 cli.add_command(demo_command)  # host-engine demo: host_engine/demo.py

@@ -31,6 +31,10 @@ from host_engine.units import format_size
 
 log = logging.getLogger(__name__)
 
+# ``--start now`` (and ``migrate --now``) is read when the command parses it, a moment before the transaction
+# checks it: a start this little before the transaction's "now" is still "now", not "in the past".
+START_SLACK = timedelta(seconds=5)
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -113,11 +117,11 @@ def validate_request(request: Request, cfg: ScheduleConfig, now: datetime) -> No
             "(--unsafe-short-notice overrides, for demos and tests)",
             field="notice",
         )
-    if request.start < now:
+    if request.start < now - START_SLACK:
         raise InvalidInput(
             f"--start {format_time(request.start)} is in the past (now {format_time(now)})", field="start"
         )
-    if request.start - request.notice < now:
+    if request.start - request.notice < now - START_SLACK:
         raise InvalidInput(
             f"--start {format_time(request.start)} is too soon for a {format_duration(request.notice)} "
             f"notice; the earliest start is {format_time(now + request.notice)}",

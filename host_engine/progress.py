@@ -19,6 +19,7 @@ MIB = 1024 * 1024
 TIMELINE_HEADERS = (
     "AT",
     "ATTEMPT",
+    "ELAPSED",
     "PHASE",
     "ROUND",
     "DONE",
@@ -112,9 +113,12 @@ def timeline_row(row: Mapping[str, object]) -> Sequence[object]:
     pct = percent_done(row)
     limit = _float(row, "disk_write_limit_bps")
     eta = _float(row, "eta_s")
+    elapsed = _float(row, "elapsed_s")
+    at = row.get("at")
     return (
-        row.get("at"),
+        at[11:19] if isinstance(at, str) and len(at) >= 19 else at,  # HH:MM:SS of an ISO 8601 time
         row.get("attempt"),
+        None if elapsed is None else f"{elapsed:.1f}s",
         row.get("phase"),
         row.get("round"),
         None if pct is None else f"{pct:.0f} %",

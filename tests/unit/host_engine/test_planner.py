@@ -76,7 +76,7 @@ def test_planner_spacing_waits_for_existing_migrations() -> None:
 @pytest.mark.parametrize(
     ("start_s", "notice_s", "unsafe", "message"),
     [
-        (-1, 600, False, "in the past"),
+        (-10, 600, False, "in the past"),
         (3600, 300, False, "shorter than the 10m minimum"),
         (3600, -5, True, "must not be negative"),
         (300, 600, False, "too soon"),
@@ -92,6 +92,12 @@ def test_planner_refuses_bad_requests(start_s: int, notice_s: int, unsafe: bool,
     )
     with pytest.raises(InvalidInput, match=message):
         validate_request(req, ScheduleConfig(), T0)
+
+
+def test_planner_start_now_read_a_moment_before_the_transaction_is_not_in_the_past() -> None:
+    # ``--start now`` / ``migrate --now`` parse "now" just before the transaction reads its own clock.
+    req = Request(T0 - timedelta(seconds=2), timedelta(0), Limits(1, 1, 1), unsafe_short_notice=True)
+    validate_request(req, ScheduleConfig(), T0)
 
 
 def test_planner_accepts_short_notice_only_when_unsafe() -> None:
