@@ -1,7 +1,7 @@
 """``host-engine run``: the long-running engine process.
 
-On start-up it reconciles every metadata server with the store (:meth:`MetadataSync.reconcile_all`); then,
-every ``poll_interval``, it
+On start-up, and again every ``reconcile_every`` (a minute), it reconciles every metadata server with the
+store (:meth:`MetadataSync.reconcile_all`); then, every ``poll_interval``, it
 
 1. sends the notices that are due: a ``planned`` migration whose ``notice_at`` has come gets its event set on
    the droplet's metadata server, and only then becomes ``notified`` (so ``notified`` always means the guest
@@ -21,6 +21,7 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any, Protocol
 
@@ -33,6 +34,11 @@ from host_engine.store import Store
 from host_engine.timeparse import Clock, format_duration, format_time
 
 log = logging.getLogger(__name__)
+
+# Reconcile every metadata server now and then, not only at start-up: a server that was unreachable when the
+# executor finished a migration (its hooks log the failure and go on) would otherwise show the guest a stale
+# event until the engine restarts. A minute keeps the extra load at one list request per server per minute.
+RECONCILE_EVERY = timedelta(minutes=1)
 
 
 class TickStep(Protocol):
@@ -60,6 +66,7 @@ class Engine:
         clock: Clock | None = None,
         sleep: Callable[[float], None] | None = None,
         steps: Sequence[TickStep] = (),
+        reconcile_every: timedelta = RECONCILE_EVERY,
     ) -> None:
         self.store = store
         self.config = config
@@ -70,6 +77,8 @@ class Engine:
         self.steps = list(steps)
         self.reconcile_reports: list[ReconcileReport] = []
         self._reconcile_pending = True
+        self.reconcile_every = reconcile_every
+        self._reconciled_at: datetime | None = None
 
     # ---- control -----------------------------------------------------------------------------------------
 
@@ -95,6 +104,7 @@ class Engine:
     def reconcile(self) -> list[ReconcileReport]:
         self.reconcile_reports = self.sync.reconcile_all()
         self._reconcile_pending = any(r.error for r in self.reconcile_reports)
+        self._reconciled_at = self.clock()
         return self.reconcile_reports
 
     def send_due_notices(self) -> tuple[list[Migration], list[str]]:
@@ -162,7 +172,8 @@ class Engine:
 
     def tick(self) -> TickResult:
         result = TickResult()
-        if self._reconcile_pending:
+        due = self._reconciled_at is None or self.clock() - self._reconciled_at >= self.reconcile_every
+        if self._reconcile_pending or due:
             self.reconcile()
             result.errors.extend(r.error for r in self.reconcile_reports if r.error)
         result.notified, errs = self.send_due_notices()
