@@ -1,0 +1,297 @@
+"""The CLI over the executor: ``migrate --now``, ``abort``, ``report``, ``status`` progress and ``run`` executing
+migrations, on SQLite with the simulated hypervisor. The admin API is faked at the transport; the clock is a
+FakeClock that the sim's wall clock follows, so nothing sleeps."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import responses
+import sqlalchemy as sa
+from click.testing import CliRunner, Result
+
+from host_engine import schema
+from host_engine.cli import Deps, cli
+from host_engine.config import EngineConfig
+from host_engine.drivers.base import DomainState
+from host_engine.drivers.sim import load_world
+from host_engine.executor import SimTickStep, executor_step
+from host_engine.reconcile import MetadataSync, default_client_factory
+from host_engine.states import MigrationState
+from host_engine.store import Store
+from tests.unit.host_engine.conftest import GIB, T0, FakeClock, make_droplet, make_host
+from tests.unit.host_engine.fake_admin import FakeAdmin
+
+URL = "http://127.0.0.1:8111"
+S = MigrationState
+
+
+@pytest.fixture
+def admin() -> Iterator[FakeAdmin]:
+    server = FakeAdmin(URL)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        server.install(rsps)
+        yield server
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    """hv1 holds web1 (small) and big (200 GiB: minutes to copy); hv2 and hv3 are empty."""
+    path = str(tmp_path / "engine.db")
+    token = tmp_path / "token"
+    token.write_text("s3cret")
+    store = Store.open(path)
+    for name in ("hv1", "hv2", "hv3"):
+        store.add_host(make_host(name, metadata_url=URL, metadata_token_file=str(token)))
+    store.add_droplet(make_droplet("web1", "hv1", memory_bytes=1 * GIB, disk_bytes=4 * GIB))
+    store.add_droplet(make_droplet("big", "hv1", memory_bytes=4 * GIB, disk_bytes=200 * GIB))
+    store.close()
+    return path
+
+
+def wall(clock: FakeClock) -> float:
+    return (clock.now - T0).total_seconds()
+
+
+def invoke(db: str, clock: FakeClock, *args: str) -> Result:
+    deps = Deps(
+        clock=clock,
+        user="tester",
+        install_signals=False,
+        sleep=clock.sleep,
+        monotonic=lambda: wall(clock),
+        client_factory=default_client_factory(attempts=1, sleep=lambda s: None),
+    )
+    return CliRunner().invoke(cli, ["--db", db, *args], obj=deps, catch_exceptions=False)
+
+
+def ok(db: str, clock: FakeClock, *args: str) -> Result:
+    r = invoke(db, clock, *args)
+    assert r.exit_code == 0, (args, r.output, r.stderr)
+    return r
+
+
+def one_error(r: Result, code: int, message: str) -> None:
+    assert r.exit_code == code, (r.output, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("host-engine: error: ") and message in lines[0], lines[0]
+
+
+def snapshot(db: str) -> dict[str, list[tuple[Any, ...]]]:
+    store = Store.open(db)
+    out = {}
+    with store.engine.connect() as conn:
+        for table in (
+            schema.hosts,
+            schema.droplets,
+            schema.migrations,
+            schema.migration_log,
+            schema.sim_world,
+        ):
+            out[table.name] = [tuple(r) for r in conn.execute(sa.select(table))]
+    store.close()
+    return out
+
+
+def only_migration(db: str) -> Any:
+    store = Store.open(db)
+    try:
+        [m] = store.list_migrations()
+        return m
+    finally:
+        store.close()
+
+
+# ---- migrate --now -----------------------------------------------------------------------------------------
+
+
+def test_migrate_now_notifies_runs_prints_progress_and_completes(
+    db: str, clock: FakeClock, admin: FakeAdmin
+) -> None:
+    r = ok(db, clock, "migrate", "web1", "--to", "hv2", "--now", "--unsafe-short-notice", "--sim-speed", "2")
+    out = r.output
+    assert "notice sent" in out
+    assert "attempt 1 (live) hv1 -> hv2" in out
+    assert "memory, round" in out and " %" in out and "ETA" in out  # progress lines with percent and ETA
+    assert "completed: web1 now runs on hv2" in out.splitlines()[-1]
+    m = only_migration(db)
+    assert m.state is S.COMPLETED
+    store = Store.open(db)
+    assert store.get_droplet("web1").host == "hv2"
+    world = load_world(store)
+    store.close()
+    assert world is not None and world.hosts_holding("web1") == ["hv2"]
+    # The guest was told (registered, flag set), then the flag cleared after the switch.
+    assert ("PUT", "/admin/v1/droplets/web1/maintenance") in admin.calls
+    assert admin.event("web1") is None
+
+    report = ok(db, clock, "report", m.id).output
+    assert "ATTEMPT" in report and "REMAINING" in report and "memory" in report
+    doc = json.loads(ok(db, clock, "report", m.id, "--json").output)
+    assert doc["migration"]["state"] == "completed"
+    assert [row["phase"] for row in doc["timeline"]][-1] == "done"
+
+
+def test_migrate_now_json_prints_one_document(db: str, clock: FakeClock, admin: FakeAdmin) -> None:
+    r = ok(db, clock, "migrate", "web1", "--now", "--unsafe-short-notice", "--json")
+    doc = json.loads(r.output)
+    assert doc["state"] == "completed" and doc["timeline"]
+
+
+MIGRATE_BAD = [
+    ("no unsafe flag", ["migrate", "web1", "--now"], 2, "add --unsafe-short-notice"),
+    ("now and start", ["migrate", "web1", "--now", "--unsafe-short-notice", "--start", "+1h"], 2, "exclude"),
+    ("neither", ["migrate", "web1"], 2, "Missing option '--start'"),
+    ("unknown droplet", ["migrate", "ghost", "--now", "--unsafe-short-notice"], 3, "unknown droplet"),
+    ("bad driver", ["migrate", "web1", "--now", "--unsafe-short-notice", "--driver", "xen"], 2, "'--driver'"),
+    (
+        "bad sim speed",
+        ["migrate", "web1", "--now", "--unsafe-short-notice", "--sim-speed", "0"],
+        2,
+        "sim-speed",
+    ),
+    ("unknown abort", ["abort", "m-nope"], 3, "unknown migration 'm-nope'"),
+    ("unknown report", ["report", "m-nope"], 3, "unknown migration 'm-nope'"),
+    ("bad run driver", ["run", "--driver", "xen", "--max-ticks", "1"], 2, "Invalid value for '--driver'"),
+    ("bad config driver", ["--set", "engine.driver=xen", "run", "--max-ticks", "1"], 6, "[engine] driver"),
+    (
+        "bad metrics listen",
+        ["run", "--metrics-listen", "here:port", "--max-ticks", "1"],
+        2,
+        "--metrics-listen",
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "args", "code", "message"), MIGRATE_BAD, ids=[b[0] for b in MIGRATE_BAD])
+def test_bad_input_is_one_line_nonzero_and_changes_nothing(
+    db: str, clock: FakeClock, admin: FakeAdmin, what: str, args: list[str], code: int, message: str
+) -> None:
+    before = snapshot(db)
+    one_error(invoke(db, clock, *args), code, message)
+    assert snapshot(db) == before
+    assert admin.calls == []
+
+
+# ---- abort, status ---------------------------------------------------------------------------------------
+
+
+def test_abort_before_start_cancels_and_clears_the_event(db: str, clock: FakeClock, admin: FakeAdmin) -> None:
+    ok(db, clock, "migrate", "web1", "--start", "+10s", "--notice", "10s", "--unsafe-short-notice")
+    ok(db, clock, "run", "--max-ticks", "1")  # sends the notice
+    m = only_migration(db)
+    assert m.state is S.NOTIFIED and admin.event("web1") is not None
+    r = ok(db, clock, "abort", m.id)
+    assert "cancelled" in r.output
+    assert only_migration(db).state is S.CANCELLED
+    assert admin.event("web1") is None
+    one_error(invoke(db, clock, "abort", m.id), 4, "nothing to abort")
+
+
+def test_status_shows_a_running_migrations_progress_and_abort_leaves_the_source_untouched(
+    db: str, clock: FakeClock, admin: FakeAdmin
+) -> None:
+    ok(
+        db,
+        clock,
+        "migrate",
+        "big",
+        "--to",
+        "hv3",
+        "--start",
+        "+5s",
+        "--notice",
+        "5s",
+        "--unsafe-short-notice",
+    )
+    ok(db, clock, "run", "--max-ticks", "1")  # notice
+    m = only_migration(db)
+    assert m.state is S.NOTIFIED
+    clock.advance(5)
+    # A worker in this process drives it (the CLI's ``run`` would release it when it exits).
+    store = Store.open(db, clock=clock)
+    sync = MetadataSync(store, default_client_factory(attempts=1, sleep=lambda s: None))
+    step = executor_step(
+        store, EngineConfig(), driver="sim", hooks=sync, monotonic=lambda: wall(clock), sim_speed=5
+    )
+    assert isinstance(step, SimTickStep)
+    for _ in range(4):
+        clock.advance(1)
+        step.tick()
+    assert store.get_migration(m.id).state is S.RUNNING
+    status = ok(db, clock, "status").output
+    [row] = [line for line in status.splitlines() if m.id in line]
+    assert "running" in row and "disk" in row and " %" in row and "ETA" in row, status
+
+    r = ok(db, clock, "abort", m.id)
+    assert "abort requested" in r.output and "keeps running on hv1" in r.output
+    assert "(abort requested)" in ok(db, clock, "status").output
+    for _ in range(30):
+        clock.advance(1)
+        step.tick()
+        if store.get_migration(m.id).state is S.CANCELLED:
+            break
+    assert store.get_migration(m.id).state is S.CANCELLED
+    assert store.get_droplet("big").host == "hv1"
+    world = step.world
+    assert world.hosts_holding("big") == ["hv1"]  # target cleaned
+    d = world.droplets["big"]
+    assert (d.host, d.state, d.throttle_pct, d.disk_limit_bps) == ("hv1", DomainState.RUNNING, 0, None)
+    sync.close()
+    store.close()
+    assert admin.event("big") is None  # the guest's flag cleared
+
+
+# ---- run ---------------------------------------------------------------------------------------------------
+
+
+def test_run_executes_a_due_migration_then_releases_a_running_one_when_it_stops(
+    db: str, clock: FakeClock, admin: FakeAdmin
+) -> None:
+    ok(
+        db,
+        clock,
+        "migrate",
+        "web1",
+        "--to",
+        "hv2",
+        "--start",
+        "+3s",
+        "--notice",
+        "3s",
+        "--unsafe-short-notice",
+    )
+    ok(
+        db,
+        clock,
+        "migrate",
+        "big",
+        "--to",
+        "hv3",
+        "--start",
+        "+3s",
+        "--notice",
+        "3s",
+        "--unsafe-short-notice",
+    )
+    # 20 ticks of 1 s: web1 (5 GiB) completes; big (204 GiB) is still copying when the loop stops.
+    ok(db, clock, "run", "--max-ticks", "20", "--poll-interval", "1s", "--sim-speed", "2")
+    store = Store.open(db, clock=clock)
+    by_droplet = {m.droplet_id: m for m in store.list_migrations()}
+    assert by_droplet["web1"].state is S.COMPLETED
+    assert store.get_droplet("web1").host == "hv2"
+    assert admin.event("web1") is None
+    # Released at once (not left to the claim lease): back on the retry path, source untouched.
+    big = by_droplet["big"]
+    assert big.state is S.NOTIFIED and big.claimed_by is None and big.attempt == 1
+    assert store.get_droplet("big").host == "hv1"
+    world = load_world(store)
+    store.close()
+    assert world is not None
+    assert world.hosts_holding("big") == ["hv1"] and world.hosts_holding("web1") == ["hv2"]
+    assert world.droplets["big"].state is DomainState.RUNNING
