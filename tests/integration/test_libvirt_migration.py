@@ -299,30 +299,46 @@ def test_paused_switchover_leaves_identical_disks(hosts: Any, conns: Conns) -> N
 
 # --- 3a. a guest writing its disk faster than the cap converges because of the disk write limit ------------------
 
-# The guest rewrites a 16 MiB hot set of its 24 MiB disk as fast as TCG lets it (~3 MiB/s measured here
-# while the mirror runs) against a 2 MiB/s bandwidth cap.
+# The guest rewrites a 20 MiB hot set of its 28 MiB disk as fast as TCG lets it (3-17 MiB/s measured here)
+# against a 3 MiB/s bandwidth cap. The hot set is larger than the 16 MiB QEMU's mirror copies in one burst
+# before it sleeps to honour the cap: without a limit the guest re-dirties more than a burst can take, so
+# the mirror never reaches "in sync". With the controller's 1 MiB/s limit the blocks dirtied between two
+# bursts fit in one burst (during which the TCG vCPU, waiting for QEMU's lock, writes nothing): in sync.
 FAST_DISK_WRITER = {
     "mem_kib": 256,
     "disk_sectors": 128,
     "paced": False,
-    "disk_span_sectors": 16 * 2048,
-    "disk_mib": 24,
+    "disk_span_sectors": 20 * 2048,
+    "disk_mib": 28,
 }
-DISK_CAP_MIBPS = "2"
+DISK_CAP_MIBPS = "3"
 
 
 def test_fast_disk_writer_converges_with_the_controllers_write_limit(hosts: Any, conns: Conns) -> None:
+    from host_engine.controller import AbortReason, ControllerConfig
     from host_engine.drivers.libvirt import LibvirtMigration
     from host_engine.executor import Outcome
     from tests.libvirt_harness.guest import GuestSpec
 
     name = "fastdisk3"
     src_dom = start_guest(hosts, conns, name, GuestSpec(**FAST_DISK_WRITER))
+    xml_before = stable_xml(src_dom)
 
-    # The controller's limit is applied on the running source (QEMU's query-block shows it) and the run
-    # converges. (Without it the same run was seen to stall for 30 s and be aborted, but not always: QEMU's
-    # mirror copies in bursts while holding the lock the TCG vCPU needs for I/O, so the guest pauses its
-    # writes during each burst and the mirror sometimes catches up anyway. docs/libvirt.md has the numbers.)
+    # Without the write limit the mirror does not converge: the controller sees the stall and aborts, and
+    # the source is left as it was.
+    no_limit = ControllerConfig(disk_limit_enabled=False, stall_timeout_s=15.0)
+    result = run(LibvirtMigration(spec_for(hosts, name, bandwidth_mibps=DISK_CAP_MIBPS)), no_limit)
+    print(f"\nfast disk writer, no limit: {result.summary()}")
+    assert result.outcome is Outcome.ABORTED
+    assert result.abort_reason is AbortReason.STALLED
+    assert running(src_dom)
+    assert stable_xml(src_dom) == xml_before
+    assert set(write_limits(src_dom).values()) == {0}
+    assert name not in domain_names(conns.dst)
+    assert f"{name}.qcow2" not in images(hosts.target)
+    wait_counter_advances(src_dom)
+
+    # With the controller's limit, applied on the running source (QEMU's query-block shows it), it converges.
     seen_on_source: list[int] = []
 
     def watch(p: Any) -> None:
