@@ -197,3 +197,45 @@ def test_abort_of_a_running_migration_and_sigterm_leave_the_sources_untouched(tm
         r = he(db, "run", "--driver", "xen", code=2)
         assert len(r.stderr.strip().splitlines()) == 1 and "'--driver'" in r.stderr
         assert migrations(db) == before
+
+
+def test_migrate_now_as_a_process_prints_progress_and_completes(tmp_path: Path) -> None:
+    db = tmp_path / "engine.db"
+    with MetadataServer.start(tmp_path / "ms") as ms:
+        fleet(db, ms, {"web1": (1, 4)})
+        r = he(db, "migrate", "web1", "--to", "hv3", "--now", "--unsafe-short-notice", "--sim-speed", "10")
+        lines = r.stdout.splitlines()
+        assert any("notice sent" in line for line in lines)
+        assert any("memory, round" in line and "ETA" in line for line in lines), r.stdout
+        assert "completed: web1 now runs on hv3" in lines[-1]
+        assert migrations(db)["web1"]["state"] == "completed"
+        assert world_of(db).hosts_holding("web1") == ["hv3"]
+        assert server_droplets(ms)["web1"]["event"] is None
+
+
+def test_migrate_now_interrupted_stops_the_attempt_source_untouched(tmp_path: Path) -> None:
+    db = tmp_path / "engine.db"
+    with MetadataServer.start(tmp_path / "ms") as ms:
+        fleet(db, ms, {"big1": (2, 200)})
+        proc = subprocess.Popen(
+            [str(BIN), "--db", str(db), "--set", "engine.poll_interval=100ms", "migrate", "big1", "--now",
+             "--unsafe-short-notice"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if "attempt 1 (live)" in line:
+                    break
+            proc.send_signal(signal.SIGINT)
+            _out, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 9, err
+        errors = [line for line in err.splitlines() if line.startswith("host-engine: error: ")]
+        assert len(errors) == 1 and errors[0].startswith("host-engine: error: interrupted: migration"), err
+        m = migrations(db)["big1"]
+        assert m["state"] == "notified" and m["claimed_by"] is None  # released, back on the retry path
+        assert_untouched_on(world_of(db), "big1", "hv1")
