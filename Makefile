@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 IS_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 comma := ,
 # libvirt-python builds against libvirt-dev, which only root can install here.
-TEST_EXTRAS := host,postgres,dev$(if $(IS_ROOT),$(comma)libvirt)
+TEST_EXTRAS := host,postgres,plot,dev$(if $(IS_ROOT),$(comma)libvirt)
 
 .PHONY: demo test lint bench system-deps clean help
 
