@@ -19,9 +19,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import click
@@ -40,6 +40,7 @@ from host_engine.errors import (
     TransientError,
 )
 from host_engine.executor import (
+    ABORT_REQUEST_KEY,
     LAST_ATTEMPT_KEY,
     PROGRESS_KEY,
     Executor,
@@ -52,6 +53,7 @@ from host_engine.executor import (
 from host_engine.metrics_http import parse_listen, serve_metrics
 from host_engine.models import Droplet, Host, LogEntry, Migration
 from host_engine.placement import Choice, Plan
+from host_engine.plot import plot_timeline
 from host_engine.reconcile import ClientFactory, MetadataSync, default_client_factory
 from host_engine.states import ACTIVE_STATES, HostState, MigrationState
 from host_engine.store import DB_ENV, Store, default_db_path
@@ -73,6 +75,8 @@ class Deps:
     monotonic: Callable[[], float] | None = None
     user: str | None = None
     install_signals: bool = True
+    # Whether stdout is a terminal (``status --watch`` redraws in place); None: ask stdout.
+    tty: bool | None = None
     # Filled in by the root command:
     db: str | None = None
     config: EngineConfig = field(default_factory=EngineConfig)
@@ -186,6 +190,11 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 def _json(doc: object) -> None:
     click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def _json_line(doc: object) -> None:
+    """One JSON document on one line (streams: ``migrate --now --json``, ``status --watch --json``)."""
+    click.echo(json.dumps(doc, sort_keys=True, default=str, separators=(",", ":")))
 
 
 def _host_doc(h: Host) -> dict[str, Any]:
@@ -788,8 +797,12 @@ def _run_now(deps: Deps, planned: Migration, driver: str, sim_speed: float, as_j
     """``migrate --now``: notify at once, then drive this one migration here until it ends."""
     store = deps.store()
     mid = planned.id
-    say: Callable[[str], None] = (lambda _line: None) if as_json else click.echo
-    say(f"migration {mid}: {planned.droplet_id} {planned.source_host} -> {planned.target_host}, planned")
+    out = _NowReport(mid, as_json, deps.clock)
+    out.say(
+        f"migration {mid}: {planned.droplet_id} {planned.source_host} -> {planned.target_host}, planned",
+        {"type": "planned", "droplet": planned.droplet_id, "source": planned.source_host,
+         "target": planned.target_host},
+    )  # fmt: skip
     sleep = deps.sleep or time.sleep
     with MetadataSync(store, deps.client_factory or _client_factory(deps)) as sync:
         engine = Engine(store, deps.config, sync, clock=deps.clock, sleep=sleep)
@@ -801,17 +814,24 @@ def _run_now(deps: Deps, planned: Migration, driver: str, sim_speed: float, as_j
                 f"migration {mid} is planned but its notice could not be sent ({why}); "
                 "host-engine run retries it, host-engine cancel drops it"
             )
-        say(f"migration {mid}: notice sent (event {m.event_id}), window opens {format_time(m.not_before)}")
+        out.say(
+            f"migration {mid}: notice sent (event {m.event_id}), window opens {format_time(m.not_before)}",
+            {"type": "notified", "event_id": m.event_id, "not_before": format_time(m.not_before)},
+        )
         step = _executor_step(deps, store, deps.config, driver, hooks=sync, sim_speed=sim_speed, only=[mid])
-        m = _drive_one(deps, step, mid, say, sleep)
+        try:
+            m = _drive_one(deps, step, mid, out, sleep)
+        except MigrationIncomplete:  # interrupted: machines still get where it was left
+            out.result(store.get_migration(mid), timeline(store, mid))
+            raise
     last = m.stats.get(LAST_ATTEMPT_KEY) or {}
-    if as_json:
-        _json({**_migration_doc(m, deps.clock()), "timeline": timeline(store, mid)})
+    out.result(m, timeline(store, mid))
     if m.state is MigrationState.COMPLETED:
         downtime = last.get("downtime_ms") if isinstance(last, dict) else None
-        say(
+        out.say(
             f"migration {mid} completed: {m.droplet_id} now runs on {m.target_host}"
-            + (f" (downtime {float(downtime):.0f} ms)" if isinstance(downtime, int | float) else "")
+            + (f" (downtime {float(downtime):.0f} ms)" if isinstance(downtime, int | float) else ""),
+            None,
         )
         return
     raise MigrationIncomplete(
@@ -836,11 +856,43 @@ _NOW_ENDS = frozenset(
 )
 
 
+class _NowReport:
+    """Where ``migrate --now`` reports: lines for people or, with ``--json``, one JSON object per line (its
+    ``type``: ``planned``, ``notified``, ``log``, ``progress``, then one ``result``)."""
+
+    def __init__(self, migration_id: str, as_json: bool, clock: Clock) -> None:
+        self.migration_id = migration_id
+        self.as_json = as_json
+        self.clock = clock
+
+    def say(self, text: str, doc: dict[str, object] | None) -> None:
+        """``text`` for people; ``doc`` (None: nothing) for machines."""
+        if not self.as_json:
+            click.echo(text)
+        elif doc is not None:
+            _json_line({"migration": self.migration_id, **doc})
+
+    def entry(self, e: LogEntry) -> None:
+        if e.kind == "progress" and e.data:
+            self.progress(e.data, at=e.at)
+        else:
+            self.say(f"  {e.message}", {"type": "log", **_entry_doc(e)})
+
+    def progress(self, p: Mapping[str, object], *, at: datetime | None = None) -> None:
+        line = progress_text.summary(p)
+        when = format_time(at or self.clock())
+        self.say(f"  {line}", {"type": "progress", "at": when, "summary": line, **p})
+
+    def result(self, m: Migration, rows: list[dict[str, object]]) -> None:
+        if self.as_json:
+            _json_line({"type": "result", **_migration_doc(m, self.clock()), "timeline": rows})
+
+
 def _drive_one(
     deps: Deps,
     step: SimTickStep | Executor,
     mid: str,
-    say: Callable[[str], None],
+    out: _NowReport,
     sleep: Callable[[float], None],
 ) -> Migration:
     """Tick ``step`` until migration ``mid`` ends, echoing its log (progress lines with percent and ETA).
@@ -860,7 +912,7 @@ def _drive_one(
                 raise _world_conflict(e) from e
             for entry in store.migration_log(mid)[seen:]:
                 seen += 1
-                say(f"  {_log_line(entry)}")
+                out.entry(entry)
                 last_said_s, last_shown = wall(), entry.data.get("elapsed_s", last_shown)
             m = store.get_migration(mid)
             p = m.stats.get(PROGRESS_KEY)
@@ -870,7 +922,7 @@ def _drive_one(
                 and p.get("elapsed_s") != last_shown
                 and wall() - last_said_s >= NOW_PROGRESS_EVERY_S
             ):
-                say(f"  {progress_text.summary(p)}")
+                out.progress(p)
                 last_said_s, last_shown = wall(), p.get("elapsed_s")
             if m.state in _NOW_ENDS:
                 return m
@@ -895,12 +947,6 @@ def _catch_stop_signals(stop: threading.Event) -> dict[int, Any]:
     for signum in (signal.SIGINT, signal.SIGTERM):
         previous[signum] = signal.signal(signum, lambda _s, _f: stop.set())
     return previous
-
-
-def _log_line(e: LogEntry) -> str:
-    if e.kind == "progress" and e.data:
-        return progress_text.summary(e.data)
-    return e.message
 
 
 def _world_conflict(e: WorldConflict) -> Conflict:
@@ -989,16 +1035,48 @@ def _client_factory(deps: Deps) -> ClientFactory:
 # ---- status / history ------------------------------------------------------------------------------------
 
 
+# ``status --watch`` redraws this often by default: the executor records progress every 5 s, so a faster
+# refresh mostly redraws the same numbers, and a slower one hides a short memory phase.
+WATCH_INTERVAL = "2s"
+# Cursor home + erase display (ANSI): what ``clear`` does, without a subprocess.
+_CLEAR_SCREEN = "\033[H\033[2J"
+
+
 @cli.command()
 @click.option("--host", "host_name", default=None)
 @click.option("--all", "show_all", is_flag=True, help="Include completed and cancelled migrations.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--json", "as_json", is_flag=True, help="JSON (with --watch: one document per line per refresh)."
+)
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Redraw with live progress every --interval until no migration is active (Ctrl-C stops).",
+)
+@click.option("--interval", default=None, help=f"--watch: time between refreshes (default {WATCH_INTERVAL}).")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="--watch: stop after N refreshes.")
 @pass_deps
-def status(deps: Deps, host_name: str | None, show_all: bool, as_json: bool) -> None:
-    """Migrations: state, source -> target, time to their window."""
+def status(
+    deps: Deps,
+    host_name: str | None,
+    show_all: bool,
+    as_json: bool,
+    watch: bool,
+    interval: str | None,
+    count: int | None,
+) -> None:
+    """Migrations: state, source -> target, time to their window (--watch: live progress)."""
+    if not watch and (interval is not None or count is not None):
+        raise InvalidInput("--interval and --count go with --watch", field="watch")
+    interval_s = parse_duration(interval or WATCH_INTERVAL, field="--interval").total_seconds()
+    if interval_s <= 0:
+        raise InvalidInput("--interval must be positive", field="interval")
     store = deps.store()
     if host_name is not None:
         store.get_host(host_name)
+    if watch:
+        _watch_status(deps, store, host_name, show_all, as_json, interval_s, count)
+        return
     ms = store.list_migrations(host=host_name, states=None if show_all else ACTIVE_STATES)
     now = deps.clock()
     if as_json:
@@ -1014,6 +1092,76 @@ def status(deps: Deps, host_name: str | None, show_all: bool, as_json: bool) -> 
     ]  # fmt: skip
     headers = ["MIGRATION", "DROPLET", "STATE", "MOVE", "NOT_BEFORE", "WINDOW", "ATTEMPT", "PROGRESS"]
     click.echo(_table(headers, rows))
+
+
+def _watch_status(
+    deps: Deps,
+    store: Store,
+    host_name: str | None,
+    show_all: bool,
+    as_json: bool,
+    interval_s: float,
+    count: int | None,
+) -> None:
+    """``status --watch``: one refresh every ``interval_s`` until no migration is active, ``count`` refreshes,
+    or Ctrl-C. On a terminal each refresh replaces the last; otherwise snapshots follow each other, separated
+    by a blank line (``--json``: one document per line)."""
+    sleep = deps.sleep or time.sleep
+    tty = deps.tty if deps.tty is not None else sys.stdout.isatty()
+    refreshes = 0
+    try:
+        while True:
+            ms = store.list_migrations(host=host_name, states=None if show_all else ACTIVE_STATES)
+            now = deps.clock()
+            active = sum(1 for m in ms if m.state.is_active)
+            refreshes += 1
+            if as_json:
+                doc = {
+                    "at": format_time(now),
+                    "active": active,
+                    "migrations": [_migration_doc(m, now) for m in ms],
+                }
+                _json_line(doc)
+            else:
+                frame = _watch_frame(ms, now, active, interval_s, tty=tty)
+                if tty:
+                    click.echo(_CLEAR_SCREEN, nl=False, color=True)  # click strips ANSI codes unless told
+                elif refreshes > 1:
+                    click.echo()
+                click.echo(frame)
+            if not active or (count is not None and refreshes >= count):
+                return
+            sleep(interval_s)
+    except KeyboardInterrupt:  # Ctrl-C is how a watch is meant to end
+        if tty and not as_json:
+            click.echo()
+
+
+def _watch_frame(ms: Sequence[Migration], now: datetime, active: int, interval_s: float, *, tty: bool) -> str:
+    every = (
+        format_duration(timedelta(seconds=interval_s)) if interval_s >= 1 else f"{interval_s * 1000:.0f}ms"
+    )
+    header = f"{format_time(now)}  {active} active migration(s)"
+    if tty:
+        header += f", every {every} (Ctrl-C to stop)"
+    if not ms:
+        return header
+    rows = []
+    for m in ms:
+        p = m.stats.get(PROGRESS_KEY)
+        running = m.state in (MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING) and isinstance(p, dict)
+        state = m.state.value + (", abort requested" if m.stats.get(ABORT_REQUEST_KEY) else "")
+        cells = (
+            progress_text.live_row(p)
+            if running and isinstance(p, dict)
+            else [None] * len(progress_text.LIVE_HEADERS)
+        )
+        rows.append(
+            [m.id, m.droplet_id, state, f"{m.source_host} -> {m.target_host}", _window(m, now),
+             f"{m.attempt}/{m.max_attempts}", *cells]
+        )  # fmt: skip
+    headers = ["MIGRATION", "DROPLET", "STATE", "MOVE", "WINDOW", "ATTEMPT", *progress_text.LIVE_HEADERS]
+    return header + "\n" + _table(headers, rows)
 
 
 def _progress_cell(m: Migration) -> str | None:
@@ -1051,12 +1199,23 @@ def abort(deps: Deps, migration_id: str, by: str | None) -> None:
 @cli.command()
 @click.argument("migration_id")
 @click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--plot",
+    "plot_path",
+    default=None,
+    metavar="FILE.png",
+    help="Also draw remaining bytes and throttle over time into a PNG (needs the 'plot' extra).",
+)
 @pass_deps
-def report(deps: Deps, migration_id: str, as_json: bool) -> None:
+def report(deps: Deps, migration_id: str, as_json: bool, plot_path: str | None) -> None:
     """A migration's recorded progress over time: phase, round, remaining, rate, throttle, ETA."""
     store = deps.store()
     m = store.get_migration(migration_id)
     rows = timeline(store, migration_id)
+    if plot_path is not None:
+        title = f"{m.id}: {m.droplet_id} {m.source_host} -> {m.target_host}, {m.state.value}"
+        written = plot_timeline(rows, plot_path, title=title)
+        click.echo(f"plot written to {written}", err=as_json)
     if as_json:
         _json({"migration": _migration_doc(m, deps.clock()), "timeline": rows})
         return

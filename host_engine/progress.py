@@ -128,3 +128,33 @@ def timeline_row(row: Mapping[str, object]) -> Sequence[object]:
         None if limit is None else f"{_mib(limit)}/s",
         None if eta is None else format_duration(timedelta(seconds=eta)),
     )
+
+
+#: ``host-engine status --watch``'s progress columns (``live_row`` gives the values in this order).
+LIVE_HEADERS = ("PHASE", "ROUND", "DONE", "REMAINING", "RATE", "THROTTLE", "ETA")
+
+
+def live_row(p: Mapping[str, object]) -> Sequence[object]:
+    """A running migration's recorded progress as the values of ``LIVE_HEADERS``.
+
+    >>> live_row({"phase": "memory", "round": 3, "disk_total_bytes": 1 << 30, "disk_remaining_bytes": 0,
+    ...           "memory_total_bytes": 1 << 30, "memory_remaining_bytes": 1 << 28,
+    ...           "transfer_rate_bps": 1 << 30, "memory_throttle_pct": 20,
+    ...           "disk_write_limit_bps": 1 << 25, "eta_s": 75})
+    ('memory', 3, '88 %', '256 MiB', '1024 MiB/s', '20 %, disk 32 MiB/s', '1m15s')
+    """
+    pct = percent_done(p)
+    throttle = f"{_int(p, 'memory_throttle_pct')} %"
+    limit = _float(p, "disk_write_limit_bps")
+    if limit is not None:
+        throttle += f", disk {_mib(limit)}/s"
+    eta = format_eta(p)
+    return (
+        p.get("phase", "?"),
+        _int(p, "round"),
+        None if pct is None else f"{pct:.0f} %",
+        _mib(remaining_bytes(p)),
+        f"{_mib(_float(p, 'transfer_rate_bps') or 0)}/s",
+        throttle,
+        eta.removeprefix("ETA ").replace("no ETA (not converging yet)", "not converging"),
+    )

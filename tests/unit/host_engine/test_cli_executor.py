@@ -137,10 +137,10 @@ def test_migrate_now_notifies_runs_prints_progress_and_completes(
     assert [row["phase"] for row in doc["timeline"]][-1] == "done"
 
 
-def test_migrate_now_json_prints_one_document(db: str, clock: FakeClock, admin: FakeAdmin) -> None:
+def test_migrate_now_json_ends_with_the_result(db: str, clock: FakeClock, admin: FakeAdmin) -> None:
     r = ok(db, clock, "migrate", "web1", "--now", "--unsafe-short-notice", "--json")
-    doc = json.loads(r.output)
-    assert doc["state"] == "completed" and doc["timeline"]
+    doc = json.loads(r.output.splitlines()[-1])  # one object per line; test_cli_progress.py has the stream
+    assert doc["type"] == "result" and doc["state"] == "completed" and doc["timeline"]
 
 
 MIGRATE_BAD = [

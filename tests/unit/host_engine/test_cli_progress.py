@@ -1,0 +1,308 @@
+"""Following migrations: ``status --watch`` (terminal, pipe, ``--json``), ``migrate --now --json`` as a stream
+and ``report --plot``. On SQLite with the simulated hypervisor; the watch's sleep advances the fake clock and
+ticks a worker in this process, so each refresh sees the migration move on and nothing sleeps."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import responses
+from click.testing import CliRunner, Result
+
+from host_engine.cli import Deps, cli
+from host_engine.config import EngineConfig
+from host_engine.executor import SimTickStep, executor_step
+from host_engine.plot import time_axis_s
+from host_engine.reconcile import MetadataSync, default_client_factory
+from host_engine.states import MigrationState
+from host_engine.store import Store
+from tests.unit.host_engine.conftest import GIB, T0, FakeClock, make_droplet, make_host
+from tests.unit.host_engine.fake_admin import FakeAdmin
+
+URL = "http://127.0.0.1:8112"
+CLEAR = "\033[H\033[2J"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def admin() -> Iterator[FakeAdmin]:
+    server = FakeAdmin(URL)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        server.install(rsps)
+        yield server
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    """hv1 holds web1 (5 GiB: seconds to copy) and big (204 GiB: minutes); hv2 and hv3 are empty."""
+    path = str(tmp_path / "engine.db")
+    token = tmp_path / "token"
+    token.write_text("s3cret")
+    store = Store.open(path)
+    for name in ("hv1", "hv2", "hv3"):
+        store.add_host(make_host(name, metadata_url=URL, metadata_token_file=str(token)))
+    store.add_droplet(make_droplet("web1", "hv1", memory_bytes=1 * GIB, disk_bytes=4 * GIB))
+    store.add_droplet(make_droplet("big", "hv1", memory_bytes=4 * GIB, disk_bytes=200 * GIB))
+    store.close()
+    return path
+
+
+def wall(clock: FakeClock) -> float:
+    return (clock.now - T0).total_seconds()
+
+
+def invoke(
+    db: str,
+    clock: FakeClock,
+    *args: str,
+    sleep: Callable[[float], None] | None = None,
+    tty: bool | None = False,
+) -> Result:
+    deps = Deps(
+        clock=clock,
+        user="tester",
+        install_signals=False,
+        sleep=sleep or clock.sleep,
+        monotonic=lambda: wall(clock),
+        client_factory=default_client_factory(attempts=1, sleep=lambda s: None),
+        tty=tty,
+    )
+    return CliRunner().invoke(cli, ["--db", db, *args], obj=deps, catch_exceptions=False)
+
+
+def ok(db: str, clock: FakeClock, *args: str, **kw: object) -> Result:
+    r = invoke(db, clock, *args, **kw)  # type: ignore[arg-type]
+    assert r.exit_code == 0, (args, r.output, r.stderr)
+    return r
+
+
+def one_error(r: Result, code: int, message: str) -> None:
+    assert r.exit_code == code, (r.output, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("host-engine: error: ") and message in lines[0], lines[0]
+
+
+class Worker:
+    """A worker in this process driving the sim; ``sleep`` is what the watch waits with."""
+
+    def __init__(self, db: str, clock: FakeClock) -> None:
+        self.clock = clock
+        self.store = Store.open(db, clock=clock)
+        self.sync = MetadataSync(self.store, default_client_factory(attempts=1, sleep=lambda s: None))
+        step = executor_step(
+            self.store,
+            EngineConfig(),
+            driver="sim",
+            hooks=self.sync,
+            monotonic=lambda: wall(clock),
+            sim_speed=1,
+        )
+        assert isinstance(step, SimTickStep)
+        self.step = step
+        self.slept_s: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept_s.append(seconds)
+        self.clock.advance(seconds)
+        self.step.tick()
+
+    def close(self) -> None:
+        self.sync.close()
+        self.store.close()
+
+
+@pytest.fixture
+def running(db: str, clock: FakeClock, admin: FakeAdmin) -> Callable[[str, str], Worker]:
+    """Plan DROPLET -> TARGET with a 3 s notice, send it, open the window and start the worker on it."""
+    workers: list[Worker] = []
+
+    def start(droplet: str, target: str) -> Worker:
+        ok(db, clock, "migrate", droplet, "--to", target, "--start", "+3s", "--notice", "3s",
+           "--unsafe-short-notice")  # fmt: skip
+        ok(db, clock, "run", "--max-ticks", "1")  # the notice
+        clock.advance(3)
+        worker = Worker(db, clock)
+        workers.append(worker)
+        worker.sleep(1)
+        [m] = [m for m in worker.store.list_migrations() if m.droplet_id == droplet]
+        assert m.state is MigrationState.RUNNING
+        return worker
+
+    yield start  # type: ignore[misc]
+    for w in workers:
+        w.close()
+
+
+def snapshots(output: str) -> list[str]:
+    return [s for s in output.strip("\n").split("\n\n") if s.strip()]
+
+
+# ---- status --watch ----------------------------------------------------------------------------------------
+
+
+def test_watch_redraws_with_live_progress_until_no_migration_is_active(
+    db: str, clock: FakeClock, running: Callable[[str, str], Worker]
+) -> None:
+    worker = running("web1", "hv2")
+    r = ok(db, clock, "status", "--watch", "--interval", "1", sleep=worker.sleep)
+    shots = snapshots(r.output)
+    assert CLEAR not in r.output  # not a terminal: snapshots one after the other
+    assert len(shots) == len(worker.slept_s) - 1 + 1 >= 2  # one refresh per wait, plus the first
+    first = shots[0].splitlines()
+    assert first[0].endswith("1 active migration(s)") and "Ctrl-C" not in first[0]
+    for column in ("PHASE", "ROUND", "DONE", "REMAINING", "RATE", "THROTTLE", "ETA"):
+        assert column in first[1]
+    [row] = [line for line in first[2:] if "web1" in line]
+    assert "running" in row and "hv1 -> hv2" in row and " %" in row and "MiB/s" in row
+    # It stops by itself once the migration is over.
+    assert shots[-1].splitlines() == [shots[-1].splitlines()[0]]
+    assert shots[-1].endswith("0 active migration(s)")
+    assert worker.store.get_droplet("web1").host == "hv2"
+
+
+def test_watch_on_a_terminal_redraws_in_place_and_count_bounds_it(
+    db: str, clock: FakeClock, running: Callable[[str, str], Worker]
+) -> None:
+    worker = running("big", "hv3")
+    r = ok(db, clock, "status", "--watch", "--count", "3", sleep=worker.sleep, tty=True)
+    assert r.output.count(CLEAR) == 3 and r.output.startswith(CLEAR)
+    assert worker.slept_s[1:] == [2.0, 2.0]  # the default interval, between the three refreshes
+    last = r.output.rsplit(CLEAR, 1)[1]
+    assert "every 2s (Ctrl-C to stop)" in last.splitlines()[0]
+    [row] = [line for line in last.splitlines() if "big" in line]
+    assert "disk" in row and "running" in row
+
+
+def test_watch_json_is_one_document_per_refresh(
+    db: str, clock: FakeClock, running: Callable[[str, str], Worker]
+) -> None:
+    worker = running("big", "hv3")
+    r = ok(
+        db, clock, "status", "--watch", "--json", "--count", "2", "--interval", "1500ms", sleep=worker.sleep
+    )
+    docs = [json.loads(line) for line in r.output.splitlines()]
+    assert len(docs) == 2 and worker.slept_s[1:] == [1.5]
+    assert [d["active"] for d in docs] == [1, 1]
+    [m] = docs[-1]["migrations"]
+    assert m["state"] == "running" and m["droplet"] == "big"
+    assert m["stats"]["progress"]["phase"] == "disk"
+    assert docs[1]["at"] > docs[0]["at"]
+
+
+def test_watch_ends_quietly_on_ctrl_c_and_with_nothing_active(
+    db: str, clock: FakeClock, running: Callable[[str, str], Worker]
+) -> None:
+    running("big", "hv3")
+
+    def interrupted(_seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    r = ok(db, clock, "status", "--watch", sleep=interrupted)
+    assert len(snapshots(r.output)) == 1 and "big" in r.output
+    r = ok(db, clock, "status", "--watch", "--host", "hv2")  # nothing out of hv2: one refresh, exit 0
+    assert r.output.strip().endswith("0 active migration(s)")
+
+
+WATCH_BAD = [
+    ("count without watch", ["status", "--count", "2"], 2, "--interval and --count go with --watch"),
+    ("interval without watch", ["status", "--interval", "1s"], 2, "go with --watch"),
+    ("zero interval", ["status", "--watch", "--interval", "0"], 2, "--interval must be positive"),
+    ("bad interval", ["status", "--watch", "--interval", "soon"], 2, "malformed duration"),
+    ("zero count", ["status", "--watch", "--count", "0"], 2, "'--count'"),
+    ("unknown host", ["status", "--watch", "--host", "hv9"], 3, "hv9"),
+]
+
+
+@pytest.mark.parametrize(("what", "args", "code", "message"), WATCH_BAD, ids=[b[0] for b in WATCH_BAD])
+def test_bad_watch_flags_are_one_line(
+    db: str, clock: FakeClock, what: str, args: list[str], code: int, message: str
+) -> None:
+    one_error(invoke(db, clock, *args), code, message)
+
+
+# ---- migrate --now --json ----------------------------------------------------------------------------------
+
+
+def test_migrate_now_json_streams_one_object_per_line_ending_with_the_result(
+    db: str, clock: FakeClock, admin: FakeAdmin
+) -> None:
+    r = ok(db, clock, "migrate", "web1", "--to", "hv2", "--now", "--unsafe-short-notice", "--json")
+    docs = [json.loads(line) for line in r.output.splitlines()]
+    types = [d["type"] for d in docs]
+    assert types[:2] == ["planned", "notified"] and types[-1] == "result"
+    progress = [d for d in docs if d["type"] == "progress"]
+    assert len(progress) >= 2
+    assert {
+        "phase",
+        "round",
+        "disk_remaining_bytes",
+        "transfer_rate_bps",
+        "memory_throttle_pct",
+        "eta_s",
+    } <= set(progress[0])
+    assert all(d["migration"] == docs[-1]["id"] for d in docs[:-1])
+    assert progress[-1]["phase"] == "done"
+    result = docs[-1]
+    assert result["state"] == "completed" and result["target"] == "hv2" and result["timeline"]
+
+
+# ---- report --plot -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def completed(db: str, clock: FakeClock, admin: FakeAdmin) -> str:
+    r = ok(db, clock, "migrate", "web1", "--to", "hv2", "--now", "--unsafe-short-notice", "--json")
+    return str(json.loads(r.output.splitlines()[-1])["id"])
+
+
+def test_report_plot_writes_a_png(db: str, clock: FakeClock, completed: str, tmp_path: Path) -> None:
+    out = tmp_path / "web1.png"
+    r = ok(db, clock, "report", completed, "--plot", str(out))
+    assert f"plot written to {out}" in r.output and "REMAINING" in r.output
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    # With --json, stdout stays one JSON document.
+    r = ok(db, clock, "report", completed, "--json", "--plot", str(tmp_path / "again.png"))
+    assert json.loads(r.stdout)["migration"]["id"] == completed and "plot written" in r.stderr
+    assert (tmp_path / "again.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_report_plot_without_matplotlib_is_one_line(
+    db: str, clock: FakeClock, completed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "x.png"
+    r = invoke(db, clock, "report", completed, "--plot", str(out))
+    one_error(r, 6, "pip install 'droplet-live-migration[plot]'")
+    assert not out.exists()
+
+
+def test_report_plot_refuses_an_unwritable_path_or_no_progress(
+    db: str, clock: FakeClock, completed: str, tmp_path: Path
+) -> None:
+    one_error(
+        invoke(db, clock, "report", completed, "--plot", str(tmp_path / "no" / "such" / "x.png")),
+        2,
+        "cannot write the plot",
+    )
+    planned = ok(db, clock, "migrate", "big", "--start", "+1h", "--unsafe-short-notice", "--json")
+    [mid] = json.loads(planned.output)["migrations"]
+    one_error(invoke(db, clock, "report", mid, "--plot", str(tmp_path / "y.png")), 2, "nothing to plot")
+
+
+def test_plot_time_axis_places_a_retry_after_the_first_attempt() -> None:
+    rows: list[dict[str, object]] = [
+        {"attempt": 1, "elapsed_s": 0.0, "at": "2026-12-01T00:00:00+00:00"},
+        {"attempt": 1, "elapsed_s": 4.0, "at": "2026-12-01T00:00:04+00:00"},
+        {"attempt": 2, "elapsed_s": 1.0, "at": "2026-12-01T00:01:01+00:00"},
+        {"attempt": 2, "elapsed_s": 3.0, "at": "2026-12-01T00:01:01+00:00"},
+    ]
+    assert time_axis_s(rows) == ([0.0, 4.0, 61.0, 63.0], [0.0, 60.0])
+    # A clock that went backwards never puts an attempt before the end of the previous one.
+    rows[2]["at"] = rows[3]["at"] = "2026-12-01T00:00:01+00:00"
+    assert time_axis_s(rows)[1] == [0.0, 4.0]
