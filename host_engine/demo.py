@@ -1193,6 +1193,11 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> int:
             f"consistent after {elapsed:.1f} s: every droplet on exactly one host (store = simulator), "
             "no event left on the metadata server, every hook ran exactly once"
         )
+        echo("on real hypervisors it is configuration, not code (docs/host-engine.md):")
+        echo(
+            "  host-engine host add HOST ... --uri qemu+ssh://HOST/system --metadata-url https://HOST.mgmt:8775"
+        )
+        echo("  host-engine evacuate HOST --start +15m && host-engine run --driver libvirt")
         if options.keep and demo.workdir is not None:
             echo(f"files kept in {demo.workdir}")
         return 0
