@@ -78,6 +78,37 @@ def time_axis_s(rows: Sequence[Mapping[str, object]]) -> tuple[list[float], list
     return xs, starts
 
 
+def _with_gaps(
+    rows: Sequence[Mapping[str, object]], xs: Sequence[float]
+) -> tuple[list[float], list[Mapping[str, object] | None]]:
+    """The rows with a gap (``None``) where each retry starts, so no line joins one attempt's end to the next
+    one's start: in between, the source ran on its own, unthrottled, and nothing was being copied."""
+    out_x: list[float] = []
+    out_rows: list[Mapping[str, object] | None] = []
+    for i, (x, row) in enumerate(zip(xs, rows, strict=True)):
+        if i and row.get("attempt") != rows[i - 1].get("attempt"):
+            out_x.append(out_x[-1])  # at the attempt's last point: a step line stops there too
+            out_rows.append(None)
+        out_x.append(x)
+        out_rows.append(row)
+    return out_x, out_rows
+
+
+def _series(
+    rows: Sequence[Mapping[str, object] | None], key: str, scale: float, *, missing: float = 0.0
+) -> list[float]:
+    """``key`` of each row divided by ``scale`` (``missing`` where a row lacks it); NaN, which matplotlib
+    leaves out, for a gap."""
+    out = []
+    for row in rows:
+        value = None if row is None else _number(row, key)
+        if row is None:
+            out.append(math.nan)
+        else:
+            out.append(missing if value is None else value / scale)
+    return out
+
+
 def plot_timeline(rows: Sequence[Mapping[str, object]], path: str | Path, *, title: str) -> Path:
     """Draw remaining disk and memory bytes (top) and memory throttle % with the disk write limit (bottom)
     over time into the PNG ``path``. Raises ``ConfigError`` without matplotlib, ``InvalidInput`` when there
@@ -85,18 +116,23 @@ def plot_timeline(rows: Sequence[Mapping[str, object]], path: str | Path, *, tit
     if not rows:
         raise InvalidInput("no progress recorded yet: nothing to plot", field="plot")
     figure_cls, canvas_cls = _matplotlib()
-    xs, starts = time_axis_s(rows)
-    disk = [(_number(r, "disk_remaining_bytes") or 0.0) for r in rows]
-    memory = [(_number(r, "memory_remaining_bytes") or 0.0) for r in rows]
-    throttle = [(_number(r, "memory_throttle_pct") or 0.0) for r in rows]
-    limit = [_number(r, "disk_write_limit_bps") for r in rows]
-    unit, unit_name = (GIB, "GiB") if max(disk + memory) >= 10 * GIB else (MIB, "MiB")
+    x_rows, starts = time_axis_s(rows)
+    xs, gapped = _with_gaps(rows, x_rows)
+    biggest = max(
+        (_number(r, k) or 0.0 for r in rows for k in ("disk_remaining_bytes", "memory_remaining_bytes")),
+        default=0.0,
+    )
+    unit, unit_name = (GIB, "GiB") if biggest >= 10 * GIB else (MIB, "MiB")
+    disk = _series(gapped, "disk_remaining_bytes", unit)
+    memory = _series(gapped, "memory_remaining_bytes", unit)
+    throttle = _series(gapped, "memory_throttle_pct", 1)
+    limit = _series(gapped, "disk_write_limit_bps", MIB, missing=math.nan)  # no limit: no line
 
     fig = figure_cls(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
     canvas_cls(fig)
     top, bottom = fig.subplots(2, 1, sharex=True)
-    top.plot(xs, [b / unit for b in disk], marker=".", label="disk remaining")
-    top.plot(xs, [b / unit for b in memory], marker=".", label="memory remaining")
+    top.plot(xs, disk, marker=".", label="disk remaining")
+    top.plot(xs, memory, marker=".", label="memory remaining")
     top.set_ylabel(f"remaining ({unit_name})")
     top.set_ylim(bottom=0)
     top.legend(loc="upper right")
@@ -107,17 +143,17 @@ def plot_timeline(rows: Sequence[Mapping[str, object]], path: str | Path, *, tit
     bottom.set_ylabel("vCPU throttle (%)")
     bottom.set_ylim(0, 100)
     bottom.set_xlabel("seconds since the first attempt started")
-    limits = bottom.twinx()
-    limits.step(
-        xs,
-        [math.nan if v is None else v / MIB for v in limit],
-        where="post",
-        color="tab:purple",
-        label="disk write limit (MiB/s)",
-    )
-    limits.set_ylabel("disk write limit (MiB/s)")
-    limits.set_ylim(bottom=0)
-    handles = bottom.get_legend_handles_labels()[0] + limits.get_legend_handles_labels()[0]
+    handles = bottom.get_legend_handles_labels()[0]
+    if any(not math.isnan(v) for v in limit):
+        limits = bottom.twinx()
+        limits.step(xs, limit, where="post", color="tab:purple", label="disk write limit (MiB/s)")
+        limits.set_ylabel("disk write limit (MiB/s)")
+        # Headroom above the highest limit keeps its line clear of the legend.
+        limits.set_ylim(0, 1.5 * max(v for v in limit if not math.isnan(v)))
+        handles += limits.get_legend_handles_labels()[0]
+    else:
+        bottom.plot([], [], " ", label="no disk write limit")
+        handles = bottom.get_legend_handles_labels()[0]
     bottom.legend(handles=handles, loc="upper right")
     for ax in (top, bottom):
         ax.grid(True, alpha=0.3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from click.testing import CliRunner, Result
 from host_engine.cli import Deps, cli
 from host_engine.config import EngineConfig
 from host_engine.executor import SimTickStep, executor_step
-from host_engine.plot import time_axis_s
+from host_engine.plot import plot_timeline, time_axis_s
 from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
@@ -306,3 +307,19 @@ def test_plot_time_axis_places_a_retry_after_the_first_attempt() -> None:
     # A clock that went backwards never puts an attempt before the end of the previous one.
     rows[2]["at"] = rows[3]["at"] = "2026-12-01T00:00:01+00:00"
     assert time_axis_s(rows)[1] == [0.0, 4.0]
+
+
+def test_plot_draws_throttle_and_a_disk_limit_across_a_retry(tmp_path: Path) -> None:
+    rows: list[dict[str, object]] = []
+    for attempt, start_s in ((1, 0), (2, 120)):
+        for i in range(0, 60, 5):
+            at = T0 + timedelta(seconds=start_s + i)
+            rows.append(
+                {"attempt": attempt, "at": at.isoformat(), "elapsed_s": float(i), "phase": "disk",
+                 "disk_remaining_bytes": max(0, 20 * GIB - i * GIB // 2), "memory_remaining_bytes": 2 * GIB,
+                 "memory_throttle_pct": 20 if i >= 40 else 0,
+                 "disk_write_limit_bps": 64 * 1024 * 1024 if 30 <= i < 50 else None}
+            )  # fmt: skip
+    out = plot_timeline(rows, tmp_path / "retry.png", title="m-1: db1 hv1 -> hv2, completed")
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
