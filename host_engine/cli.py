@@ -1105,13 +1105,18 @@ def _watch_status(
 ) -> None:
     """``status --watch``: one refresh every ``interval_s`` until no migration is active, ``count`` refreshes,
     or Ctrl-C. On a terminal each refresh replaces the last; otherwise snapshots follow each other, separated
-    by a blank line (``--json``: one document per line)."""
+    by a blank line (``--json``: one document per line). A migration that ends during the watch stays in it
+    with its final state, so the last refresh says how each one ended."""
     sleep = deps.sleep or time.sleep
     tty = deps.tty if deps.tty is not None else sys.stdout.isatty()
     refreshes = 0
+    watched: dict[str, None] = {}  # ids seen so far, in order
     try:
         while True:
             ms = store.list_migrations(host=host_name, states=None if show_all else ACTIVE_STATES)
+            listed = {m.id for m in ms}
+            ms += [store.get_migration(mid) for mid in watched if mid not in listed]
+            watched.update(dict.fromkeys(m.id for m in ms))
             now = deps.clock()
             active = sum(1 for m in ms if m.state.is_active)
             refreshes += 1
