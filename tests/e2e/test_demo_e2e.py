@@ -11,6 +11,8 @@ event is left.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -150,3 +152,65 @@ def test_e2e_demo_command_is_registered() -> None:
     result = CliRunner().invoke(cli, ["demo", "--help"], catch_exceptions=False)
     assert result.exit_code == 0
     assert "--keep" in result.output
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (the demo's working directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
+
+
+HOST_ENGINE = Path(sys.executable).parent / "host-engine"
+
+
+def test_e2e_host_engine_demo_exits_0_and_leaves_no_process(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(HOST_ENGINE), "demo", "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert time.monotonic() - started < 60
+    assert "consistent after" in done.stdout
+    assert "draining web-1 from the load balancer" in done.stdout
+    assert _processes_mentioning(str(workdir)) == []
+
+
+def test_e2e_host_engine_demo_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    # Through a tiny exec wrapper that restores SIGINT's default: a test runner started as a shell's background
+    # job passes SIGINT on ignored, and a terminal's Ctrl-C never is.
+    argv = [str(HOST_ENGINE), "demo", "--workdir", str(workdir)]
+    wrapper = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", wrapper, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        assert proc.stdout is not None
+        for line in proc.stdout:  # wait until the evacuation is under way
+            if "running: attempt 1" in line or time.monotonic() > deadline:
+                break
+        assert _processes_mentioning(str(workdir)), "the demo's processes should be running now"
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, rest[-3000:]
+    assert "interrupted" in rest
+    assert _processes_mentioning(str(workdir)) == []
