@@ -214,3 +214,17 @@ def test_e2e_host_engine_demo_ctrl_c_stops_everything(tmp_path: Path) -> None:
     assert proc.returncode == 130, rest[-3000:]
     assert "interrupted" in rest
     assert _processes_mentioning(str(workdir)) == []
+
+
+def test_e2e_host_engine_demo_that_fails_exits_1_and_leaves_no_process(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    done = subprocess.run(
+        [str(HOST_ENGINE), "demo", "--workdir", str(workdir), "--timeout", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout[-3000:]
+    assert "not finished after 2 s" in done.stdout
+    assert _processes_mentioning(str(workdir)) == []
