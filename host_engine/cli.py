@@ -5,7 +5,8 @@ its kind (see :mod:`host_engine.errors`; 2 for a bad flag or value). Commands th
 one transaction, so a refused command leaves the store as it was.
 
 Tests pass a :class:`Deps` as click's ``obj`` to inject the clock, the metadata-server client factory, the
-libvirt domain lister and the engine's sleep.
+libvirt domain lister, the sleep (the engine's, ``migrate --now``'s, ``status --watch``'s) and whether stdout
+is a terminal.
 """
 
 from __future__ import annotations
