@@ -983,6 +983,9 @@ class Demo:
             if mid is None:
                 if runs:
                     problems.append(f"{did}: hooks ran though it did not move: {[r[1:3] for r in runs]}")
+                seen = sorted(agent.journal().get("events", {}))
+                if seen:
+                    problems.append(f"{did}: its agent saw events {seen} though it did not move")
                 continue
             m = store.get_migration(mid)
             wanted = [(h.phase, h.name) for h in agent.spec.hooks]
