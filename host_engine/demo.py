@@ -975,45 +975,16 @@ class Demo:
         return problems
 
     def _check_hooks(self) -> list[str]:
+        """Each hook of a moved droplet ran exactly once, for the engine's event, and its agent's journal says
+        so; a bystander's agent saw nothing at all."""
         store = self._need_store()
         problems = []
         for did, agent in self.agents.items():
-            runs = agent.hook_runs()
             mid = self.migrations.get(did)
             if mid is None:
-                if runs:
-                    problems.append(f"{did}: hooks ran though it did not move: {[r[1:3] for r in runs]}")
-                seen = sorted(agent.journal().get("events", {}))
-                if seen:
-                    problems.append(f"{did}: its agent saw events {seen} though it did not move")
-                continue
-            m = store.get_migration(mid)
-            wanted = [(h.phase, h.name) for h in agent.spec.hooks]
-            for phase, name in wanted:
-                n = sum(1 for r in runs if (r[1], r[2]) == (phase, name))
-                if n != 1:
-                    problems.append(f"{did}: {phase}/{name} ran {n} times, expected exactly once")
-            unexpected = [r[1:3] for r in runs if (r[1], r[2]) not in wanted]
-            if unexpected:
-                problems.append(f"{did}: unexpected hook runs {unexpected}")
-            live_ids = {r[3] for r in runs if r[1] != "after_migration"}
-            if live_ids and live_ids != {m.event_id}:
-                problems.append(
-                    f"{did}: hooks ran for events {sorted(live_ids)}, the engine sent {m.event_id}"
-                )
-            journal = agent.journal()
-            if journal.get("active") is not None:
-                problems.append(f"{did}: the agent still has an active event {journal.get('active')}")
-            ev = journal.get("events", {}).get(m.event_id)
-            if ev is None:
-                problems.append(f"{did}: the agent's journal has no event {m.event_id}")
-                continue
-            if ev.get("status") != "done":
-                problems.append(f"{did}: the agent's journal says {ev.get('status')}, expected done")
-            for phase, name in wanted:
-                rec = ev.get("hooks", {}).get(f"{phase}/{name}") or {}
-                if rec.get("outcome") != "ok":
-                    problems.append(f"{did}: journal has {phase}/{name} {rec.get('outcome')}, expected ok")
+                problems += _check_bystander(did, agent)
+            else:
+                problems += _check_moved(did, agent, store.get_migration(mid))
         return problems
 
     def rows(self) -> list[Row]:
@@ -1094,6 +1065,46 @@ class Demo:
         self.echo(
             f"  the simulated hypervisors ran {self.world.time_s:.0f} s of migration time in {wall_s:.0f} s"
         )
+
+
+def _check_bystander(did: str, agent: GuestAgentProcess) -> list[str]:
+    problems = []
+    runs = agent.hook_runs()
+    if runs:
+        problems.append(f"{did}: hooks ran though it did not move: {[r[1:3] for r in runs]}")
+    seen = sorted(agent.journal().get("events", {}))
+    if seen:
+        problems.append(f"{did}: its agent saw events {seen} though it did not move")
+    return problems
+
+
+def _check_moved(did: str, agent: GuestAgentProcess, m: Migration) -> list[str]:
+    problems = []
+    runs = agent.hook_runs()
+    wanted = [(h.phase, h.name) for h in agent.spec.hooks]
+    for phase, name in wanted:
+        n = sum(1 for r in runs if (r[1], r[2]) == (phase, name))
+        if n != 1:
+            problems.append(f"{did}: {phase}/{name} ran {n} times, expected exactly once")
+    unexpected = [r[1:3] for r in runs if (r[1], r[2]) not in wanted]
+    if unexpected:
+        problems.append(f"{did}: unexpected hook runs {unexpected}")
+    live_ids = {r[3] for r in runs if r[1] != "after_migration"}
+    if live_ids and live_ids != {m.event_id}:
+        problems.append(f"{did}: hooks ran for events {sorted(live_ids)}, the engine sent {m.event_id}")
+    journal = agent.journal()
+    if journal.get("active") is not None:
+        problems.append(f"{did}: the agent still has an active event {journal.get('active')}")
+    ev = journal.get("events", {}).get(m.event_id)
+    if ev is None:
+        return [*problems, f"{did}: the agent's journal has no event {m.event_id}"]
+    if ev.get("status") != "done":
+        problems.append(f"{did}: the agent's journal says {ev.get('status')}, expected done")
+    for phase, name in wanted:
+        rec = ev.get("hooks", {}).get(f"{phase}/{name}") or {}
+        if rec.get("outcome") != "ok":
+            problems.append(f"{did}: journal has {phase}/{name} {rec.get('outcome')}, expected ok")
+    return problems
 
 
 def _downtime(r: Row) -> str:
