@@ -982,9 +982,9 @@ class Demo:
         for did, agent in self.agents.items():
             mid = self.migrations.get(did)
             if mid is None:
-                problems += _check_bystander(did, agent)
+                problems += check_bystander(did, agent)
             else:
-                problems += _check_moved(did, agent, store.get_migration(mid))
+                problems += check_moved(did, agent, store.get_migration(mid))
         return problems
 
     def rows(self) -> list[Row]:
@@ -1067,7 +1067,7 @@ class Demo:
         )
 
 
-def _check_bystander(did: str, agent: GuestAgentProcess) -> list[str]:
+def check_bystander(did: str, agent: GuestAgentProcess) -> list[str]:
     problems = []
     runs = agent.hook_runs()
     if runs:
@@ -1078,7 +1078,7 @@ def _check_bystander(did: str, agent: GuestAgentProcess) -> list[str]:
     return problems
 
 
-def _check_moved(did: str, agent: GuestAgentProcess, m: Migration) -> list[str]:
+def check_moved(did: str, agent: GuestAgentProcess, m: Migration) -> list[str]:
     problems = []
     runs = agent.hook_runs()
     wanted = [(h.phase, h.name) for h in agent.spec.hooks]

@@ -10,12 +10,14 @@ event is left.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,16 @@ from click.testing import CliRunner
 from guest_sdk import MaintenanceClient
 from guest_sdk.models import EventKind
 from host_engine.cli import cli
-from host_engine.demo import EVACUATE, Demo, DemoOptions
+from host_engine.demo import (
+    DROPLETS,
+    EVACUATE,
+    Demo,
+    DemoOptions,
+    GuestAgentProcess,
+    check_bystander,
+    check_moved,
+)
+from host_engine.models import Migration
 from host_engine.states import MigrationState
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(150)]
@@ -228,3 +239,24 @@ def test_e2e_host_engine_demo_that_fails_exits_1_and_leaves_no_process(tmp_path:
     assert done.returncode == 1, done.stdout[-3000:]
     assert "not finished after 2 s" in done.stdout
     assert _processes_mentioning(str(workdir)) == []
+
+
+def test_e2e_demo_checks_catch_a_hook_run_twice_and_a_bystander_that_saw_an_event(tmp_path: Path) -> None:
+    """The demo's verdict is only worth something if its checks fail when they should (no processes here)."""
+    web1 = next(d for d in DROPLETS if d.id == "web-1")
+    agent = GuestAgentProcess(web1, "127.0.0.11", tmp_path / "web-1")
+    agent.workdir.mkdir()
+    now = datetime.now(UTC)
+    m = Migration("m-1", "web-1", "hv-1", "hv-3", MigrationState.COMPLETED, "ev-1", now, now, now)
+    lines = ["1.0 on_notice lb-drain ev-1 x", "2.0 after_migration lb-ready ev-1 x"]
+    agent.hooks_path.write_text("\n".join(lines) + "\n")
+    hooks = {"on_notice/lb-drain": {"outcome": "ok"}, "after_migration/lb-ready": {"outcome": "ok"}}
+    agent.journal_path.write_text(
+        json.dumps({"active": None, "events": {"ev-1": {"status": "done", "hooks": hooks}}})
+    )
+    assert check_moved("web-1", agent, m) == []
+    agent.hooks_path.write_text("\n".join([*lines, "3.0 after_migration lb-ready ev-1 x"]) + "\n")
+    assert check_moved("web-1", agent, m) == [
+        "web-1: after_migration/lb-ready ran 2 times, expected exactly once"
+    ]
+    assert check_bystander("web-1", agent) != []
