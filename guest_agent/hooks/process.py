@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL when a program overruns
 READER_JOIN_S = 1.0  # a background child may keep the output pipe open; do not wait on it forever
+# A hook's output goes to the journal: bound what one hook can put there, and what one line can hold.
+MAX_LINE_BYTES = 4096
+MAX_LOGGED_LINES = 10_000
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,26 @@ def _feed(pipe: IO[bytes], data: bytes) -> None:
 
 
 def _log_lines(pipe: IO[bytes], label: str) -> None:
+    """Log each line as ``label: line``: cut at MAX_LINE_BYTES, control characters escaped so a hook
+    cannot forge log lines or send terminal escapes, at most MAX_LOGGED_LINES (the rest is drained)."""
+    logged = 0
     with pipe:
-        for raw in pipe:
-            log.info("%s: %s", label, raw.decode("utf-8", "replace").rstrip("\r\n"))
+        while raw := pipe.readline(MAX_LINE_BYTES):
+            cut = not raw.endswith(b"\n") and len(raw) >= MAX_LINE_BYTES
+            while cut and (rest := pipe.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                pass  # skip the remainder of an over-long line
+            if logged < MAX_LOGGED_LINES:
+                log.info("%s: %s%s", label, printable(raw), " [line cut]" if cut else "")
+            elif logged == MAX_LOGGED_LINES:
+                log.warning(
+                    "%s: more than %d lines of output; the rest is not logged", label, MAX_LOGGED_LINES
+                )
+            logged += 1
+
+
+def printable(raw: bytes) -> str:
+    """One line of program output as safe log text: UTF-8 (invalid bytes replaced), controls escaped."""
+    text = raw.decode("utf-8", "replace").rstrip("\r\n")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

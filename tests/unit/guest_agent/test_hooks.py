@@ -349,3 +349,42 @@ def test_build_hook_covers_every_kind() -> None:
         hook = build_hook(spec)
         assert hook.spec is spec
         assert hook.describe(Phase.ON_NOTICE)
+
+
+def test_hook_output_hostile_lines_are_cut_escaped_and_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    """A hook cannot flood the journal, forge log lines or send terminal escapes through its output."""
+    import sys
+
+    from guest_agent.hooks import process
+
+    script = (
+        "import sys\n"
+        "w = sys.stdout.buffer.write\n"
+        "w(b'x' * 100000 + b'\\n')\n"  # one enormous line
+        "w(b'ok \\x1b[31mred\\x1b[0m\\rINFO forged\\x00\\xff\\n')\n"  # escapes, CR, NUL, invalid UTF-8
+        "w(b'line\\n' * 20)\n"
+    )
+    with caplog.at_level("INFO", logger=process.__name__):
+        result = process.run_program([sys.executable, "-c", script], label="drain", timeout_s=20)
+    assert result.ok
+    lines = [r.getMessage() for r in caplog.records if r.name == process.__name__]
+    assert lines[0] == "drain: " + "x" * process.MAX_LINE_BYTES + " [line cut]"
+    assert lines[1] == "drain: ok \\x1b[31mred\\x1b[0m\\rINFO forged\\x00\ufffd"
+    assert lines[2:] == ["drain: line"] * 20
+
+
+def test_hook_output_line_count_is_bounded(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from guest_agent.hooks import process
+
+    monkeypatch.setattr(process, "MAX_LOGGED_LINES", 5)
+    with caplog.at_level("INFO", logger=process.__name__):
+        result = process.run_program(
+            [sys.executable, "-c", "print('spam\\n' * 1000, end='')"], label="noisy", timeout_s=20
+        )
+    assert result.ok
+    lines = [r.getMessage() for r in caplog.records if r.name == process.__name__]
+    assert lines == ["noisy: spam"] * 5 + ["noisy: more than 5 lines of output; the rest is not logged"]
