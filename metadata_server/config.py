@@ -14,6 +14,7 @@ from .errors import ConfigError
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TOKEN_ENV = "METADATA_SERVER_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
 MIN_TOKEN_CHARS = 16
+MAX_TOKEN_FILE_BYTES = 4096
 DEFAULT_GUEST_LISTEN = "169.254.169.254:80"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8775"
 DEFAULT_DB = Path("/var/lib/metadata-server/state.sqlite3")
@@ -67,9 +68,13 @@ def load_token(token_file: Path | None, environ: dict[str, str] | None = None) -
     if token_file is not None:
         try:
             mode = token_file.stat().st_mode
-            token = token_file.read_text(encoding="utf-8").strip()
+            with token_file.open("rb") as f:
+                raw = f.read(MAX_TOKEN_FILE_BYTES + 1)
+            token = raw.decode("utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"--admin-token-file: cannot read {token_file}: {e}") from e
+        if len(raw) > MAX_TOKEN_FILE_BYTES:
+            raise ConfigError(f"--admin-token-file: {token_file} is larger than {MAX_TOKEN_FILE_BYTES} bytes")
         if mode & (stat.S_IROTH | stat.S_IWOTH):
             raise ConfigError(f"--admin-token-file: {token_file} is readable by other users; chmod 600 it")
         source = str(token_file)
