@@ -8,7 +8,9 @@ store (:meth:`MetadataSync.reconcile_all`); then, every ``poll_interval``, it
    was told). A notice sent more than ``late_notice_grace`` late (the engine was down) pushes ``not_before``
    back so the guest still gets its full notice;
 2. clears the events of cancelled migrations whose guest had been told;
-3. runs any further steps it was given (part 2: the executor's ``tick``).
+3. reads the guests' acknowledgements (``ready``/``offline``) of outstanding events into the store
+   (:class:`host_engine.acks.AckReader`), so the executor can start early or take the offline path;
+4. runs any further steps it was given (part 2: the executor's ``tick``).
 
 The clock and the sleep are parameters, so tests drive ticks without sleeping; SIGTERM/SIGINT set a flag that
 ends the loop after the current tick (no half-written transaction: each change is one transaction anyway).
@@ -25,6 +27,7 @@ from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any, Protocol
 
+from host_engine.acks import AckReader
 from host_engine.config import EngineConfig
 from host_engine.errors import Conflict, HostEngineError
 from host_engine.models import Migration
@@ -51,6 +54,7 @@ class TickStep(Protocol):
 class TickResult:
     notified: list[Migration] = field(default_factory=list)
     cleared: list[Migration] = field(default_factory=list)
+    acked: list[Migration] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -71,6 +75,7 @@ class Engine:
         self.store = store
         self.config = config
         self.sync = sync
+        self.acks = AckReader(store, sync)
         self.clock = clock or store.clock
         self._stop = threading.Event()
         self._sleep = sleep or (lambda s: self._stop.wait(s) and None)
@@ -179,6 +184,8 @@ class Engine:
         result.notified, errs = self.send_due_notices()
         result.errors.extend(errs)
         result.cleared, errs = self.clear_cancelled()
+        result.errors.extend(errs)
+        result.acked, errs = self.acks.read()
         result.errors.extend(errs)
         for step in self.steps:
             try:

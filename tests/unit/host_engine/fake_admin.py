@@ -36,6 +36,14 @@ class FakeAdmin:
         d = self.droplets.get(droplet_id)
         return None if d is None else d["event"]
 
+    def guest_ack(self, droplet_id: str, action: str, power_on_after: bool = True) -> None:
+        """What ``POST /v1/maintenance_event/ack`` from the guest does: answer its current event."""
+        d = self.droplets[droplet_id]
+        assert d["event"] is not None, "no current event to acknowledge"
+        d["event"]["acknowledged"] = action
+        d["event"]["power_on_after"] = power_on_after
+        d["ack"] = {"action": action, "power_on_after": power_on_after, "at": "2026-01-01T00:00:01Z"}
+
     def _handle(self, request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:  # noqa: PLR0911
         method, url = request.method or "", request.url or ""
         path = url[len(self.base_url.rstrip("/")) :]
@@ -55,6 +63,9 @@ class FakeAdmin:
             if did not in self.droplets:
                 return 404, {}, json.dumps({"error": "not_found", "message": f"no droplet {did}"})
             if method == "PUT":
+                old_event = self.droplets[did]["event"]
+                if old_event is None or old_event["id"] != body["id"]:
+                    self.droplets[did]["ack"] = None  # a new event drops the ack; the same id keeps it
                 ev = {
                     "event": body["event"],
                     "id": body["id"],
@@ -65,10 +76,14 @@ class FakeAdmin:
                     "acknowledged": None,
                     "power_on_after": None,
                 }
+                ack = self.droplets[did].get("ack")
+                if ack:
+                    ev["acknowledged"], ev["power_on_after"] = ack["action"], ack["power_on_after"]
                 self.droplets[did]["event"] = ev
                 return 200, {}, json.dumps(self._doc(did))
             if method == "DELETE":
                 self.droplets[did]["event"] = None
+                self.droplets[did]["ack"] = None
                 return 204, {}, ""
         m = _DROPLET.match(path)
         if m:
@@ -86,6 +101,7 @@ class FakeAdmin:
                     "hostname": body.get("hostname", ""),
                     "region": body.get("region", ""),
                     "event": old["event"],
+                    "ack": old.get("ack"),
                 }
                 return (201 if created else 200), {}, json.dumps(self._doc(did))
             if did not in self.droplets:
@@ -99,4 +115,4 @@ class FakeAdmin:
 
     def _doc(self, did: str) -> dict[str, Any]:
         d = self.droplets[did]
-        return {"id": did, **d, "ack": None}
+        return {"id": did, **d, "ack": d.get("ack")}

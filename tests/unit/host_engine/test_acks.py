@@ -1,0 +1,201 @@
+"""The engine reads the guests' acknowledgements into the store: once per droplet per tick, only for an
+outstanding event, only the current event's ack, kept when a server forgets it; an unreachable server is
+logged once and does not stop the others. The admin API is faked at the transport; the clock is a FakeClock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import responses
+
+from host_engine import planner
+from host_engine.acks import GuestAck, ack_of
+from host_engine.config import EngineConfig
+from host_engine.engine import Engine
+from host_engine.models import Migration
+from host_engine.reconcile import MetadataSync, default_client_factory
+from host_engine.states import MigrationState
+from host_engine.store import Store
+from tests.unit.host_engine.conftest import FakeClock, make_droplet, make_host
+from tests.unit.host_engine.fake_admin import FakeAdmin
+
+S = MigrationState
+URL_A = "http://127.0.0.1:8111"
+URL_B = "http://127.0.0.1:8112"
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[FakeAdmin, FakeAdmin]]:
+    a, b = FakeAdmin(URL_A), FakeAdmin(URL_B)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        a.install(rsps)
+        b.install(rsps)
+        yield a, b
+
+
+@pytest.fixture
+def world(sqlite_store: Store, tmp_path: Path) -> Store:
+    """hv1, hv2 on server A; hv3, hv4 on server B. d0, d1 on hv1; e0 on hv3."""
+    token = tmp_path / "token"
+    token.write_text("s3cret")
+    for name, url in (("hv1", URL_A), ("hv2", URL_A), ("hv3", URL_B), ("hv4", URL_B)):
+        sqlite_store.add_host(make_host(name, metadata_url=url, metadata_token_file=str(token)))
+    sqlite_store.add_droplet(make_droplet("d0", "hv1", addresses=("10.0.0.1",)))
+    sqlite_store.add_droplet(make_droplet("d1", "hv1", addresses=("10.0.0.2",)))
+    sqlite_store.add_droplet(make_droplet("e0", "hv3", addresses=("10.0.1.1",)))
+    return sqlite_store
+
+
+def make_engine(store: Store, clock: FakeClock) -> Engine:
+    sync = MetadataSync(store, default_client_factory(attempts=2, sleep=lambda s: None))
+    return Engine(store, EngineConfig(), sync, clock=clock, sleep=clock.sleep)
+
+
+def evacuate(store: Store, clock: FakeClock, host: str) -> None:
+    req = planner.Request(
+        start=clock() + timedelta(seconds=3600),
+        notice=timedelta(seconds=600),
+        limits=planner.Limits(10, 10, 10),
+        requested_by="tester",
+        unsafe_short_notice=True,
+    )
+    planner.evacuate(store, host, req, EngineConfig())
+
+
+def notified(store: Store, clock: FakeClock, engine: Engine, *hosts: str) -> dict[str, Migration]:
+    for host in hosts:
+        evacuate(store, clock, host)
+    engine.tick()
+    clock.advance(3000)
+    engine.tick()
+    ms = {m.droplet_id: m for m in store.list_migrations()}
+    assert {m.state for m in ms.values()} == {S.NOTIFIED}
+    return ms
+
+
+def single_gets(server: FakeAdmin) -> list[str]:
+    return [p for meth, p in server.calls if meth == "GET" and p.startswith("/admin/v1/droplets/")]
+
+
+def ack_lines(store: Store, m: Migration) -> list[str]:
+    return [e.message for e in store.migration_log(m.id) if e.kind == "ack"]
+
+
+def test_acks_ready_is_recorded_once_with_a_log_line(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    a, _ = servers
+    engine = make_engine(world, clock)
+    ms = notified(world, clock, engine, "hv1")
+    a.guest_ack("d0", "ready")
+    result = engine.tick()
+    assert [m.droplet_id for m in result.acked] == ["d0"] and result.errors == []
+    m = world.get_migration(ms["d0"].id)
+    assert (m.ack, m.power_on_after, m.state) == ("ready", True, S.NOTIFIED)
+    assert ack_lines(world, m) == ["guest acknowledged ready, power_on_after=true"]
+    assert world.get_migration(ms["d1"].id).ack is None
+    assert engine.tick().acked == []  # nothing new: no second line
+    assert ack_lines(world, m) == ["guest acknowledged ready, power_on_after=true"]
+
+
+def test_acks_offline_and_a_change_of_mind_record_power_on_after(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    a, _ = servers
+    engine = make_engine(world, clock)
+    ms = notified(world, clock, engine, "hv1")
+    a.guest_ack("d1", "ready")
+    engine.tick()
+    a.guest_ack("d1", "offline", power_on_after=False)
+    assert [m.droplet_id for m in engine.tick().acked] == ["d1"]
+    m = world.get_migration(ms["d1"].id)
+    assert (m.ack, m.power_on_after) == ("offline", False)
+    assert ack_lines(world, m) == [
+        "guest acknowledged ready, power_on_after=true",
+        "guest acknowledged offline, power_on_after=false",
+    ]
+
+
+def test_acks_are_kept_when_the_metadata_server_forgets_them(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    a, _ = servers
+    engine = make_engine(world, clock)
+    ms = notified(world, clock, engine, "hv1")
+    a.guest_ack("d0", "offline", power_on_after=False)
+    engine.tick()
+    a.droplets.clear()  # the server lost its disk, and the ack with it
+    engine.reconcile()  # the engine puts the droplets and their events back (no ack: the guest's to give)
+    assert a.droplets["d0"]["ack"] is None and a.event("d0") is not None
+    assert engine.tick().acked == []
+    m = world.get_migration(ms["d0"].id)
+    assert (m.ack, m.power_on_after) == ("offline", False)
+
+
+def test_acks_of_another_event_are_ignored(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    a, _ = servers
+    engine = make_engine(world, clock)
+    ms = notified(world, clock, engine, "hv1")
+    a.guest_ack("d0", "ready")
+    a.droplets["d0"]["event"]["id"] = "someone-elses"
+    assert engine.tick().acked == []
+    assert world.get_migration(ms["d0"].id).ack is None
+    assert ack_of({"event": {"id": "x"}, "ack": {"action": "nap"}}, "x") is None
+    assert ack_of({"event": {"id": "x"}, "ack": {"action": "ready"}}, "x") == GuestAck("ready", True)
+    assert ack_of(None, "x") is None
+
+
+def test_acks_read_only_for_outstanding_events_one_request_per_droplet_per_tick(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    a, _ = servers
+    engine = make_engine(world, clock)
+    evacuate(world, clock, "hv1")
+    engine.tick()
+    engine.tick()
+    assert single_gets(a) == []  # planned: the guest has nothing to acknowledge
+    clock.advance(3000)
+    engine.tick()  # notices go out; the acks are read in the same tick
+    a.calls.clear()
+    engine.tick()
+    assert sorted(single_gets(a)) == ["/admin/v1/droplets/d0", "/admin/v1/droplets/d1"]
+    for m in world.list_migrations():
+        world.transition(m.id, S.CANCELLED)
+    engine.tick()  # clears the cancelled events (reads each droplet once for that)
+    a.calls.clear()
+    engine.tick()
+    assert single_gets(a) == []  # no outstanding event: no more reads
+
+
+def test_acks_unreachable_server_is_logged_once_and_the_others_are_still_read(
+    world: Store,
+    clock: FakeClock,
+    servers: tuple[FakeAdmin, FakeAdmin],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = servers
+    engine = make_engine(world, clock)
+    ms = notified(world, clock, engine, "hv1", "hv3")
+    a.down = True
+    b.guest_ack("e0", "ready")
+    a.calls.clear()
+    with caplog.at_level(logging.WARNING, logger="host_engine.acks"):
+        first = engine.tick()
+        second = engine.tick()
+    assert [m.droplet_id for m in first.acked] == ["e0"]
+    assert world.get_migration(ms["e0"].id).ack == "ready"
+    assert any("reading acks from " + URL_A in e for e in first.errors + second.errors)
+    warnings = [r for r in caplog.records if r.name == "host_engine.acks"]
+    assert len(warnings) == 1 and URL_A in warnings[0].getMessage()
+    # One droplet tried per tick (2 attempts each), the other skipped: a dead server costs one timeout.
+    assert len(single_gets(a)) == 2 * 2
+    a.down = False
+    a.guest_ack("d0", "ready")
+    assert [m.droplet_id for m in engine.tick().acked] == ["d0"]
