@@ -78,7 +78,9 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
             )  # fmt: skip
         for did, address in ADDR.items():
             store.add_droplet(
-                Droplet(id=did, host="hv1", vcpus=1, memory_bytes=GIB, disk_bytes=4 * GIB, addresses=(address,))
+                Droplet(
+                    id=did, host="hv1", vcpus=1, memory_bytes=GIB, disk_bytes=4 * GIB, addresses=(address,)
+                )
             )
         sync = MetadataSync(store, default_client_factory(timeout_s=5, attempts=2, sleep=lambda s: None))
         mono = [0.0]
