@@ -6,7 +6,7 @@ The store is the truth. :class:`MetadataSync` pushes it to the metadata servers 
   ``live_migrate`` (``scheduled``) with the migration's event id, ``not_before`` and ``deadline``;
 * ``clear(m)`` — after a cancel: clear the droplet's event, but only if it is still this migration's event
   (a newer migration of the same droplet may own it by now);
-* ``reconcile_all()`` — on engine start-up: for every server, list what it holds
+* ``reconcile_all()`` — on engine start-up and every minute after: for every server, list what it holds
   (``GET /admin/v1/droplets``), then register missing droplets, set missing or stale events, clear events
   the engine no longer wants, and remove droplets that the engine knows live on a host served by another
   server. Droplets the engine has never heard of are left alone and reported.
