@@ -1,0 +1,530 @@
+"""Live migration on real libvirt: our controller against libvirt's defaults and against plain auto-converge.
+
+Two real libvirt hosts on this machine (``tests/libvirt_harness``: two network namespaces, one libvirtd each,
+TCG guests) and the harness's boot-sector guest, which dirties memory and writes its disk at set rates.
+For each workload, the same guest, built afresh for every run, is live-migrated hostA -> hostB by the
+engine's ``LibvirtMigration`` under ``run_migration`` (the executor's loop), with three policies:
+
+- ``libvirt defaults``: plain ``migrateToURI3`` with LIVE | PEER2PEER | NON_SHARED_DISK | PERSIST_DEST |
+  UNDEFINE_SOURCE, no auto-converge, and no action while it runs;
+- ``auto-converge``: the same plus ``VIR_MIGRATE_AUTO_CONVERGE`` with QEMU's own policy (20 % + 10 % per
+  round, up to 99 %), and no action while it runs;
+- ``ours``: the engine's convergence controller with its default ``ControllerConfig`` (it picks the CPU
+  throttle level, applies the temporary disk write limit, decides switchover, aborts a stalled run).
+
+Every policy gets the same bandwidth cap (the workload's, set when the job starts) and the same 300 ms
+downtime limit (QEMU's default; the executor sets it). Every run is bounded: after ``--timeout`` seconds
+(default 60) the bench aborts the job (``abortJob``) and records it as not converged. Downtime and bytes
+come from libvirt's job statistics; the auto-converge throttle is QEMU's own figure (``jobStats``
+``auto_converge_throttle``), sampled every tick.
+
+    sudo .venv/bin/python bench/libvirt_migration.py [--quick] [--timeout 60] [--workload NAME ...]
+                                                     [--json bench/results/libvirt_migration.json]
+
+Needs root, libvirtd, qemu-system-x86_64, qemu-img, binutils and libvirt-python; without them it prints a
+skip line and exits 0 (so ``bench/run_all.py`` passes on machines without libvirt). Everything the harness
+starts (daemons, QEMU processes, namespaces, directories) is torn down at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MiB = 1024 * 1024
+TICK_S = 0.25
+DEFAULT_TIMEOUT_S = 60.0
+QUICK_TIMEOUT_S = 30.0
+COUNTER_WAIT_S = 20.0
+NEEDED_BINARIES = ("libvirtd", "qemu-system-x86_64", "qemu-img", "as", "ld", "ip", "unshare", "nsenter")
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    what: str
+    guest: dict[str, Any]  # GuestSpec fields
+    cap_mibps: int
+
+
+WORKLOADS = (
+    Workload(
+        "idle",
+        "idle guest (counter only), 128 MiB RAM, 64 MiB disk",
+        {"mem_kib": 0, "disk_sectors": 0, "paced": True},
+        32,
+    ),
+    Workload(
+        "memory writer",
+        "8 MiB/s memory + 1 MiB/s disk (paced), converges",
+        # GuestSpec.at_rates(memory_dirty_bps=8 MiB, disk_write_bps=1 MiB), spelled out.
+        {"mem_kib": 450, "disk_sectors": 64, "paced": True, "disk_span_sectors": 16 * 2048},
+        32,
+    ),
+    Workload(
+        "disk writer",
+        "20 MiB hot set rewritten as fast as TCG goes (3-17 MiB/s), 28 MiB disk",
+        # tests/integration/test_libvirt_migration.py FAST_DISK_WRITER
+        {"mem_kib": 256, "disk_sectors": 128, "paced": False, "disk_span_sectors": 20 * 2048, "disk_mib": 28},
+        3,
+    ),
+    Workload(
+        "48 MiB working set",
+        "48 MiB of memory rewritten 18x/s, cannot converge at the cap",
+        {"mem_kib": 48 * 1024, "disk_sectors": 32, "paced": True},
+        32,
+    ),
+)
+
+
+def _nothing(_p: Any) -> tuple[Any, ...]:
+    return ()
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: str
+    auto_converge: str  # the driver's option: off | qemu | controlled
+    policy: Callable[[Any], tuple[Any, ...]] | None  # None: the engine's controller
+
+
+POLICIES = (
+    PolicySpec("libvirt defaults", "off", _nothing),
+    PolicySpec("auto-converge", "qemu", _nothing),
+    PolicySpec("ours", "controlled", None),
+)
+
+
+@dataclass
+class RunResult:
+    workload: str
+    policy: str
+    cap_mibps: int
+    outcome: str  # completed | aborted: <reason> | not converged (timeout) | failed: <error>
+    converged: bool
+    downtime_ms: float | None
+    duration_s: float
+    bytes_transferred: int
+    rounds: int
+    throttle_max_pct: int
+    throttle_pct_s: float
+    throttle_series: list[tuple[float, int]]  # (s since start, QEMU's auto-converge %) at each change
+    disk_limit_s: float
+    guest_runs_after: bool  # its counter advances where the droplet now is
+    runs_on: str  # source | target
+    source_untouched: bool | None  # for runs that did not complete: running, same definition, no job
+    target_clean: bool  # no leftover domain or disk on the host that does not hold the droplet
+    notes: list[str] = field(default_factory=list)
+
+
+# --- prerequisites ------------------------------------------------------------------------------------------
+
+
+def missing_prerequisites() -> list[str]:
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root")
+    missing += [b for b in NEEDED_BINARIES if shutil.which(b) is None]
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        missing.append("libvirt-python (pip install -e '.[libvirt]')")
+    return missing
+
+
+# --- guest handling -----------------------------------------------------------------------------------------
+
+
+def _counters(dom: Any) -> Any:
+    from tests.libvirt_harness.guest import read_counters
+
+    return read_counters(dom)
+
+
+def counter_advances(dom: Any, passes: int = 3, wait_s: float = COUNTER_WAIT_S) -> bool:
+    import libvirt
+
+    try:
+        first = _counters(dom).passes
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if _counters(dom).passes >= first + passes:
+                return True
+            time.sleep(0.1)
+    except (libvirt.libvirtError, RuntimeError):
+        return False
+    return False
+
+
+def start_guest(host: Any, conn: Any, name: str, guest: Any) -> Any:
+    from tests.libvirt_harness.guest import build_disk, domain_xml
+
+    image = host.image_path(f"{name}.qcow2")
+    build_disk(guest, host.path(image))
+    dom = conn.defineXML(domain_xml(name, image, guest))
+    dom.create()
+    if not counter_advances(dom):
+        raise RuntimeError(f"guest {name} does not run on {host.name}")
+    return dom
+
+
+def remove_everywhere(hosts: Any, conns: dict[str, Any], name: str) -> None:
+    import libvirt
+
+    for host in hosts.hosts:
+        conn = conns[host.name]
+        with contextlib.suppress(libvirt.libvirtError):
+            dom = conn.lookupByName(name)
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.undefine()
+        with contextlib.suppress(FileNotFoundError):
+            host.path(host.image_path(f"{name}.qcow2")).unlink()
+
+
+def holds(host: Any, conn: Any, name: str) -> tuple[bool, bool]:
+    """(domain defined, disk image present) on ``host``."""
+    import libvirt
+
+    try:
+        conn.lookupByName(name)
+        has_dom = True
+    except libvirt.libvirtError:
+        has_dom = False
+    return has_dom, host.path(host.image_path(f"{name}.qcow2")).exists()
+
+
+# --- one run ------------------------------------------------------------------------------------------------
+
+
+def migrate_once(
+    hosts: Any, conns: dict[str, Any], workload: Workload, pol: PolicySpec, timeout_s: float
+) -> RunResult:
+    import libvirt
+
+    from host_engine.controller import ControllerConfig
+    from host_engine.drivers.base import MigrationSpec
+    from host_engine.drivers.libvirt import LibvirtMigration
+    from host_engine.executor import Outcome, RealClock, run_migration
+    from tests.libvirt_harness.guest import GuestSpec
+
+    src, dst = hosts.source, hosts.target
+    guest = GuestSpec(**workload.guest)
+    name = "b-" + "".join(c for c in f"{workload.name}-{pol.name}" if c.isalnum() or c == "-")[:40]
+    remove_everywhere(hosts, conns, name)
+    sdom = start_guest(src, conns[src.name], name, guest)
+    xml_before = sdom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    spec = MigrationSpec(
+        migration_id=f"bench-{name}",
+        droplet_id=name,
+        source_host=src.name,
+        target_host=dst.name,
+        source_uri=src.uri,
+        target_uri=dst.uri,
+        vcpus=1,
+        memory_bytes=guest.memory_mib * MiB,
+        disk_bytes=guest.disk_mib * MiB,
+        options={
+            "peer_uri": dst.peer_uri,
+            "bandwidth_mibps": str(workload.cap_mibps),
+            "auto_converge": pol.auto_converge,
+        },
+    )
+
+    started = time.monotonic()
+    series: list[tuple[float, int]] = []
+    samples: list[tuple[float, int]] = []
+
+    def watch(_p: Any) -> None:
+        # QEMU's own throttle figure, whichever policy set it; jobStats is a query, allowed during the job.
+        pct = 0
+        with contextlib.suppress(libvirt.libvirtError):
+            pct = int(sdom.jobStats().get("auto_converge_throttle", 0))
+        t = time.monotonic() - started
+        samples.append((t, pct))
+        if not series or series[-1][1] != pct:
+            series.append((round(t, 1), pct))
+
+    def bench_timeout() -> str | None:
+        if time.monotonic() - started >= timeout_s:
+            return f"bench timeout {timeout_s:.0f} s"
+        return None
+
+    driver = LibvirtMigration(spec)
+    try:
+        result = run_migration(
+            driver,
+            ControllerConfig(),
+            RealClock(),
+            tick_s=TICK_S,
+            on_progress=watch,
+            should_abort=bench_timeout,
+            policy=pol.policy,
+        )
+    finally:
+        driver.close()
+    throttle_pct_s = sum(pct * (t1 - t0) for (t0, pct), (t1, _) in itertools.pairwise(samples))
+
+    if result.outcome is Outcome.COMPLETED:
+        outcome = "completed"
+    elif result.outcome is Outcome.ABORTED and result.abort_reason is None:
+        outcome = f"not converged (aborted at {timeout_s:.0f} s)"
+    elif result.outcome is Outcome.ABORTED:
+        outcome = f"aborted by the controller: {result.abort_reason.value if result.abort_reason else '?'}"
+    else:
+        outcome = f"failed: {result.reason}"
+
+    notes: list[str] = []
+    source_untouched: bool | None = None
+    if result.converged:
+        runs_on, there, other = "target", dst, src
+    else:
+        runs_on, there, other = "source", src, dst
+    try:
+        dom = conns[there.name].lookupByName(name)
+        running = dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        runs = running and counter_advances(dom)
+        if not result.converged:
+            source_untouched = (
+                runs
+                and dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == xml_before
+                and dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+            )
+    except libvirt.libvirtError as e:
+        runs = False
+        notes.append(f"{there.name}: {e}")
+    left_dom, left_disk = holds(other, conns[other.name], name)
+    if left_dom or left_disk:
+        notes.append(
+            f"{other.name} still holds {'the domain ' if left_dom else ''}{'the disk' if left_disk else ''}"
+        )
+    remove_everywhere(hosts, conns, name)
+    return RunResult(
+        workload=workload.name,
+        policy=pol.name,
+        cap_mibps=workload.cap_mibps,
+        outcome=outcome,
+        converged=result.converged,
+        downtime_ms=result.downtime_ms,
+        duration_s=round(result.duration_s, 2),
+        bytes_transferred=result.bytes_transferred,
+        rounds=result.rounds,
+        throttle_max_pct=max((p for _, p in samples), default=0),
+        throttle_pct_s=round(throttle_pct_s, 1),
+        throttle_series=series,
+        disk_limit_s=round(result.disk_limit_s, 1),
+        guest_runs_after=runs,
+        runs_on=runs_on,
+        source_untouched=source_untouched,
+        target_clean=not (left_dom or left_disk),
+        notes=notes,
+    )
+
+
+# --- output -------------------------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _throttle(r: RunResult) -> str:
+    if r.throttle_max_pct == 0:
+        return "0"
+    steps = [f"{p} % @{t:.0f} s" for t, p in r.throttle_series if p]
+    if len(steps) > 4:
+        steps = [*steps[:2], "…", steps[-1]]
+    return f"max {r.throttle_max_pct} %, {r.throttle_pct_s:,.0f} %·s ({', '.join(steps)})"
+
+
+def _after(r: RunResult) -> str:
+    where = f"runs on {r.runs_on}" if r.guest_runs_after else f"NOT running on {r.runs_on}"
+    if r.source_untouched is not None:
+        where += ", source untouched" if r.source_untouched else ", source CHANGED"
+    where += "" if r.target_clean else ", leftover on the other host"
+    return where
+
+
+def markdown(results: list[RunResult]) -> str:
+    lines = [
+        "| workload (cap) | policy | outcome | downtime ms | total s | sent MiB | rounds "
+        "| auto-converge throttle (QEMU) | disk limit s | guest after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.workload} ({r.cap_mibps} MiB/s) | {r.policy} | {r.outcome} | {_fmt(r.downtime_ms, '.0f')} "
+            f"| {r.duration_s:.1f} | {r.bytes_transferred / MiB:,.0f} | {r.rounds} | {_throttle(r)} "
+            f"| {r.disk_limit_s:.1f} | {_after(r)} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = ""
+    with contextlib.suppress(Exception):
+        import libvirt
+
+        conn = libvirt.open("test:///default")
+        lib = conn.getLibVersion()
+        conn.close()
+        versions = f"libvirt {lib // 1_000_000}.{lib // 1000 % 1000}.{lib % 1000}"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["qemu-system-x86_64", "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.split()
+        versions += f", QEMU {out[3]}" if len(out) > 3 else ""
+    return (
+        f"{os.cpu_count()} vCPUs ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, "
+        f"{versions}, TCG guests, load average {os.getloadavg()[0]:.1f} at the start"
+    )
+
+
+def namespace_pids(netns: list[str]) -> list[int]:
+    """Every process in the harness's network namespaces (libvirtd, QEMU)."""
+    pids: list[int] = []
+    for ns in netns:
+        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout
+        pids += [int(p) for p in out.split() if p.isdigit()]
+    return pids
+
+
+def teardown_check(netns: list[str], root: Path | None, pids: list[int]) -> list[str]:
+    """What the harness left behind: its namespaces, its directory, or a process that ran in them."""
+    left = []
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    left += [ns for ns in netns if any(line.split()[:1] == [ns] for line in listed.splitlines())]
+    if root is not None and root.exists():
+        left.append(str(root))
+    left += [f"pid {pid}" for pid in pids if Path(f"/proc/{pid}").exists()]
+    return left
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"per-migration bound in s (default {DEFAULT_TIMEOUT_S:.0f})",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"bound every migration at {QUICK_TIMEOUT_S:.0f} s instead (about half the wall time)",
+    )
+    parser.add_argument(
+        "--workload",
+        action="append",
+        choices=[w.name for w in WORKLOADS],
+        help="only this workload (repeatable)",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write every run's numbers here")
+    args = parser.parse_args(argv)
+
+    missing = missing_prerequisites()
+    if missing:
+        print(f"libvirt_migration: skipped (needs {', '.join(missing)})")
+        return 0
+    timeout_s = args.timeout or (QUICK_TIMEOUT_S if args.quick else DEFAULT_TIMEOUT_S)
+    workloads = [w for w in WORKLOADS if not args.workload or w.name in args.workload]
+
+    import libvirt
+
+    from host_engine.drivers import libvirt as driver_module
+    from tests.libvirt_harness.guest import GuestSpec
+    from tests.libvirt_harness.hosts import TwoHosts
+
+    about = machine()
+    started_at = datetime.now(UTC)
+    t0 = time.monotonic()
+    driver_module._EventLoop.ensure()  # libvirt's event loop must exist before the first connection
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    results: list[RunResult] = []
+    netns: list[str] = []
+    root: Path | None = None
+    pids: list[int] = []
+    with TwoHosts() as hosts:
+        netns = [h.netns for h in hosts.hosts]
+        root = hosts.root
+        conns = {h.name: libvirt.open(h.uri) for h in hosts.hosts}
+        try:
+            # Warm-up: the first QEMU start on each host probes capabilities (seconds); not in any run.
+            warm = GuestSpec(mem_kib=0, disk_sectors=0, paced=True, disk_mib=8)
+            for host in hosts.hosts:
+                start_guest(host, conns[host.name], "b-warmup", warm)
+                remove_everywhere(hosts, conns, "b-warmup")
+            print(f"# {about}; harness up in {time.monotonic() - t0:.1f} s", flush=True)
+            for workload in workloads:
+                for pol in POLICIES:
+                    r = migrate_once(hosts, conns, workload, pol, timeout_s)
+                    results.append(r)
+                    print(
+                        f"{workload.name:>20} | {pol.name:<16} | {r.outcome}, downtime "
+                        f"{_fmt(r.downtime_ms, '.0f')} ms, {r.duration_s:.1f} s, "
+                        f"{r.bytes_transferred / MiB:,.0f} MiB, {r.rounds} rounds, {_throttle(r)}, "
+                        f"disk limit {r.disk_limit_s:.1f} s; {_after(r)} {'; '.join(r.notes)}",
+                        flush=True,
+                    )
+        finally:
+            pids = namespace_pids(netns)
+            for conn in conns.values():
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+    left = teardown_check(netns, root, pids)
+    wall_s = time.monotonic() - t0
+    print()
+    print(
+        f"# {started_at:%Y-%m-%d %H:%M} UTC, {wall_s:.0f} s wall, per-migration bound {timeout_s:.0f} s; "
+        f"load average {os.getloadavg()[0]:.1f} at the end; "
+        f"teardown: {'clean' if not left else 'LEFT ' + ', '.join(left)} ({len(pids)} processes stopped)"
+    )
+    print(markdown(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "started_at": started_at.isoformat(timespec="seconds"),
+                    "machine": about,
+                    "wall_s": round(wall_s, 1),
+                    "load_average_end": round(os.getloadavg()[0], 2),
+                    "timeout_s": timeout_s,
+                    "teardown_clean": not left,
+                    "runs": [asdict(r) for r in results],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 1 if left else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
