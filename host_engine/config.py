@@ -38,6 +38,18 @@ Built once at the entry point into a frozen :class:`EngineConfig` and passed dow
     [notifier]
     timeout = "5s"
     attempts = 4
+
+    [metadata]
+    ca_file = "/etc/host-engine/metadata-ca.pem"  # PEM bundle the admin listeners' certificates chain to
+
+    [controller]
+    max_downtime_ms = 300                       # the downtime budget (sim and libvirt), 10..10000
+
+    [libvirt]                                   # only with driver = "libvirt"
+    bandwidth_mibps = 0                         # migration bandwidth cap, MiB/s; 0: no cap
+    tls = false                                 # VIR_MIGRATE_TLS: encrypt the memory stream and disk mirror
+    [libvirt.peer_uris]                         # host -> URI the other hosts' daemons reach it under
+    hv2 = "qemu+tls://hv2.migration.example/system"
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from host_engine.controller import ControllerConfig
 from host_engine.errors import ConfigError, InvalidInput
 from host_engine.timeparse import parse_duration
 from host_engine.units import parse_size
@@ -62,6 +75,23 @@ DRIVERS = ("sim", "libvirt")
 # The simulated hypervisor by default: a fresh install (and the demo, the tests) runs end to end without
 # libvirt; a fleet says ``driver = "libvirt"`` once, in its config file.
 DEFAULT_DRIVER = "sim"
+# [controller] max_downtime_ms bounds: below 10 ms no switchover of a running guest fits (the pages dirtied
+# while QEMU stops the vCPUs alone take longer), above 10 s a "live" migration is an outage.
+MAX_DOWNTIME_MS_RANGE = (10, 10_000)
+# [libvirt] bandwidth_mibps: 0 = no cap (libvirt's own default), the default. docs/libvirt.md measured why a
+# cap should not be the default: what converges is what a guest re-dirties within bandwidth x downtime
+# budget, and a guest rewriting 48 MiB converged in 2-4 rounds (30-60 ms downtime) uncapped but never at a
+# 32 MiB/s cap (aborted as stalled, 0.5-1.5 GB sent for nothing). A cap is for sharing a link with other
+# traffic; [concurrency] max_per_source already bounds how many migrations share a source's NIC.
+DEFAULT_BANDWIDTH_MIBPS = 0
+MAX_BANDWIDTH_MIBPS = 1_000_000  # ~1 TiB/s: anything above is a typo (bytes for MiB)
+# [libvirt] tls: off by default. VIR_MIGRATE_TLS makes QEMU encrypt the memory stream and the NBD disk
+# mirror, but every hypervisor's libvirtd then needs server AND client certificates for QEMU
+# (/etc/pki/qemu: ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem, or
+# migrate_tls_x509_cert_dir in qemu.conf), and libvirt refuses the migration where they are missing. Those
+# certificates are the fleet's to provision (the test harness has none); without TLS, keep the migration
+# ports on a private network.
+DEFAULT_MIGRATION_TLS = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +137,27 @@ class EngineLoopConfig:
     notifier_timeout_s: float = 5.0
     notifier_attempts: int = 4
     driver: str = DEFAULT_DRIVER
+    # [metadata] ca_file: the PEM bundle the admin API client verifies the servers' certificates with
+    # ("": the CA bundle of the engine's Python environment, certifi's).
+    metadata_ca_file: str = ""
+
+
+@dataclass(frozen=True)
+class LibvirtConfig:
+    """``[libvirt]``: what ``host-engine run --driver libvirt`` hands to ``LibvirtHypervisor``."""
+
+    bandwidth_mibps: int = DEFAULT_BANDWIDTH_MIBPS
+    tls: bool = DEFAULT_MIGRATION_TLS
+    peer_uris: Mapping[str, str] = field(default_factory=dict)
+
+    def options(self) -> dict[str, str]:
+        """``LibvirtHypervisor(options=...)``: applied to every migration."""
+        options: dict[str, str] = {}
+        if self.bandwidth_mibps:
+            options["bandwidth_mibps"] = str(self.bandwidth_mibps)
+        if self.tls:
+            options["tls"] = "1"
+        return options
 
 
 @dataclass(frozen=True)
@@ -115,6 +166,8 @@ class EngineConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineLoopConfig = field(default_factory=EngineLoopConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     source: str = "defaults"
 
     @property
@@ -131,6 +184,9 @@ _KNOWN: dict[str, set[str]] = {
     "schedule": {"bandwidth", "slot_overhead", "max_attempts"},
     "engine": {"poll_interval", "late_notice_grace", "worker", "driver"},
     "notifier": {"timeout", "attempts"},
+    "metadata": {"ca_file"},
+    "controller": {"max_downtime_ms"},
+    "libvirt": {"bandwidth_mibps", "tls", "peer_uris"},
 }
 
 
@@ -231,7 +287,13 @@ def config_from_dict(doc: Mapping[str, Any], *, source: str = "dict") -> EngineC
             raise ConfigError(f"config: unknown key [{section}] {sorted(unknown)[0]}")
     db = _get(doc, "store", "url", str) or ""
     return EngineConfig(
-        db=db, placement=_placement(doc), schedule=_schedule(doc), engine=_engine(doc), source=source
+        db=db,
+        placement=_placement(doc),
+        schedule=_schedule(doc),
+        engine=_engine(doc),
+        controller=_controller(doc),
+        libvirt=_libvirt(doc),
+        source=source,
     )
 
 
@@ -316,4 +378,48 @@ def _engine(doc: Mapping[str, Any]) -> EngineLoopConfig:
     at = _get(doc, "notifier", "attempts", int)
     if at is not None:
         eng = replace(eng, notifier_attempts=int(_positive("notifier", "attempts", at)))
+    ca = _get(doc, "metadata", "ca_file", str)
+    if ca is not None:
+        if not ca.strip():
+            raise ConfigError("config [metadata] ca_file: must be a path to a PEM file, got an empty string")
+        # Read when the engine starts (host_engine.reconcile.check_ca_file): a missing file fails there.
+        eng = replace(eng, metadata_ca_file=os.path.expanduser(ca.strip()))
     return eng
+
+
+def _controller(doc: Mapping[str, Any]) -> ControllerConfig:
+    ctl = ControllerConfig()
+    md = _get(doc, "controller", "max_downtime_ms", int)
+    if md is not None:
+        low, high = MAX_DOWNTIME_MS_RANGE
+        if not low <= md <= high:
+            raise ConfigError(f"config [controller] max_downtime_ms: must be within {low}..{high}, got {md}")
+        ctl = replace(ctl, max_downtime_ms=md)
+    return ctl
+
+
+def _libvirt(doc: Mapping[str, Any]) -> LibvirtConfig:
+    lc = LibvirtConfig()
+    bw = _get(doc, "libvirt", "bandwidth_mibps", int)
+    if bw is not None:
+        if not 0 <= bw <= MAX_BANDWIDTH_MIBPS:
+            raise ConfigError(
+                f"config [libvirt] bandwidth_mibps: must be within 0..{MAX_BANDWIDTH_MIBPS} "
+                f"(MiB/s; 0 = no cap), got {bw}"
+            )
+        lc = replace(lc, bandwidth_mibps=bw)
+    tls = _get(doc, "libvirt", "tls", bool)
+    if tls is not None:
+        lc = replace(lc, tls=tls)
+    peers = _get(doc, "libvirt", "peer_uris", dict)
+    if peers is not None:
+        checked: dict[str, str] = {}
+        for host, uri in peers.items():
+            if not isinstance(uri, str) or "://" not in uri or not uri.split("://", 1)[0]:
+                raise ConfigError(
+                    f"config [libvirt] peer_uris.{host}: expected a libvirt URI such as "
+                    f"qemu+tls://{host}.migration.example/system, got {uri!r}"
+                )
+            checked[str(host)] = uri
+        lc = replace(lc, peer_uris=checked)
+    return lc

@@ -1168,13 +1168,16 @@ def executor_step(
     """What ``host-engine run`` adds to the engine loop (``Engine(..., steps=[executor_step(...)])``).
 
     ``driver`` is ``"sim"`` (the simulated datacenter kept in the store, following wall time x ``sim_speed``)
-    or ``"libvirt"`` (each host's ``hypervisor_uri``). Either way retries pick another target through the
-    placement filters and weighers, and the controller ticks once per engine poll. ``only`` restricts the
-    executor to those migration ids; ``monotonic`` is the wall clock the sim follows (tests inject one).
+    or ``"libvirt"`` (each host's ``hypervisor_uri``; ``config.libvirt``'s bandwidth cap, TLS and peer URIs).
+    Both run under ``config.controller`` (the downtime budget). Either way retries pick another target
+    through the placement filters and weighers, and the controller ticks once per engine poll. ``only``
+    restricts the executor to those migration ids; ``monotonic`` is the wall clock the sim follows (tests
+    inject one).
     """
     exec_config = ExecutorConfig(
         worker=config.worker_id,
         tick_s=config.engine.poll_interval_s,
+        controller=config.controller,  # [controller]: the downtime budget, for either driver
         only=None if only is None else frozenset(only),
     )
     chooser = placement_chooser(store, config.placement)
@@ -1192,9 +1195,12 @@ def executor_step(
         from host_engine.drivers.libvirt import LibvirtHypervisor
 
         uris = {h.name: h.hypervisor_uri for h in store.list_hosts()}
+        lv = config.libvirt
+        for name in sorted(set(lv.peer_uris) - set(uris)):
+            log.warning("[libvirt] peer_uris.%s: no such host in the store; ignored", name)
         return Executor(
             store,
-            LibvirtHypervisor(uris),
+            LibvirtHypervisor(uris, peer_uris=lv.peer_uris, options=lv.options()),
             exec_config,
             RealClock(),
             hooks=hooks,

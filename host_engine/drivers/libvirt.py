@@ -358,6 +358,8 @@ class LibvirtMigration(MigrationDriver):
       ``max_downtime_ms``: the initial downtime limit (default: QEMU's, 300 ms);
       ``auto_converge``: ``controlled`` (default), ``qemu`` or ``off``;
       ``paused``: ``1`` leaves the target paused at switchover (``VIR_MIGRATE_PAUSED``);
+      ``tls``: ``1`` asks QEMU to encrypt the memory stream and the disk mirror (``VIR_MIGRATE_TLS``; both
+      daemons need QEMU's migration certificates, else libvirt refuses the migration);
       ``keep_source_disks``: ``1`` keeps the source's disk files after success.
     """
 
@@ -382,6 +384,10 @@ class LibvirtMigration(MigrationDriver):
                 f"options.auto_converge must be controlled, qemu or off, not {self.auto_converge!r}"
             )
         self.target_paused = opts.get("paused") == "1"
+        tls = opts.get("tls", "0")
+        if tls not in ("0", "1"):
+            raise DriverError(f"options.tls must be 0 or 1, not {tls!r}")
+        self.tls = tls == "1"
         self.keep_source_disks = opts.get("keep_source_disks") == "1"
         self._max_downtime_ms: int | None = (
             _int_option(opts, "max_downtime_ms", 0) if "max_downtime_ms" in opts else None
@@ -575,6 +581,8 @@ class LibvirtMigration(MigrationDriver):
             params[lv.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = 1
         if self.target_paused or self.spec.offline:
             flags |= lv.VIR_MIGRATE_PAUSED
+        if self.tls:
+            flags |= lv.VIR_MIGRATE_TLS
         self._started_at = self._clock()
         self._thread = threading.Thread(
             target=self._migrate,

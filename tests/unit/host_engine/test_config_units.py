@@ -101,6 +101,26 @@ def test_config_defaults_and_file(tmp_path: Path) -> None:
         ({"placement": {"anti_affinity": "yes"}}, "expected bool"),
         ({"schedule": {"bandwidth": "fast"}}, "malformed size"),
         ({"overcommit": 3}, "must be a table"),
+        (
+            {"controller": {"max_downtime_ms": 5}},
+            r"\[controller\] max_downtime_ms: must be within 10\.\.10000",
+        ),
+        ({"controller": {"max_downtime_ms": 10_001}}, r"\[controller\] max_downtime_ms"),
+        ({"controller": {"max_downtime_ms": "300ms"}}, r"\[controller\] max_downtime_ms: expected int"),
+        ({"controller": {"switchover_safety": 1}}, r"unknown key \[controller\] switchover_safety"),
+        ({"libvirt": {"bandwidth_mibps": -1}}, r"\[libvirt\] bandwidth_mibps: must be within 0\.\."),
+        ({"libvirt": {"bandwidth_mibps": 2_000_000}}, r"\[libvirt\] bandwidth_mibps"),
+        ({"libvirt": {"bandwidth_mibps": 1.5}}, r"\[libvirt\] bandwidth_mibps: expected int"),
+        ({"libvirt": {"tls": "yes"}}, r"\[libvirt\] tls: expected bool"),
+        ({"libvirt": {"peer_uris": "qemu+tls://x/system"}}, r"\[libvirt\] peer_uris: expected dict"),
+        (
+            {"libvirt": {"peer_uris": {"hv2": "hv2.example"}}},
+            r"\[libvirt\] peer_uris\.hv2: expected a libvirt URI",
+        ),
+        ({"libvirt": {"peer_uris": {"hv2": 7}}}, r"\[libvirt\] peer_uris\.hv2"),
+        ({"libvirt": {"cap": 1}}, r"unknown key \[libvirt\] cap"),
+        ({"metadata": {"ca_file": ""}}, r"\[metadata\] ca_file: must be a path"),
+        ({"metadata": {"ca_file": 1}}, r"\[metadata\] ca_file: expected str"),
     ],
 )
 def test_config_refuses_bad_values(doc: dict[str, object], message: str) -> None:
@@ -113,3 +133,42 @@ def test_config_overrides_merge() -> None:
     assert doc == {"overcommit": {"vcpu": 2.0, "memory": 1.5}, "notice": {"default": "15m"}}
     with pytest.raises(ConfigError):
         apply_overrides({}, ["novalue"])
+
+
+def test_config_libvirt_controller_and_metadata_sections(tmp_path: Path) -> None:
+    d = EngineConfig()
+    assert d.controller.max_downtime_ms == 300
+    assert (d.libvirt.bandwidth_mibps, d.libvirt.tls, dict(d.libvirt.peer_uris)) == (0, False, {})
+    assert d.libvirt.options() == {}  # no cap, no TLS: libvirt's defaults
+    assert d.engine.metadata_ca_file == ""
+    f = tmp_path / "c.toml"
+    f.write_text(
+        "[controller]\nmax_downtime_ms = 150\n"
+        "[libvirt]\nbandwidth_mibps = 400\ntls = true\n"
+        '[libvirt.peer_uris]\nhv2 = "qemu+tls://hv2.migration.example/system"\n'
+        '[metadata]\nca_file = "/etc/host-engine/ca.pem"\n'
+    )
+    c = load_config(f)
+    assert c.controller.max_downtime_ms == 150
+    assert c.libvirt.options() == {"bandwidth_mibps": "400", "tls": "1"}
+    assert dict(c.libvirt.peer_uris) == {"hv2": "qemu+tls://hv2.migration.example/system"}
+    assert c.engine.metadata_ca_file == "/etc/host-engine/ca.pem"
+    c = load_config(
+        f,
+        overrides=[
+            "controller.max_downtime_ms=10",
+            "libvirt.bandwidth_mibps=0",
+            "libvirt.tls=false",
+            "libvirt.peer_uris.hv3=qemu+ssh://root@hv3/system",
+            "metadata.ca_file=~/ca.pem",
+        ],
+    )
+    assert c.controller.max_downtime_ms == 10
+    assert c.libvirt.options() == {}
+    assert dict(c.libvirt.peer_uris) == {
+        "hv2": "qemu+tls://hv2.migration.example/system",
+        "hv3": "qemu+ssh://root@hv3/system",
+    }
+    assert c.engine.metadata_ca_file == str(Path("~/ca.pem").expanduser())
+    with pytest.raises(ConfigError, match=r"\[controller\] max_downtime_ms"):
+        load_config(overrides=["controller.max_downtime_ms=20000"])

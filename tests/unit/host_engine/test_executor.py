@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from host_engine.config import EngineConfig, EngineLoopConfig, PlacementConfig
+from host_engine.config import EngineConfig, EngineLoopConfig, PlacementConfig, config_from_dict
 from host_engine.controller import GiB
 from host_engine.drivers.base import DomainState, Phase
 from host_engine.drivers.sim import (
@@ -532,5 +532,20 @@ def test_executor_step_builds_the_engine_loop_step_for_each_driver(env: Env) -> 
     assert set(sim_step.world.hosts) == {"a", "b", "c"}
     libvirt_step = executor_step(env.store, config, driver="libvirt")
     assert isinstance(libvirt_step, Executor)
+    assert libvirt_step.hypervisor.options == {} and libvirt_step.hypervisor.peer_uris == {}
+    # [controller] and [libvirt] reach the controller (both drivers) and the libvirt hypervisor.
+    config = config_from_dict(
+        {
+            "engine": {"worker": "w9"},
+            "controller": {"max_downtime_ms": 120},
+            "libvirt": {"bandwidth_mibps": 64, "tls": True, "peer_uris": {"b": "qemu+tls://b.mig/system"}},
+        }
+    )
+    sim_step = executor_step(env.store, config, driver="sim")
+    assert sim_step.executor.config.controller.max_downtime_ms == 120
+    libvirt_step = executor_step(env.store, config, driver="libvirt")
+    assert libvirt_step.config.controller.max_downtime_ms == 120
+    assert libvirt_step.hypervisor.options == {"bandwidth_mibps": "64", "tls": "1"}
+    assert libvirt_step.hypervisor.peer_uris == {"b": "qemu+tls://b.mig/system"}
     with pytest.raises(InvalidInput, match="driver"):
         executor_step(env.store, config, driver="xen")

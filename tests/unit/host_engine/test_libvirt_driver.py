@@ -6,6 +6,7 @@ removed, clean-up on abort). The migration itself needs real daemons: tests/inte
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,8 @@ def test_libvirt_migration_options_are_checked(source_uri: str, target_uri: str)
 
     with pytest.raises(DriverError, match="auto_converge"):
         LibvirtMigration(spec(source_uri, target_uri, options={"auto_converge": "sometimes"}))
+    with pytest.raises(DriverError, match=r"options\.tls"):
+        LibvirtMigration(spec(source_uri, target_uri, options={"tls": "yes"}))
     hv = LibvirtHypervisor({"a": source_uri, "b": target_uri}, options={"bandwidth_mibps": "64"})
     mig = hv.migration(spec(source_uri, target_uri, options={"paused": "1"}))
     assert isinstance(mig, MigrationDriver)
@@ -289,3 +292,67 @@ def test_libvirt_recover_after_switchover_keeps_the_target(
     assert "web1" not in [d.name() for d in shared(source_uri).listAllDomains(0)]
     assert target_copy.isActive()
     assert hv.recover(spec(source_uri, target_uri)) == "b"  # idempotent
+
+
+def test_libvirt_config_reaches_migrate_to_uri3(
+    source_uri: str, target_uri: str, shared: Callable[[str], Any], lv: Any
+) -> None:
+    """[libvirt] bandwidth_mibps / tls / peer_uris and [controller] max_downtime_ms, as the engine builds the
+    hypervisor (host_engine.executor.executor_step): the params, flags and peer URI migrateToURI3 gets."""
+    from host_engine.config import config_from_dict
+    from host_engine.drivers.libvirt import LibvirtHypervisor
+
+    config = config_from_dict(
+        {
+            "controller": {"max_downtime_ms": 120},
+            "libvirt": {
+                "bandwidth_mibps": 100,
+                "tls": True,
+                "peer_uris": {"b": "qemu+tls://b.migration.example/system"},
+            },
+        }
+    )
+    hv = LibvirtHypervisor(
+        {"a": source_uri, "b": target_uri},
+        peer_uris=config.libvirt.peer_uris,
+        options=config.libvirt.options(),
+        open_connection=shared,
+    )
+    calls: list[tuple[str, dict[str, Any], int]] = []
+    downtimes: list[int] = []
+
+    def started() -> tuple[str, dict[str, Any], int]:
+        mig = hv.migration(spec(source_uri, target_uri))
+        mig.prepare_target()
+        # The test driver gives no device aliases (QEMU does): name them as QEMU would.
+        mig._disks = [dataclasses.replace(d, alias=f"virtio-disk{i}") for i, d in enumerate(mig._disks)]
+        dom = mig._dom
+
+        def migrate(uri: str, params: dict[str, Any], flags: int) -> None:
+            calls.append((uri, dict(params), flags))
+            raise lv.libvirtError("recorded, not migrated")  # the test driver cannot migrate
+
+        dom.migrateToURI3 = migrate
+        dom.migrateSetMaxDowntime = lambda ms, _flags: downtimes.append(ms)
+        mig.set_max_downtime(config.controller.max_downtime_ms)  # what MigrationRun.begin does
+        mig.start()
+        mig._thread.join(5)
+        mig.finalize(False)  # the target's disks go again
+        return calls[-1]
+
+    uri, params, flags = started()
+    assert uri == "qemu+tls://b.migration.example/system"
+    assert params[lv.VIR_MIGRATE_PARAM_BANDWIDTH] == 100
+    assert flags & lv.VIR_MIGRATE_TLS
+    base = lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER | lv.VIR_MIGRATE_NON_SHARED_DISK
+    assert flags & base == base
+    assert downtimes == [120]
+
+    # The defaults: no cap (no bandwidth parameter), no TLS, the engine's own URI for the peer.
+    hv = LibvirtHypervisor({"a": source_uri, "b": target_uri}, open_connection=shared)
+    config = config_from_dict({})
+    uri, params, flags = started()
+    assert uri == target_uri
+    assert lv.VIR_MIGRATE_PARAM_BANDWIDTH not in params
+    assert not flags & lv.VIR_MIGRATE_TLS
+    assert config.controller.max_downtime_ms == 300 and downtimes[-1] == 300
