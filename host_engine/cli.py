@@ -1029,7 +1029,10 @@ def cancel(deps: Deps, migration_id: str | None, host_name: str | None, reason: 
 def _client_factory(deps: Deps) -> ClientFactory:
     e = deps.config.engine
     return default_client_factory(
-        timeout_s=e.notifier_timeout_s, attempts=e.notifier_attempts, sleep=deps.sleep
+        timeout_s=e.notifier_timeout_s,
+        attempts=e.notifier_attempts,
+        sleep=deps.sleep,
+        ca_file=e.metadata_ca_file,
     )
 
 

@@ -5,12 +5,15 @@ follows redirects, and retries with jittered exponential back-off (tenacity) onl
 connection errors, timeouts, ``429`` and ``5xx``. Every call is idempotent (``PUT`` a whole record, ``DELETE``
 that treats ``404`` as done), so a retry after a lost answer changes nothing. Any other ``4xx`` is a
 :class:`NotifierError` at once; running out of retries is :class:`AdminAPIUnavailable` (a ``TransientError``).
-The token is never logged.
+The token is never logged. The servers' certificates are checked against ``ca_file`` (``[metadata] ca_file``:
+a private CA's PEM bundle) or, without it, the CA bundle of the engine's Python environment (certifi's); the
+environment (``REQUESTS_CA_BUNDLE``, proxies) is ignored either way.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -49,6 +52,21 @@ def read_token_file(path: str | Path) -> str:
     return token
 
 
+def check_ca_file(path: str | Path) -> str:
+    """``path`` if it is a readable PEM bundle with at least one certificate, else one ``ConfigError``
+    naming ``[metadata] ca_file`` (checked when the engine starts, not at the first notice)."""
+    try:
+        Path(path).read_bytes()
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as e:  # an OSError too: first
+        raise ConfigError(
+            f"config [metadata] ca_file: {path} holds no usable PEM CA certificate ({e.reason or e})"
+        ) from e
+    except OSError as e:
+        raise ConfigError(f"config [metadata] ca_file: cannot read {path}: {e.strerror or e}") from e
+    return str(path)
+
+
 class AdminClient:
     """A client for one metadata server's admin listener. Use as a context manager (it owns a session)."""
 
@@ -61,7 +79,9 @@ class AdminClient:
         attempts: int = DEFAULT_ATTEMPTS,
         sleep: Callable[[float], None] | None = None,
         session: requests.Session | None = None,
+        ca_file: str | None = None,
     ) -> None:
+        """``ca_file``: the PEM bundle to verify the server's certificate with (default: certifi's)."""
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"metadata server URL must start with http:// or https://, got {base_url!r}")
         self.base_url = base_url.rstrip("/")
@@ -71,6 +91,8 @@ class AdminClient:
         self._sleep = sleep
         self.session = session or requests.Session()
         self.session.trust_env = False  # no proxies from the environment on the management network
+        if ca_file:
+            self.session.verify = check_ca_file(ca_file)
 
     def __enter__(self) -> AdminClient:
         return self

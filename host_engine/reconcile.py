@@ -27,7 +27,7 @@ from typing import Any
 
 from host_engine.errors import HostEngineError, NotifierError, TransientError
 from host_engine.models import Droplet, Host, Migration
-from host_engine.notifier import AdminClient, read_token_file
+from host_engine.notifier import AdminClient, check_ca_file, read_token_file
 from host_engine.states import ACTIVE_STATES, GuestEvent, MigrationState, guest_event
 from host_engine.store import Store
 from host_engine.timeparse import format_time
@@ -38,13 +38,29 @@ ClientFactory = Callable[[Host], AdminClient]
 
 
 def default_client_factory(
-    *, timeout_s: float = 5.0, attempts: int = 4, sleep: Callable[[float], None] | None = None
+    *,
+    timeout_s: float = 5.0,
+    attempts: int = 4,
+    sleep: Callable[[float], None] | None = None,
+    ca_file: str = "",
 ) -> ClientFactory:
+    """Clients for the hosts' metadata servers. ``ca_file`` (``[metadata] ca_file``) is checked here, once,
+    so that a missing or unreadable bundle stops the engine at start-up (``ConfigError``)."""
+    if ca_file:
+        check_ca_file(ca_file)
+
     def make(host: Host) -> AdminClient:
         if not host.metadata_url:
             raise NotifierError(f"host {host.name} has no metadata server URL (host add --metadata-url)")
         token = read_token_file(host.metadata_token_file) if host.metadata_token_file else ""
-        return AdminClient(host.metadata_url, token, timeout_s=timeout_s, attempts=attempts, sleep=sleep)
+        return AdminClient(
+            host.metadata_url,
+            token,
+            timeout_s=timeout_s,
+            attempts=attempts,
+            sleep=sleep,
+            ca_file=ca_file or None,
+        )
 
     return make
 

@@ -160,6 +160,24 @@ MIGRATE_BAD = [
     ("bad run driver", ["run", "--driver", "xen", "--max-ticks", "1"], 2, "Invalid value for '--driver'"),
     ("bad config driver", ["--set", "engine.driver=xen", "run", "--max-ticks", "1"], 6, "[engine] driver"),
     (
+        "downtime budget too small",
+        ["--set", "controller.max_downtime_ms=1", "run", "--max-ticks", "1"],
+        6,
+        "[controller] max_downtime_ms: must be within 10..10000",
+    ),
+    (
+        "negative bandwidth cap",
+        ["--set", "libvirt.bandwidth_mibps=-5", "run", "--driver", "libvirt", "--max-ticks", "1"],
+        6,
+        "[libvirt] bandwidth_mibps",
+    ),
+    (
+        "bad peer uri",
+        ["--set", "libvirt.peer_uris.hv2=hv2", "migrate", "web1", "--now", "--unsafe-short-notice"],
+        6,
+        "[libvirt] peer_uris.hv2: expected a libvirt URI",
+    ),
+    (
         "bad metrics listen",
         ["run", "--metrics-listen", "here:port", "--max-ticks", "1"],
         2,
@@ -176,6 +194,35 @@ def test_bad_input_is_one_line_nonzero_and_changes_nothing(
     one_error(invoke(db, clock, *args), code, message)
     assert snapshot(db) == before
     assert admin.calls == []
+
+
+def test_run_hands_the_libvirt_and_controller_sections_to_the_executor(
+    db: str, clock: FakeClock, admin: FakeAdmin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run --driver libvirt`` builds LibvirtHypervisor from [libvirt]; both drivers get [controller]."""
+    import host_engine.cli as cli_module
+
+    built: list[Any] = []
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        built.append(executor_step(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(cli_module, "executor_step", capture)
+    settings = [
+        "--set", "controller.max_downtime_ms=80",
+        "--set", "libvirt.bandwidth_mibps=250",
+        "--set", "libvirt.tls=true",
+        "--set", "libvirt.peer_uris.hv2=qemu+tls://hv2.migration.example/system",
+    ]  # fmt: skip
+    ok(db, clock, *settings, "run", "--driver", "libvirt", "--max-ticks", "1")
+    step = built[-1]
+    assert step.config.controller.max_downtime_ms == 80
+    assert step.hypervisor.options == {"bandwidth_mibps": "250", "tls": "1"}
+    assert step.hypervisor.peer_uris == {"hv2": "qemu+tls://hv2.migration.example/system"}
+    ok(db, clock, *settings, "run", "--max-ticks", "1")
+    assert isinstance(built[-1], SimTickStep)
+    assert built[-1].executor.config.controller.max_downtime_ms == 80
 
 
 # ---- abort, status ---------------------------------------------------------------------------------------

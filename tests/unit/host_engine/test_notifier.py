@@ -102,3 +102,22 @@ def test_notifier_token_file(tmp_path: Path) -> None:
 def test_notifier_refuses_non_http_url() -> None:
     with pytest.raises(ConfigError):
         AdminClient("ftp://x", "t")
+
+
+def test_notifier_ca_file_is_checked_once_at_start_up(tmp_path: Path) -> None:
+    """[metadata] ca_file: a missing, unreadable or non-PEM bundle is one ConfigError naming the key, when
+    the client factory is built (the engine's start-up), not at the first notice."""
+    from host_engine.reconcile import default_client_factory
+
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(ConfigError, match=r"config \[metadata\] ca_file: cannot read .*missing\.pem"):
+        default_client_factory(ca_file=str(missing))
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"\[metadata\] ca_file: .*garbage\.pem holds no usable PEM"):
+        default_client_factory(ca_file=str(garbage))
+    with pytest.raises(ConfigError, match=r"\[metadata\] ca_file: cannot read"):
+        default_client_factory(ca_file=str(tmp_path))  # a directory
+    with pytest.raises(ConfigError, match=r"\[metadata\] ca_file"):
+        AdminClient("https://127.0.0.1:1", "t", ca_file=str(missing))
+    assert AdminClient("https://127.0.0.1:1", "t").session.verify is True  # certifi's bundle
