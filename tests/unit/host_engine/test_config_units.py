@@ -172,3 +172,17 @@ def test_config_libvirt_controller_and_metadata_sections(tmp_path: Path) -> None
     assert c.engine.metadata_ca_file == str(Path("~/ca.pem").expanduser())
     with pytest.raises(ConfigError, match=r"\[controller\] max_downtime_ms"):
         load_config(overrides=["controller.max_downtime_ms=20000"])
+
+
+def test_config_reference_in_the_docs_is_a_valid_config() -> None:
+    """The TOML reference in docs/host-engine.md ("Configuration") parses, every key known and in range."""
+    import re
+    import tomllib
+
+    doc = (Path(__file__).parents[3] / "docs" / "host-engine.md").read_text()
+    section = doc.split("## Configuration", 1)[1]
+    block = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert block is not None
+    c = config_from_dict(tomllib.loads(block.group(1)))
+    assert c.controller.max_downtime_ms == 300 and c.libvirt.bandwidth_mibps == 0 and not c.libvirt.tls
+    assert c.engine.metadata_ca_file and "hv2" in c.libvirt.peer_uris
