@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from host_engine.attempt import MigrationResult, MigrationRun, run_concurrently, run_migration
 from host_engine.controller import ControllerConfig, GiB
 from host_engine.drivers.base import MigrationSpec
 from host_engine.drivers.sim import DEFAULT_NIC_BPS, WORKLOADS, SimClock, SimHypervisor, SimWorld, Workload
-from host_engine.executor import MigrationResult, MigrationRun, run_concurrently, run_migration
 
 MEMORY_BYTES = 8 * GiB
 DISK_BYTES = 80 * GiB

@@ -219,10 +219,10 @@ def migrate_once(
 ) -> RunResult:
     import libvirt
 
+    from host_engine.attempt import Outcome, RealClock, run_migration
     from host_engine.controller import ControllerConfig
     from host_engine.drivers.base import MigrationSpec
     from host_engine.drivers.libvirt import LibvirtMigration
-    from host_engine.executor import Outcome, RealClock, run_migration
     from tests.libvirt_harness.guest import GuestSpec
 
     src, dst = hosts.source, hosts.target

@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from host_engine.attempt import MigrationResult, Policy, run_migration
 from host_engine.controller import (
     Abort,
     AbortReason,
@@ -40,7 +41,6 @@ from host_engine.controller import (
 )
 from host_engine.drivers.base import MigrationSpec, Phase, Progress
 from host_engine.drivers.sim import WORKLOADS, SimClock, SimHypervisor, SimWorld, Workload
-from host_engine.executor import MigrationResult, Policy, run_migration
 
 MEMORY_BYTES = 8 * GiB
 DISK_BYTES = 80 * GiB

@@ -33,6 +33,7 @@ from host_engine.config import DRIVERS, EngineConfig, load_config
 from host_engine.demo import demo as demo_command
 from host_engine.drivers.sim import WorldConflict
 from host_engine.engine import Engine
+from host_engine.engine_steps import SimTickStep, executor_step
 from host_engine.errors import (
     Conflict,
     HostEngineError,
@@ -45,12 +46,10 @@ from host_engine.executor import (
     LAST_ATTEMPT_KEY,
     PROGRESS_KEY,
     Executor,
-    ExecutorMetrics,
-    SimTickStep,
-    executor_step,
     request_abort,
     timeline,
 )
+from host_engine.executor_metrics import ExecutorMetrics
 from host_engine.metrics_http import parse_listen, serve_metrics
 from host_engine.models import Droplet, Host, LogEntry, Migration
 from host_engine.placement import Choice, Plan

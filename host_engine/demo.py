@@ -66,13 +66,7 @@ from host_engine.drivers.sim import (
 )
 from host_engine.engine import Engine
 from host_engine.errors import HostEngineError
-from host_engine.executor import (
-    LAST_ATTEMPT_KEY,
-    Executor,
-    ExecutorConfig,
-    attempt_id,
-    placement_chooser,
-)
+from host_engine.executor import LAST_ATTEMPT_KEY, Executor, ExecutorConfig, attempt_id, placement_chooser
 from host_engine.models import Droplet, Host, LogEntry, Migration
 from host_engine.notifier import AdminClient
 from host_engine.placement import Choice, Plan

@@ -91,7 +91,7 @@ class DriverError(Exception):
 class MigrationDriver(Protocol):
     """One migration's handle. Created per migration by ``HypervisorDriver.migration(spec)``.
 
-    What the executor's loop (``host_engine.executor.run_migration``) relies on: ``progress()`` reports a
+    What the executor's loop (``host_engine.attempt.run_migration``) relies on: ``progress()`` reports a
     failure as ``phase=FAILED`` with ``error`` and ``target_at_fault`` (an exception is for a call that could
     not be made at all); ``switchover()`` returns at once and later snapshots show ``SWITCHOVER`` then
     ``DONE``; after ``DONE`` the ``set_*`` calls are no-ops (the source is gone, the target never had a

@@ -23,7 +23,8 @@ from host_engine import planner
 from host_engine.config import EngineConfig
 from host_engine.drivers.base import DomainState
 from host_engine.engine import Engine
-from host_engine.executor import ExecutorConfig, SimTickStep
+from host_engine.engine_steps import SimTickStep
+from host_engine.executor import ExecutorConfig
 from host_engine.models import Droplet, Host, Migration
 from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState as S

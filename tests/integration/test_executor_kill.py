@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from host_engine.controller import GiB
-from host_engine.executor import ExecutorConfig, SimTickStep
+from host_engine.engine_steps import SimTickStep
+from host_engine.executor import ExecutorConfig
 from host_engine.models import Droplet, Host, NewMigration
 from host_engine.retry import RetryConfig
 from host_engine.states import MigrationState as S

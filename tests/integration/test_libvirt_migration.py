@@ -150,8 +150,8 @@ def spec_for(
 
 
 def run(driver: Any, config: Any = None, **kwargs: Any) -> Any:
+    from host_engine.attempt import RealClock, run_migration
     from host_engine.controller import ControllerConfig
-    from host_engine.executor import RealClock, run_migration
 
     return run_migration(driver, config or ControllerConfig(), RealClock(), tick_s=TICK_S, **kwargs)
 
@@ -198,8 +198,9 @@ def images(host: Any) -> list[str]:
 
 def test_live_migration_of_writing_guest_completes(hosts: Any, conns: Conns, tmp_path: Path) -> None:
     """The engine's own executor claims the migration from the store and drives the real hosts."""
+    from host_engine.attempt import RealClock
     from host_engine.drivers.libvirt import LibvirtHypervisor
-    from host_engine.executor import Executor, ExecutorConfig, RealClock
+    from host_engine.executor import Executor, ExecutorConfig
     from host_engine.models import Droplet, Host, NewMigration
     from host_engine.states import MigrationState
     from host_engine.store import Store
@@ -264,8 +265,8 @@ def test_live_migration_of_writing_guest_completes(hosts: Any, conns: Conns, tmp
 
 
 def test_paused_switchover_leaves_identical_disks(hosts: Any, conns: Conns) -> None:
+    from host_engine.attempt import Outcome
     from host_engine.drivers.libvirt import LibvirtMigration
-    from host_engine.executor import Outcome
     from tests.libvirt_harness.guest import GuestSpec, read_counters
 
     name = "paused2"
@@ -315,9 +316,9 @@ DISK_CAP_MIBPS = "3"
 
 
 def test_fast_disk_writer_converges_with_the_controllers_write_limit(hosts: Any, conns: Conns) -> None:
+    from host_engine.attempt import Outcome
     from host_engine.controller import AbortReason, ControllerConfig
     from host_engine.drivers.libvirt import LibvirtMigration
-    from host_engine.executor import Outcome
     from tests.libvirt_harness.guest import GuestSpec
 
     name = "fastdisk3"
@@ -368,9 +369,9 @@ def test_fast_disk_writer_converges_with_the_controllers_write_limit(hosts: Any,
 def test_nonconverging_memory_is_aborted_then_moved_offline(hosts: Any, conns: Conns) -> None:
     import libvirt
 
+    from host_engine.attempt import Outcome
     from host_engine.controller import AbortReason, ControllerConfig
     from host_engine.drivers.libvirt import LibvirtMigration
-    from host_engine.executor import Outcome
     from tests.libvirt_harness.guest import GuestSpec, read_counters
 
     name = "dirty48"
@@ -428,8 +429,8 @@ def test_nonconverging_memory_is_aborted_then_moved_offline(hosts: Any, conns: C
 
 
 def test_offline_migration_leaves_the_guest_shut_off_when_asked(hosts: Any, conns: Conns) -> None:
+    from host_engine.attempt import Outcome
     from host_engine.drivers.libvirt import LibvirtMigration
-    from host_engine.executor import Outcome
     from tests.libvirt_harness.guest import GuestSpec, build_disk, domain_xml
 
     name = "off5"
@@ -513,9 +514,9 @@ def test_abort_mid_migration_leaves_the_source_untouched(hosts: Any, conns: Conn
 
 
 def test_target_daemon_killed_mid_migration_then_cleaned_and_retried(hosts: Any, conns: Conns) -> None:
+    from host_engine.attempt import Outcome
     from host_engine.drivers.base import DriverError, Phase
     from host_engine.drivers.libvirt import LibvirtMigration
-    from host_engine.executor import Outcome
     from tests.libvirt_harness.guest import GuestSpec
 
     name = "kill4"

@@ -19,7 +19,7 @@ from host_engine.cli import Deps, cli
 from host_engine.config import EngineConfig
 from host_engine.drivers.base import DomainState
 from host_engine.drivers.sim import load_world
-from host_engine.executor import SimTickStep, executor_step
+from host_engine.engine_steps import SimTickStep, executor_step
 from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store

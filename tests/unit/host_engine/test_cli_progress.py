@@ -16,7 +16,7 @@ from click.testing import CliRunner, Result
 
 from host_engine.cli import Deps, cli
 from host_engine.config import EngineConfig
-from host_engine.executor import SimTickStep, executor_step
+from host_engine.engine_steps import SimTickStep, executor_step
 from host_engine.plot import plot_timeline, time_axis_s
 from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState

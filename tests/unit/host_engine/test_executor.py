@@ -24,19 +24,18 @@ from host_engine.drivers.sim import (
     load_world,
     web,
 )
+from host_engine.engine_steps import SimTickStep, executor_step
 from host_engine.errors import Conflict, InvalidInput, StoreError
 from host_engine.executor import (
     ABORT_REQUEST_KEY,
     Executor,
     ExecutorConfig,
-    ExecutorMetrics,
-    SimTickStep,
     attempt_id,
-    executor_step,
     placement_chooser,
     request_abort,
     timeline,
 )
+from host_engine.executor_metrics import ExecutorMetrics
 from host_engine.models import Droplet, Host, Migration, NewMigration
 from host_engine.retry import RetryConfig
 from host_engine.states import MigrationState as S

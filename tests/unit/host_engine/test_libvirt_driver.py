@@ -298,7 +298,7 @@ def test_libvirt_config_reaches_migrate_to_uri3(
     source_uri: str, target_uri: str, shared: Callable[[str], Any], lv: Any
 ) -> None:
     """[libvirt] bandwidth_mibps / tls / peer_uris and [controller] max_downtime_ms, as the engine builds the
-    hypervisor (host_engine.executor.executor_step): the params, flags and peer URI migrateToURI3 gets."""
+    hypervisor (host_engine.engine_steps.executor_step): the params, flags and peer URI migrateToURI3 gets."""
     from host_engine.config import config_from_dict
     from host_engine.drivers.libvirt import LibvirtHypervisor
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from host_engine.attempt import MigrationResult, MigrationRun, Outcome, run_concurrently, run_migration
 from host_engine.controller import ControllerConfig, GiB, MiB
 from host_engine.drivers.base import DomainState, HypervisorDriver, MigrationDriver, MigrationSpec, Phase
 from host_engine.drivers.sim import (
@@ -25,7 +26,6 @@ from host_engine.drivers.sim import (
     database,
     diabolical,
 )
-from host_engine.executor import MigrationResult, MigrationRun, Outcome, run_concurrently, run_migration
 
 MEMORY = 4 * GiB
 DISK = 32 * GiB

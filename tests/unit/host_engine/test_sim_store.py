@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from host_engine.attempt import MigrationRun
 from host_engine.controller import ControllerConfig, GiB
 from host_engine.drivers.base import MigrationSpec, Phase
 from host_engine.drivers.sim import (
@@ -17,7 +18,6 @@ from host_engine.drivers.sim import (
     save_world,
     web,
 )
-from host_engine.executor import MigrationRun
 from host_engine.store import Store
 
 SPEC = MigrationSpec("m1", "d1", "a", "b", "sim://a", "sim://b", 1, GiB, 4 * GiB)

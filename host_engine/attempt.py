@@ -1,0 +1,307 @@
+"""One migration attempt: a hypervisor driver under the convergence controller, to its end.
+
+``run_migration(driver, config, clock)`` runs one attempt and returns a ``MigrationResult``;
+``MigrationRun`` is the same loop one tick at a time, so one process can drive several migrations that
+share NICs (``run_concurrently``). The clock is a parameter (``SimClock`` advances a simulated world;
+``RealClock`` sleeps), so nothing here ever sleeps in a test.
+
+Whatever happens, an attempt ends in one of two states the rest of the system can rely on:
+``COMPLETED`` — the droplet runs on the target, the source holds nothing, no limit is left on it;
+or ``ABORTED``/``FAILED`` — the source runs the droplet untouched (resumed, no throttle, no disk limit)
+and the target holds nothing of it. Which host was at fault goes to the retry policy (``host_engine.retry``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from host_engine.controller import (
+    Abort,
+    AbortReason,
+    Action,
+    ControllerConfig,
+    ControllerState,
+    Decision,
+    SetDiskWriteLimit,
+    SetMemoryThrottle,
+    Switchover,
+    decide,
+)
+from host_engine.drivers.base import (
+    DriverError,
+    MigrationDriver,
+    Phase,
+    Progress,
+)
+
+log = logging.getLogger(__name__)
+
+
+# The controller looks every 0.5 s: QEMU refreshes its dirty rate once a second and libvirt's jobStats is
+# cheap; a faster tick only reacts to noise, a slower one lets a 300 ms switchover window pass.
+DEFAULT_TICK_S = 0.5
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class RealClock:
+    """Wall-clock time for real hypervisors."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class Outcome(enum.Enum):
+    COMPLETED = "completed"
+    ABORTED = "aborted"  # the controller (or an operator) gave up: did not converge, timed out, stalled
+    FAILED = "failed"  # the driver reported an error (a host crashed, the job failed)
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """How one attempt ended, with what operators judge it by."""
+
+    outcome: Outcome
+    reason: str | None
+    abort_reason: AbortReason | None
+    target_at_fault: bool
+    duration_s: float
+    downtime_ms: float | None
+    throttle_pct_s: float  # percent x seconds of vCPU throttle
+    disk_limit_s: float  # seconds under a disk write limit
+    bytes_transferred: int
+    rounds: int
+    trace: tuple[Progress, ...] = field(default=(), repr=False)
+
+    @property
+    def converged(self) -> bool:
+        return self.outcome is Outcome.COMPLETED
+
+    def summary(self) -> dict[str, object]:
+        """Plain values for the migration log and ``--json``."""
+        return {
+            "outcome": self.outcome.value,
+            "reason": self.reason,
+            "abort_reason": self.abort_reason.value if self.abort_reason else None,
+            "target_at_fault": self.target_at_fault,
+            "duration_s": round(self.duration_s, 3),
+            "downtime_ms": None if self.downtime_ms is None else round(self.downtime_ms, 1),
+            "throttle_pct_s": round(self.throttle_pct_s, 1),
+            "disk_limit_s": round(self.disk_limit_s, 2),
+            "bytes_transferred": self.bytes_transferred,
+            "rounds": self.rounds,
+        }
+
+
+#: A replacement for the controller (benchmarks compare ours with other policies): Progress -> actions.
+Policy = Callable[[Progress], tuple[Action, ...]]
+
+
+class MigrationRun:
+    """One attempt, advanced one controller tick at a time by ``step``."""
+
+    def __init__(
+        self,
+        driver: MigrationDriver,
+        config: ControllerConfig,
+        clock: Clock,
+        *,
+        on_progress: Callable[[Progress], None] | None = None,
+        should_abort: Callable[[], str | None] | None = None,
+        keep_trace: bool = True,
+        policy: Policy | None = None,
+    ) -> None:
+        self.driver = driver
+        self.policy = policy
+        self.config = config
+        self.clock = clock
+        self.on_progress = on_progress
+        self.should_abort = should_abort
+        self.keep_trace = keep_trace
+        self.state = ControllerState()
+        self.trace: list[Progress] = []
+        self.result: MigrationResult | None = None
+        self._started_at = clock.now()
+        self._last_at = self._started_at
+        self._last: Progress | None = None
+        self._throttle_pct_s = 0.0
+        self._disk_limit_s = 0.0
+
+    def begin(self) -> bool:
+        """Prepare the target and start copying. False (with ``result`` set) if that already failed."""
+        try:
+            self.driver.prepare_target()
+            self.driver.set_max_downtime(self.config.max_downtime_ms)
+            self.driver.start()
+        except DriverError as e:
+            log.warning("migration could not start: %s", e)
+            self._end(Outcome.FAILED, str(e), None, e.target_at_fault)
+            return False
+        return True
+
+    def step(self) -> MigrationResult | None:  # noqa: PLR0911 - one exit per way an attempt can end
+        """One tick: read progress, apply the controller's actions. The result once the attempt is over."""
+        if self.result is not None:
+            return self.result
+        try:
+            p = self.driver.progress()
+        except DriverError as e:
+            return self._end(Outcome.FAILED, str(e), None, e.target_at_fault)
+        self._integrate(p)
+        if self.keep_trace:
+            self.trace.append(p)
+        if self.on_progress is not None:
+            self.on_progress(p)
+
+        if self.policy is not None:
+            decision = Decision(self.policy(p), self.state)
+        else:
+            decision = decide(p, self.config, self.state)
+        self.state = decision.state
+        if p.phase is Phase.DONE:
+            self._apply_lifts(decision.actions)
+            return self._end(Outcome.COMPLETED, None, None, False, p)
+        if p.phase is Phase.FAILED:
+            return self._end(Outcome.FAILED, p.error or "driver reported failure", None, p.target_at_fault, p)
+
+        operator = self.should_abort() if self.should_abort is not None else None
+        if operator is not None:
+            return self._end(Outcome.ABORTED, operator, None, False, p)
+        try:
+            for action in decision.actions:
+                if isinstance(action, Abort):
+                    log.info("controller aborts: %s", action.message)
+                    return self._end(Outcome.ABORTED, action.message, action.reason, False, p)
+                self._apply(action)
+        except DriverError as e:
+            return self._end(Outcome.FAILED, str(e), None, e.target_at_fault, p)
+        return None
+
+    def _apply(self, action: SetDiskWriteLimit | SetMemoryThrottle | Switchover) -> None:
+        if isinstance(action, SetDiskWriteLimit):
+            log.info("disk write limit -> %s B/s", action.bytes_per_s)
+            self.driver.set_disk_write_limit(action.bytes_per_s)
+        elif isinstance(action, SetMemoryThrottle):
+            log.info("memory throttle -> %s %%", action.percent)
+            self.driver.set_memory_throttle(action.percent)
+        else:
+            log.info("switchover")
+            self.driver.switchover()
+
+    def _apply_lifts(self, actions: Sequence[object]) -> None:
+        for action in actions:
+            if isinstance(action, SetDiskWriteLimit | SetMemoryThrottle):
+                try:
+                    self._apply(action)
+                except DriverError as e:  # the source is gone after switchover: nothing left to lift
+                    log.debug("lift after switchover: %s", e)
+
+    def _integrate(self, p: Progress) -> None:
+        now = self.clock.now()
+        if self._last is not None:
+            dt = now - self._last_at
+            self._throttle_pct_s += self._last.memory_throttle_pct * dt
+            if self._last.disk_write_limit_bps is not None:
+                self._disk_limit_s += dt
+        self._last, self._last_at = p, now
+
+    def _end(
+        self,
+        outcome: Outcome,
+        reason: str | None,
+        abort_reason: AbortReason | None,
+        target_at_fault: bool,
+        p: Progress | None = None,
+    ) -> MigrationResult:
+        if outcome is Outcome.COMPLETED:
+            try:
+                self.driver.finalize(True)
+            except DriverError as e:  # the droplet runs on the target; a leftover on the source is logged
+                log.error("finalize after success failed (source copy may be left): %s", e)
+        else:
+            self._clean_up_failure()
+        self.result = MigrationResult(
+            outcome=outcome,
+            reason=reason,
+            abort_reason=abort_reason,
+            target_at_fault=target_at_fault,
+            duration_s=self.clock.now() - self._started_at,
+            downtime_ms=p.downtime_ms if p is not None and outcome is Outcome.COMPLETED else None,
+            throttle_pct_s=self._throttle_pct_s,
+            disk_limit_s=self._disk_limit_s,
+            bytes_transferred=p.bytes_transferred if p is not None else 0,
+            rounds=p.round if p is not None else 0,
+            trace=tuple(self.trace),
+        )
+        return self.result
+
+    def _clean_up_failure(self) -> None:
+        """Source untouched (resumed, unthrottled), target clean. Each step tried even if another fails."""
+        for what, call in (
+            ("abort", self.driver.abort),
+            ("lift disk limit", lambda: self.driver.set_disk_write_limit(None)),
+            ("lift throttle", lambda: self.driver.set_memory_throttle(0)),
+            ("finalize(failure)", lambda: self.driver.finalize(False)),
+        ):
+            try:
+                call()
+            except DriverError as e:
+                log.warning("%s during clean-up failed: %s", what, e)
+
+
+def run_migration(
+    driver: MigrationDriver,
+    config: ControllerConfig,
+    clock: Clock,
+    *,
+    tick_s: float = DEFAULT_TICK_S,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_abort: Callable[[], str | None] | None = None,
+    policy: Policy | None = None,
+) -> MigrationResult:
+    """Run one migration attempt to its end: prepare, start, tick the controller, finish or clean up.
+
+    ``policy`` replaces the convergence controller (benchmarks of other policies); ``on_progress`` sees every
+    snapshot; ``should_abort`` returning a reason stops the attempt (source untouched, target cleaned).
+    """
+    run = MigrationRun(
+        driver, config, clock, on_progress=on_progress, should_abort=should_abort, policy=policy
+    )
+    if not run.begin() and run.result is not None:
+        return run.result
+    while True:
+        result = run.step()
+        if result is not None:
+            return result
+        clock.sleep(tick_s)
+
+
+def run_concurrently(
+    runs: Sequence[MigrationRun], clock: Clock, *, tick_s: float = DEFAULT_TICK_S
+) -> list[MigrationResult]:
+    """Drive several attempts in one loop (they share NICs in the sim); results in the order given."""
+    results: dict[int, MigrationResult] = {}
+    for i, run in enumerate(runs):
+        if not run.begin() and run.result is not None:
+            results[i] = run.result
+    while len(results) < len(runs):
+        for i, run in enumerate(runs):
+            if i not in results:
+                r = run.step()
+                if r is not None:
+                    results[i] = r
+        if len(results) < len(runs):
+            clock.sleep(tick_s)
+    return [results[i] for i in range(len(runs))]
