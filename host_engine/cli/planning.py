@@ -1,0 +1,542 @@
+"""``host-engine plan|evacuate|migrate|cancel``: where droplets go and when; ``migrate --now``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+import click
+
+from host_engine import planner
+from host_engine import progress as progress_text
+from host_engine.cli.app import (
+    Deps,
+    _client_factory,
+    _entry_doc,
+    _json,
+    _json_line,
+    _migration_doc,
+    _table,
+    cli,
+    pass_deps,
+)
+from host_engine.config import DRIVERS, EngineConfig
+from host_engine.drivers.sim import WorldConflict
+from host_engine.engine import Engine
+from host_engine.engine_steps import SimTickStep, executor_step
+from host_engine.errors import (
+    Conflict,
+    HostEngineError,
+    InvalidInput,
+    MigrationIncomplete,
+    TransientError,
+)
+from host_engine.executor import (
+    LAST_ATTEMPT_KEY,
+    PROGRESS_KEY,
+    Executor,
+    timeline,
+)
+from host_engine.executor_metrics import ExecutorMetrics
+from host_engine.models import LogEntry, Migration
+from host_engine.placement import Choice, Plan
+from host_engine.reconcile import MetadataSync
+from host_engine.states import HostState, MigrationState
+from host_engine.store import Store
+from host_engine.timeparse import Clock, format_time, parse_duration, parse_time
+
+log = logging.getLogger(__name__)
+
+
+# ---- plan / evacuate / migrate / cancel ------------------------------------------------------------------
+
+
+def _runners(c: Choice) -> str:
+    return ", ".join(f"{h} ({s:.3f})" for h, s in c.runners_up) or "-"
+
+
+def _print_plan(plan: Plan, times: dict[str, tuple[datetime, datetime]] | None = None) -> None:
+    rows = []
+    for c in plan.choices:
+        row: list[object] = [
+            c.droplet_id,
+            c.target or "NONE",
+            f"{c.score:.3f}" if c.score is not None else None,
+        ]
+        if times is not None:
+            nb, notice = times.get(c.droplet_id, (None, None))
+            row += [format_time(nb), format_time(notice)]
+        row += [_runners(c), c.summary_of_rejections()]
+        rows.append(row)
+    headers = ["DROPLET", "TARGET", "SCORE"]
+    if times is not None:
+        headers += ["NOT_BEFORE", "NOTICE_AT"]
+    headers += ["RUNNERS-UP", "REJECTED BY FILTER"]
+    click.echo(_table(headers, rows))
+
+
+def _print_explain(c: Choice) -> None:
+    click.echo(f"\n{c.droplet_id}: every host's verdict")
+    rows = []
+    for v in c.verdicts or ():
+        if v.accepted:
+            detail = ", ".join(f"{k} {val:.3f}" for k, val in v.components.items())
+            rows.append([v.host, f"#{v.rank}", f"{v.score:.3f}" if v.score is not None else None, detail])
+        else:
+            rows.append([v.host, f"rejected: {v.filter}", None, v.reason])
+    click.echo(_table(["HOST", "VERDICT", "SCORE", "DETAIL"], rows))
+
+
+@cli.group()
+def plan() -> None:
+    """Preview plans without writing anything."""
+
+
+@plan.command("evacuate")
+@click.argument("host_name")
+@click.option("--explain", "explain", multiple=True, help="Show every host's verdict for this droplet.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--anti-affinity/--no-anti-affinity", default=None, help="Override the config's anti_affinity.")
+@pass_deps
+def plan_evacuate(
+    deps: Deps, host_name: str, explain: tuple[str, ...], as_json: bool, anti_affinity: bool | None
+) -> None:
+    """Where every droplet of HOST would go, with scores, runners-up and filter rejections."""
+    config = _with_anti_affinity(deps.config, anti_affinity)
+    result = planner.preview_evacuation(deps.store(), host_name, config, explain=explain)
+    if as_json:
+        _json(result.to_dict())
+    else:
+        if not result.choices:
+            click.echo(f"no droplets to move on {host_name}")
+        else:
+            _print_plan(result)
+        for did in explain:
+            _print_explain(result.choice(did))
+    if result.unplaced:
+        ids = ", ".join(c.droplet_id for c in result.unplaced)
+        click.echo(f"host-engine: error: no host can take {len(result.unplaced)} droplet(s): {ids}", err=True)
+        sys.exit(5)
+
+
+def _with_anti_affinity(config: EngineConfig, anti_affinity: bool | None) -> EngineConfig:
+    if anti_affinity is None:
+        return config
+    return replace(config, placement=replace(config.placement, anti_affinity=anti_affinity))
+
+
+def _request(
+    deps: Deps,
+    start: str,
+    notice: str | None,
+    unsafe: bool,
+    max_parallel: int | None,
+    max_per_target: int | None,
+    reason: str,
+    requested_by: str | None,
+) -> planner.Request:
+    cfg = deps.config.schedule
+    now = deps.clock()
+    return planner.Request(
+        start=parse_time(start, now=now, field="--start"),
+        notice=parse_duration(notice, field="--notice") if notice is not None else cfg.notice,
+        limits=planner.Limits(
+            max_parallel if max_parallel is not None else cfg.max_parallel,
+            max_per_target if max_per_target is not None else cfg.max_per_target,
+            cfg.max_per_source if max_parallel is None else max(cfg.max_per_source, max_parallel),
+        ),
+        reason=reason,
+        requested_by=deps.requested_by(requested_by),
+        unsafe_short_notice=unsafe,
+    )
+
+
+def _schedule_output(schedule: planner.Schedule, as_json: bool, written: Sequence[Migration]) -> None:
+    if as_json:
+        _json({**schedule.to_dict(), "migrations": [m.id for m in written]})
+        return
+    times = {mv.droplet.id: (mv.not_before, mv.notice_at) for mv in schedule.moves}
+    if schedule.moves:
+        _print_plan(schedule.plan, times)
+    for did in schedule.skipped:
+        click.echo(f"{did}: already migrating, left as planned")
+
+
+_START_HELP = "RFC 3339 time with a zone (2026-12-01T02:00Z), now, or +30m."
+
+_timing_options = [
+    click.option(
+        "--notice", default=None, help="How long before its window each guest is told (default 10m)."
+    ),
+    click.option(
+        "--unsafe-short-notice", is_flag=True, help="Allow a notice under the minimum (demos, tests)."
+    ),
+    click.option("--reason", default="", help="Why: recorded and shown in history."),
+    click.option("--requested-by", default=None, help="Who asks (default: the login name)."),
+    click.option("--dry-run", is_flag=True, help="Show the plan, write nothing."),
+    click.option("--json", "as_json", is_flag=True),
+]
+
+
+def _timing(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed([click.option("--start", required=True, help=_START_HELP), *_timing_options]):
+        f = opt(f)
+    return f
+
+
+def _timing_or_now(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``migrate``'s timing: ``--start`` or ``--now`` (run it in this process, at once)."""
+    options = [
+        click.option("--start", default=None, help=_START_HELP + " Required unless --now."),
+        click.option(
+            "--now",
+            is_flag=True,
+            help="Notify at once and run the migration here, printing progress, until it ends "
+            "(needs --unsafe-short-notice; --notice, default 0s, delays the window).",
+        ),
+        *_timing_options,
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@click.argument("host_name")
+@_timing
+@click.option("--max-parallel", type=int, default=None, help="Migrations at once, fleet-wide.")
+@click.option("--max-per-target", type=int, default=None, help="Migrations at once into one host.")
+@click.option("--anti-affinity/--no-anti-affinity", default=None)
+@pass_deps
+def evacuate(
+    deps: Deps,
+    host_name: str,
+    start: str,
+    notice: str | None,
+    unsafe_short_notice: bool,
+    reason: str,
+    requested_by: str | None,
+    dry_run: bool,
+    as_json: bool,
+    max_parallel: int | None,
+    max_per_target: int | None,
+    anti_affinity: bool | None,
+) -> None:
+    """Move every droplet off HOST from --start on; HOST goes into maintenance."""
+    req = _request(
+        deps, start, notice, unsafe_short_notice, max_parallel, max_per_target, reason, requested_by
+    )
+    config = _with_anti_affinity(deps.config, anti_affinity)
+    schedule, written = planner.evacuate(deps.store(), host_name, req, config, dry_run=dry_run)
+    _schedule_output(schedule, as_json, written)
+    if as_json:
+        return
+    if dry_run:
+        click.echo(f"dry run: {len(schedule.moves)} migration(s) would be planned; nothing written")
+    else:
+        line = f"host {host_name} is in maintenance; {len(written)} migration(s) planned"
+        if written:
+            first = format_time(min(m.notice_at for m in written))
+            line += f", first notice {first}, last window {format_time(max(m.not_before for m in written))}"
+        click.echo(line)
+
+
+_driver_option = click.option(
+    "--driver",
+    type=click.Choice(DRIVERS),
+    default=None,
+    help="Hypervisor driver (default: config [engine] driver, else sim).",
+)
+_sim_speed_option = click.option(
+    "--sim-speed",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="sim driver: simulated seconds per wall-clock second.",
+)
+
+
+@cli.command()
+@click.argument("droplet_id")
+@click.option("--to", "to", default=None, help="Target host (must still pass every filter).")
+@_timing_or_now
+@_driver_option
+@_sim_speed_option
+@pass_deps
+def migrate(
+    deps: Deps,
+    droplet_id: str,
+    to: str | None,
+    start: str | None,
+    now: bool,
+    notice: str | None,
+    unsafe_short_notice: bool,
+    reason: str,
+    requested_by: str | None,
+    dry_run: bool,
+    as_json: bool,
+    driver: str | None,
+    sim_speed: float,
+) -> None:
+    """Move one droplet (to the best host, or --to HOST) from --start on, or --now in this process."""
+    if now and start is not None:
+        raise InvalidInput("--now and --start exclude each other", field="start")
+    if not now and start is None:
+        raise click.MissingParameter(param_hint="'--start'", param_type="option")
+    if now and not unsafe_short_notice:
+        raise InvalidInput(
+            "--now notifies the guest at once, with no notice period: add --unsafe-short-notice "
+            "(demos, tests, emergencies)",
+            field="now",
+        )
+    if now:
+        notice = notice if notice is not None else "0s"
+    req = _request(deps, start or f"+{notice}", notice, unsafe_short_notice, None, None, reason, requested_by)
+    schedule, written = planner.migrate_one(
+        deps.store(), droplet_id, req, deps.config, to=to, dry_run=dry_run
+    )
+    if not now or dry_run:
+        _schedule_output(schedule, as_json, written)
+        if not as_json:
+            click.echo("dry run: nothing written" if dry_run else f"migration {written[0].id} planned")
+        return
+    _run_now(deps, written[0], driver or deps.config.engine.driver, sim_speed, as_json)
+
+
+def _run_now(deps: Deps, planned: Migration, driver: str, sim_speed: float, as_json: bool) -> None:
+    """``migrate --now``: notify at once, then drive this one migration here until it ends."""
+    store = deps.store()
+    mid = planned.id
+    out = _NowReport(mid, as_json, deps.clock)
+    out.say(
+        f"migration {mid}: {planned.droplet_id} {planned.source_host} -> {planned.target_host}, planned",
+        {"type": "planned", "droplet": planned.droplet_id, "source": planned.source_host,
+         "target": planned.target_host},
+    )  # fmt: skip
+    sleep = deps.sleep or time.sleep
+    with MetadataSync(store, deps.client_factory or _client_factory(deps)) as sync:
+        engine = Engine(store, deps.config, sync, clock=deps.clock, sleep=sleep)
+        _sent, errors = engine.send_due_notices()
+        m = store.get_migration(mid)
+        if m.state is MigrationState.PLANNED:
+            why = next((e for e in errors if e.startswith(f"{mid}:")), "not due yet")
+            raise TransientError(
+                f"migration {mid} is planned but its notice could not be sent ({why}); "
+                "host-engine run retries it, host-engine cancel drops it"
+            )
+        out.say(
+            f"migration {mid}: notice sent (event {m.event_id}), window opens {format_time(m.not_before)}",
+            {"type": "notified", "event_id": m.event_id, "not_before": format_time(m.not_before)},
+        )
+        step = _executor_step(deps, store, deps.config, driver, hooks=sync, sim_speed=sim_speed, only=[mid])
+        try:
+            m = _drive_one(deps, step, mid, out, sleep)
+        except MigrationIncomplete:  # interrupted: machines still get where it was left
+            out.result(store.get_migration(mid), timeline(store, mid))
+            raise
+    last = m.stats.get(LAST_ATTEMPT_KEY) or {}
+    out.result(m, timeline(store, mid))
+    if m.state is MigrationState.COMPLETED:
+        downtime = last.get("downtime_ms") if isinstance(last, dict) else None
+        out.say(
+            f"migration {mid} completed: {m.droplet_id} now runs on {m.target_host}"
+            + (f" (downtime {float(downtime):.0f} ms)" if isinstance(downtime, int | float) else ""),
+            None,
+        )
+        return
+    raise MigrationIncomplete(
+        f"migration {mid} ended {m.state.value}"
+        + (f" after attempt {m.attempt}: {m.last_error}" if m.last_error else "")
+        + ("; an offline migration is scheduled" if m.state is MigrationState.OFFLINE_REQUIRED else "")
+    )
+
+
+# ``migrate --now`` prints every logged change (phase, round, throttle) and, between them, the latest recorded
+# progress at most this often: a long disk copy still shows its percent and ETA moving.
+NOW_PROGRESS_EVERY_S = 5.0
+
+# The states that end ``migrate --now``: done, given up on live (offline_required), or stuck failed.
+_NOW_ENDS = frozenset(
+    {
+        MigrationState.COMPLETED,
+        MigrationState.CANCELLED,
+        MigrationState.OFFLINE_REQUIRED,
+        MigrationState.FAILED,
+    }
+)
+
+
+class _NowReport:
+    """Where ``migrate --now`` reports: lines for people or, with ``--json``, one JSON object per line (its
+    ``type``: ``planned``, ``notified``, ``log``, ``progress``, then one ``result``)."""
+
+    def __init__(self, migration_id: str, as_json: bool, clock: Clock) -> None:
+        self.migration_id = migration_id
+        self.as_json = as_json
+        self.clock = clock
+
+    def say(self, text: str, doc: dict[str, object] | None) -> None:
+        """``text`` for people; ``doc`` (None: nothing) for machines."""
+        if not self.as_json:
+            click.echo(text)
+        elif doc is not None:
+            _json_line({"migration": self.migration_id, **doc})
+
+    def entry(self, e: LogEntry) -> None:
+        if e.kind == "progress" and e.data:
+            self.progress(e.data, at=e.at)
+        else:
+            self.say(f"  {e.message}", {"type": "log", **_entry_doc(e)})
+
+    def progress(self, p: Mapping[str, object], *, at: datetime | None = None) -> None:
+        line = progress_text.summary(p)
+        when = format_time(at or self.clock())
+        self.say(f"  {line}", {"type": "progress", "at": when, "summary": line, **p})
+
+    def result(self, m: Migration, rows: list[dict[str, object]]) -> None:
+        if self.as_json:
+            _json_line({"type": "result", **_migration_doc(m, self.clock()), "timeline": rows})
+
+
+def _drive_one(
+    deps: Deps,
+    step: SimTickStep | Executor,
+    mid: str,
+    out: _NowReport,
+    sleep: Callable[[float], None],
+) -> Migration:
+    """Tick ``step`` until migration ``mid`` ends, echoing its log (progress lines with percent and ETA).
+
+    SIGINT/SIGTERM stop the attempt cleanly (source untouched; it goes back to the retry path)."""
+    store = step.store
+    stop = threading.Event()
+    restore = _catch_stop_signals(stop) if deps.install_signals else {}
+    seen = len(store.migration_log(mid))
+    wall = deps.monotonic or time.monotonic
+    last_said_s, last_shown = wall(), None
+    try:
+        while True:
+            try:
+                step.tick()
+            except WorldConflict as e:
+                raise _world_conflict(e) from e
+            for entry in store.migration_log(mid)[seen:]:
+                seen += 1
+                out.entry(entry)
+                last_said_s, last_shown = wall(), entry.data.get("elapsed_s", last_shown)
+            m = store.get_migration(mid)
+            p = m.stats.get(PROGRESS_KEY)
+            if (
+                isinstance(p, dict)
+                and m.state.is_active
+                and p.get("elapsed_s") != last_shown
+                and wall() - last_said_s >= NOW_PROGRESS_EVERY_S
+            ):
+                out.progress(p)
+                last_said_s, last_shown = wall(), p.get("elapsed_s")
+            if m.state in _NOW_ENDS:
+                return m
+            if stop.is_set():
+                break
+            sleep(deps.config.engine.poll_interval_s)
+    finally:
+        for signum, handler in restore.items():
+            signal.signal(signum, handler)
+        _shutdown_step(step)
+    m = store.get_migration(mid)
+    raise MigrationIncomplete(
+        f"interrupted: migration {mid} is {m.state.value}, {m.droplet_id} still on {m.source_host}"
+        + (f"; retried from {format_time(m.not_before)} by host-engine run" if m.state.is_active else "")
+    )
+
+
+def _catch_stop_signals(stop: threading.Event) -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, lambda _s, _f: stop.set())
+    return previous
+
+
+def _world_conflict(e: WorldConflict) -> Conflict:
+    return Conflict(
+        f"the simulated datacenter is driven by another host-engine process ({e}); "
+        "follow it with host-engine status"
+    )
+
+
+def _shutdown_step(step: SimTickStep | Executor) -> None:
+    """Release this process's running attempts now (sources untouched), not at the claim's lease expiry."""
+    try:
+        for f in step.shutdown():
+            log.info("migration_id=%s: attempt %s stopped (%s)", f.migration_id, f.attempt, f.state.value)
+    except WorldConflict as e:
+        log.error("sim world changed under this process; not saved: %s", e)
+    except HostEngineError as e:
+        log.error("shutting the executor down failed (its claims expire on their own): %s", e)
+
+
+def _executor_step(
+    deps: Deps,
+    store: Store,
+    config: EngineConfig,
+    driver: str,
+    *,
+    hooks: MetadataSync,
+    sim_speed: float,
+    metrics: ExecutorMetrics | None = None,
+    only: Sequence[str] | None = None,
+) -> SimTickStep | Executor:
+    try:
+        return executor_step(
+            store,
+            config,
+            driver=driver,
+            hooks=hooks,
+            metrics=metrics,
+            sim_speed=sim_speed,
+            only=only,
+            monotonic=deps.monotonic or time.monotonic,
+        )
+    except WorldConflict as e:
+        raise _world_conflict(e) from e
+
+
+@cli.command()
+@click.argument("migration_id", required=False)
+@click.option("--host", "host_name", default=None, help="Cancel every cancellable migration out of HOST.")
+@click.option("--reason", default="")
+@click.option("--by", "by", default=None)
+@pass_deps
+def cancel(deps: Deps, migration_id: str | None, host_name: str | None, reason: str, by: str | None) -> None:
+    """Cancel a migration (or all of a host's); guests already told see their event cleared."""
+    store = deps.store()
+    cancelled = planner.cancel(
+        store, migration_id=migration_id, host=host_name, by=deps.requested_by(by), reason=reason
+    )
+    for m in cancelled:
+        click.echo(f"{m.id} ({m.droplet_id}) cancelled")
+    if not cancelled:
+        click.echo("nothing to cancel")
+    told = [m for m in cancelled if m.notified_at is not None]
+    if told:
+        with MetadataSync(store, deps.client_factory or _client_factory(deps)) as sync:
+            for m in told:
+                try:
+                    sync.clear(m)
+                except HostEngineError as e:
+                    click.echo(f"{m.id}: event not cleared yet ({e}); the engine will retry", err=True)
+    if host_name is not None:
+        h = store.get_host(host_name)
+        if h.state is HostState.MAINTENANCE:
+            click.echo(
+                f"host {host_name} stays in maintenance (host set-state {host_name} active to reopen it)"
+            )
