@@ -71,8 +71,15 @@ class MetadataServer:
         return f"http://127.0.0.1:{self.guest_port}"
 
     @property
+    def tls_cert(self) -> str | None:
+        """The admin listener's certificate when started with ``--admin-tls-cert``: clients verify against it."""
+        args = self.extra_args
+        return args[args.index("--admin-tls-cert") + 1] if "--admin-tls-cert" in args else None
+
+    @property
     def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.admin_port}"
 
     @property
     def log_path(self) -> Path:
@@ -152,6 +159,7 @@ class MetadataServer:
         self, method: str, path: str, *, json: Any = None, timeout: float = 5, **kw: Any
     ) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.token}", **kw.pop("headers", {})}
+        kw.setdefault("verify", self.tls_cert or True)
         return requests.request(
             method, self.admin_url + path, json=json, headers=headers, timeout=timeout, **kw
         )

@@ -198,30 +198,16 @@ def test_server_tls_admin_listener(tmp_path: Path) -> None:
          "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
-    ms = MetadataServer(tmp_path / "ms", free_port(), free_port(), "s" * 32,
-                        ["--admin-tls-cert", str(cert), "--admin-tls-key", str(key)])  # fmt: skip
-    ms.workdir.mkdir()
-    ms.token_file.write_text(ms.token)
-    ms.token_file.chmod(0o600)
-    proc = subprocess.Popen(ms.argv(), stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        url = f"https://127.0.0.1:{ms.admin_port}/healthz"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                r = requests.get(
-                    url, headers={"Authorization": f"Bearer {ms.token}"}, verify=str(cert), timeout=2
-                )
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-        assert r.json() == {"status": "ok"}
+    with MetadataServer.start(
+        tmp_path / "ms", "--admin-tls-cert", str(cert), "--admin-tls-key", str(key)
+    ) as ms:
+        assert ms.admin_url.startswith("https://")
+        assert ms.admin("GET", "/healthz").json() == {"status": "ok"}
+        ms.register("d1", ["127.0.0.2"])  # the engine's path, over TLS, verified against the certificate
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{ms.admin_port}/healthz", timeout=2)
-    finally:
-        proc.terminate()
-        proc.wait(15)
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(ms.admin_url + "/healthz", timeout=2)  # not trusted without the certificate
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
