@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import queue
 import random
 import statistics
@@ -50,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 from bench import _procs  # noqa: E402
+from bench._stats import machine, percentile  # noqa: E402
 from guest_sdk import EventKind, MaintenanceClient  # noqa: E402
 from guest_sdk.client import DEFAULT_POLL_INTERVAL_S  # noqa: E402
 from guest_sdk.transport import SourceAddressAdapter  # noqa: E402
@@ -74,9 +73,7 @@ def stats(samples_s: list[float]) -> Stats:
     n = len(ordered)
 
     def pct(p: float) -> float:
-        # nearest-rank percentile: the smallest sample with at least p% of samples at or below it
-        rank = max(1, min(n, int(-(-p * n // 100))))
-        return ordered[rank - 1] * 1000
+        return percentile(ordered, p) * 1000
 
     return Stats(
         n=n,
@@ -288,23 +285,6 @@ def costs(ms: MetadataServer, calls: int, deadline: Deadline) -> dict[str, CallC
 
     out["event() on a new client"] = call_cost(fresh, max(1, calls // 4), deadline)
     return out
-
-
-def machine() -> dict[str, Any]:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "vcpus": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
 
 
 def main() -> int:

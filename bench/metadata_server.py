@@ -64,6 +64,7 @@ import tests.servers  # noqa: E402
 from bench import _procs  # noqa: E402
 from bench._http import Conn, Loop, LoopTimeout, Response, request_bytes  # noqa: E402
 from bench._nginx import Nginx  # noqa: E402
+from bench._stats import cpu_model, percentile  # noqa: E402
 from tests.servers import MetadataServer, free_port  # noqa: E402
 
 PATH = "/v1/maintenance_event"
@@ -77,12 +78,6 @@ PHASE_TIMEOUT_S = 90.0
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
-
-
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    s = sorted(values)
-    return s[max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))]
 
 
 def to_ms(seconds: float) -> float:
@@ -350,7 +345,7 @@ def short_poll_probe(port: int, n: int = 200) -> tuple[float, float]:
                 raise RuntimeError(f"short poll while held: {r.status} {body!r}")
     finally:
         conn.close()
-    return to_ms(pct(times, 50)), to_ms(pct(times, 99))
+    return to_ms(percentile(times, 50)), to_ms(percentile(times, 99))
 
 
 def hold_all(loop: Loop, ms: MetadataServer, waiters: list[Waiter], round_: int) -> None:
@@ -394,8 +389,8 @@ def hold_all(loop: Loop, ms: MetadataServer, waiters: list[Waiter], round_: int)
 
 def _latency_stats(values: list[float]) -> dict[str, float]:
     return {
-        "p50_ms": to_ms(pct(values, 50)),
-        "p99_ms": to_ms(pct(values, 99)),
+        "p50_ms": to_ms(percentile(values, 50)),
+        "p99_ms": to_ms(percentile(values, 99)),
         "max_ms": to_ms(max(values)),
         "min_ms": to_ms(min(values)),
     }
@@ -547,10 +542,7 @@ def commit_for_all(db_path: Path, droplet_ids: list[str]) -> float:
 
 
 def machine() -> dict[str, str]:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")), "?",
-    )  # fmt: skip
+    cpu = cpu_model()
 
     def tool(argv: list[str], pattern: str) -> str:
         try:

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._stats import machine, percentile
 from host_engine import planner
 from host_engine.config import EngineConfig, EngineLoopConfig
 from host_engine.demo import DropletSpec, GuestAgentProcess, HookSay, MetadataServerProcess
@@ -59,31 +59,6 @@ class TimedClient(AdminClient):
     def set_event(self, droplet_id: str, event_id: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self.sent[event_id] = time.time()
         return super().set_event(droplet_id, event_id, *args, **kwargs)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "vcpus": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "loadavg_start": os.getloadavg(),
-    }
 
 
 def wait_until(check: Any, what: str, timeout_s: float) -> None:
@@ -132,7 +107,7 @@ def main() -> int:  # noqa: PLR0912 - one straight-line benchmark
     server = MetadataServerProcess(workdir / "metadata-server")
     agents: list[GuestAgentProcess] = []
     store: Store | None = None
-    info = machine()
+    info = {**machine(), "loadavg_start": os.getloadavg()}
     try:
         server.start()
         store = Store.open(workdir / "engine.db")
