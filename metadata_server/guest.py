@@ -235,7 +235,7 @@ def create_guest_flask(guest: GuestApp) -> Flask:
         except Conflict as e:
             return answer(error(409, e.code, str(e), as_json=True))
         log.info("droplet_id=%s event_id=%s acknowledged %s", view.droplet.id, event_id, action.value)
-        guest.hub.reload()
+        guest.hub.refresh()  # our own commit: data_version does not move for it, the sequence does
         updated = guest.hub.view_for_id(view.droplet.id) or view
         return answer(_event_answer(updated, as_json=True))
 

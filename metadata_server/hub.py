@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .model import DropletView
 from .store import Store
@@ -30,6 +30,8 @@ class Hub:
         self._store = store
         self._poll_interval_s = poll_interval_s
         self._lock = threading.Lock()
+        # Serialises refresh/reload: each reads the store and installs maps built from the current ones.
+        self._update_lock = threading.Lock()
         self._by_address: dict[str, DropletView] = {}
         self._by_id: dict[str, DropletView] = {}
         self._changed: dict[str, threading.Event] = {}
@@ -97,47 +99,50 @@ class Hub:
 
     def refresh(self) -> None:
         """Apply only the droplets written since the last look, and wake their long-polls."""
-        version = self._store.data_version()
-        seq, changed = self._store.changed_since(self._seq)
-        if not changed:
-            self._version = version
-            return
-        views = {i: (DropletView.of(d) if d is not None else None) for i, d in changed.items()}
-        with self._lock:
-            by_id = dict(self._by_id)
-            by_address = dict(self._by_address)
-            for droplet_id, after in views.items():
+        with self._update_lock:
+            version = self._store.data_version()
+            seq, changed = self._store.changed_since(self._seq)
+            if not changed:
+                self._version = version
+                return
+            by_id, by_address = dict(self._by_id), dict(self._by_address)
+            for droplet_id, droplet in changed.items():
                 before = by_id.pop(droplet_id, None)
                 if before is not None:
                     for a in before.droplet.addresses:
                         if by_address.get(a) is before:
                             del by_address[a]
-                if after is not None:
-                    by_id[droplet_id] = after
-                    for a in after.droplet.addresses:
-                        by_address[a] = after
-                if before is None or after is None or before.etag != after.etag:
-                    event = self._changed.pop(droplet_id, None)
-                    if event is not None:
-                        event.set()
-            self._by_id, self._by_address, self._version, self._seq = by_id, by_address, version, seq
+                if droplet is not None:
+                    by_id[droplet_id] = after = DropletView.of(droplet)
+                    by_address.update(dict.fromkeys(droplet.addresses, after))
+            self._install(by_id, by_address, version, seq, changed)
 
     def reload(self) -> None:
-        """Rebuild the maps from the store and wake the long-polls of droplets that changed."""
-        version = self._store.data_version()
-        seq = self._store.last_change()
-        droplets = self._store.all()
-        old_views = self._by_id
-        by_id: dict[str, DropletView] = {}
-        for d in droplets:  # reuse unchanged views: building one (JSON, hash) is the costly part
-            view = old_views.get(d.id)
-            by_id[d.id] = view if view is not None and view.droplet == d else DropletView.of(d)
-        by_address = {a: v for v in by_id.values() for a in v.droplet.addresses}
+        """Rebuild the maps from the whole store and wake the long-polls of droplets that changed."""
+        with self._update_lock:
+            version = self._store.data_version()
+            seq, droplets = self._store.snapshot()
+            by_id: dict[str, DropletView] = {}
+            for d in droplets:  # reuse unchanged views: building one (JSON, hash) is the costly part
+                view = self._by_id.get(d.id)
+                by_id[d.id] = view if view is not None and view.droplet == d else DropletView.of(d)
+            by_address = {a: v for v in by_id.values() for a in v.droplet.addresses}
+            self._install(by_id, by_address, version, seq, set(self._by_id) | set(by_id))
+
+    def _install(
+        self,
+        by_id: dict[str, DropletView],
+        by_address: dict[str, DropletView],
+        version: int,
+        seq: int,
+        candidates: Iterable[str],
+    ) -> None:
+        """Publish new maps, then wake the long-polls of the candidates whose ETag changed (or that went)."""
         with self._lock:
             old = self._by_id
             self._by_id, self._by_address, self._version = by_id, by_address, version
             self._seq = max(self._seq, seq)
-            for droplet_id in set(old) | set(by_id):
+            for droplet_id in candidates:
                 before, after = old.get(droplet_id), by_id.get(droplet_id)
                 if before is None or after is None or before.etag != after.etag:
                     event = self._changed.pop(droplet_id, None)

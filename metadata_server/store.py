@@ -144,29 +144,35 @@ class Store:
         with self._lock:
             return self._load(self._conn, droplet_id)
 
-    def all(self) -> list[Droplet]:
-        """Every droplet with its event, in id order: one consistent read."""
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One consistent read (a snapshot) under the connection lock."""
         with self._lock:
-            c = self._conn
-            c.execute("BEGIN")
+            self._conn.execute("BEGIN")
             try:
-                addrs: dict[str, list[str]] = {}
-                for address, did in c.execute("SELECT address, droplet_id FROM addresses ORDER BY address"):
-                    addrs.setdefault(did, []).append(address)
-                events = {row[0]: _event(row[1:]) for row in c.execute(_SELECT_ALL_EVENTS)}
-                droplets = [
-                    Droplet(
-                        id=did,
-                        hostname=h,
-                        region=r,
-                        addresses=tuple(addrs.get(did, ())),
-                        event=events.get(did),
-                    )
-                    for did, h, r in c.execute("SELECT id, hostname, region FROM droplets ORDER BY id")
-                ]
+                yield self._conn
             finally:
-                c.execute("COMMIT")
-            return droplets
+                self._conn.execute("COMMIT")
+
+    def snapshot(self) -> tuple[int, list[Droplet]]:
+        """Every droplet with its event, in id order, and the change sequence they reflect: one read."""
+        with self._read() as c:
+            (seq,) = c.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
+            addrs: dict[str, list[str]] = {}
+            for address, did in c.execute("SELECT address, droplet_id FROM addresses ORDER BY address"):
+                addrs.setdefault(did, []).append(address)
+            events = {row[0]: _event(row[1:]) for row in c.execute(_SELECT_ALL_EVENTS)}
+            droplets = [
+                Droplet(
+                    id=did, hostname=h, region=r, addresses=tuple(addrs.get(did, ())), event=events.get(did)
+                )
+                for did, h, r in c.execute("SELECT id, hostname, region FROM droplets ORDER BY id")
+            ]
+            return int(seq), droplets
+
+    def all(self) -> list[Droplet]:
+        """Every droplet with its event, in id order."""
+        return self.snapshot()[1]
 
     # ---- events ---------------------------------------------------------------------------------------
 
@@ -236,27 +242,17 @@ class Store:
             (droplet_id,),
         )
 
-    def last_change(self) -> int:
-        with self._lock:
-            (seq,) = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
-            return int(seq)
-
     def changed_since(self, seq: int) -> tuple[int, dict[str, Droplet | None]]:
         """Droplets written after ``seq`` (None: removed), and the newest sequence number; one read."""
-        with self._lock:
-            c = self._conn
-            c.execute("BEGIN")
-            try:
-                rows = c.execute("SELECT droplet_id, seq FROM changes WHERE seq > ?", (seq,)).fetchall()
-                out: dict[str, Droplet | None] = {}
-                for droplet_id, s in rows:
-                    seq = max(seq, s)
-                    try:
-                        out[droplet_id] = self._load(c, droplet_id)
-                    except NotFound:
-                        out[droplet_id] = None
-            finally:
-                c.execute("COMMIT")
+        with self._read() as c:
+            rows = c.execute("SELECT droplet_id, seq FROM changes WHERE seq > ?", (seq,)).fetchall()
+            out: dict[str, Droplet | None] = {}
+            for droplet_id, s in rows:
+                seq = max(seq, s)
+                try:
+                    out[droplet_id] = self._load(c, droplet_id)
+                except NotFound:
+                    out[droplet_id] = None
             return seq, out
 
     @staticmethod
