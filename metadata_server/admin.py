@@ -69,7 +69,7 @@ def create_admin_app(store: Store, token: str, metrics: Metrics | None = None) -
     @app.after_request
     def count(response: Response) -> Response:
         endpoint = request.url_rule.rule if request.url_rule is not None else "other"
-        metrics.requests.labels("admin", endpoint, str(response.status_code)).inc()
+        metrics.count("admin", endpoint, response.status_code)
         return response
 
     @app.errorhandler(HTTPException)

@@ -71,7 +71,7 @@ class GuestApp:
         if as_json is None or method not in ("GET", "HEAD"):
             return self.flask(environ, start_response)
         code, headers, body = self.maintenance(environ, as_json)
-        self.metrics.requests.labels("guest", environ["PATH_INFO"], str(code)).inc()
+        self.metrics.count("guest", environ["PATH_INFO"], code)
         start_response(status_line(code), headers)
         return [] if method == "HEAD" else [body]
 
@@ -198,7 +198,7 @@ def create_guest_flask(guest: GuestApp) -> Flask:
     @app.after_request
     def count(response: Response) -> Response:
         endpoint = request.url_rule.rule if request.url_rule is not None else "other"
-        guest.metrics.requests.labels("guest", endpoint, str(response.status_code)).inc()
+        guest.metrics.count("guest", endpoint, response.status_code)
         return response
 
     @app.errorhandler(HTTPException)

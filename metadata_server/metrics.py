@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -34,6 +35,16 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        # labels() takes a lock and builds a key on every call; the hot path counts the same few series.
+        self._series: dict[tuple[str, str, int], Any] = {}
+
+    def count(self, listener: str, endpoint: str, status: int) -> None:
+        """One answered request."""
+        key = (listener, endpoint, status)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = self.requests.labels(listener, endpoint, str(status))
+        series.inc()
 
 
 class EventsCollector(Collector):
