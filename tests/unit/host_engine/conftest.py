@@ -8,11 +8,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import responses
 
 from host_engine.models import Droplet, Host
 from host_engine.store import Store
 from tests import pg
 from tests.support import require
+from tests.unit.host_engine.fake_admin import FakeAdmin
 
 T0 = datetime(2026, 12, 1, 0, 0, tzinfo=UTC)
 GIB = 1024**3
@@ -95,3 +97,35 @@ def make_droplet(droplet_id: str, host: str, **kw: object) -> Droplet:
     }
     fields.update(kw)
     return Droplet(id=droplet_id, host=host, **fields)  # type: ignore[arg-type]
+
+
+FAKE_ADMIN_URL = "http://127.0.0.1:8111"  # answered by ``responses``: nothing listens there
+
+
+@pytest.fixture
+def admin() -> Iterator[FakeAdmin]:
+    """A fake metadata-server admin API (for CLI tests of the executor; test_cli.py has its own)."""
+    server = FakeAdmin(FAKE_ADMIN_URL)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        server.install(rsps)
+        yield server
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    """An SQLite store: hv1 holds web1 (5 GiB: seconds to copy) and big (204 GiB: minutes); hv2, hv3 empty."""
+    path = str(tmp_path / "engine.db")
+    token = tmp_path / "token"
+    token.write_text("s3cret")
+    store = Store.open(path)
+    for name in ("hv1", "hv2", "hv3"):
+        store.add_host(make_host(name, metadata_url=FAKE_ADMIN_URL, metadata_token_file=str(token)))
+    store.add_droplet(make_droplet("web1", "hv1", memory_bytes=1 * GIB, disk_bytes=4 * GIB))
+    store.add_droplet(make_droplet("big", "hv1", memory_bytes=4 * GIB, disk_bytes=200 * GIB))
+    store.close()
+    return path
+
+
+def wall(clock: FakeClock) -> float:
+    """Seconds the fake clock has moved since T0."""
+    return (clock.now - T0).total_seconds()

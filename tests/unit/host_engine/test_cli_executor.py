@@ -5,12 +5,9 @@ FakeClock that the sim's wall clock follows, so nothing sleeps."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import responses
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
@@ -23,38 +20,10 @@ from host_engine.engine_steps import SimTickStep, executor_step
 from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
-from tests.unit.host_engine.conftest import GIB, T0, FakeClock, make_droplet, make_host
+from tests.unit.host_engine.conftest import FakeClock, wall
 from tests.unit.host_engine.fake_admin import FakeAdmin
 
-URL = "http://127.0.0.1:8111"
 S = MigrationState
-
-
-@pytest.fixture
-def admin() -> Iterator[FakeAdmin]:
-    server = FakeAdmin(URL)
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        server.install(rsps)
-        yield server
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> str:
-    """hv1 holds web1 (small) and big (200 GiB: minutes to copy); hv2 and hv3 are empty."""
-    path = str(tmp_path / "engine.db")
-    token = tmp_path / "token"
-    token.write_text("s3cret")
-    store = Store.open(path)
-    for name in ("hv1", "hv2", "hv3"):
-        store.add_host(make_host(name, metadata_url=URL, metadata_token_file=str(token)))
-    store.add_droplet(make_droplet("web1", "hv1", memory_bytes=1 * GIB, disk_bytes=4 * GIB))
-    store.add_droplet(make_droplet("big", "hv1", memory_bytes=4 * GIB, disk_bytes=200 * GIB))
-    store.close()
-    return path
-
-
-def wall(clock: FakeClock) -> float:
-    return (clock.now - T0).total_seconds()
 
 
 def invoke(db: str, clock: FakeClock, *args: str) -> Result:

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import responses
 from click.testing import CliRunner, Result
 
 from host_engine.cli import Deps, cli
@@ -21,39 +20,11 @@ from host_engine.plot import plot_timeline, time_axis_s
 from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
-from tests.unit.host_engine.conftest import GIB, T0, FakeClock, make_droplet, make_host
+from tests.unit.host_engine.conftest import GIB, T0, FakeClock, wall
 from tests.unit.host_engine.fake_admin import FakeAdmin
 
-URL = "http://127.0.0.1:8112"
 CLEAR = "\033[H\033[2J"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def admin() -> Iterator[FakeAdmin]:
-    server = FakeAdmin(URL)
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        server.install(rsps)
-        yield server
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> str:
-    """hv1 holds web1 (5 GiB: seconds to copy) and big (204 GiB: minutes); hv2 and hv3 are empty."""
-    path = str(tmp_path / "engine.db")
-    token = tmp_path / "token"
-    token.write_text("s3cret")
-    store = Store.open(path)
-    for name in ("hv1", "hv2", "hv3"):
-        store.add_host(make_host(name, metadata_url=URL, metadata_token_file=str(token)))
-    store.add_droplet(make_droplet("web1", "hv1", memory_bytes=1 * GIB, disk_bytes=4 * GIB))
-    store.add_droplet(make_droplet("big", "hv1", memory_bytes=4 * GIB, disk_bytes=200 * GIB))
-    store.close()
-    return path
-
-
-def wall(clock: FakeClock) -> float:
-    return (clock.now - T0).total_seconds()
 
 
 def invoke(
