@@ -15,13 +15,11 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import signal
 import socket
-import sys
 import tempfile
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from .config import MULTIPROC_ENV, Listen, ServerConfig
@@ -187,33 +185,9 @@ def serve(config: ServerConfig, announce: Callable[[str], None]) -> int:
         )
         return _supervise(children)
     finally:
-        _remove_tree(Path(metrics_dir))
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _kill(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-
-
-def _remove_tree(path: Path) -> None:
-    for child in path.glob("*"):
-        child.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        path.rmdir()
-
-
-def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
-    """For scripts and tests: block until something accepts connections on host:port."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use the metadata-server command")

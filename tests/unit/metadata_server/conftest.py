@@ -36,11 +36,3 @@ def guest_app(db: Path, admin_app: Flask) -> Iterator[GuestApp]:
     app = create_guest_app(db, GuestSettings(max_waits_per_droplet=2), poll_interval_s=0.01)
     yield app
     app.hub.shutdown()
-
-
-def guest_client(app: GuestApp, address: str) -> Client:
-    return Client(app, use_cookies=False)  # REMOTE_ADDR passed per request, see guest_get
-
-
-def guest_get(app: GuestApp, address: str, path: str, **kw: object):  # type: ignore[no-untyped-def]
-    return Client(app).get(path, environ_base={"REMOTE_ADDR": address}, **kw)
