@@ -8,12 +8,18 @@ needs neither a driver nor a live attempt to show where a migration is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
 from host_engine.timeparse import format_duration
 
 MIB = 1024 * 1024
+#: An ETA past this is shown as ``> 1 day``: a live migration that far from converging is not going to, and a
+#: recorded value can be anything (a rate near zero gives 1e13 s, past what ``timedelta`` holds).
+ETA_SHOWN_UP_TO_S = 86400.0
+ETA_BEYOND = "> 1 day"
+ETA_UNKNOWN = "unknown"
 
 #: ``host-engine report``'s columns (``timeline_row`` gives the values in this order).
 TIMELINE_HEADERS = (
@@ -32,13 +38,32 @@ TIMELINE_HEADERS = (
 
 
 def _int(p: Mapping[str, object], key: str) -> int:
-    value = p.get(key)
-    return int(value) if isinstance(value, int | float) else 0
+    """A count from a recorded dict; 0 when missing or not a finite number (a record is never trusted)."""
+    value = _float(p, key)
+    return int(value) if value is not None and math.isfinite(value) else 0
 
 
 def _float(p: Mapping[str, object], key: str) -> float | None:
     value = p.get(key)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int too big for a float
+        return math.inf if value > 0 else -math.inf
+
+
+def eta_text(eta_s: float) -> str:
+    """An ETA in seconds for people, whatever the number: ``1m15s``, ``> 1 day``, ``unknown``.
+
+    >>> [eta_text(s) for s in (75, 0.3, 9.4e13, float("inf"), float("nan"), -1)]
+    ['1m15s', '0s', '> 1 day', '> 1 day', 'unknown', 'unknown']
+    """
+    if math.isnan(eta_s) or eta_s < 0:
+        return ETA_UNKNOWN
+    if eta_s > ETA_SHOWN_UP_TO_S:
+        return ETA_BEYOND
+    return format_duration(timedelta(seconds=eta_s))
 
 
 def remaining_bytes(p: Mapping[str, object]) -> int:
@@ -57,7 +82,12 @@ def percent_done(p: Mapping[str, object]) -> float | None:
     total = _int(p, "disk_total_bytes") + _int(p, "memory_total_bytes")
     if total <= 0:
         return None
-    return max(0.0, min(100.0, 100.0 * (total - remaining_bytes(p)) / total))
+    share = 1.0 - remaining_bytes(p) / total  # int / int is exact enough and never overflows
+    return max(0.0, min(100.0, 100.0 * share))
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f}s" if abs(s) < 1e6 else f"{s:.3g}s"
 
 
 def _mib(n: float) -> str:
@@ -72,7 +102,7 @@ def format_eta(p: Mapping[str, object]) -> str:
     eta = _float(p, "eta_s")
     if eta is None:
         return "no ETA (not converging yet)"
-    return f"ETA {format_duration(timedelta(seconds=eta))}"
+    return f"ETA {eta_text(eta)}"
 
 
 def summary(p: Mapping[str, object]) -> str:
@@ -118,7 +148,7 @@ def timeline_row(row: Mapping[str, object]) -> Sequence[object]:
     return (
         at[11:19] if isinstance(at, str) and len(at) >= 19 else at,  # HH:MM:SS of an ISO 8601 time
         row.get("attempt"),
-        None if elapsed is None else f"{elapsed:.1f}s",
+        None if elapsed is None else _seconds(elapsed),
         row.get("phase"),
         row.get("round"),
         None if pct is None else f"{pct:.0f} %",
@@ -126,7 +156,7 @@ def timeline_row(row: Mapping[str, object]) -> Sequence[object]:
         f"{_mib(_float(row, 'transfer_rate_bps') or 0)}/s",
         f"{_int(row, 'memory_throttle_pct')} %",
         None if limit is None else f"{_mib(limit)}/s",
-        None if eta is None else format_duration(timedelta(seconds=eta)),
+        None if eta is None else eta_text(eta),
     )
 
 

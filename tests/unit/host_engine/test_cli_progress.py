@@ -12,10 +12,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import given
+from hypothesis import strategies as st
 
+from host_engine import progress as progress_text
 from host_engine.cli import Deps, cli
 from host_engine.config import EngineConfig
 from host_engine.engine_steps import SimTickStep, executor_step
+from host_engine.executor import PROGRESS_KEY
 from host_engine.plot import plot_timeline, time_axis_s
 from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
@@ -197,6 +201,61 @@ def test_bad_watch_flags_are_one_line(
     db: str, clock: FakeClock, what: str, args: list[str], code: int, message: str
 ) -> None:
     one_error(invoke(db, clock, *args), code, message)
+
+
+@pytest.mark.parametrize(
+    ("eta_s", "shown"),
+    [(9.4e13, "> 1 day"), (float("inf"), "> 1 day"), (float("nan"), "unknown"), (-3.0, "unknown")],
+)
+def test_status_watch_and_report_show_any_recorded_eta(
+    db: str, clock: FakeClock, running: Callable[[str, str], Worker], eta_s: float, shown: str
+) -> None:
+    """Issue 13.3: a recorded ETA of 9.4e13 s (a rate barely above the dirty rate) crashed the CLI with an
+    OverflowError; whatever number was recorded, every view shows it and exits 0."""
+    worker = running("web1", "hv2")
+    [m] = worker.store.list_migrations()
+    p = {**m.stats[PROGRESS_KEY], "eta_s": eta_s, "downtime_ms": None, "phase": "disk"}  # type: ignore[dict-item]
+    worker.store.update_migration(m.id, stats={**m.stats, PROGRESS_KEY: p})
+    worker.store.append_log(m.id, "progress", "disk", data=p)
+
+    assert f"ETA {shown}" in ok(db, clock, "status").output
+    assert shown in ok(db, clock, "status", "--watch", "--count", "1").output
+    assert shown in ok(db, clock, "report", m.id).output
+    assert ok(db, clock, "report", m.id, "--json").output
+
+
+_RECORDED_KEYS = [
+    "phase", "round", "elapsed_s", "eta_s", "downtime_ms", "transfer_rate_bps", "disk_write_limit_bps",
+    "memory_throttle_pct", "disk_total_bytes", "disk_remaining_bytes", "memory_total_bytes",
+    "memory_remaining_bytes",
+]  # fmt: skip
+_ANY_NUMBER = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.sampled_from([10**400, -(10**400)]),  # past what a float holds
+    st.none(),
+    st.booleans(),
+    st.text(max_size=5),
+)
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_eta_text_is_short_for_any_float(eta_s: float) -> None:
+    text = progress_text.eta_text(eta_s)
+    assert text and len(text) <= 10, text
+    if not 0 <= eta_s <= progress_text.ETA_SHOWN_UP_TO_S:  # nan fails both comparisons
+        assert text in (progress_text.ETA_BEYOND, progress_text.ETA_UNKNOWN)
+
+
+@given(st.dictionaries(st.sampled_from(_RECORDED_KEYS), _ANY_NUMBER))
+def test_progress_views_never_raise_on_any_recorded_values(p: dict[str, object]) -> None:
+    """What the executor recorded is data from a store: every view renders it, whatever it holds."""
+    for line in (progress_text.summary(p), progress_text.short(p), progress_text.format_eta(p)):
+        assert isinstance(line, str) and "\n" not in line
+    assert len(progress_text.live_row(p)) == len(progress_text.LIVE_HEADERS)
+    assert len(progress_text.timeline_row(p)) == len(progress_text.TIMELINE_HEADERS)
+    pct = progress_text.percent_done(p)
+    assert pct is None or 0.0 <= pct <= 100.0
 
 
 # ---- migrate --now --json ----------------------------------------------------------------------------------
