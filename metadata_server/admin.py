@@ -143,6 +143,7 @@ def create_admin_app(store: Store, token: str, metrics: Metrics | None = None) -
         state = EventState(validate.required_choice(doc, "state", ("scheduled", "in_progress")))
         not_before = validate.optional_time(doc, "not_before")
         deadline = validate.optional_time(doc, "deadline") or not_before
+        validate.deadline_not_before(not_before, deadline)
         droplet, created = store.set_event(droplet_id, event_id, kind, state, not_before, deadline, utc_now())
         log.info("droplet_id=%s event_id=%s set %s %s", droplet_id, event_id, kind.value, state.value)
         return jsonify(droplet_doc(droplet)), 201 if created else 200

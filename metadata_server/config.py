@@ -29,7 +29,7 @@ class Listen:
     def parse(cls, value: str, flag: str) -> Listen:
         host, sep, port = value.rpartition(":")
         host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ConfigError(f"{flag}: expected HOST:PORT (e.g. 127.0.0.1:8775), got {value!r}")
         try:
             ipaddress.ip_address(host)

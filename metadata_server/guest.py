@@ -88,7 +88,7 @@ class GuestApp:
                     as_json=as_json,
                 )
         length = environ.get("CONTENT_LENGTH") or "0"
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+        if not validate.is_ascii_number(length) or int(length) > MAX_BODY_BYTES:
             return error(
                 413,
                 "body_too_large",

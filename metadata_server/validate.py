@@ -25,6 +25,8 @@ def json_object(raw: bytes) -> dict[str, Any]:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValidationError(f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    except RecursionError as e:  # arrays/objects nested deeper than Python's recursion limit
+        raise ValidationError("the request body is nested too deeply", code="invalid_json") from e
     if not isinstance(value, dict):
         raise ValidationError("the request body must be a JSON object", code="invalid_json")
     return value
@@ -48,17 +50,34 @@ def addresses(body: dict[str, Any]) -> list[str]:
         raise ValidationError("addresses must be a non-empty list of IP addresses", field="addresses")
     if len(value) > MAX_ADDRESSES:
         raise ValidationError(f"at most {MAX_ADDRESSES} addresses per droplet", field="addresses")
-    out: list[str] = []
-    for item in value:
-        if not isinstance(item, str):
-            raise ValidationError("addresses must be strings", field="addresses")
-        try:
-            out.append(str(ipaddress.ip_address(item)))
-        except ValueError as e:
-            raise ValidationError(f"{item[:64]!r} is not an IP address", field="addresses") from e
+    out = [address(item) for item in value]
     if len(set(out)) != len(out):
         raise ValidationError("addresses contains a duplicate", field="addresses")
     return out
+
+
+def address(item: object) -> str:
+    """One droplet address in the form the guest listener sees it as a TCP source address.
+
+    An IPv4-mapped IPv6 address (``::ffff:10.0.0.1``) is the IPv4 address itself, so it is stored as
+    such and the uniqueness check sees both spellings as one. A scoped address (``fe80::1%eth0``) is
+    refused: a socket's source address never carries the scope, so it could never match.
+    """
+    if not isinstance(item, str):
+        raise ValidationError("addresses must be strings", field="addresses")
+    try:
+        ip = ipaddress.ip_address(item)
+    except ValueError as e:
+        raise ValidationError(f"{item[:64]!r} is not an IP address", field="addresses") from e
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None:
+            raise ValidationError(
+                f"{item[:64]!r} carries a scope (%{ip.scope_id}); give the address without it",
+                field="addresses",
+            )
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+    return str(ip)
 
 
 def optional_text(body: dict[str, Any], name: str) -> str | None:
@@ -98,6 +117,24 @@ def optional_time(body: dict[str, Any], name: str) -> str | None:
         ) from e
 
 
+def deadline_not_before(not_before: str | None, deadline: str | None) -> None:
+    """A deadline before ``not_before`` would tell the guest its drain time is over before it began."""
+    if (
+        not_before is not None
+        and deadline is not None
+        and parse_rfc3339(deadline) < parse_rfc3339(not_before)
+    ):
+        raise ValidationError(
+            f"deadline {deadline} is before not_before {not_before}; it must be at or after it",
+            field="deadline",
+        )
+
+
+def is_ascii_number(value: str) -> bool:
+    """``str.isdigit`` also accepts digits of other scripts (``"١٢"``), which ``int()`` then converts."""
+    return value.isascii() and value.isdigit()
+
+
 def optional_bool(body: dict[str, Any], name: str, default: bool) -> bool:
     value = body.get(name, default)
     if not isinstance(value, bool):
@@ -128,7 +165,7 @@ def wait_flag(value: str | None) -> bool:
 def timeout_sec(value: str | None, default: int) -> int:
     if value is None:
         return default
-    if not value.isdigit() or not MIN_TIMEOUT_S <= int(value) <= MAX_TIMEOUT_S:
+    if not is_ascii_number(value) or not MIN_TIMEOUT_S <= int(value) <= MAX_TIMEOUT_S:
         raise ValidationError(
             f"timeout_sec must be an integer from {MIN_TIMEOUT_S} to {MAX_TIMEOUT_S}", field="timeout_sec"
         )

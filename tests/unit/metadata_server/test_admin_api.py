@@ -61,6 +61,8 @@ def test_admin_address_owned_by_another_droplet_is_409(admin: Client) -> None:
         ({"addresses": [7]}, "addresses"),
         ({"addresses": ["127.0.0.2", "127.0.0.2"]}, "addresses"),
         ({"addresses": ["127.0.0.2"] * 100}, "addresses"),
+        ({"addresses": ["fe80::1%eth0"]}, "addresses"),  # a scope never appears in a source address
+        ({"addresses": ["127.0.0.2", "::ffff:127.0.0.2"]}, "addresses"),  # one address, two spellings
         ({"addresses": ["127.0.0.2"], "hostname": 5}, "hostname"),
         ({"addresses": ["127.0.0.2"], "hostname": "x" * 300}, "hostname"),
         ({"addresses": ["127.0.0.2"], "region": "bad\nregion"}, "region"),
@@ -72,6 +74,43 @@ def test_admin_malformed_droplet_body_is_400_naming_field(admin: Client, body: o
     assert r.status_code == 400, r.json
     assert r.json is not None and r.json["field"] == field
     assert admin.get("/admin/v1/droplets", headers=AUTH).json == {"droplets": []}
+
+
+def test_admin_ipv4_mapped_address_is_the_ipv4_address(admin: Client) -> None:
+    assert (
+        admin.put("/admin/v1/droplets/a", json={"addresses": ["127.0.0.2"]}, headers=AUTH).status_code == 201
+    )
+    r = admin.put("/admin/v1/droplets/b", json={"addresses": ["::ffff:127.0.0.2"]}, headers=AUTH)
+    assert r.status_code == 409
+    assert r.json is not None and r.json["error"] == "address_in_use"
+    r = admin.put("/admin/v1/droplets/c", json={"addresses": ["::FFFF:7f00:3"]}, headers=AUTH)
+    assert r.status_code == 201
+    assert r.json is not None and r.json["addresses"] == ["127.0.0.3"]  # stored as the guest is seen
+
+
+def test_admin_deeply_nested_json_is_400_not_500(admin: Client) -> None:
+    raw = b'{"addresses": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    r = admin.put("/admin/v1/droplets/d1", data=raw, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert r.json is not None and r.json["error"] == "invalid_json"
+    assert admin.get("/admin/v1/droplets", headers=AUTH).json == {"droplets": []}
+
+
+def test_admin_deadline_equal_to_or_after_not_before_is_accepted(admin: Client) -> None:
+    admin.put("/admin/v1/droplets/d1", json={"addresses": ["127.0.0.2"]}, headers=AUTH)
+    same = {**EVENT, "deadline": "2026-12-01T01:00:00Z"}  # the same moment as not_before, another offset
+    assert admin.put("/admin/v1/droplets/d1/maintenance", json=same, headers=AUTH).status_code == 201
+    later = {**EVENT, "deadline": "2026-12-01T03:00:00Z"}
+    r = admin.put("/admin/v1/droplets/d1/maintenance", json=later, headers=AUTH)
+    assert r.status_code == 200
+    assert r.json is not None and r.json["event"]["deadline"] == "2026-12-01T03:00:00Z"
+    no_start = {
+        "id": "ev-2",
+        "event": "live_migrate",
+        "state": "scheduled",
+        "deadline": "2020-01-01T00:00:00Z",
+    }
+    assert admin.put("/admin/v1/droplets/d1/maintenance", json=no_start, headers=AUTH).status_code == 201
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"[1,2]", b"null", b"\xff\xfe", b'"text"'])
@@ -111,6 +150,8 @@ EVENT = {
         ({"not_before": "2026-12-01T02:00:00"}, "not_before"),
         ({"not_before": 1764554400}, "not_before"),
         ({"deadline": "2026-13-01T00:00:00Z"}, "deadline"),
+        ({"deadline": "2026-12-01T00:59:59Z"}, "deadline"),  # one second before not_before
+        ({"deadline": "2020-01-01T00:00:00Z"}, "deadline"),  # long past, before not_before
         ({"colour": "red"}, "colour"),
     ],
 )

@@ -71,6 +71,7 @@ def _config(tmp_path: Path, **overrides: object) -> object:
         ({"guest_listen": ":80"}, "expected HOST:PORT"),
         ({"guest_listen": "example.com:80"}, "not an IP address"),
         ({"admin_listen": "127.0.0.1:0"}, "expected HOST:PORT"),
+        ({"admin_listen": "127.0.0.1:\uff18\uff10"}, "expected HOST:PORT"),  # fullwidth "80"
         ({"admin_listen": "127.0.0.1:8080"}, "must not share"),
         ({"admin_listen": "10.0.0.1:8775"}, "not a loopback address"),
         ({"tls_key": Path("/nonexistent")}, "given together"),

@@ -93,6 +93,14 @@ def test_guest_bad_ack_is_refused_and_changes_nothing(
     assert get(two_droplets, D1, "/v1/maintenance_event.json").json["acknowledged"] is None
 
 
+def test_guest_deeply_nested_ack_is_400_not_500(two_droplets: GuestApp) -> None:
+    raw = b'{"id": ' + b"[" * 2000 + b"]" * 2000 + b"}"  # under the 4 KiB limit
+    r = get(two_droplets, D1, "/v1/maintenance_event/ack", "POST", data=raw)
+    assert r.status_code == 400
+    assert r.json is not None and r.json["error"] == "invalid_json"
+    assert get(two_droplets, D1, "/v1/maintenance_event.json").json["acknowledged"] is None
+
+
 @pytest.mark.parametrize("header", ["X-Forwarded-For", "Forwarded"])
 @pytest.mark.parametrize("path", ["/v1/maintenance_event", "/v1/maintenance_event.json", "/metadata/v1/id"])
 def test_guest_forwarded_requests_are_403(two_droplets: GuestApp, header: str, path: str) -> None:
@@ -116,6 +124,8 @@ def test_guest_oversized_body_is_413(two_droplets: GuestApp) -> None:
         ("wait_for_change=true&timeout_sec=301", "timeout_sec"),
         ("wait_for_change=true&timeout_sec=-5", "timeout_sec"),
         ("wait_for_change=true&timeout_sec=1.5", "timeout_sec"),
+        ("wait_for_change=true&timeout_sec=%D9%A1%D9%A2", "timeout_sec"),  # Arabic-Indic "12"
+        ("wait_for_change=true&timeout_sec=%EF%BC%95", "timeout_sec"),  # fullwidth "5"
         ("wait_for_change=true&last_etag=" + "a" * 129, "last_etag"),
         ("wait_for_change=true&last_etag=%00%01", "last_etag"),
         ("wait_for_change=true&last_etag=%C3%A9", "last_etag"),
