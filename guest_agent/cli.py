@@ -89,6 +89,7 @@ config_option = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="droplet-live-migration", prog_name="guest-agent")
 def main() -> None:
     """The guest agent: runs your hooks when this droplet is about to be migrated."""
 

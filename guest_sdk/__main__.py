@@ -42,6 +42,7 @@ def exit_code_for(ev: MaintenanceEvent) -> int:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="droplet-live-migration", prog_name="python -m guest_sdk")
 @click.option(
     "--url",
     envvar="GUEST_SDK_URL",

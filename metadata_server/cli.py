@@ -44,6 +44,7 @@ class _OneLineErrors(click.Group):
 
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="droplet-live-migration", prog_name="metadata-server")
 def main() -> None:
     """The metadata server droplets ask about maintenance (curl http://169.254.169.254/v1/maintenance_event).
 

@@ -114,6 +114,7 @@ pass_deps = click.make_pass_decorator(Deps)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="droplet-live-migration", prog_name="host-engine")
 @click.option("--db", envvar=DB_ENV, help=f"SQLite path or postgresql:// URL (env {DB_ENV}).")
 @click.option(
     "--config", "config_path", envvar="HOST_ENGINE_CONFIG", help="TOML config (env HOST_ENGINE_CONFIG)."
