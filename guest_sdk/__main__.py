@@ -8,6 +8,7 @@ Exit status (DESIGN.md §11): 0 no event, 10 ``live_migrate``, 11 ``offline_migr
     python -m guest_sdk --json               # the details as one JSON object
     python -m guest_sdk --wait --timeout 3600    # block until an event is scheduled
     python -m guest_sdk --wait-clear         # block until it is over
+    python -m guest_sdk --timeout 10         # never take longer than 10 s, whatever the server says
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def exit_code_for(ev: MaintenanceEvent) -> int:
     "timeout_s",
     type=click.FloatRange(min=0),
     default=None,
-    help="With --wait/--wait-clear: give up (exit 1) after this many seconds. Default: wait forever.",
+    help="Give up (exit 1) after this many seconds, retries included, in every mode. Default: a wait "
+    "waits forever; a single reading gives up once its retries are spent (about a minute at most).",
 )
 @click.option(
     "--poll-interval",
@@ -122,9 +124,9 @@ def main(
             elif wait_mode == "clear":
                 ev = client.wait_until_clear(timeout_s=timeout_s)
             elif as_json:
-                ev = client.details()
+                ev = client.details(timeout_s=timeout_s)
             else:
-                ev = client.event()
+                ev = client.event(timeout_s=timeout_s)
     except WaitTimeout as e:
         click.echo(f"guest_sdk: timed out: {e}", err=True)
         sys.exit(EXIT_ERROR)

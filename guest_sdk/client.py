@@ -30,15 +30,14 @@ from guest_sdk.errors import (
     WaitTimeout,
 )
 from guest_sdk.models import AckAction, MaintenanceEvent, normalize_etag
-from guest_sdk.retry import RetryPolicy, TransientStatus, is_transient_status
-from guest_sdk.transport import (
-    NO_PROXIES,
-    Reply,
-    build_session,
-    mount_source_address,
+from guest_sdk.retry import (
+    DEFAULT_RETRY_BUDGET_S,
+    RetryPolicy,
+    TransientStatus,
+    is_transient_status,
     parse_retry_after,
-    read_reply,
 )
+from guest_sdk.transport import NO_PROXIES, Reply, build_session, mount_source_address, read_reply
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,12 @@ DEFAULT_LONG_POLL_S = 60  # the server's own default; it accepts 1-300 (§11)
 MAX_LONG_POLL_S = 300
 DEFAULT_LONG_POLL_MARGIN_S = 5.0
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024
+MAX_TIMEOUT_S = 3600.0  # beyond this a "timeout" is a hang (and 1e300 overflows the socket layer)
 USER_AGENT = "droplet-live-migration-guest-sdk/0.1"
+# An attempt's timeouts are cut to what is left of the caller's deadline, plus this: a long-poll asked to
+# hold until the deadline must be able to answer right at it.
+DEADLINE_GRACE_S = 1.0
+MIN_ATTEMPT_TIMEOUT_S = 0.01
 
 TEXT_PATH = "/v1/maintenance_event"
 JSON_PATH = "/v1/maintenance_event.json"
@@ -74,9 +78,12 @@ class MaintenanceClient:
     Every request has explicit connect and read timeouts (a long-poll's read timeout is the server's wait plus
     ``long_poll_margin_s``), ignores proxies from the environment, follows no redirect and reads at most
     ``max_response_bytes``. Transient failures (connection errors, timeouts, 5xx, 429 with its
-    ``Retry-After``) are retried ``retry_attempts`` times in all with jittered exponential backoff, then raise
-    :class:`MetadataUnavailable`; other 4xx are never retried. ``sleep`` and ``clock`` (monotonic seconds)
-    are injectable so tests need no real waiting.
+    ``Retry-After``) are retried ``retry_attempts`` times in all with jittered exponential backoff, for at
+    most ``retry_budget_s`` after the first failure, then raise :class:`MetadataUnavailable`; other 4xx are
+    never retried (the policy is :class:`guest_sdk.retry.RetryPolicy`). A call given ``timeout_s`` (``event``,
+    ``details``, ``wait``, ...) never runs past it: no retry starts that would, and each attempt's timeouts
+    are cut to what is left. ``sleep`` and ``clock`` (monotonic seconds) are injectable so tests need no real
+    waiting.
 
     One client is meant for one thread at a time (``requests.Session`` is not thread-safe); the constructor
     does no I/O.
@@ -98,16 +105,22 @@ class MaintenanceClient:
         retry_attempts: int = 4,
         retry_initial_backoff_s: float = 0.25,
         retry_max_backoff_s: float = 8.0,
+        retry_budget_s: float | None = DEFAULT_RETRY_BUDGET_S,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"base_url must be an http(s) URL with a host, not {base_url!r}")
-        if timeout_s <= 0 or connect_timeout_s <= 0:
-            raise ValueError("timeouts must be > 0 (a request without a timeout can hang forever)")
-        if poll_interval_s <= 0:
-            raise ValueError("poll_interval_s must be > 0")
+        for name, value in (("timeout_s", timeout_s), ("connect_timeout_s", connect_timeout_s)):
+            if not 0 < value <= MAX_TIMEOUT_S:
+                raise ValueError(
+                    f"{name} must be > 0 and <= {MAX_TIMEOUT_S:g} (a request must end), not {value}"
+                )
+        if not 0 < poll_interval_s <= MAX_TIMEOUT_S:
+            raise ValueError(f"poll_interval_s must be > 0 and <= {MAX_TIMEOUT_S:g}, not {poll_interval_s}")
+        if not 0 <= long_poll_margin_s <= MAX_TIMEOUT_S:
+            raise ValueError(f"long_poll_margin_s must be 0-{MAX_TIMEOUT_S:g}, not {long_poll_margin_s}")
         if not 1 <= long_poll_timeout_s <= MAX_LONG_POLL_S:
             raise ValueError(f"long_poll_timeout_s must be 1-{MAX_LONG_POLL_S}")
         if max_response_bytes < 1024:
@@ -119,7 +132,9 @@ class MaintenanceClient:
         self.long_poll_timeout_s = long_poll_timeout_s
         self.long_poll_margin_s = long_poll_margin_s
         self.max_response_bytes = max_response_bytes
-        self.retry_policy = RetryPolicy(retry_attempts, retry_initial_backoff_s, retry_max_backoff_s)
+        self.retry_policy = RetryPolicy(
+            retry_attempts, retry_initial_backoff_s, retry_max_backoff_s, budget_s=retry_budget_s
+        )
         self._sleep = sleep
         self._clock = clock
         self._owns_session = session is None
@@ -176,25 +191,26 @@ class MaintenanceClient:
 
     # -- public API -----------------------------------------------------------------------------------
 
-    def event(self) -> MaintenanceEvent:
+    def event(self, *, timeout_s: float | None = None) -> MaintenanceEvent:
         """The current event from the DigitalOcean-compatible text endpoint: one cheap request.
 
         ``kind`` and ``raw`` (exactly the body ``curl`` prints) and ``etag`` when the server sends one; the
         other fields are None. Raises :class:`MetadataUnavailable` when the service cannot be reached —
-        never a silent "no event".
+        never a silent "no event" — and at the latest after ``timeout_s`` seconds, retries included (None:
+        the retry policy's own bounds).
 
         >>> MaintenanceClient("http://127.0.0.1:8080").event().kind      # doctest: +SKIP
         <EventKind.NONE: 'none'>
         """
-        return self._remember(self._get_text())
+        return self._remember(self._get_text(deadline=self._deadline(timeout_s)))
 
-    def details(self) -> MaintenanceEvent:
+    def details(self, *, timeout_s: float | None = None) -> MaintenanceEvent:
         """The current event with everything the server says (id, state, not_before, deadline, ack, etag).
 
         From a text-only server, the same type built from the bare value with the fields it cannot know set
-        to None.
+        to None. ``timeout_s`` bounds the call as in :meth:`event`.
         """
-        return self._remember(self._get_details())
+        return self._remember(self._get_details(deadline=self._deadline(timeout_s)))
 
     def wait(self, timeout_s: float | None = None) -> MaintenanceEvent:
         """Block until an event is scheduled and return it (at once if one already is).
@@ -225,8 +241,8 @@ class MaintenanceClient:
         >>> for ev in client.watch():                                   # doctest: +SKIP
         ...     print(ev.kind.value or "none")
         """
-        deadline = None if timeout_s is None else self._clock() + timeout_s
-        current = self.details()
+        deadline = self._deadline(timeout_s)
+        current = self._remember(self._get_details(deadline=deadline))
         yield current
         while stop is None or not stop.is_set():
             remaining = None if deadline is None else deadline - self._clock()
@@ -279,10 +295,16 @@ class MaintenanceClient:
 
     # -- waiting --------------------------------------------------------------------------------------
 
+    def _deadline(self, timeout_s: float | None) -> float | None:
+        """``timeout_s`` from now as a value of the clock (None: no deadline)."""
+        if timeout_s is None:
+            return None
+        if math.isnan(timeout_s) or timeout_s < 0:
+            raise ValueError(f"timeout_s must be >= 0, not {timeout_s}")
+        return self._clock() + timeout_s
+
     def _wait_for(self, *, scheduled: bool, timeout_s: float | None) -> MaintenanceEvent:
-        if timeout_s is not None and timeout_s < 0:
-            raise ValueError("timeout_s must be >= 0")
-        deadline = None if timeout_s is None else self._clock() + timeout_s
+        deadline = self._deadline(timeout_s)
         current = self._remember(self._get_details(deadline=deadline))
         while current.scheduled != scheduled:
             remaining = None if deadline is None else deadline - self._clock()
@@ -390,9 +412,13 @@ class MaintenanceClient:
     ) -> Reply:
         """One logical request with retries; returns any non-transient answer, raises MetadataUnavailable."""
         url = self.base_url + path
-        timeout = (self.connect_timeout_s, read_timeout_s if read_timeout_s is not None else self.timeout_s)
+        read_s = read_timeout_s if read_timeout_s is not None else self.timeout_s
 
         def attempt() -> Reply:
+            timeout = (self.connect_timeout_s, read_s)
+            if deadline is not None:
+                left_s = max(MIN_ATTEMPT_TIMEOUT_S, deadline - self._clock() + DEADLINE_GRACE_S)
+                timeout = (min(self.connect_timeout_s, left_s), min(read_s, left_s))
             response = self._session.request(
                 method,
                 url,

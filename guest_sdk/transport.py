@@ -3,10 +3,7 @@ bounded bodies. Nothing here knows about maintenance events."""
 
 from __future__ import annotations
 
-import email.utils
-import time
 from dataclasses import dataclass
-from datetime import UTC
 from typing import Any
 
 import requests
@@ -18,7 +15,6 @@ from guest_sdk.errors import ProtocolError
 # a session handed in by the caller route a metadata request elsewhere: the service identifies the droplet
 # by the TCP source address, which a proxy would replace with its own.
 NO_PROXIES: dict[str, str | None] = {"http": None, "https": None, "all": None}
-MAX_RETRY_AFTER_S = 60.0
 
 
 class SourceAddressAdapter(HTTPAdapter):
@@ -119,25 +115,3 @@ def read_reply(response: requests.Response, max_bytes: int) -> Reply:
         return Reply(response.status_code, response.headers, b"".join(chunks), response.url)
     finally:
         response.close()
-
-
-def parse_retry_after(value: str | None, now_epoch_s: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), capped; else ``None``.
-
-    >>> parse_retry_after("3"), parse_retry_after("soon"), parse_retry_after("100000")
-    (3.0, None, 60.0)
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return min(float(value), MAX_RETRY_AFTER_S)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    now = time.time() if now_epoch_s is None else now_epoch_s
-    delta = when.timestamp() - now
-    return min(max(delta, 0.0), MAX_RETRY_AFTER_S)

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 import pytest
 
 from guest_sdk import EventKind, MaintenanceClient, MetadataUnavailable, ProtocolError
-from guest_sdk.transport import parse_retry_after
 from tests.unit.guest_sdk.conftest import FakeClock
 
 Handler = Callable[[socket.socket, bytes], None]
@@ -192,10 +191,3 @@ def test_transport_read_timeout_is_explicit(raw_server: Callable[[Handler], RawS
             client.event()
     finally:
         hold.set()
-
-
-def test_transport_parse_retry_after_http_date() -> None:
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now_epoch_s=1445412480.0) == 10.0
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now_epoch_s=1445412490.0) == 0.0
-    assert parse_retry_after("-5") is None
-    assert parse_retry_after(None) is None
