@@ -1,7 +1,8 @@
 """The metadata server's admin API, from the engine's side (DESIGN.md §5, §11).
 
 :class:`AdminClient` owns a ``requests.Session``, always passes a timeout, sends the bearer token, never
-follows redirects, and retries with jittered exponential back-off (tenacity) only what is safe to retry:
+follows redirects, and retries with the project's one retry policy (``guest_sdk.retry``: jittered exponential
+back-off, ``Retry-After`` clamped to 1-30 s, a time budget) only what is safe to retry:
 connection errors, timeouts, ``429`` and ``5xx``. Every call is idempotent (``PUT`` a whole record, ``DELETE``
 that treats ``404`` as done), so a retry after a lost answer changes nothing. Any other ``4xx`` is a
 :class:`NotifierError` at once; running out of retries is :class:`AdminAPIUnavailable` (a ``TransientError``).
@@ -14,14 +15,15 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import requests
-import tenacity
 
+from guest_sdk.retry import RetryPolicy, parse_retry_after
 from host_engine.errors import AdminAPIUnavailable, ConfigError, NotifierError
 from host_engine.timeparse import format_time
 
@@ -123,31 +125,16 @@ class AdminClient:
         except (requests.ConnectionError, requests.Timeout) as e:
             raise _Retryable(f"{method} {self.base_url}{path}: {type(e).__name__}") from e
         if r.status_code == 429 or r.status_code >= 500:
-            retry_after = r.headers.get("Retry-After", "")
             raise _Retryable(
                 f"{method} {self.base_url}{path}: HTTP {r.status_code}",
-                float(retry_after) if retry_after.isdigit() else None,
+                parse_retry_after(r.headers.get("Retry-After")),  # the project's one parser (guest_sdk.retry)
             )
         return r
 
-    def _wait(self, state: tenacity.RetryCallState) -> float:
-        backoff = tenacity.wait_random_exponential(multiplier=RETRY_INITIAL_S, max=RETRY_MAX_S)(state)
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, _Retryable) and exc.retry_after_s is not None:
-            return min(max(backoff, exc.retry_after_s), RETRY_MAX_S * 6)
-        return backoff
-
     def request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> requests.Response:
         """One idempotent call, retried on transient failures. Other 4xx are returned to the caller."""
-        kwargs: dict[str, Any] = {}
-        if self._sleep is not None:
-            kwargs["sleep"] = self._sleep
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.attempts),
-            wait=self._wait,
-            retry=tenacity.retry_if_exception_type(_Retryable),
-            reraise=True,
-            **kwargs,
+        retrying = RetryPolicy(self.attempts, RETRY_INITIAL_S, RETRY_MAX_S).retrying(
+            retry=lambda e: isinstance(e, _Retryable), sleep=self._sleep or time.sleep
         )
         try:
             return retrying(self._once, method, path, body)

@@ -4,8 +4,10 @@ Every attempt of one hook for one event carries the same ``Idempotency-Key: <eve
 header (also in the body), so the receiver can drop duplicates; the journal makes sure a delivery recorded as
 successful is never sent again, even across restarts.
 
-Retried (exponential backoff with jitter, ``Retry-After`` honoured, all within the hook's timeout): connection
-errors, timeouts, 408, 429 and 5xx. Not retried: TLS errors, redirects and other 4xx — sending the same
+Retried with the project's one retry policy (``guest_sdk.retry``: exponential backoff with jitter, a
+``Retry-After`` honoured when sane — clamped to 1-30 s; a negative, ``nan`` or unreadable one means the
+default backoff — all within the hook's timeout): connection errors, timeouts, 408, 429 and 5xx.
+Not retried: TLS errors, redirects and other 4xx — sending the same
 request again will not fix them.
 """
 
@@ -13,31 +15,30 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from typing import Any
 
 import requests
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import RetryCallState
 
 from guest_agent.config import Phase, WebhookHookSpec
 from guest_agent.hooks.base import HookContext, HookResult, idempotency_key
+from guest_sdk.retry import RetryPolicy, parse_retry_after
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "guest-agent/0.1"
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 10.0
-RETRY_AFTER_MAX_S = 60.0
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class _Transient(Exception):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = retry_after_s  # read by guest_sdk.retry's wait
 
 
-class _OutOfTime(Exception):
+class _Permanent(Exception):
     pass
 
 
@@ -65,43 +66,39 @@ class WebhookHook:
         def attempt() -> int:
             nonlocal attempts
             attempts += 1
-            remaining = deadline - ctx.monotonic()
-            if remaining <= 0:
-                raise _OutOfTime
+            remaining = max(0.01, deadline - ctx.monotonic())
             return self._post(session, body, headers, min(self.spec.request_timeout_s, remaining))
-
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            hint = exc.retry_after_s if isinstance(exc, _Transient) else None
-            delay = min(hint, RETRY_AFTER_MAX_S) if hint is not None else _backoff(state.attempt_number)
-            remaining = deadline - ctx.monotonic()
-            if delay >= remaining:
-                raise _OutOfTime
-            return delay
 
         def log_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             log.warning(
-                "hook %s: delivery attempt %d failed (%s); retrying (event_id=%s)",
+                "hook %s: delivery attempt %d failed (%s); retrying in %.1f s (event_id=%s)",
                 self.spec.name,
                 state.attempt_number,
                 exc,
+                state.upcoming_sleep,
                 ctx.event.event_id,
             )
 
-        retrying = Retrying(
-            stop=stop_after_attempt(self.spec.attempts),
-            wait=wait,
-            retry=retry_if_exception_type(_Transient),
+        # The project's one retry policy (guest_sdk.retry); the hook's timeout is the deadline, no budget.
+        policy = RetryPolicy(
+            attempts=self.spec.attempts,
+            initial_backoff_s=BACKOFF_INITIAL_S,
+            max_backoff_s=BACKOFF_MAX_S,
+            budget_s=None,
+        )
+        retrying = policy.retrying(
+            retry=lambda e: isinstance(e, _Transient),
             sleep=ctx.sleep,
+            clock=ctx.monotonic,
+            deadline=deadline,
             before_sleep=log_retry,
-            reraise=True,
         )
         try:
             status = retrying(attempt)
-        except _OutOfTime:
-            return HookResult.cut(f"not delivered within {timeout_s:g} s ({attempts} attempts)")
         except _Transient as e:
+            if attempts < self.spec.attempts:  # stopped by the deadline, not by the number of attempts
+                return HookResult.cut(f"not delivered within {timeout_s:g} s ({attempts} attempts): {e}")
             return HookResult.failed(f"not delivered after {attempts} attempts: {e}")
         except _Permanent as e:
             return HookResult.failed(str(e))
@@ -125,27 +122,9 @@ class WebhookHook:
             if 200 <= resp.status_code < 300:
                 return resp.status_code
             if resp.status_code in _RETRY_STATUSES:
-                raise _Transient(f"HTTP {resp.status_code}", _retry_after(resp))
+                retry_after_s = parse_retry_after(resp.headers.get("Retry-After"))
+                raise _Transient(f"HTTP {resp.status_code}", retry_after_s)
             raise _Permanent(f"HTTP {resp.status_code} (not retried)")
-
-
-class _Permanent(Exception):
-    pass
-
-
-def _backoff(attempt: int) -> float:
-    """Exponential backoff with jitter: ~0.5 s, 1 s, 2 s, ... capped at BACKOFF_MAX_S."""
-    ceiling = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** (attempt - 1))
-    return random.uniform(ceiling / 2, ceiling)  # noqa: S311  jitter, not cryptography
-
-
-def _retry_after(resp: requests.Response) -> float | None:
-    value = resp.headers.get("Retry-After", "")
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None  # an HTTP-date: fall back to our own backoff rather than trust a clock we do not share
-    return max(0.0, seconds)
 
 
 def _short(exc: Any) -> str:

@@ -183,6 +183,50 @@ def test_webhook_is_cut_when_its_time_runs_out() -> None:
     assert len(responses.calls) == 2  # 0 s, then 30 s later; a third at 60 s would overrun 45 s
 
 
+class _SleepLog(FakeClock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        super().sleep(seconds)
+
+
+@pytest.mark.parametrize("retry_after", ["-1", "nan", "NaN", "inf", "garbage", ""])
+@responses.activate
+def test_webhook_hostile_retry_after_means_the_default_backoff(retry_after: str) -> None:
+    responses.post("http://lb.test/drain", status=503, headers={"Retry-After": retry_after})
+    clock = _SleepLog()
+    result = _webhook(attempts=4).run(ctx(clock=clock), timeout_s=60)
+    assert result.outcome is HookOutcome.FAILED
+    assert len(responses.calls) == 4
+    assert len(clock.sleeps) == 3
+    assert all(0 < s <= 10.0 for s in clock.sleeps), clock.sleeps  # a real pause, never 0 or nan
+
+
+@responses.activate
+def test_webhook_huge_retry_after_is_clamped_not_a_reason_to_give_up() -> None:
+    responses.post("http://lb.test/drain", status=503, headers={"Retry-After": "99999"})
+    responses.post("http://lb.test/drain", status=204)
+    clock = _SleepLog()
+    result = _webhook(attempts=5).run(ctx(clock=clock), timeout_s=60)
+    assert result.outcome is HookOutcome.OK, result.detail
+    assert len(responses.calls) == 2
+    assert 30.0 <= clock.sleeps[0] <= 31.0  # clamped to 30 s (+ jitter)
+
+
+@responses.activate
+def test_webhook_honours_an_http_date_retry_after() -> None:
+    when = datetime.fromtimestamp(time.time() + 20, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    responses.post("http://lb.test/drain", status=429, headers={"Retry-After": when})
+    responses.post("http://lb.test/drain", status=200)
+    clock = _SleepLog()
+    result = _webhook().run(ctx(clock=clock), timeout_s=60)
+    assert result.outcome is HookOutcome.OK, result.detail
+    assert 17.0 <= clock.sleeps[0] <= 21.0
+
+
 @responses.activate
 def test_webhook_does_not_follow_redirects() -> None:
     responses.post("http://lb.test/drain", status=302, headers={"Location": "http://elsewhere.test/"})

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -197,3 +198,25 @@ def test_cli_timeout_bounds_every_mode_against_retry_after_3600(busy_server: str
     assert proc.returncode == 1, proc.stderr
     assert "HTTP 503" in proc.stderr
     assert elapsed < 15.0  # the issue: 180 s before
+
+
+# -- the engine's admin client uses the same parser and policy ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "low", "high"), [("date+20", 17.0, 21.0), ("-1", 0.0, 5.0), ("nan", 0.0, 5.0)]
+)
+def test_engine_admin_client_reads_retry_after_like_everyone_else(
+    http: responses.RequestsMock, header: str, low: float, high: float
+) -> None:
+    from host_engine.notifier import AdminClient
+
+    if header == "date+20":
+        header = datetime.fromtimestamp(time.time() + 20, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    http.get("http://127.0.0.1:9/healthz", status=503, headers={"Retry-After": header})
+    http.get("http://127.0.0.1:9/healthz", status=200)
+    sleeps: list[float] = []
+    with AdminClient("http://127.0.0.1:9", "token", sleep=sleeps.append) as client:
+        assert client.healthz()
+    assert len(sleeps) == 1
+    assert low < sleeps[0] <= high, sleeps  # an HTTP-date is honoured; -1/nan: a real backoff, never 0
