@@ -820,6 +820,36 @@ class Tx:
         self.conn.execute(t.sim_world.delete().where(t.sim_world.c.key == key))
 
 
+class StoreMissing(NotFound):
+    """There is no store at the path or URL (and the caller asked not to create one)."""
+
+    def __init__(self, location: str, *, hint: str = "") -> None:
+        super().__init__(f"no store at {location}" + (f" ({hint})" if hint else ""))
+        self.location = location
+
+
+def store_location(url: str) -> str:
+    """Where a store is, for people: a SQLite file's path, or the URL without its password."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return "<unparseable url>"
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        return parsed.database
+    return redact_url(url)
+
+
+def _sqlite_file_missing(url: str) -> bool:
+    """Whether ``url`` names a SQLite file that does not exist (opening it would create it)."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return False  # create_db_engine says what is wrong with it
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    return not parsed.database or parsed.database == ":memory:" or not Path(parsed.database).exists()
+
+
 class Store:
     """A handle on the database. Cheap methods here each run in their own transaction; compose several
     changes with ``with store.begin() as tx:``."""
@@ -827,18 +857,35 @@ class Store:
     def __init__(self, engine: sa.Engine, *, clock: Clock = utc_now) -> None:
         self.engine = engine
         self.clock = clock
+        #: Whether :meth:`open` created the store (there was no schema before).
+        self.created = False
 
     @classmethod
-    def open(cls, target: str | os.PathLike[str], *, clock: Clock = utc_now) -> Store:
-        """Open (creating or upgrading the schema) a database by path or URL."""
+    def open(cls, target: str | os.PathLike[str], *, clock: Clock = utc_now, create: bool = True) -> Store:
+        """Open a database by path or URL, upgrading an older schema.
+
+        ``create=True`` creates the store (the SQLite file and its directory, or the tables in an empty
+        PostgreSQL database) when there is none, and sets :attr:`created`. ``create=False`` (what read-only
+        callers use) never does: no file, or a database without the store's tables, raises
+        :class:`StoreMissing` and leaves nothing behind."""
         url = database_url(target)
+        if not create and _sqlite_file_missing(url):
+            raise StoreMissing(store_location(url))
         engine = create_db_engine(url)
         try:
+            existed = sa.inspect(engine).has_table(t.schema_version.name)
+            if not existed and not create:
+                engine.dispose()
+                raise StoreMissing(store_location(url))
             ensure_schema(engine, clock=clock)
         except sa.exc.SQLAlchemyError as e:
             engine.dispose()
             raise StoreError(f"cannot open store {redact_url(url)}: {_first_line(e)}") from e
-        return cls(engine, clock=clock)
+        store = cls(engine, clock=clock)
+        store.created = not existed
+        if store.created:
+            log.info("created a new store at %s", store_location(url))
+        return store
 
     @property
     def url(self) -> str:

@@ -31,10 +31,13 @@ from host_engine.errors import (
 )
 from host_engine.models import Droplet, Host, LogEntry, Migration
 from host_engine.reconcile import ClientFactory, default_client_factory
-from host_engine.store import DB_ENV, Store, default_db_path
+from host_engine.store import DB_ENV, Store, StoreMissing, default_db_path, store_location
 from host_engine.timeparse import Clock, format_time, utc_now
 
 log = logging.getLogger(__name__)
+
+#: What a command that needs a store says when there is none.
+MISSING_STORE_HINT = "create one with `host-engine init` or `host-engine host add`"
 
 
 @dataclass
@@ -56,10 +59,24 @@ class Deps:
     config: EngineConfig = field(default_factory=EngineConfig)
     _store: Store | None = None
 
-    def store(self) -> Store:
+    def target(self) -> str:
+        """The store's path or URL: ``--db`` (or ``$HOST_ENGINE_DB``), the config's ``db``, or the default."""
+        return self.db or self.config.db or str(default_db_path())
+
+    def store(self, *, create: bool = False) -> Store:
+        """The store, opened once per command.
+
+        Only commands that can start from nothing (``init``, ``host add``, ``run``) pass ``create=True``; the
+        first of them to find no store creates it and says so on stderr. Every other command (every read,
+        and every change to records that must already exist) refuses a missing store in one line and leaves
+        nothing behind: a mistyped ``--db`` never turns into an empty store that answers "no hosts"."""
         if self._store is None:
-            target = self.db or self.config.db or str(default_db_path())
-            self._store = Store.open(target, clock=self.clock)
+            try:
+                self._store = Store.open(self.target(), clock=self.clock, create=create)
+            except StoreMissing as e:
+                raise StoreMissing(e.location, hint=MISSING_STORE_HINT) from None
+            if self._store.created:
+                click.echo(f"host-engine: created a new store at {store_location(self._store.url)}", err=True)
         return self._store
 
     def requested_by(self, given: str | None) -> str:
@@ -133,6 +150,8 @@ def cli(
 ) -> None:
     """Plan and run live migrations of droplets between hypervisors."""
     deps = ctx.ensure_object(Deps)
+    if db is not None and (not db.strip() or "\0" in db):
+        raise InvalidInput(f"--db must be a path or a postgresql:// URL, got {db!r}", field="db")
     deps.db = db
     deps.config = load_config(config_path, env={}, overrides=overrides)
     if verbose and not logging.getLogger().handlers:
@@ -142,6 +161,17 @@ def cli(
             stream=sys.stderr,
         )
     ctx.call_on_close(deps.close)
+
+
+@cli.command()
+@pass_deps
+def init(deps: Deps) -> None:
+    """Create the store (a SQLite file, or the tables in a PostgreSQL database) if there is none, and upgrade
+    an older schema; an up-to-date store is left as it is."""
+    store = deps.store(create=True)
+    where = store_location(store.url)
+    version = store.schema_version()
+    click.echo(f"store {'created' if store.created else 'ready'} at {where} (schema version {version})")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------

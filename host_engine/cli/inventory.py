@@ -85,7 +85,7 @@ def host_add(
         metadata_url=metadata_url,
         metadata_token_file=os.path.abspath(metadata_token_file) if metadata_token_file else "",
     )
-    deps.store().add_host(h)
+    deps.store(create=True).add_host(h)
     click.echo(f"host {name} added ({datacenter}, {vcpus} vCPUs, {format_size(h.memory_bytes)}, "
                f"{format_size(h.disk_bytes)} disk)")  # fmt: skip
 

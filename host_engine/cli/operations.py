@@ -329,7 +329,7 @@ def run(
     listen = parse_listen(metrics_listen) if metrics_listen is not None else None
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    store = deps.store()
+    store = deps.store(create=True)  # a fresh fleet may start its workers before adding hosts
     with contextlib.ExitStack() as stack:
         sync = stack.enter_context(MetadataSync(store, deps.client_factory or _client_factory(deps)))
         metrics = ExecutorMetrics(store)
