@@ -32,8 +32,11 @@ Built once at the entry point into a frozen :class:`EngineConfig` and passed dow
     [engine]
     poll_interval = "1s"
     late_notice_grace = "1m"                    # a notice later than this pushes not_before back
-    worker = "host-a"                           # default: the hostname and pid
+    worker = "host-a"                           # default: the hostname (one live process per name)
     driver = "sim"                              # hypervisor driver: "sim" (simulated) or "libvirt"
+    lease = "60s"                               # another worker takes over a dead one's attempts after this
+    renew_every = "10s"                         # how often a worker renews its claims (< lease / 3)
+    max_concurrent = 4                          # attempts this worker runs at once
 
     [notifier]
     timeout = "5s"
@@ -129,6 +132,17 @@ class ScheduleConfig:
     max_attempts: int = 3
 
 
+# [engine] lease / renew_every: a worker renews its claims every 10 s; one not renewed for 60 s (by the
+# database's clock) is presumed dead and another worker takes its attempts over. Five missed renewals before
+# that, so a slow store round trip never hands a live attempt around.
+DEFAULT_LEASE_S = 60.0
+DEFAULT_RENEW_EVERY_S = 10.0
+# A lease must outlast at least three renewals.
+MIN_RENEWALS_PER_LEASE = 3
+# [engine] max_concurrent: attempts one worker drives at once (the fleet's limits are [concurrency]).
+DEFAULT_MAX_CONCURRENT = 4
+
+
 @dataclass(frozen=True)
 class EngineLoopConfig:
     poll_interval_s: float = 1.0
@@ -140,6 +154,9 @@ class EngineLoopConfig:
     # [metadata] ca_file: the PEM bundle the admin API client verifies the servers' certificates with
     # ("": the CA bundle of the engine's Python environment, certifi's).
     metadata_ca_file: str = ""
+    lease_s: float = DEFAULT_LEASE_S
+    renew_every_s: float = DEFAULT_RENEW_EVERY_S
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
 
 
 @dataclass(frozen=True)
@@ -172,7 +189,10 @@ class EngineConfig:
 
     @property
     def worker_id(self) -> str:
-        return self.engine.worker or f"{socket.gethostname()}:{os.getpid()}"
+        """This worker's name: ``[engine] worker``, else the hostname. Stable across restarts, so a
+        restarted engine takes its own attempts back at once; held by one live process at a time
+        (``host_engine.workers``)."""
+        return self.engine.worker or socket.gethostname()
 
 
 _KNOWN: dict[str, set[str]] = {
@@ -182,7 +202,15 @@ _KNOWN: dict[str, set[str]] = {
     "notice": {"default", "minimum"},
     "concurrency": {"max_parallel", "max_per_target", "max_per_source"},
     "schedule": {"bandwidth", "slot_overhead", "max_attempts"},
-    "engine": {"poll_interval", "late_notice_grace", "worker", "driver"},
+    "engine": {
+        "poll_interval",
+        "late_notice_grace",
+        "worker",
+        "driver",
+        "lease",
+        "renew_every",
+        "max_concurrent",
+    },
     "notifier": {"timeout", "attempts"},
     "metadata": {"ca_file"},
     "controller": {"max_downtime_ms"},
@@ -356,6 +384,25 @@ def _schedule(doc: Mapping[str, Any]) -> ScheduleConfig:
     return sched
 
 
+def _worker_settings(doc: Mapping[str, Any], eng: EngineLoopConfig) -> EngineLoopConfig:
+    """``[engine] lease``, ``renew_every``, ``max_concurrent``: one worker among several."""
+    lease = _duration(doc, "engine", "lease")
+    if lease is not None:
+        eng = replace(eng, lease_s=_positive("engine", "lease", lease.total_seconds()))
+    renew = _duration(doc, "engine", "renew_every")
+    if renew is not None:
+        eng = replace(eng, renew_every_s=_positive("engine", "renew_every", renew.total_seconds()))
+    if eng.renew_every_s * MIN_RENEWALS_PER_LEASE > eng.lease_s:
+        raise ConfigError(
+            f"config [engine] renew_every ({eng.renew_every_s:g}s) must be at most a third of lease "
+            f"({eng.lease_s:g}s), so a slow renewal never lets a live worker's claims expire"
+        )
+    mc = _get(doc, "engine", "max_concurrent", int)
+    if mc is not None:
+        eng = replace(eng, max_concurrent=int(_positive("engine", "max_concurrent", mc)))
+    return eng
+
+
 def _engine(doc: Mapping[str, Any]) -> EngineLoopConfig:
     eng = EngineLoopConfig()
     pi = _duration(doc, "engine", "poll_interval")
@@ -372,6 +419,7 @@ def _engine(doc: Mapping[str, Any]) -> EngineLoopConfig:
         if driver not in DRIVERS:
             raise ConfigError(f"config [engine] driver: expected one of {', '.join(DRIVERS)}, got {driver!r}")
         eng = replace(eng, driver=driver)
+    eng = _worker_settings(doc, eng)
     to = _duration(doc, "notifier", "timeout")
     if to is not None:
         eng = replace(eng, notifier_timeout_s=_positive("notifier", "timeout", to.total_seconds()))

@@ -1,24 +1,47 @@
 """The executor: migrations from the store, driven one attempt at a time (``host_engine.attempt``).
 
-- ``Executor`` claims due migrations (``FOR UPDATE SKIP LOCKED``), drives them, records progress and the log,
-  and takes each failure down the path of DESIGN.md §3 (retry, another target, ``offline_required``, the
-  offline copy); it also recovers migrations whose worker died. ``tick()`` is one engine-loop step.
+- ``Executor`` claims due migrations and drives them, records progress and the log, and takes each failure
+  down the path of DESIGN.md §3 (retry, another target, ``offline_required``, the offline copy); it also
+  recovers migrations whose worker died. ``tick()`` is one engine-loop step.
 - ``request_abort`` is ``host-engine abort``; ``timeline`` feeds ``host-engine report``.
 - The Prometheus side is ``host_engine.executor_metrics``; the engine-loop steps that build an executor for
   ``host-engine run`` (sim or libvirt) are in ``host_engine.engine_steps``.
+
+Many workers, one store (DESIGN.md §9; docs/host-engine.md "Running several workers"):
+
+- A claim is taken under the fleet's limits (``[concurrency]``: fleet-wide, per source, per target), counted
+  in the database under one lock, in the same transaction that starts the attempt (``Tx.claim_start``).
+- Claims are leases on the database's clock: renewed every ``renew_every_s`` (one write for all of a
+  worker's attempts); one not renewed for ``lease_s`` is taken over by another worker, which makes the
+  droplet run on exactly one host (``HypervisorDriver.recover``) and records the attempt's end. A worker
+  name is held by one live process (``host_engine.workers``), so a restarted worker takes its own attempts
+  back at once.
+- With a real clock each attempt (and each recovery) runs on its own thread: a hypervisor call that blocks
+  stalls only its own migration, and ``tick()`` does only store work, bounded by ``max_concurrent``.
+  With the simulated clock (``SimClock``: the caller advances time) ``tick()`` steps every attempt inline.
+- A store outage is ridden out: attempts keep running under the controller, writes wait and are retried
+  with backoff (logged once), and after the store returns no other worker's claim is taken over for one
+  lease, so workers that could not renew meanwhile keep their attempts.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from host_engine.attempt import DEFAULT_TICK_S, Clock, MigrationResult, MigrationRun, Outcome
-from host_engine.config import PlacementConfig
+from host_engine.attempt import DEFAULT_TICK_S, Clock, MigrationResult, MigrationRun, Outcome, RealClock
+from host_engine.config import (
+    DEFAULT_LEASE_S,
+    DEFAULT_MAX_CONCURRENT,
+    DEFAULT_RENEW_EVERY_S,
+    PlacementConfig,
+)
 from host_engine.controller import (
     AbortReason,
     ControllerConfig,
@@ -32,30 +55,41 @@ from host_engine.drivers.base import (
     Phase,
     Progress,
 )
-from host_engine.errors import Conflict, HostEngineError, StaleClaim
+from host_engine.errors import Conflict, HostEngineError, StaleClaim, StoreError
 from host_engine.executor_metrics import ExecutorMetrics
 from host_engine.models import Migration
 from host_engine.planner import plan_placement
 from host_engine.retry import RetryConfig, after_failure, backoff_s
 from host_engine.states import CANCELLABLE, MigrationState
-from host_engine.store import Store, Tx, offline_event_id
+from host_engine.store import ClaimLimits, Store, Tx, offline_event_id
+
+if TYPE_CHECKING:
+    from host_engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
 
 # --- The executor proper: migrations from the store, one worker among several ------------------------------
 
-# Renew the claim every 30 s against a 300 s lease: ten missed renewals before another worker may take over,
-# yet a dead worker's migration is recovered within five minutes.
-DEFAULT_RENEW_EVERY_S = 30.0
-DEFAULT_LEASE_S = 300.0
+# Lease and renewal defaults: host_engine.config ([engine] lease, renew_every, max_concurrent).
 # Write progress (stats) to the store every 5 s, and a log line whenever phase, round, throttle or disk limit
 # changes: `status --watch` refreshes about that fast, and the store sees well under one write per second.
 DEFAULT_PROGRESS_EVERY_S = 5.0
-# Four concurrent attempts per worker: they share NICs fairly, so more only stretches every one of them.
-DEFAULT_MAX_CONCURRENT = 4
 # An offline copy that failed this often needs an operator: the migration stays ``failed``.
 DEFAULT_MAX_OFFLINE_ATTEMPTS = 3
+# SIGTERM must end the process within 10 s: attempts get this long to abort (source untouched) before their
+# claims are released for another worker (or this name's next process) to recover at once.
+DEFAULT_SHUTDOWN_GRACE_S = 6.0
+# Store retries after a failure: 1 s, doubling, at most this (and never longer than a renewal period).
+STORE_RETRY_MIN_S = 1.0
+STORE_RETRY_MAX_S = 30.0
+# A migration waiting for its guest to shut down (offline copy) or for an operator is looked at again this
+# often, not every tick: each look is a hypervisor call.
+WAIT_RECHECK_S = 10.0
+# Due migrations read per claim pass, per free slot (the rest wait for the next tick).
+CANDIDATES_PER_SLOT = 2
+# The abort reason of a worker's own shutdown: the migration goes back to the retry path, not cancelled.
+SHUTDOWN_REASON = "worker shutting down"
 # Keys in ``migrations.stats``.
 ABORT_REQUEST_KEY = "abort_requested_by"
 NONCONVERGING_KEY = "nonconverging_attempts"
@@ -67,6 +101,8 @@ LAST_ATTEMPT_KEY = "last_attempt"
 
 @dataclass(frozen=True)
 class ExecutorConfig:
+    """One worker's executor settings. ``for_engine`` builds it from the engine's config."""
+
     worker: str
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
     tick_s: float = DEFAULT_TICK_S
@@ -78,6 +114,30 @@ class ExecutorConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
     # Claim only these migrations (``host-engine migrate --now`` runs its own, not whatever else is due).
     only: frozenset[str] | None = None
+    # The fleet's limits, checked in the store at claim time across every worker ([concurrency]).
+    limits: ClaimLimits = field(default_factory=ClaimLimits)
+    # Each attempt on its own thread; None: when the clock is real (time passes without the caller).
+    threads: bool | None = None
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+
+    @classmethod
+    def for_engine(
+        cls, config: EngineConfig, *, only: frozenset[str] | None = None, tick_s: float | None = None
+    ) -> ExecutorConfig:
+        """The executor of ``host-engine run`` / ``migrate --now``: worker name, lease, renewal and
+        per-worker concurrency from ``[engine]``, the fleet's limits from ``[concurrency]``, the downtime
+        budget from ``[controller]``; the controller ticks once per engine poll."""
+        e, sched = config.engine, config.schedule
+        return cls(
+            worker=config.worker_id,
+            max_concurrent=e.max_concurrent,
+            tick_s=e.poll_interval_s if tick_s is None else tick_s,
+            renew_every_s=e.renew_every_s,
+            lease_s=e.lease_s,
+            controller=config.controller,
+            only=only,
+            limits=ClaimLimits(sched.max_parallel, sched.max_per_source, sched.max_per_target),
+        )
 
 
 class ExecutorHooks(Protocol):
@@ -142,13 +202,19 @@ class Finished:
 
 @dataclass
 class _Active:
+    """A migration this worker drives (``run``) or recovers (``run is None``)."""
+
     migration: Migration
-    run: MigrationRun
+    run: MigrationRun | None
     offline: bool
     last_write_s: float
     last_logged: Progress | None = None
     lost_claim: str | None = None
     abort_requested: str | None = None
+    # The attempt's end, once known, until the store has recorded it.
+    result: MigrationResult | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+    thread: threading.Thread | None = None
 
 
 def attempt_id(migration_id: str, attempt: int) -> str:
@@ -201,10 +267,10 @@ def describe(p: Progress) -> str:
 class Executor:
     """Claims due migrations from the store and drives them through a hypervisor driver under the controller.
 
-    The engine's loop calls ``tick()`` and then sleeps ``config.tick_s`` on the same clock;
-    ``run_until_idle()`` does both until nothing runs (``host-engine migrate --now``, tests). Several
-    processes may run against one PostgreSQL: claims skip rows another worker holds (``FOR UPDATE SKIP
-    LOCKED``) and every write after the claim proves it still holds (``worker=``). On SQLite, one writer.
+    The engine's loop calls ``tick()`` and then sleeps ``config.tick_s``; ``run_until_idle()`` does both
+    until nothing runs (``host-engine migrate --now``, tests). Several processes may run against one
+    PostgreSQL (see the module docstring): every write after the claim proves the claim still holds
+    (``worker=``). On SQLite, one writer at a time.
     """
 
     def __init__(
@@ -218,6 +284,7 @@ class Executor:
         choose_target: TargetChooser | None = None,
         rand: Callable[[], float] | None = None,
         metrics: ExecutorMetrics | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -227,25 +294,42 @@ class Executor:
         self.hooks: ExecutorHooks = hooks or NoHooks()
         self.choose_target = choose_target
         self.rand = rand or random.Random().random  # noqa: S311 - jitter, not secrets
+        self.threaded = config.threads if config.threads is not None else isinstance(clock, RealClock)
+        # Wall time for store retries and the post-outage hold-off (the sim clock may stand still).
+        self.monotonic = monotonic
         self.active: dict[str, _Active] = {}
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._done: list[Finished] = []
+        self._last_renew_s: float | None = None
         self._last_recover_s: float | None = None
+        self._waiting: dict[str, float] = {}  # migration id -> when to look at it again (clock)
         self._waiting_logged: set[str] = set()
+        # Store outage bookkeeping (monotonic seconds).
+        self._store_down_since: float | None = None
+        self._store_retry_at = 0.0
+        self._store_retry_s = STORE_RETRY_MIN_S
+        self._no_takeover_until = 0.0
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
     def tick(self) -> list[Finished]:
-        """Recover orphans (now and then), claim what is due, advance every attempt by one controller step."""
-        done: list[Finished] = []
-        now = self.clock.now()
-        if self._last_recover_s is None or now - self._last_recover_s >= self.config.renew_every_s:
-            self._last_recover_s = now
-            done += self.recover()
-        done += self.claim_due()
-        for a in list(self.active.values()):
-            finished = self._step(a)
-            if finished is not None:
-                done.append(finished)
-        return done
+        """Renew claims, record finished attempts, recover orphans (now and then), claim what is due within
+        the limits; inline (simulated clock), also advance every attempt by one controller step.
+
+        A store outage does not raise: store work waits (retried with backoff) while attempts go on."""
+        if self._store_due():
+            try:
+                self._store_work()
+            except StoreError as e:
+                self._store_failed(e)
+            else:
+                self._store_ok()
+        if not self.threaded:
+            for a in self._snapshot():
+                if a.result is None and a.run is not None:
+                    self._advance_inline(a)
+        return self._drain_done()
 
     def run_until_idle(self, *, max_s: float | None = None) -> list[Finished]:
         """Tick and sleep on the clock until nothing is running (or ``max_s`` passes)."""
@@ -257,53 +341,172 @@ class Executor:
         return done
 
     def shutdown(self) -> list[Finished]:
-        """Stop this worker: abort its attempts (sources untouched) and hand them to the retry path."""
-        done = []
-        for a in list(self.active.values()):
-            a.abort_requested = a.abort_requested or "worker shutting down"
-            finished = self._step(a)
-            if finished is not None:
-                done.append(finished)
+        """Stop this worker: abort its attempts (sources untouched) and hand them to the retry path.
+
+        Threaded, attempts get ``shutdown_grace_s`` to end; the claims of any still going (a hypervisor
+        call that does not return, a store that does not answer) are released, so another worker, or this
+        name's next process, recovers them at once instead of after the lease."""
+        self._stopping.set()
+        for a in self._snapshot():
+            a.abort_requested = a.abort_requested or SHUTDOWN_REASON
+        if not self.threaded:
+            for a in self._snapshot():
+                if a.result is None and a.run is not None:
+                    self._advance_inline(a)
+                elif a.result is not None:
+                    self._record(a)
+            return self._drain_done()
+        deadline = self.monotonic() + self.config.shutdown_grace_s
+        for a in self._snapshot():
+            if a.thread is not None:
+                a.thread.join(max(0.0, deadline - self.monotonic()))
+        left = [a.migration.id for a in self._snapshot() if not a.lost_claim]
+        if left:
+            self._release(left)
+        return self._drain_done()
+
+    def _release(self, migration_ids: list[str]) -> None:
+        try:
+            with self.store.begin() as tx:
+                for mid in migration_ids:
+                    try:
+                        tx.release_claim(mid, self.config.worker)
+                    except StaleClaim:
+                        continue
+            log.warning(
+                "released %s unfinished attempt(s) for recovery by the next worker: %s",
+                len(migration_ids),
+                ", ".join(migration_ids),
+            )
+        except HostEngineError as e:
+            log.error(
+                "could not release %s (%s): another worker takes them over when the lease expires",
+                ", ".join(migration_ids),
+                e,
+            )
+
+    def _snapshot(self) -> list[_Active]:
+        with self._lock:
+            return list(self.active.values())
+
+    def _drain_done(self) -> list[Finished]:
+        with self._lock:
+            done, self._done = self._done, []
         return done
+
+    def _finished(self, f: Finished) -> None:
+        with self._lock:
+            self._done.append(f)
+
+    # ---- the store: work, outages ------------------------------------------------------------------------
+
+    def _store_due(self) -> bool:
+        return self._store_down_since is None or self.monotonic() >= self._store_retry_at
+
+    def _store_work(self) -> None:
+        now = self.clock.now()
+        if self._last_renew_s is None or now - self._last_renew_s >= self.config.renew_every_s:
+            self._renew()
+            self._last_renew_s = now
+        for a in self._snapshot():
+            if a.result is not None and a.thread is None:
+                self._record(a)
+        if self._last_recover_s is None or now - self._last_recover_s >= self.config.renew_every_s:
+            self._recover()
+            self._last_recover_s = now
+        self._claim_due()
+
+    def _store_failed(self, e: StoreError) -> None:
+        now = self.monotonic()
+        if self._store_down_since is None:
+            self._store_down_since = now
+            self._store_retry_s = STORE_RETRY_MIN_S
+            log.warning(
+                "store unreachable (%s): %s attempt(s) keep running; retrying with backoff",
+                e,
+                len(self.active),
+            )
+        else:
+            log.debug("store still unreachable: %s", e)
+            cap = min(STORE_RETRY_MAX_S, max(STORE_RETRY_MIN_S, self.config.renew_every_s))
+            self._store_retry_s = min(cap, self._store_retry_s * 2)
+        self._store_retry_at = now + self._store_retry_s * (0.5 + self.rand())
+
+    def _store_ok(self) -> None:
+        if self._store_down_since is None:
+            return
+        now = self.monotonic()
+        log.warning(
+            "store reachable again after %.0f s; not taking over other workers' attempts for %.0f s",
+            now - self._store_down_since,
+            self.config.lease_s,
+        )
+        self._store_down_since = None
+        # Other workers could not renew either: give them a full lease to do so before taking anything over.
+        self._no_takeover_until = now + self.config.lease_s
+
+    def _renew(self) -> None:
+        """Renew every claim this worker holds (one write), and learn which it lost and which an operator
+        asked to abort."""
+        mine = {a.migration.id: a for a in self._snapshot() if not a.lost_claim}
+        if not mine:
+            return
+        with self.store.begin() as tx:
+            held = tx.renew_claims(self.config.worker, mine)
+        for mid, a in mine.items():
+            m = held.get(mid)
+            if m is None:
+                a.lost_claim = "claim lost: another worker took this migration over"
+                log.error("migration_id=%s: %s; stopping this attempt", mid, a.lost_claim)
+                continue
+            requested = m.stats.get(ABORT_REQUEST_KEY)
+            if requested and not a.abort_requested:
+                a.abort_requested = f"aborted by {requested}"
 
     # ---- starting ----------------------------------------------------------------------------------------
 
     def claim_due(self) -> list[Finished]:
-        """Claim and start what is due, up to ``max_concurrent``. A migration that must wait (its guest has
-        not shut down for an offline copy yet) is skipped unclaimed, so it never blocks the ones behind it."""
+        """Claim and start what is due, up to ``max_concurrent`` here and within the fleet's limits (checked
+        in the store, under its claim lock, by ``Tx.claim_start``). A migration that must wait (its guest
+        has not shut down for an offline copy yet) is skipped unclaimed, so it never blocks the ones behind
+        it. Returns the attempts that have ended by now (inline: those that could not even start)."""
+        self._claim_due()
+        return self._drain_done()
+
+    def _claim_due(self) -> None:
         free = self.config.max_concurrent - len(self.active)
-        if free <= 0:
-            return []
-        now = self.store.clock()
-        stale_before = now - timedelta(seconds=self.config.lease_s)
-        done = []
-        for m in self.store.list_migrations(
-            states=(MigrationState.NOTIFIED, MigrationState.OFFLINE_REQUIRED)
-        ):
+        if free <= 0 or self._stopping.is_set():
+            return
+        now = self.clock.now()
+        waiting = {mid for mid, at in self._waiting.items() if at > now}
+        with self.store.begin(readonly=True) as tx:
+            candidates = tx.claim_candidates(
+                lease_s=self.config.lease_s,
+                limits=self.config.limits,
+                limit=free * CANDIDATES_PER_SLOT,
+                only=self.config.only,
+                exclude=set(self.active) | waiting,
+            )
+        for m in candidates:
             if free <= 0:
                 break
-            # Due at not_before; a guest that acknowledged "ready" may go earlier (DESIGN.md §3, step 5).
-            due = m.not_before <= now or (m.state is MigrationState.NOTIFIED and m.ack == "ready")
-            held = m.claimed_by is not None and m.claimed_at is not None and m.claimed_at >= stale_before
-            if self.config.only is not None and m.id not in self.config.only:
+            power = self._power(m)
+            if power is None:
                 continue
-            if m.id in self.active or not due or held or self._must_wait(m):
-                continue
-            claimed = self.store.claim(
-                self.config.worker, states=(m.state,), lease_s=self.config.lease_s, migration_id=m.id
-            )
-            if not claimed:  # another worker was faster
+            offline = self._wants_offline(m, power)
+            with self.store.begin() as tx:
+                started = tx.claim_start(
+                    m.id,
+                    self.config.worker,
+                    offline=offline,
+                    lease_s=self.config.lease_s,
+                    limits=self.config.limits,
+                )
+            if started is None:  # another worker was faster, or a limit filled up meanwhile
                 continue
             free -= 1
-            try:
-                finished = self._start(claimed[0])
-            except (HostEngineError, DriverError):
-                # Claimed (maybe already running) but not started here: recovery picks it up again.
-                log.exception("migration_id=%s droplet_id=%s: could not start", m.id, m.droplet_id)
-                continue
-            if finished is not None:
-                done.append(finished)
-        return done
+            log.info("migration_id=%s droplet_id=%s attempt %s started", m.id, m.droplet_id, started.attempt)
+            self._launch(started, offline)
 
     @staticmethod
     def _wants_offline(m: Migration, power: DomainState) -> bool:
@@ -314,15 +517,23 @@ class Executor:
             or power is DomainState.SHUT_OFF
         )
 
-    def _must_wait(self, m: Migration) -> bool:
-        """Not startable yet: the droplet is absent (an operator must look), or an offline copy waits for the
-        guest, which was told (offline_migrate, or it acknowledged offline), to shut itself down."""
-        power = self.hypervisor.domain_state(m.source_host, m.droplet_id)
+    def _power(self, m: Migration) -> DomainState | None:
+        """The droplet's power state on its source, or None when the migration must wait: the droplet is
+        absent (an operator must look), or an offline copy waits for the guest, which was told
+        (offline_migrate, or it acknowledged offline), to shut itself down."""
+        try:
+            power = self.hypervisor.domain_state(m.source_host, m.droplet_id)
+        except DriverError as e:
+            log.warning("migration_id=%s: cannot read %s on %s: %s", m.id, m.droplet_id, m.source_host, e)
+            self._waiting[m.id] = self.clock.now() + WAIT_RECHECK_S
+            return None
         if power is not DomainState.ABSENT and not (
             self._wants_offline(m, power) and power is not DomainState.SHUT_OFF
         ):
+            self._waiting.pop(m.id, None)
             self._waiting_logged.discard(m.id)
-            return False
+            return power
+        self._waiting[m.id] = self.clock.now() + WAIT_RECHECK_S
         if m.id not in self._waiting_logged:
             note = (
                 f"{m.droplet_id} is not on {m.source_host}: operator needed"
@@ -332,31 +543,24 @@ class Executor:
             self.store.append_log(m.id, "wait", note, droplet_id=m.droplet_id)
             log.warning("migration_id=%s: %s", m.id, note)
             self._waiting_logged.add(m.id)
-        return True
+        return None
 
-    def _start(self, m: Migration) -> Finished | None:
-        worker = self.config.worker
-        offline = self._wants_offline(m, self.hypervisor.domain_state(m.source_host, m.droplet_id))
-        attempt = m.attempt + 1
-        m = self.store.transition(
-            m.id,
-            MigrationState.OFFLINE_RUNNING if offline else MigrationState.RUNNING,
-            worker=worker,
-            attempt=attempt,
-            offline=offline,
-            started_at=self.store.clock(),
-            message=f"attempt {attempt} ({'offline copy' if offline else 'live'}) "
-            f"{m.source_host} -> {m.target_host} on {worker}",
-        )
-        log.info("migration_id=%s droplet_id=%s attempt %s started", m.id, m.droplet_id, attempt)
+    def _launch(self, m: Migration, offline: bool) -> None:
         run = MigrationRun(self.hypervisor.migration(self._spec(m)), self.config.controller, self.clock)
         a = _Active(m, run, offline, self.clock.now())
         run.on_progress = lambda p: self._on_progress(a, p)
         run.should_abort = lambda: a.lost_claim or a.abort_requested
-        self.active[m.id] = a
-        if not run.begin():
-            return self._step(a)
-        return None
+        with self._lock:
+            self.active[m.id] = a
+        if self.threaded:
+            self._spawn(a, self._attempt_main, f"attempt {m.id}")
+        elif not run.begin():
+            a.result = run.result
+            self._record(a)
+
+    def _spawn(self, a: _Active, target: Callable[[_Active], None], name: str) -> None:
+        a.thread = threading.Thread(target=self._thread_main, args=(a, target), name=name, daemon=True)
+        a.thread.start()
 
     def _spec(self, m: Migration) -> MigrationSpec:
         with self.store.begin(readonly=True) as tx:
@@ -379,8 +583,37 @@ class Executor:
 
     # ---- running -----------------------------------------------------------------------------------------
 
+    def _thread_main(self, a: _Active, target: Callable[[_Active], None]) -> None:
+        """An attempt's (or a recovery's) own thread: drive it, record its end, leave ``active``."""
+        try:
+            target(a)
+            self._record_until_stored(a)
+        except Exception:
+            # The row stays running under this worker's claim: recovery (this name's) finishes it.
+            log.exception("migration_id=%s: attempt thread failed", a.migration.id)
+        finally:
+            with self._lock:
+                self.active.pop(a.migration.id, None)
+
+    def _attempt_main(self, a: _Active) -> None:
+        run = a.run
+        if run is None:
+            return
+        if run.begin():
+            while run.step() is None:
+                self.clock.sleep(self.config.tick_s)
+        a.result = run.result
+
+    def _advance_inline(self, a: _Active) -> None:
+        if a.run is None:
+            return
+        a.result = a.run.result or a.run.step()
+        if a.result is not None:
+            self._record(a)
+
     def _on_progress(self, a: _Active, p: Progress) -> None:
-        """Renew the claim, record progress, pick up an operator's abort: at most every few seconds."""
+        """Record progress, pick up an operator's abort: at most every few seconds, and on every change of
+        phase, round, throttle or disk limit. A store that does not answer only skips the write."""
         now = self.clock.now()
         last = a.last_logged
         changed = last is None or (p.phase, p.round, p.memory_throttle_pct, p.disk_write_limit_bps) != (
@@ -405,7 +638,7 @@ class Executor:
             a.lost_claim = f"claim lost: {e}"
             return
         except HostEngineError as e:  # the store is unreachable: keep migrating, write on a later tick
-            log.warning("migration_id=%s: progress not recorded: %s", mid, e)
+            log.debug("migration_id=%s: progress not recorded: %s", mid, e)
             return
         requested = m.stats.get(ABORT_REQUEST_KEY)
         if requested and not a.abort_requested:
@@ -413,44 +646,74 @@ class Executor:
         a.last_write_s = now
         a.last_logged = p
 
-    def _step(self, a: _Active) -> Finished | None:
-        result = a.run.result or a.run.step()
-        if result is None:
-            return None
-        del self.active[a.migration.id]
-        if a.lost_claim:
-            # Another worker took over (our lease expired): it owns the store row and recovery.
-            return Finished(a.migration.id, a.migration.attempt, result, a.migration.state)
-        try:
-            return self._finish(a.migration, a.offline, result, operator_abort=a.abort_requested)
-        except HostEngineError:
-            # The hypervisors are consistent (one host runs the droplet); the store could not record it. The
-            # row stays running under our claim and recovery finishes it from what the hypervisor reports.
-            log.exception("migration_id=%s: outcome not recorded; recovery will", a.migration.id)
-            return Finished(a.migration.id, a.migration.attempt, result, a.migration.state)
-
     # ---- ending ------------------------------------------------------------------------------------------
 
+    def _record(self, a: _Active) -> bool:
+        """Record an ended attempt in the store. True when done with it (recorded, or not ours to record);
+        False when the store could not be reached (the caller tries again later)."""
+        result = a.result
+        if result is None:
+            return False
+        mid = a.migration.id
+        if a.lost_claim:
+            # Another worker took over (our lease expired): it owns the store row and recovery.
+            self._drop(a, Finished(mid, a.migration.attempt, result, a.migration.state))
+            return True
+        try:
+            finished = self._finish(
+                a.migration, a.offline, result, operator_abort=a.abort_requested, extra=a.extra
+            )
+        except StoreError as e:
+            log.debug("migration_id=%s: outcome not recorded yet: %s", mid, e)
+            return False
+        except HostEngineError:
+            # The hypervisors are consistent (one host runs the droplet); the store refused the record. The
+            # row stays running under our claim and recovery finishes it from what the hypervisor reports.
+            log.exception("migration_id=%s: outcome not recorded; recovery will", mid)
+            finished = Finished(mid, a.migration.attempt, result, a.migration.state)
+        self._drop(a, finished)
+        return True
+
+    def _drop(self, a: _Active, finished: Finished) -> None:
+        with self._lock:
+            self.active.pop(a.migration.id, None)
+            self._done.append(finished)
+
+    def _record_until_stored(self, a: _Active) -> None:
+        """On an attempt's thread: record its end, retrying with backoff while the store is unreachable
+        (until shutdown's grace runs out: then the claim is released for the next worker to recover)."""
+        wait_s = STORE_RETRY_MIN_S
+        while not self._record(a):
+            if self._stopping.wait(wait_s * (0.5 + self.rand())) and self._stopping.is_set():
+                # Shutting down: one last try, then leave it to recovery.
+                self._record(a)
+                return
+            wait_s = min(STORE_RETRY_MAX_S, wait_s * 2)
+
     def _finish(
-        self, m: Migration, offline: bool, result: MigrationResult, *, operator_abort: str | None
+        self,
+        m: Migration,
+        offline: bool,
+        result: MigrationResult,
+        *,
+        operator_abort: str | None,
+        extra: dict[str, object] | None = None,
     ) -> Finished:
         worker = self.config.worker
-        if self.metrics is not None:
-            self.metrics.observe(result)
-        attempt_stats = {"attempt": m.attempt, "offline": offline, **result.summary()}
+        attempt_stats = {"attempt": m.attempt, "offline": offline, **result.summary(), **(extra or {})}
         if result.outcome is Outcome.COMPLETED:
             done = self.store.complete(
                 m.id,
                 worker=worker,
                 stats={LAST_ATTEMPT_KEY: attempt_stats},
                 message=f"completed: {m.droplet_id} now on {m.target_host} "
-                f"(downtime {result.downtime_ms or 0:.0f} ms, {result.duration_s:.1f} s)",
+                f"(downtime {_ms(result.downtime_ms)}, {result.duration_s:.1f} s)",
             )
             log.info("migration_id=%s droplet_id=%s completed on %s", m.id, m.droplet_id, m.target_host)
+            self._observe(result)
             self._hook("completed", done)
             return Finished(m.id, m.attempt, result, done.state)
 
-        now = self.store.clock()
         nonconverging = int(m.stats.get(NONCONVERGING_KEY, 0))
         if result.abort_reason in (AbortReason.STALLED, AbortReason.TIMEOUT):
             nonconverging += 1
@@ -470,12 +733,13 @@ class Executor:
         log.warning(
             "migration_id=%s droplet_id=%s attempt %s failed: %s", m.id, m.droplet_id, m.attempt, reason
         )
-        cancel = bool(operator_abort) and operator_abort != "worker shutting down"
+        cancel = bool(operator_abort) and operator_abort != SHUTDOWN_REASON
         # Decided before the transaction: choosing a target reads the store (placement) on its own.
         target = m.target_host
         if result.target_at_fault and self.choose_target is not None and not cancel:
             target = self.choose_target(m, frozenset(failed_targets | {m.source_host})) or target
         with self.store.begin() as tx:
+            now = tx.now
             failed = tx.transition(
                 m.id,
                 MigrationState.FAILED,
@@ -492,9 +756,14 @@ class Executor:
                 nxt, hook = self._after_offline_failure(tx, failed, now, target)
             else:
                 nxt, hook = self._after_live_failure(tx, failed, now, result, nonconverging, target)
+        self._observe(result)
         if hook:
             self._hook(hook, nxt)
         return Finished(m.id, m.attempt, result, nxt.state)
+
+    def _observe(self, result: MigrationResult) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(result)
 
     def _after_live_failure(
         self,
@@ -577,25 +846,29 @@ class Executor:
     # ---- recovery ----------------------------------------------------------------------------------------
 
     def recover(self) -> list[Finished]:
-        """Take over running migrations whose worker died (claim lease expired, or this worker's own after a
-        restart): make the droplet run on exactly one host, then record the outcome as the attempt's end."""
-        now = self.store.clock()
-        stale_before = now - timedelta(seconds=self.config.lease_s)
+        """Take over running migrations nobody supervises: unclaimed (released at a shutdown), this
+        worker's own from before a restart (its name is held by one live process, so they are orphans),
+        or another worker's whose lease expired (by the store's clock; never for one lease after a store
+        outage). Each is claimed, then the hypervisor makes the droplet run on exactly one host
+        (``HypervisorDriver.recover``: adopted if the switchover happened, else aborted with the source
+        untouched), and that is recorded as the attempt's end. Threaded, each on its own thread.
+        Returns the attempts that have ended by now."""
+        self._recover()
+        return self._drain_done()
+
+    def _recover(self) -> None:
         worker = self.config.worker
-        done = []
-        candidates = self.store.list_migrations(
-            states=(MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING)
-        )
-        for candidate in candidates:
+        if self._stopping.is_set():
+            return
+        hold_off = self.monotonic() < self._no_takeover_until
+        with self.store.begin(readonly=True) as tx:
+            orphans = tx.orphans(worker, lease_s=self.config.lease_s)
+        for candidate in orphans:
             if candidate.id in self.active:
                 continue
-            ours = candidate.claimed_by == worker
-            stale = (
-                candidate.claimed_by is None
-                or candidate.claimed_at is None
-                or candidate.claimed_at < stale_before
-            )
-            if not (ours or stale):
+            if self.config.only is not None and candidate.id not in self.config.only:
+                continue
+            if hold_off and candidate.claimed_by not in (None, worker):
                 continue
             claimed = self.store.claim(
                 worker,
@@ -607,40 +880,88 @@ class Executor:
             if not claimed:
                 continue
             m = claimed[0]
-            try:
-                where = self.hypervisor.recover(self._spec(m))
-            except (HostEngineError, DriverError):
-                log.exception("migration_id=%s: recovery failed; will try again", m.id)
+            a = _Active(m, None, m.state is MigrationState.OFFLINE_RUNNING, self.clock.now())
+            requested = m.stats.get(ABORT_REQUEST_KEY)
+            # An operator's abort of an orphaned attempt still cancels it (not a retry).
+            a.abort_requested = f"aborted by {requested}" if requested else None
+            a.extra = {"recovered_by": worker, "previous_worker": candidate.claimed_by}
+            with self._lock:
+                self.active[m.id] = a
+            if self.threaded:
+                self._spawn(a, self._recover_main, f"recover {m.id}")
                 continue
-            log.warning(
-                "migration_id=%s droplet_id=%s: worker %s died mid-attempt; droplet runs on %s",
-                m.id,
-                m.droplet_id,
-                candidate.claimed_by,
-                where,
-            )
-            completed = where == m.target_host
-            result = MigrationResult(
-                outcome=Outcome.COMPLETED if completed else Outcome.FAILED,
-                reason=None if completed else "worker died mid-attempt; source resumed, target cleaned",
-                abort_reason=None,
-                target_at_fault=False,
-                duration_s=0.0,
-                downtime_ms=None,
-                throttle_pct_s=0.0,
-                disk_limit_s=0.0,
-                bytes_transferred=0,
-                rounds=0,
-            )
-            try:
-                offline = m.state is MigrationState.OFFLINE_RUNNING
-                requested = m.stats.get(ABORT_REQUEST_KEY)
-                # An operator's abort of an orphaned attempt still cancels it (not a retry).
-                operator_abort = f"aborted by {requested}" if requested else None
-                done.append(self._finish(m, offline, result, operator_abort=operator_abort))
-            except HostEngineError:
-                log.exception("migration_id=%s: recovered outcome not recorded; will try again", m.id)
-        return done
+            self._recover_main(a)
+            if a.result is None or not self._record(a):
+                with self._lock:  # try again at the next recovery pass
+                    self.active.pop(m.id, None)
+
+    def _recover_main(self, a: _Active) -> None:
+        """Ask the hypervisor where the droplet runs (cancelling what is left of the job), and turn the
+        answer into the attempt's result: the recorded progress supplies what the dead worker measured."""
+        m = a.migration
+        try:
+            answer = self.hypervisor.recover(self._spec(m))
+        except (HostEngineError, DriverError):
+            log.exception("migration_id=%s: recovery failed; will try again", m.id)
+            return
+        where, reported = _recovered(answer)
+        log.warning(
+            "migration_id=%s droplet_id=%s: attempt %s of %s recovered by %s; droplet runs on %s",
+            m.id,
+            m.droplet_id,
+            m.attempt,
+            m.claimed_by if a.extra.get("previous_worker") is None else a.extra["previous_worker"],
+            self.config.worker,
+            where,
+        )
+        a.result = _recovered_result(m, where, reported, now=self.store.now())
+
+
+def _ms(downtime_ms: float | None) -> str:
+    return "unknown" if downtime_ms is None else f"{downtime_ms:.0f} ms"
+
+
+def _recovered(answer: object) -> tuple[str, dict[str, object]]:
+    """``HypervisorDriver.recover``'s answer: the host that runs the droplet, and what the driver measured of
+    the attempt when it says (``host``/``stats`` attributes), else just the host name."""
+    if isinstance(answer, str):
+        return answer, {}
+    host = getattr(answer, "host", None)
+    stats = getattr(answer, "stats", None)
+    if not isinstance(host, str):
+        raise DriverError(f"recover returned {answer!r}, not a host")
+    return host, dict(stats) if isinstance(stats, dict) else {}
+
+
+def _recovered_result(
+    m: Migration, where: str, reported: dict[str, object], *, now: datetime
+) -> MigrationResult:
+    """The end of an attempt its worker did not live to record. Completed when the droplet runs on the
+    target, with the real numbers: what the driver reports, else the progress the worker last recorded."""
+    completed = where == m.target_host
+    last = m.stats.get(PROGRESS_KEY)
+    progress: dict[str, object] = dict(last) if isinstance(last, dict) else {}
+    merged = {**progress, **reported}
+
+    def number(key: str) -> float | None:
+        value = merged.get(key)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    duration = number("duration_s")
+    if duration is None and m.started_at is not None:
+        duration = max(0.0, (now - m.started_at).total_seconds())
+    return MigrationResult(
+        outcome=Outcome.COMPLETED if completed else Outcome.FAILED,
+        reason=None if completed else "worker died mid-attempt; source resumed, target cleaned",
+        abort_reason=None,
+        target_at_fault=False,
+        duration_s=duration or 0.0,
+        downtime_ms=number("downtime_ms") if completed else None,
+        throttle_pct_s=number("throttle_pct_s") or 0.0,
+        disk_limit_s=number("disk_limit_s") or 0.0,
+        bytes_transferred=int(number("bytes_transferred") or 0),
+        rounds=int(number("rounds") or number("round") or 0),
+    )
 
 
 def request_abort(store: Store, migration_id: str, *, by: str) -> Migration:

@@ -171,9 +171,30 @@ sim_world = sa.Table(
 
 _V1_TABLES = [hosts, droplets, migrations, migration_log, sim_world]
 
+# Engine worker processes (DESIGN.md §9: a worker name is held by one live process at a time). What makes a
+# name held is a lock (a session-level advisory lock on PostgreSQL, a lock file beside a SQLite database);
+# this row says who holds or last held it, for the message that refuses a second process and for operators.
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("hostname", sa.String(255), nullable=False, server_default=""),
+    sa.Column("pid", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("heartbeat_at", UTCDateTime, nullable=False),
+    sa.Column("stopped_at", UTCDateTime, nullable=True),
+)
+# Lease renewals and recovery look migrations up by the worker holding them.
+_ix_claimed_by = sa.Index("ix_migrations_claimed_by", migrations.c.claimed_by)
+
 
 def _step_1(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=_V1_TABLES)
+
+
+def _step_2(conn: sa.Connection) -> None:
+    workers.create(conn, checkfirst=True)
+    _ix_claimed_by.create(conn, checkfirst=True)
 
 
 SchemaStep = Callable[[sa.Connection], None]
@@ -181,6 +202,7 @@ SchemaStep = Callable[[sa.Connection], None]
 #: version -> (description, step). Append only.
 SCHEMA_STEPS: dict[int, tuple[str, SchemaStep]] = {
     1: ("hosts, droplets, migrations, migration_log, sim_world", _step_1),
+    2: ("workers (one live process per worker name), index on migrations.claimed_by", _step_2),
 }
 LATEST_VERSION = max(SCHEMA_STEPS)
 

@@ -427,13 +427,13 @@ def test_executor_metrics_and_timeline_describe_what_happened(env: Env) -> None:
     assert rows[-1]["disk_write_limit_bps"] is None
 
 
-def test_executor_store_outage_at_the_end_is_healed_by_recovery(
+def test_executor_store_outage_at_the_end_records_the_outcome_when_the_store_answers(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env.droplet("d1")
     mid = env.migration("d1")
     real_complete = env.store.complete
-    outages = [StoreError("store error: connection refused")]
+    outages = [StoreError("store error: connection refused")] * 3
 
     def flaky_complete(migration_id: str, **kw: object) -> Migration:
         if outages:
@@ -441,13 +441,30 @@ def test_executor_store_outage_at_the_end_is_healed_by_recovery(
         return real_complete(migration_id, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(env.store, "complete", flaky_complete)
-    ex = env.executor()
-    ex.run_until_idle()
-    # The droplet moved; the store could not say so yet.
-    assert env.state(mid) is S.RUNNING
-    assert env.world.droplets["d1"].host == "b"
+    wall = [0.0]
+    ex = Executor(
+        env.store,
+        SimHypervisor(env.world),
+        ExecutorConfig(worker="w1"),
+        env.clock,
+        hooks=env.hooks,
+        rand=lambda: 0.5,
+        monotonic=lambda: wall[0],
+    )
+    while env.world.droplets["d1"].host != "b":
+        ex.tick()
+        env.clock.sleep(0.5)
+    # The droplet moved; the store could not say so yet: the attempt waits, it is not thrown away.
+    for _ in range(3):
+        ex.tick()
+        wall[0] += 60.0
+    assert not outages
     env.drive(ex, lambda: env.state(mid) is S.COMPLETED, max_s=120)
     env.assert_on_exactly("d1", "b")
+    m = env.store.get_migration(mid)
+    assert m.attempt == 1  # recorded by the attempt itself, not recovered and retried
+    assert m.stats["last_attempt"]["downtime_ms"] is not None  # the real numbers of the attempt
+    assert m.stats["last_attempt"]["bytes_transferred"] > DISK
     assert [c[0] for c in env.hooks.calls] == ["completed"]
 
 
