@@ -195,8 +195,8 @@ def _notice_json(n: Notice) -> dict[str, Any]:
         "event": n.raw,
         "id": n.id,
         "state": n.state,
-        "not_before": _fmt_dt(n.not_before),
-        "deadline": _fmt_dt(n.deadline),
+        "not_before": _fmt_dt(n.not_before) if n.not_before is not None else None,  # JSON: null, not "-"
+        "deadline": _fmt_dt(n.deadline) if n.deadline is not None else None,
         "acknowledged": n.acknowledged,
     }
 
@@ -207,7 +207,7 @@ def _record_json(rec: EventRecord) -> dict[str, Any]:
         "kind": rec.kind,
         "status": rec.status.value,
         "first_seen": _fmt_ts(rec.first_seen),
-        "deadline": _fmt_ts(rec.deadline),
+        "deadline": _fmt_ts(rec.deadline) if rec.deadline is not None else None,  # JSON: null, not "-"
         "hooks": [
             {
                 "phase": h.phase.value,
