@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from guest_agent import journal_schema
 from guest_agent.config import AgentConfig, HookSpec, Phase, WebhookHookSpec
 from guest_agent.errors import AckRejected, MetadataUnreachable
 from guest_agent.hooks import Hook, build_hook
@@ -44,7 +45,7 @@ ACK_READY_STEP = "@ack-ready"
 ACK_OFFLINE_STEP = "@ack-offline"
 POWER_OFF_STEP = "@power-off"
 ACK_RETRY_S = (1.0, 2.0, 4.0, 8.0)  # then give up on the ack and go on
-SHUTDOWN_ABANDONED = "shutdown_abandoned"
+SHUTDOWN_ABANDONED = journal_schema.SHUTDOWN_ABANDONED
 
 
 class _Ack(enum.Enum):

@@ -42,9 +42,8 @@ class Daemon:
 
     @classmethod
     def open(cls, config: AgentConfig, load: Callable[[], AgentConfig]) -> Daemon:
-        """Open and lock the journal (one agent per journal) before anything runs."""
-        journal = Journal.open(config.agent.journal_path)
-        journal.lock()
+        """Lock, then load, the journal (one agent per journal) before anything runs."""
+        journal = Journal.open_locked(config.agent.journal_path)
         return cls(config, load, journal)
 
     def _new_watcher(self, source: SDKSource) -> Watcher:

@@ -26,11 +26,11 @@ from typing import Any
 
 from guest_agent.config import Phase
 from guest_agent.errors import AlreadyRunning, JournalError
+from guest_agent.journal_schema import JOURNAL_VERSION, MAX_JOURNAL_BYTES, check_journal
 from guest_agent.states import EventStatus, check_transition
 
 log = logging.getLogger(__name__)
 
-JOURNAL_VERSION = 1
 KEEP_FINISHED_EVENTS = 50
 
 
@@ -104,6 +104,19 @@ class Journal:
         :class:`JournalError` for an unreadable file instead of moving it aside."""
         journal = cls(path, wall=wall)
         journal._load(read_only=read_only)
+        return journal
+
+    @classmethod
+    def open_locked(cls, path: Path | None, *, wall: Callable[[], float] = time.time) -> Journal:
+        """Take the lock, then load: what the daemon does. Loading first could move aside (as unreadable)
+        the file another running agent owns, or read it between two of its writes."""
+        journal = cls(path, wall=wall)
+        journal.lock()
+        try:
+            journal._load()
+        except BaseException:
+            journal.unlock()
+            raise
         return journal
 
     # ---- locking: one agent per journal
@@ -251,20 +264,21 @@ class Journal:
         if self.path is None or not self.path.exists():
             return
         try:
-            doc = json.loads(self.path.read_bytes())
-            if not isinstance(doc, dict) or doc.get("version") != JOURNAL_VERSION:
-                raise ValueError(
-                    f"unknown journal version {doc.get('version') if isinstance(doc, dict) else doc!r}"
-                )
-            for event_id, raw in doc["events"].items():
-                _event_from_doc(event_id, raw)  # validates
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            doc = check_journal(json.loads(_read_capped(self.path, MAX_JOURNAL_BYTES)))
+        except (
+            OSError,
+            ValueError,
+            RecursionError,
+        ) as e:  # JournalFormatError and JSON errors are ValueErrors
             if read_only:
-                raise JournalError(f"cannot read the journal {self.path}: {e}") from e
+                raise JournalError(f"cannot read the journal {self.path}: {_one_line(e)}") from e
             # Never crash-loop on a bad journal: keep it for a human and start a fresh one.
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self._wall())}")
             log.error(
-                "journal %s is unreadable (%s); moved aside to %s, starting a new one", self.path, e, aside
+                "journal %s is unreadable (%s); moved aside to %s, starting a new one",
+                self.path,
+                _one_line(e),
+                aside,
             )
             with contextlib.suppress(OSError):
                 os.replace(self.path, aside)
@@ -300,6 +314,22 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _read_capped(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes; ``ValueError`` past ``max_bytes`` (a journal that big is not ours: never load it)."""
+    with path.open("rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes")
+    return data
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _hook_key(phase: Phase, name: str) -> str:

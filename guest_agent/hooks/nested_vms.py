@@ -23,6 +23,7 @@ from typing import Any
 from guest_agent.config import NestedVMsHookSpec, Phase, RestartMethod
 from guest_agent.hooks.base import HookContext, HookResult
 from guest_agent.hooks.process import run_program
+from guest_agent.journal_schema import NESTED_VMS_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ Connect = Callable[[str], Any]  # uri -> a libvirt.virConnect (or a stand-in wit
 
 def data_key(uri: str) -> str:
     """Where the record of running domains is kept in the event's journal data."""
-    return f"nested_vms:{uri}"
+    return f"{NESTED_VMS_PREFIX}{uri}"
 
 
 def libvirt_connect(uri: str) -> Any:
