@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,17 @@ def load_token(token_file: Path | None, environ: dict[str, str] | None = None) -
     return token
 
 
+def _check_tls_files(cert: Path, key: Path) -> None:
+    """Load the pair once now: a bad file is one clear error, not a worker failing at every start."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile=cert, keyfile=key)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(
+            f"--admin-tls-cert {cert} / --admin-tls-key {key}: "
+            f"not a PEM certificate and its private key ({e})"
+        ) from e
+
+
 def build_config(
     *,
     guest_listen: str,
@@ -113,6 +125,8 @@ def build_config(
     for flag, path in (("--admin-tls-cert", tls_cert), ("--admin-tls-key", tls_key)):
         if path is not None and not path.is_file():
             raise ConfigError(f"{flag}: {path} is not a readable file")
+    if tls_cert is not None and tls_key is not None:
+        _check_tls_files(tls_cert, tls_key)
     if tls_cert is None and not admin.is_loopback and not insecure_admin:
         raise ConfigError(
             f"--admin-listen {admin} is not a loopback address: give --admin-tls-cert/--admin-tls-key, "

@@ -4,9 +4,11 @@ Why two gunicorn arbiters: TLS is a per-server setting in gunicorn, and the admi
 while the guest listener must serve plain HTTP on 169.254.169.254:80. The guest listener uses gevent
 workers, because each held long-poll then costs a greenlet (~20 KiB) rather than a thread, and a change
 for 1,000 waiting droplets is answered from one loop per process (see ../shared/notes and
-docs/benchmarks.md). The admin listener uses a small gthread worker. The supervisor (``serve``) binds both
-sockets itself so a port in use is one clear error before anything starts, then hands the file
-descriptors to the arbiters with gunicorn's ``fd://`` binds.
+docs/benchmarks.md). The admin listener runs one gevent worker too (``admin_worker.py``: a slow or idle
+connection must not hold a thread the engine needs). The supervisor (``serve``) binds both sockets itself
+so a port in use is one clear error before anything starts, then hands the file descriptors to the
+arbiters with gunicorn's ``fd://`` binds. Every process of the tree ends when its parent does
+(``lifeline.py``), so nothing outlives a ``kill -9`` of ``serve``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from .config import MULTIPROC_ENV, Listen, ServerConfig
 from .errors import ListenError
+from .lifeline import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +34,10 @@ log = logging.getLogger(__name__)
 # requests in flight (milliseconds) and idle keep-alive connections, which need not hold shutdown up.
 GRACEFUL_TIMEOUT_S = 2
 GUEST_WORKER_CONNECTIONS = 10_000
-# gthread gives each accepted connection a thread until its first request arrives, so idle keep-alive
-# connections (one per engine worker, per reconciliation) must not be able to exhaust the pool.
-ADMIN_THREADS = 32
+# An arbiter whose supervisor died stops gracefully (held long-polls are answered); a worker whose arbiter
+# died is killed outright, as its arbiter can no longer coordinate anything.
+ARBITER_PDEATHSIG = signal.SIGTERM
+WORKER_PDEATHSIG = signal.SIGKILL
 
 
 def bind(listen: Listen, what: str) -> socket.socket:
@@ -78,8 +82,13 @@ def _common_options(config: ServerConfig, fd: int, name: str) -> dict[str, Any]:
         "errorlog": "-",
         "proc_name": f"metadata-server-{name}",
         "child_exit": _mark_dead,
+        "post_fork": _worker_dies_with_arbiter,
         "keepalive": 75,
     }
+
+
+def _worker_dies_with_arbiter(_server: Any, worker: Any) -> None:
+    die_with_parent(worker.ppid, WORKER_PDEATHSIG)
 
 
 def _mark_dead(_server: Any, worker: Any) -> None:
@@ -104,21 +113,27 @@ def run_guest(config: ServerConfig, fd: int) -> None:
 
 
 def run_admin(config: ServerConfig, fd: int) -> None:
+    from .admin_worker import REQUEST_HEAD_TIMEOUT_S, WORKER_CONNECTIONS, admin_worker_class
     from .app import create_app
 
+    cert = None if config.tls_cert is None else str(config.tls_cert)
+    key = None if config.tls_key is None else str(config.tls_key)
     options = _common_options(config, fd, "admin") | {
         "workers": 1,
-        "worker_class": "gthread",
-        "threads": ADMIN_THREADS,
+        # TLS is the worker's job (see admin_worker.py), not gunicorn's certfile/keyfile.
+        "worker_class": admin_worker_class(cert, key),
+        "worker_connections": WORKER_CONNECTIONS,
+        "keepalive": REQUEST_HEAD_TIMEOUT_S,
+        "sendfile": False,  # never write plain bytes around the worker's TLS socket
+        "timeout": 30,
     }
-    if config.tls_cert is not None and config.tls_key is not None:
-        options |= {"certfile": str(config.tls_cert), "keyfile": str(config.tls_key)}
     _gunicorn_child(options, lambda: create_app(config.db_path, config.admin_token))
 
 
 def _fork_listener(
     name: str, target: Callable[[ServerConfig, int], None], config: ServerConfig, fd: int
 ) -> int:
+    parent = os.getpid()
     pid = os.fork()
     if pid:
         return pid
@@ -126,6 +141,7 @@ def _fork_listener(
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        die_with_parent(parent, ARBITER_PDEATHSIG)
         target(config, fd)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1

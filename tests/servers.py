@@ -25,6 +25,9 @@ from typing import Any
 import requests
 
 START_TIMEOUT_S = 20.0
+# After `serve` has exited, however it was stopped, every process of its tree must be gone and both ports
+# free within this time; `kill -9` included (the arbiters then stop gracefully, ~2 s).
+LEFTOVER_TIMEOUT_S = 6.0
 BIN = Path(sys.executable).parent / "metadata-server"
 
 
@@ -32,6 +35,35 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Nothing listens on the port (connections left in TIME_WAIT do not count, as for the server)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def session_processes(session_id: int) -> dict[int, str]:
+    """Live (not zombie) processes of a session, pid -> command line; orphans keep their session id."""
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue  # ended meanwhile
+        fields = stat.rsplit(")", 1)[1].split()
+        state, session = fields[0], int(fields[3])
+        if session == session_id and state not in ("Z", "X"):
+            found[int(entry)] = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+    return found
 
 
 @dataclass
@@ -121,6 +153,7 @@ class MetadataServer:
         return r.status_code in (200, 404)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15) -> int | None:
+        """Signal `serve` alone (as a supervisor would), wait for it, then check nothing of it is left."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -130,13 +163,29 @@ class MetadataServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        if sig == signal.SIGKILL:  # the workers are in the same session: take them down too
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            time.sleep(0.2)
         code = self.proc.returncode
+        session = self.proc.pid
         self.proc = None
+        self.assert_nothing_left(session)
         return code
+
+    def assert_nothing_left(self, session: int) -> None:
+        """Every process `serve` started has ended and both ports are free, or fail (after killing them)."""
+        deadline = time.monotonic() + LEFTOVER_TIMEOUT_S
+        while True:
+            left = session_processes(session)
+            bound = [p for p in (self.guest_port, self.admin_port) if not port_is_free(p)]
+            if not left and not bound:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(session, signal.SIGKILL)  # clean up for the next test, then report
+        raise AssertionError(
+            f"{LEFTOVER_TIMEOUT_S:.0f} s after metadata-server serve (pid {session}) ended, "
+            f"still running: {left or 'nothing'}; ports still bound: {bound or 'none'}"
+        )
 
     def restart(self) -> None:
         self.stop()

@@ -89,3 +89,11 @@ def test_config_insecure_admin_allows_clear_text_on_a_network_address(tmp_path: 
     assert config.admin_scheme == "http"  # type: ignore[attr-defined]
     v6 = _config(tmp_path, guest_listen="[fe80::1]:80", admin_listen="[::1]:8775")
     assert str(v6.guest_listen) == "[fe80::1]:80"  # type: ignore[attr-defined]
+
+
+def test_config_unusable_tls_files_are_one_clear_error(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not a certificate\n")
+    key.write_text("not a key\n")
+    with pytest.raises(ConfigError, match="not a PEM certificate and its private key"):
+        _config(tmp_path, tls_cert=cert, tls_key=key)
