@@ -239,6 +239,15 @@ class Agent:
             inherit_from=carry.event_id if carry else None,
             inherit_phases=(Phase.ON_NOTICE,),
         )
+        problem = _deadline_problem(notice, now)
+        if problem is not None:
+            log.warning(
+                "event_id=%s: the server's deadline %s %s: the hooks get the default notice (%g s) instead",
+                event_id,
+                _fmt(notice.deadline or notice.not_before),
+                problem,
+                self.config.agent.default_notice_s,
+            )
         lead_s = None if deadline is None else deadline - now
         self.metrics.event_seen(notice.kind.value, lead_s)
         log.warning(
@@ -259,12 +268,18 @@ class Agent:
         return notice.id is None and notice.kind.value == rec.kind
 
     def _deadline_for(self, notice: Notice, first_seen: float) -> float:
-        if notice.deadline is not None:
-            return notice.deadline.timestamp()
-        if notice.not_before is not None:
-            return notice.not_before.timestamp()
-        # A text-only server (or one that gave no times): the configured notice after first sight.
-        return first_seen + self.config.agent.default_notice_s
+        """The event's deadline (wall clock) for the hooks: the server's, when it makes sense.
+
+        A text-only server gives no times, and a deadline that was already past when the event was first
+        seen, or that comes before ``not_before``, is nonsense (a bad clock, a bad request to the server): in
+        every such case the hooks get the configured ``default_notice_s`` from first sight, rather than being
+        skipped as late while the migration may be an hour away.
+        """
+        fallback = first_seen + self.config.agent.default_notice_s
+        if _deadline_problem(notice, first_seen) is not None:
+            return fallback
+        given = notice.deadline or notice.not_before
+        return given.timestamp() if given is not None else fallback
 
     def _wants_shutdown(self, rec: EventRecord, notice: Notice) -> bool:
         if notice.kind is NoticeKind.OFFLINE_MIGRATE:
@@ -525,6 +540,18 @@ class Agent:
             deadline=_dt(rec.deadline),
             simulated=rec.simulated,
         )
+
+
+def _deadline_problem(notice: Notice, first_seen: float) -> str | None:
+    """Why the server's deadline (or not_before standing in for it) cannot be used, or None if it can."""
+    given = notice.deadline or notice.not_before
+    if given is None:
+        return None
+    if given.timestamp() <= first_seen:
+        return "had already passed when the event was first seen"
+    if notice.deadline is not None and notice.not_before is not None and notice.deadline < notice.not_before:
+        return f"is before not_before {_fmt(notice.not_before)}"
+    return None
 
 
 def _ts(when: datetime | None) -> float | None:

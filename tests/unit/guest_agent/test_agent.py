@@ -8,7 +8,7 @@ import pytest
 
 from guest_agent.config import Phase
 from guest_agent.errors import AckRejected, MetadataUnreachable
-from guest_agent.hooks.base import HookResult
+from guest_agent.hooks.base import HookContext, HookResult
 from guest_agent.journal import HookOutcome
 from guest_agent.source import CLEAR, Notice, NoticeKind
 from guest_agent.states import EventStatus
@@ -196,11 +196,53 @@ def test_agent_an_unknown_value_does_not_end_a_drained_event(world: World) -> No
 
 
 def test_agent_skips_hooks_once_the_deadline_passed(world: World) -> None:
-    world.agent.handle(live(deadline=world.clock.in_s(-5)))
-    assert world.recorder.calls == []
+    def slow(ctx: HookContext, timeout_s: float) -> HookResult:
+        world.clock.advance(timeout_s)  # runs into the deadline
+        return HookResult.cut("killed at its timeout")
+
+    world.recorder.behaviour["tell-lb"] = slow
+    world.agent.handle(live(deadline=world.clock.in_s(25)))
+    assert world.recorder.names() == ["tell-lb"]
     assert outcome(world, "ev-1", Phase.ON_NOTICE, "drain") is HookOutcome.SKIPPED
     world.agent.handle(CLEAR)
-    assert world.recorder.names() == ["restore"]  # after_migration has no event deadline
+    assert world.recorder.names() == ["tell-lb", "restore"]  # after_migration has no event deadline
+
+
+@pytest.mark.parametrize(
+    ("deadline_s", "not_before_s"),
+    [
+        (-5, 3600),  # the deadline already past, the migration an hour away
+        (-5, -5),  # both past (the server's clock, or a late notice)
+        (5, 3600),  # a deadline before not_before
+        (-3600, None),  # no not_before, a deadline long past
+    ],
+)
+def test_agent_nonsense_deadline_still_runs_the_hooks_by_the_default_notice(
+    world_factory: Callable[..., World],
+    caplog: pytest.LogCaptureFixture,
+    deadline_s: float,
+    not_before_s: float | None,
+) -> None:
+    w = world_factory(policy="default_notice_s = 300")
+    notice = Notice(
+        NoticeKind.LIVE_MIGRATE,
+        "live_migrate",
+        "ev-1",
+        "scheduled",
+        not_before=None if not_before_s is None else w.clock.in_s(not_before_s),
+        deadline=w.clock.in_s(deadline_s),
+    )
+    first_seen = w.clock.now
+    w.agent.handle(notice)
+    assert w.recorder.names() == ["tell-lb", "drain"]
+    assert [c.timeout_s for c in w.recorder.calls] == [60, 60]  # not cut to the nonsense deadline
+    assert outcome(w, "ev-1", Phase.ON_NOTICE, "drain") is HookOutcome.OK
+    rec = w.agent.journal.event("ev-1")
+    assert rec is not None and rec.deadline == pytest.approx(first_seen + 300)
+    assert any("default notice" in r.getMessage() for r in caplog.records)
+    w.agent.handle(notice)  # seen again: still the same, sane deadline
+    rec = w.agent.journal.event("ev-1")
+    assert rec is not None and rec.deadline == pytest.approx(first_seen + 300)
 
 
 def test_agent_text_only_server_uses_the_configured_notice(world_factory: Callable[..., World]) -> None:
