@@ -86,6 +86,12 @@ def percent_done(p: Mapping[str, object]) -> float | None:
     return max(0.0, min(100.0, 100.0 * share))
 
 
+def _phase(p: Mapping[str, object]) -> str:
+    """The recorded phase as one printable word (a record is never trusted to hold a clean one)."""
+    text = str(p.get("phase", "?"))[:32]
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def _seconds(s: float) -> str:
     return f"{s:.1f}s" if abs(s) < 1e6 else f"{s:.3g}s"
 
@@ -113,7 +119,7 @@ def summary(p: Mapping[str, object]) -> str:
     ...          "transfer_rate_bps": 1 << 30, "memory_throttle_pct": 20, "eta_s": 0.3})
     'memory, round 3, 88 %, 256 MiB left at 1024 MiB/s, throttle 20 %, ETA 0s'
     """
-    parts = [str(p.get("phase", "?")), f"round {_int(p, 'round')}"]
+    parts = [_phase(p), f"round {_int(p, 'round')}"]
     pct = percent_done(p)
     if pct is not None:
         parts.append(f"{pct:.0f} %")
@@ -135,7 +141,7 @@ def short(p: Mapping[str, object]) -> str:
     """What ``host-engine status`` shows in its PROGRESS column: ``memory 88 % ETA 5s``."""
     pct = percent_done(p)
     pct_text = f" {pct:.0f} %" if pct is not None else ""
-    return f"{p.get('phase', '?')}{pct_text} {format_eta(p)}"
+    return f"{_phase(p)}{pct_text} {format_eta(p)}"
 
 
 def timeline_row(row: Mapping[str, object]) -> Sequence[object]:
@@ -149,7 +155,7 @@ def timeline_row(row: Mapping[str, object]) -> Sequence[object]:
         at[11:19] if isinstance(at, str) and len(at) >= 19 else at,  # HH:MM:SS of an ISO 8601 time
         row.get("attempt"),
         None if elapsed is None else _seconds(elapsed),
-        row.get("phase"),
+        _phase(row) if "phase" in row else None,
         row.get("round"),
         None if pct is None else f"{pct:.0f} %",
         _mib(remaining_bytes(row)),
@@ -180,7 +186,7 @@ def live_row(p: Mapping[str, object]) -> Sequence[object]:
         throttle += f", disk {_mib(limit)}/s"
     eta = format_eta(p)
     return (
-        p.get("phase", "?"),
+        _phase(p),
         _int(p, "round"),
         None if pct is None else f"{pct:.0f} %",
         _mib(remaining_bytes(p)),

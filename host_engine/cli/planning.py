@@ -402,7 +402,9 @@ class _NowReport:
 
     def result(self, m: Migration, rows: list[dict[str, object]]) -> None:
         if self.as_json:
-            _json_line({"type": "result", **_migration_doc(m, self.clock()), "timeline": rows})
+            _json_line(
+                {"type": "result", "migration": m.id, **_migration_doc(m, self.clock()), "timeline": rows}
+            )
 
 
 def _drive_one(

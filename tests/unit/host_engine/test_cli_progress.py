@@ -278,7 +278,7 @@ def test_migrate_now_json_streams_one_object_per_line_ending_with_the_result(
         "memory_throttle_pct",
         "eta_s",
     } <= set(progress[0])
-    assert all(d["migration"] == docs[-1]["id"] for d in docs[:-1])
+    assert all(d["migration"] == docs[-1]["id"] for d in docs)  # every line, the result too (docs)
     assert progress[-1]["phase"] == "done"
     result = docs[-1]
     assert result["state"] == "completed" and result["target"] == "hv2" and result["timeline"]
