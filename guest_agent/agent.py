@@ -389,6 +389,22 @@ class Agent:
         current = self.journal.event(rec.event_id)
         if current is None or current.hook(Phase.ON_NOTICE, ACK_READY_STEP) is not None:
             return
+        # "ready" lets the platform start early: only for a droplet whose drain fully succeeded. A hook that
+        # failed, was cut, skipped or interrupted means it may not be drained: say nothing and let the
+        # migration start at not_before, as if acknowledge_ready were off.
+        unsuccessful = [
+            f"{h.phase.value}/{h.name} {h.outcome.value if h.outcome else 'unfinished'}"
+            for h in current.hooks
+            if h.phase in (Phase.ON_NOTICE, Phase.BEFORE_OFFLINE)
+            and not h.name.startswith("@")
+            and (h.outcome is None or not h.outcome.success)
+        ]
+        if unsuccessful:
+            why = f"not all drain hooks succeeded ({', '.join(unsuccessful)})"
+            log.warning("event_id=%s: not acknowledging ready: %s", rec.event_id, why)
+            self.journal.hook_started(rec.event_id, Phase.ON_NOTICE, ACK_READY_STEP)
+            self._finish_step(rec, ACK_READY_STEP, HookResult(HookOutcome.SKIPPED, why))
+            return
         self.journal.hook_started(rec.event_id, Phase.ON_NOTICE, ACK_READY_STEP)
         try:
             self._source.acknowledge(rec.server_id, "ready", power_on_after=self.config.agent.power_on_after)

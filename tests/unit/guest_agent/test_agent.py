@@ -393,6 +393,46 @@ def test_agent_acknowledges_ready_after_the_drain_when_asked(world_factory: Call
     assert w.source.acks == [("ev-1", "ready", True)]
 
 
+@pytest.mark.parametrize(
+    "result",
+    [
+        HookResult.failed("exit status 1"),
+        HookResult.cut("killed at its timeout"),
+    ],
+    ids=["failed", "cut"],
+)
+def test_agent_never_acknowledges_ready_after_a_drain_hook_did_not_succeed(
+    world_factory: Callable[..., World], caplog: pytest.LogCaptureFixture, result: HookResult
+) -> None:
+    w = world_factory(policy="acknowledge_ready = true")
+    w.recorder.behaviour["drain"] = lambda ctx, timeout_s: result
+    w.agent.handle(live("ev-1"))
+    w.agent.handle(live("ev-1"))
+    assert w.source.acks == []  # the platform must not start early on an undrained droplet
+    rec = w.agent.journal.event("ev-1")
+    assert (
+        rec is not None and rec.status is EventStatus.DRAINED
+    )  # the migration still goes ahead at not_before
+    assert sum("not acknowledging ready" in r.getMessage() for r in caplog.records) == 1
+    w.restart().handle(live("ev-1"))  # a restart does not change its mind
+    assert w.source.acks == []
+
+
+def test_agent_never_acknowledges_ready_when_a_drain_hook_was_interrupted(
+    world_factory: Callable[..., World],
+) -> None:
+    w = world_factory(policy="acknowledge_ready = true")
+    j = w.agent.journal  # as a kill -9 during the (not idempotent) drain hook left it
+    j.begin_event(event_id="ev-1", server_id="ev-1", kind="live_migrate", deadline=None, not_before=None)
+    j.set_status("ev-1", EventStatus.DRAINING)
+    j.hook_started("ev-1", Phase.ON_NOTICE, "tell-lb")
+    j.hook_finished("ev-1", Phase.ON_NOTICE, "tell-lb", HookOutcome.OK)
+    j.hook_started("ev-1", Phase.ON_NOTICE, "drain")
+    w.restart().handle(live("ev-1"))
+    assert outcome(w, "ev-1", Phase.ON_NOTICE, "drain") is HookOutcome.INTERRUPTED
+    assert w.source.acks == []
+
+
 def test_agent_an_event_handled_to_the_end_is_not_handled_again(world: World) -> None:
     world.agent.handle(live("ev-1"))
     world.agent.handle(CLEAR)
