@@ -7,7 +7,8 @@ set -euo pipefail
 # curl: guest-side integration tests. nginx + wrk: the metadata-server benchmark's ceiling and load.
 # postgresql: store tests on a real server. libvirt/qemu: real live migration between two local "hosts".
 # binutils: assembles the tiny test guest. iproute2: network namespaces for the two hosts.
-PKGS=(curl nginx-light wrk postgresql iproute2 util-linux binutils
+# systemd: `systemd-analyze verify/security` checks the units install-unit writes. openssl: test certificates.
+PKGS=(curl nginx-light wrk postgresql iproute2 util-linux binutils systemd openssl
       libvirt-dev pkg-config libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils
       libvirt-clients)
 

@@ -4,8 +4,8 @@ The root group and what every command shares (``Deps``, one-line errors, output 
 importing the command modules registers their commands on it.
 """
 
-from host_engine.cli import inventory, operations, planning
+from host_engine.cli import inventory, operations, planning, service
 from host_engine.cli.app import Deps, cli
 from host_engine.cli.operations import main
 
-__all__ = ["Deps", "cli", "inventory", "main", "operations", "planning"]
+__all__ = ["Deps", "cli", "inventory", "main", "operations", "planning", "service"]
