@@ -18,6 +18,15 @@ from .config import (
     load_token,
 )
 from .errors import MetadataServerError
+from .service_unit import (
+    DEFAULT_TOKEN_SOURCE,
+    DEFAULT_UNIT_DIR,
+    UNIT_NAME,
+    UnitSettings,
+    render,
+    server_executable,
+    write,
+)
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
@@ -138,3 +147,57 @@ def serve(
 
     code = run(config, lambda line: click.echo(line, err=True))
     sys.exit(code)
+
+
+@main.command("install-unit")
+@click.option("--guest-listen", default=DEFAULT_GUEST_LISTEN, show_default=True, metavar="HOST:PORT")
+@click.option("--admin-listen", default=DEFAULT_ADMIN_LISTEN, show_default=True, metavar="HOST:PORT")
+@click.option(
+    "--db", "db", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_DB, show_default=True
+)
+@click.option(
+    "--admin-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_TOKEN_SOURCE,
+    show_default=True,
+    help="Where the token lies on this host; systemd hands it to the service as a credential.",
+)
+@click.option("--admin-tls-cert", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--admin-tls-key", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--insecure-admin", is_flag=True, help="Allow a non-loopback admin listener without TLS.")
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option(
+    "--dest",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_UNIT_DIR,
+    show_default=True,
+    help=f"Directory to write {UNIT_NAME} into.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing unit file.")
+def install_unit(
+    guest_listen: str,
+    admin_listen: str,
+    db: Path,
+    admin_token_file: Path,
+    admin_tls_cert: Path | None,
+    admin_tls_key: Path | None,
+    insecure_admin: bool,
+    workers: int,
+    dest: Path,
+    force: bool,
+) -> None:
+    """Write a hardened systemd unit that runs `serve` with these flags (checked now, as `serve` would)."""
+    settings = UnitSettings(
+        executable=server_executable(),
+        guest_listen=guest_listen,
+        admin_listen=admin_listen,
+        db=db,
+        token_file=admin_token_file,
+        tls_cert=admin_tls_cert,
+        tls_key=admin_tls_key,
+        insecure_admin=insecure_admin,
+        workers=workers,
+    )
+    target = write(render(settings), dest, force=force)
+    click.echo(f"wrote {target}")
+    click.echo("next: systemctl daemon-reload && systemctl enable --now metadata-server")
