@@ -173,7 +173,11 @@ class AgentConfig:
 
 
 def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -> AgentConfig:
-    """Read, merge the environment into, and validate the config file at ``path``."""
+    """Read, merge the environment into, and validate the config file at ``path``; then check it against
+    this machine (``config_safety``: no file another user could change, no program that does not exist)."""
+    # Imported here: config_safety builds on this module's types.
+    from guest_agent.config_safety import check_config_file, check_installation
+
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -181,7 +185,10 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -
         raise ConfigError("file not found", source=source) from e
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read: {e}", source=source) from e
-    return parse_config(text, source=source, environ=environ)
+    check_config_file(Path(path), source=source)
+    config = parse_config(text, source=source, environ=environ)
+    check_installation(config, environ=os.environ if environ is None else environ)
+    return config
 
 
 def parse_config(
@@ -251,18 +258,18 @@ def _metadata(t: _Table) -> MetadataConfig:
     cfg = MetadataConfig(
         url=url,
         source_address=source_address,
-        timeout_s=t.positive("timeout_s", 5.0),
+        timeout_s=t.number_in("timeout_s", 5.0, lo=0.5, hi=300),
         long_poll_s=t.integer("long_poll_s", 60, lo=LONG_POLL_MIN_S, hi=LONG_POLL_MAX_S),
-        poll_interval_s=t.positive("poll_interval_s", 5.0),
-        max_backoff_s=t.positive("max_backoff_s", 30.0),
+        poll_interval_s=t.number_in("poll_interval_s", 5.0, lo=0.5, hi=3600),
+        max_backoff_s=t.number_in("max_backoff_s", 30.0, lo=1, hi=3600),
     )
     t.done()
     return cfg
 
 
 def _policy(t: _Table) -> PolicyConfig:
-    default_notice_s = t.positive("default_notice_s", 600.0)
-    margin = t.non_negative("deadline_margin_s", 30.0)
+    default_notice_s = t.number_in("default_notice_s", 600.0, lo=10, hi=7 * 86400)
+    margin = t.number_in("deadline_margin_s", 30.0, lo=0, hi=3600)
     if margin >= default_notice_s:
         t.fail(
             "deadline_margin_s", f"must be less than default_notice_s ({default_notice_s:g}), got {margin:g}"
@@ -275,7 +282,7 @@ def _policy(t: _Table) -> PolicyConfig:
         prefer_offline=t.boolean("prefer_offline", False),
         power_on_after=t.boolean("power_on_after", True),
         power_off_command=t.argv("power_off_command", DEFAULT_POWER_OFF_COMMAND),
-        power_off_timeout_s=t.positive("power_off_timeout_s", 60.0),
+        power_off_timeout_s=t.number_in("power_off_timeout_s", 60.0, lo=1, hi=3600),
         acknowledge_ready=t.boolean("acknowledge_ready", False),
         default_notice_s=default_notice_s,
         deadline_margin_s=margin,
@@ -315,7 +322,7 @@ def _hook(t: _Table) -> HookSpec:
         t.fail("name", f"must be 1-64 of letters, digits, '.', '_', '-', got {name!r}")
     common: dict[str, Any] = {
         "name": name,
-        "timeout_s": t.positive("timeout_s", DEFAULT_HOOK_TIMEOUT_S),
+        "timeout_s": t.number_in("timeout_s", DEFAULT_HOOK_TIMEOUT_S, lo=1, hi=86400),
         "stop_on_failure": t.boolean("stop_on_failure", False),
     }
     spec: HookSpec
@@ -333,7 +340,7 @@ def _hook(t: _Table) -> HookSpec:
             idempotent=t.boolean("idempotent", True),
             url=t.url("url"),
             headers=tuple(t.str_map("headers").items()),
-            request_timeout_s=t.positive("request_timeout_s", 10.0),
+            request_timeout_s=t.number_in("request_timeout_s", 10.0, lo=0.5, hi=300),
             attempts=t.integer("attempts", 5, lo=1, hi=100),
         )
     elif kind == "nested_vms":
@@ -444,16 +451,12 @@ class _Table:
             self.fail(key, f"must be a number, got {_type(value)}")
         return float(value)
 
-    def positive(self, key: str, default: Any = _REQUIRED) -> float:
+    def number_in(self, key: str, default: Any = _REQUIRED, *, lo: float, hi: float) -> float:
+        """A number in [lo, hi]: every duration has a sane range (1e-9 s polls flood the service, 1e300 s
+        overflows the socket layer)."""
         value = self._number(key, default)
-        if value <= 0:
-            self.fail(key, f"must be a number > 0, got {value:g}")
-        return value
-
-    def non_negative(self, key: str, default: Any = _REQUIRED) -> float:
-        value = self._number(key, default)
-        if value < 0:
-            self.fail(key, f"must be a number >= 0, got {value:g}")
+        if not lo <= value <= hi:
+            self.fail(key, f"must be a number between {lo:g} and {hi:g}, got {value:g}")
         return value
 
     def integer(self, key: str, default: Any = _REQUIRED, *, lo: int, hi: int) -> int:

@@ -19,6 +19,15 @@ CASES = {
     "timeout zero": ('[[on_notice]]\nname = "d"\ncommand = ["x"]\ntimeout_s = 0\n', "on_notice[0].timeout_s"),
     "timeout negative": ("[agent]\npower_off_timeout_s = -5\n", "agent.power_off_timeout_s"),
     "malformed url": ('[metadata]\nurl = "http://bad host"\n', "metadata.url"),
+    "poll flood": (
+        "[metadata]\npoll_interval_s = 1e-9\n",
+        "metadata.poll_interval_s: must be a number between",
+    ),
+    "timeout overflow": ("[metadata]\ntimeout_s = 1e300\n", "metadata.timeout_s: must be a number between"),
+    "missing program": (
+        '[[on_notice]]\nname = "d"\ncommand = ["/nonexistent/drain"]\n',
+        "on_notice[0].command: no such program: /nonexistent/drain",
+    ),
 }
 
 

@@ -68,7 +68,7 @@ def test_agent_text_only_server_drains_restores_and_shuts_down(
             "after_migration": [append_hook("restore", restore)],
         },
     )
-    config.write_text(text.replace("max_backoff_s = 1", "max_backoff_s = 1\npoll_interval_s = 0.2"))
+    config.write_text(text.replace("max_backoff_s = 1", "max_backoff_s = 1\npoll_interval_s = 0.5"))
     agent = AgentProcess(workdir, config).start()
     try:
         value[0] = "live_migrate\n"
