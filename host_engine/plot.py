@@ -1,4 +1,5 @@
-"""``host-engine report MIGRATION --plot FILE.png``: remaining bytes and throttle over time, as a PNG.
+"""``host-engine report MIGRATION --plot FILE.png``: remaining bytes, switchovers, failures and throttle over
+time, as a PNG.
 
 matplotlib is the optional extra ``plot``; it is imported here only, lazily, and drawn with the Agg canvas
 on a ``Figure`` of our own (no pyplot: no global figure state, no display needed). Without it the CLI
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from host_engine.errors import ConfigError, InvalidInput
+from host_engine.timeline import AttemptMark
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -109,10 +112,30 @@ def _series(
     return out
 
 
-def plot_timeline(rows: Sequence[Mapping[str, object]], path: str | Path, *, title: str) -> Path:
-    """Draw remaining disk and memory bytes (top) and memory throttle % with the disk write limit (bottom)
-    over time into the PNG ``path``. Raises ``ConfigError`` without matplotlib, ``InvalidInput`` when there
-    is nothing to draw or the file cannot be written."""
+def plot_timeline(
+    rows: Sequence[Mapping[str, object]],
+    path: str | Path,
+    *,
+    title: str,
+    marks: Sequence[AttemptMark] = (),
+) -> Path:
+    """Draw the timeline (see :func:`build_figure`) into the PNG ``path``. Raises ``ConfigError`` without
+    matplotlib, ``InvalidInput`` when there is nothing to draw or the file cannot be written."""
+    fig = build_figure(rows, title=title, marks=marks)
+    out = Path(path)
+    try:
+        fig.savefig(out, format="png")
+    except OSError as e:
+        raise InvalidInput(f"cannot write the plot to {out}: {e.strerror or e}", field="plot") from e
+    return out
+
+
+def build_figure(
+    rows: Sequence[Mapping[str, object]], *, title: str, marks: Sequence[AttemptMark] = ()
+) -> Figure:
+    """Remaining disk and memory bytes over time (top), each attempt's switchover (with its downtime) and
+    failure (with its reason) marked; below, the memory throttle and disk write limit, only when either was
+    applied (an empty panel would only say "nothing happened" in a confusing way)."""
     if not rows:
         raise InvalidInput("no progress recorded yet: nothing to plot", field="plot")
     figure_cls, canvas_cls = _matplotlib()
@@ -127,46 +150,86 @@ def plot_timeline(rows: Sequence[Mapping[str, object]], path: str | Path, *, tit
     memory = _series(gapped, "memory_remaining_bytes", unit)
     throttle = _series(gapped, "memory_throttle_pct", 1)
     limit = _series(gapped, "disk_write_limit_bps", MIB, missing=math.nan)  # no limit: no line
+    throttled = any(v > 0 for v in throttle if not math.isnan(v))
+    limited = any(not math.isnan(v) for v in limit)
 
     fig = figure_cls(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
     canvas_cls(fig)
-    top, bottom = fig.subplots(2, 1, sharex=True)
-    top.plot(xs, disk, marker=".", label="disk remaining")
-    top.plot(xs, memory, marker=".", label="memory remaining")
+    if throttled or limited:
+        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+    else:
+        top, bottom = fig.subplots(1, 1), None
+    top.plot(xs, disk, marker=".", markersize=3, label="disk remaining")
+    top.plot(xs, memory, marker=".", markersize=3, label="memory remaining")
     top.set_ylabel(f"remaining ({unit_name})")
     top.set_ylim(bottom=0)
-    top.legend(loc="upper right")
     top.set_title(title)
-
-    # Throttle and limit hold from one logged change to the next: steps, not slopes.
-    bottom.step(xs, throttle, where="post", color="tab:red", label="memory throttle (%)")
-    bottom.set_ylabel("vCPU throttle (%)")
-    bottom.set_ylim(0, 100)
-    bottom.set_xlabel("seconds since the first attempt started")
-    handles = bottom.get_legend_handles_labels()[0]
-    if any(not math.isnan(v) for v in limit):
-        limits = bottom.twinx()
-        limits.step(xs, limit, where="post", color="tab:purple", label="disk write limit (MiB/s)")
-        limits.set_ylabel("disk write limit (MiB/s)")
-        # Headroom above the highest limit keeps its line clear of the legend.
-        limits.set_ylim(0, 1.5 * max(v for v in limit if not math.isnan(v)))
-        handles += limits.get_legend_handles_labels()[0]
-    else:
-        bottom.plot([], [], " ", label="no disk write limit")
+    _mark_attempts(top, marks, starts)
+    if bottom is None:
+        top.plot([], [], " ", label="no throttle, no disk write limit")
+    top.legend(loc="best")
+    axes = [top]
+    if bottom is not None:
+        axes.append(bottom)
+        # Throttle and limit hold from one sample to the next: steps, not slopes.
+        bottom.step(xs, throttle, where="post", color="tab:red", label="memory throttle (%)")
+        bottom.set_ylabel("vCPU throttle (%)")
+        bottom.set_ylim(0, 100)
         handles = bottom.get_legend_handles_labels()[0]
-    bottom.legend(handles=handles, loc="upper right")
-    for ax in (top, bottom):
+        if limited:
+            limits = bottom.twinx()
+            limits.step(xs, limit, where="post", color="tab:purple", label="disk write limit (MiB/s)")
+            limits.set_ylabel("disk write limit (MiB/s)")
+            # Headroom above the highest limit keeps its line clear of the legend.
+            limits.set_ylim(0, 1.5 * max(v for v in limit if not math.isnan(v)))
+            handles += limits.get_legend_handles_labels()[0]
+        bottom.legend(handles=handles, loc="upper right")
+    axes[-1].set_xlabel("seconds since the first attempt started")
+    for ax in axes:
         ax.grid(True, alpha=0.3)
         for start in starts[1:]:  # a retry: where the next attempt began
             ax.axvline(start, color="grey", linestyle="--", linewidth=1)
     fig.tight_layout()
+    return fig
 
-    out = Path(path)
-    try:
-        fig.savefig(out, format="png")
-    except OSError as e:
-        raise InvalidInput(f"cannot write the plot to {out}: {e.strerror or e}", field="plot") from e
-    return out
+
+def _mark_attempts(ax: Axes, marks: Sequence[AttemptMark], starts: Sequence[float]) -> None:
+    """A green line where each attempt switched over (labelled with its downtime), a red cross where one
+    failed (labelled with why). Attempts without samples have no place on the axis and are skipped."""
+    low, high = ax.get_xlim()
+    for mark in marks:
+        if mark.attempt - 1 >= len(starts):
+            continue
+        base = starts[mark.attempt - 1]
+        if mark.switchover_s is not None:
+            x = base + mark.switchover_s
+            right_half = x > (low + high) / 2  # write the label towards the middle, not off the edge
+            ax.axvline(x, color="tab:green", linewidth=1.5)
+            ax.annotate(
+                mark.label if mark.completed is not False else "switchover",
+                xy=(x, 0.5),
+                xycoords=("data", "axes fraction"),
+                xytext=(-4 if right_half else 4, 0),
+                textcoords="offset points",
+                ha="right" if right_half else "left",
+                rotation=0,
+                color="tab:green",
+                fontsize=9,
+                bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "tab:green", "alpha": 0.9},
+            )
+        if mark.completed is False and mark.end_s is not None:
+            x = base + mark.end_s
+            ax.plot([x], [0], marker="X", markersize=10, color="tab:red", clip_on=False)
+            ax.annotate(
+                mark.label,
+                xy=(x, 0.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(-3, 10),
+                textcoords="offset points",
+                ha="right",
+                color="tab:red",
+                fontsize=9,
+            )
 
 
 def _matplotlib() -> tuple[type[Figure], type[FigureCanvasAgg]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import threading
@@ -53,6 +54,7 @@ from host_engine.plot import plot_timeline
 from host_engine.reconcile import MetadataSync
 from host_engine.states import ACTIVE_STATES, MigrationState
 from host_engine.store import Store
+from host_engine.timeline import attempt_marks
 from host_engine.timeparse import format_duration, format_time, parse_duration
 
 log = logging.getLogger(__name__)
@@ -243,20 +245,24 @@ def report(deps: Deps, migration_id: str, as_json: bool, plot_path: str | None) 
     store = deps.store()
     m = store.get_migration(migration_id)
     rows = timeline(store, migration_id)
+    last = m.stats.get(LAST_ATTEMPT_KEY)
+    marks = attempt_marks(store.migration_log(migration_id), rows, last if isinstance(last, dict) else None)
     if plot_path is not None:
         title = f"{m.id}: {m.droplet_id} {m.source_host} -> {m.target_host}, {m.state.value}"
-        written = plot_timeline(rows, plot_path, title=title)
+        written = plot_timeline(rows, plot_path, title=title, marks=marks)
         click.echo(f"plot written to {written}", err=as_json)
     if as_json:
-        _json({"migration": _migration_doc(m, deps.clock()), "timeline": rows})
+        attempts = [dataclasses.asdict(mark) for mark in marks]
+        _json({"migration": _migration_doc(m, deps.clock()), "timeline": rows, "attempts": attempts})
         return
     click.echo(
         f"{m.id}: {m.droplet_id} {m.source_host} -> {m.target_host}, {m.state.value}, "
         f"attempt {m.attempt}/{m.max_attempts}"
     )
-    last = m.stats.get(LAST_ATTEMPT_KEY)
     if isinstance(last, dict):
         click.echo("last attempt: " + ", ".join(f"{k} {v}" for k, v in last.items() if v is not None))
+    for mark in marks:
+        click.echo(mark.describe())
     if not rows:
         click.echo("no progress recorded yet")
         return
