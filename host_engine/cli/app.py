@@ -14,6 +14,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -193,13 +194,25 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def _strict(doc: object) -> object:
+    """``doc`` with every NaN or infinity (a recorded rate or ETA can be one) as null: ``--json`` output is
+    standard JSON that jq and every strict parser read, never Python's ``NaN``/``Infinity``."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: _strict(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [_strict(v) for v in doc]
+    return doc
+
+
 def _json(doc: object) -> None:
-    click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    click.echo(json.dumps(_strict(doc), indent=2, sort_keys=True, default=str, allow_nan=False))
 
 
 def _json_line(doc: object) -> None:
     """One JSON document on one line (streams: ``migrate --now --json``, ``status --watch --json``)."""
-    click.echo(json.dumps(doc, sort_keys=True, default=str, separators=(",", ":")))
+    click.echo(json.dumps(_strict(doc), sort_keys=True, default=str, separators=(",", ":"), allow_nan=False))
 
 
 def _host_doc(h: Host) -> dict[str, Any]:

@@ -5,10 +5,12 @@ ticks a worker in this process, so each refresh sees the migration move on and n
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -221,7 +223,21 @@ def test_status_watch_and_report_show_any_recorded_eta(
     assert f"ETA {shown}" in ok(db, clock, "status").output
     assert shown in ok(db, clock, "status", "--watch", "--count", "1").output
     assert shown in ok(db, clock, "report", m.id).output
-    assert ok(db, clock, "report", m.id, "--json").output
+    # --json stays standard JSON (no NaN / Infinity, which jq and strict parsers refuse): such a number is null.
+    [listed] = strict_json(ok(db, clock, "status", "--json").stdout)
+    watched = strict_json(ok(db, clock, "status", "--watch", "--count", "1", "--json").stdout)
+    reported = strict_json(ok(db, clock, "report", m.id, "--json").stdout)
+    expected = eta_s if math.isfinite(eta_s) else None
+    assert listed["stats"][PROGRESS_KEY]["eta_s"] == expected
+    assert watched["migrations"][0]["stats"][PROGRESS_KEY]["eta_s"] == expected
+    assert reported["timeline"][-1]["eta_s"] == expected
+
+
+def strict_json(text: str) -> Any:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not standard JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 _RECORDED_KEYS = [
