@@ -33,7 +33,7 @@ Built once at the entry point into a frozen :class:`EngineConfig` and passed dow
     poll_interval = "1s"
     late_notice_grace = "1m"                    # a notice later than this pushes not_before back
     worker = "host-a"                           # default: the hostname (one live process per name)
-    driver = "sim"                              # hypervisor driver: "sim" (simulated) or "libvirt"
+    driver = "auto"                             # "auto": each host by its URI; "sim"/"libvirt": insist on one
     lease = "60s"                               # another worker takes over a dead one's attempts after this
     renew_every = "10s"                         # how often a worker renews its claims (< lease / 3)
     max_concurrent = 4                          # attempts this worker runs at once
@@ -74,10 +74,10 @@ from host_engine.units import parse_size
 CONFIG_ENV = "HOST_ENGINE_CONFIG"
 MIN_NOTICE = timedelta(minutes=10)
 # The hypervisor drivers ``host-engine run`` drives migrations through (executor.executor_step).
-DRIVERS = ("sim", "libvirt")
-# The simulated hypervisor by default: a fresh install (and the demo, the tests) runs end to end without
-# libvirt; a fleet says ``driver = "libvirt"`` once, in its config file.
-DEFAULT_DRIVER = "sim"
+DRIVERS = ("auto", "sim", "libvirt")
+# The driver follows from the host (engine_steps.plan_drivers): a libvirt URI is driven by libvirt, a
+# ``sim://`` host (or one without a URI) by the simulator. "sim"/"libvirt" only insist, refusing the others.
+DEFAULT_DRIVER = "auto"
 # [controller] max_downtime_ms bounds: below 10 ms no switchover of a running guest fits (the pages dirtied
 # while QEMU stops the vCPUs alone take longer), above 10 s a "live" migration is an outage.
 MAX_DOWNTIME_MS_RANGE = (10, 10_000)

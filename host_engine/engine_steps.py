@@ -1,27 +1,31 @@
-"""Engine-loop steps that run the executor inside ``host-engine run``: on the simulated hypervisor (its
-world kept in the store) or on libvirt (``executor_step`` picks by the configured driver)."""
+"""Engine-loop steps that run the executor inside ``host-engine run`` (and ``migrate --now``).
+
+The driver follows from the host (``host_engine.inventory.driver_kind``): a host registered with a libvirt
+URI is only ever driven by libvirt, a host declared ``sim://NAME`` only by the simulator, and a host with no
+URI (tests, first steps) by the simulator. ``plan_drivers`` checks a requested driver against that and
+refuses, in one line, a run that would have to drive a host of the other kind; ``executor_step`` builds the
+step: the executor on the simulated hypervisor (``SimTickStep``, its world rows in the store), on libvirt,
+or on both at once (``RoutingHypervisor``, each migration to its hosts' driver).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from host_engine.attempt import RealClock
 from host_engine.config import EngineConfig
 from host_engine.drivers.base import (
     DomainState,
+    DriverError,
+    HypervisorDriver,
+    MigrationDriver,
+    MigrationSpec,
+    Progress,
 )
-from host_engine.drivers.sim import (
-    WORKLOADS,
-    WORLD_KEY,
-    SimClock,
-    SimHypervisor,
-    SimWorld,
-    WorldConflict,
-    load_world,
-    save_world,
-)
+from host_engine.drivers.sim import SimClock, SimHypervisor, StoredWorld
 from host_engine.errors import InvalidInput
 from host_engine.executor import (
     Executor,
@@ -32,63 +36,186 @@ from host_engine.executor import (
     placement_chooser,
 )
 from host_engine.executor_metrics import ExecutorMetrics
+from host_engine.inventory import DriverKind, driver_kind
+from host_engine.models import Host
 from host_engine.store import Store
 
 log = logging.getLogger(__name__)
 
+#: ``--driver`` / ``[engine] driver``: "auto" drives each host by its URI; "sim"/"libvirt" insist on one.
+AUTO = "auto"
+
+
+# --- Which driver drives which host ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DriverPlan:
+    """The hosts each driver drives in this process."""
+
+    sim: tuple[str, ...] = ()
+    libvirt: tuple[str, ...] = ()
+    undeclared: tuple[str, ...] = ()  # among ``sim``/``libvirt``: hosts registered without a URI
+
+    def kind_of(self, host: str) -> DriverKind | None:
+        if host in self.sim:
+            return DriverKind.SIM
+        if host in self.libvirt:
+            return DriverKind.LIBVIRT
+        return None
+
+    def describe(self) -> str:
+        """``driver libvirt drives hv1, hv2; sim drives lab1`` (what ``run`` logs at start)."""
+        parts = []
+        for kind, hosts in ((DriverKind.LIBVIRT, self.libvirt), (DriverKind.SIM, self.sim)):
+            if hosts:
+                names = ", ".join(f"{h} (no URI)" if h in self.undeclared else h for h in hosts)
+                parts.append(f"{kind.value} drives {names}")
+        return "driver " + ("; ".join(parts) if parts else "sim drives no host yet")
+
+
+def plan_drivers(hosts: Sequence[Host], requested: str = AUTO) -> DriverPlan:
+    """Each host's driver, from its URI. ``requested`` ("sim"/"libvirt") must agree with every host that
+    declares one (else ``InvalidInput``, one line); hosts without a URI take it ("auto": the simulator)."""
+    if requested not in (AUTO, DriverKind.SIM.value, DriverKind.LIBVIRT.value):
+        raise InvalidInput(f"unknown hypervisor driver {requested!r} (auto, sim, libvirt)", field="driver")
+    sim: list[str] = []
+    libvirt: list[str] = []
+    undeclared: list[str] = []
+    wrong: list[Host] = []
+    for h in sorted(hosts, key=lambda h: h.name):
+        kind = driver_kind(h.hypervisor_uri)
+        if kind is None:
+            undeclared.append(h.name)
+            kind = DriverKind.SIM if requested == AUTO else DriverKind(requested)
+        elif requested not in (AUTO, kind.value):
+            wrong.append(h)
+            continue
+        (sim if kind is DriverKind.SIM else libvirt).append(h.name)
+    if wrong:
+        other = DriverKind.LIBVIRT if requested == DriverKind.SIM.value else DriverKind.SIM
+        names = ", ".join(f"{h.name} ({h.hypervisor_uri})" for h in wrong[:3])
+        raise InvalidInput(
+            f"--driver {requested} cannot drive {names}{', ...' if len(wrong) > 3 else ''}: a host with a "
+            f"{other.value} URI is driven only by {other.value}; leave --driver out (or set [engine] driver "
+            '= "auto") to drive each host by its URI',
+            field="driver",
+        )
+    return DriverPlan(tuple(sim), tuple(libvirt), tuple(undeclared))
+
+
+class _Refused:
+    """A migration no driver here may make (between a simulated and a libvirt host): it fails to prepare,
+    blaming the target, so the retry path looks for another."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def prepare_target(self) -> None:
+        raise DriverError(self.reason, target_at_fault=True)
+
+    def start(self) -> None:
+        raise DriverError(self.reason)
+
+    def progress(self) -> Progress:
+        raise DriverError(self.reason)
+
+    def set_disk_write_limit(self, bytes_per_s: int | None) -> None:
+        pass
+
+    def set_memory_throttle(self, percent: int) -> None:
+        pass
+
+    def set_max_downtime(self, ms: int) -> None:
+        pass
+
+    def switchover(self) -> None:
+        raise DriverError(self.reason)
+
+    def abort(self) -> None:
+        pass
+
+    def finalize(self, success: bool) -> None:
+        pass
+
+
+class RoutingHypervisor:
+    """``HypervisorDriver`` over several: each call goes to the driver of the hosts involved (a run whose
+    fleet has both simulated and libvirt hosts). A host added after the start is looked up in the store."""
+
+    def __init__(
+        self,
+        drivers: Mapping[DriverKind, HypervisorDriver],
+        kind_of: Callable[[str], DriverKind | None],
+    ) -> None:
+        self.drivers = dict(drivers)
+        self.kind_of = kind_of
+
+    def _driver(self, host: str) -> HypervisorDriver | None:
+        kind = self.kind_of(host)
+        return None if kind is None else self.drivers.get(kind)
+
+    def migration(self, spec: MigrationSpec) -> MigrationDriver:
+        source, target = self.kind_of(spec.source_host), self.kind_of(spec.target_host)
+        driver = self._driver(spec.source_host)
+        if source is None or target is None or source is not target or driver is None:
+            what = f"{source.value if source else 'unknown'} -> {target.value if target else 'unknown'}"
+            return _Refused(
+                f"cannot migrate {spec.droplet_id} from {spec.source_host} to {spec.target_host} ({what}): "
+                "one driver must drive both hosts"
+            )
+        return driver.migration(spec)
+
+    def domain_state(self, host: str, droplet_id: str) -> DomainState:
+        driver = self._driver(host)
+        return DomainState.ABSENT if driver is None else driver.domain_state(host, droplet_id)
+
+    def recover(self, spec: MigrationSpec) -> str:
+        driver = self._driver(spec.source_host)
+        if driver is None:
+            raise DriverError(f"no driver here drives {spec.source_host}")
+        return driver.recover(spec)
+
+
+def _store_kind_of(store: Store, plan: DriverPlan) -> Callable[[str], DriverKind | None]:
+    def kind_of(host: str) -> DriverKind | None:
+        known = plan.kind_of(host)
+        if known is not None:
+            return known
+        try:
+            uri = store.get_host(host).hypervisor_uri
+        except LookupError:
+            return None
+        return driver_kind(uri) or DriverKind.SIM
+
+    return kind_of
+
 
 # --- The simulated hypervisor inside ``host-engine run`` ----------------------------------------------------
-
-# The sim for a fleet read from the store: 16 MiB blocks keep an 80 GiB droplet at 5,120 versions.
-SIM_DEFAULT_WORKLOAD = "web"
-
-
-def sim_world_from_store(store: Store, *, seed: int = 0, workload: str = SIM_DEFAULT_WORKLOAD) -> SimWorld:
-    """A simulated datacenter matching the store's inventory: every host, every droplet on its host, each
-    droplet running the ``workload`` model (``shut_off`` droplets powered off)."""
-    world = SimWorld(seed)
-    for h in store.list_hosts():
-        world.add_host(h.name)
-    factory = WORKLOADS[workload]
-    for d in store.list_droplets():
-        world.add_droplet(
-            d.id,
-            d.host,
-            memory_bytes=d.memory_bytes,
-            disk_bytes=d.disk_bytes,
-            vcpus=d.vcpus,
-            workload=factory(),
-            state=DomainState.SHUT_OFF
-            if d.power_state == DomainState.SHUT_OFF.value
-            else DomainState.RUNNING,
-        )
-    return world
 
 
 class SimTickStep:
     """The executor on the simulated hypervisor, as a step of the engine loop (``Engine(steps=[...])``).
 
-    Each ``tick`` advances the world by the wall time since the last one (times ``speed``), in controller
-    ticks, then saves it to the store, where restarts, other processes and ``host-engine`` commands find it
-    (DESIGN.md §9). Build it with ``open``, which loads the world (or creates one from the inventory).
+    Each ``tick`` re-reads the simulated hosts, advances the world by the wall time since the last one (times
+    ``speed``) in controller ticks, and writes back the rows that changed (``StoredWorld.persist``), where
+    other processes, restarts and ``host-engine`` commands find them (DESIGN.md §9). Build it with ``open``.
     """
 
     def __init__(
         self,
         store: Store,
-        world: SimWorld,
+        world: StoredWorld,
         executor: Executor,
         *,
         speed: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,
-        key: str = WORLD_KEY,
     ) -> None:
         self.store = store
         self.world = world
         self.executor = executor
         self.speed = speed
         self.monotonic = monotonic
-        self.key = key
         self._last = monotonic()
 
     @classmethod
@@ -102,34 +229,31 @@ class SimTickStep:
         hooks: ExecutorHooks | None = None,
         choose_target: TargetChooser | None = None,
         metrics: ExecutorMetrics | None = None,
-        key: str = WORLD_KEY,
         seed: int = 0,
+        route: Callable[[SimHypervisor], HypervisorDriver] | None = None,
     ) -> SimTickStep:
-        world = load_world(store, key)
-        if world is None:
-            world = sim_world_from_store(store, seed=seed)
-            save_world(store, world, key)
-            log.info(
-                "created the simulated datacenter %r from the inventory (%s droplets)",
-                key,
-                len(world.droplets),
-            )
-        clock = SimClock(world)
+        """``route`` wraps the sim hypervisor (``RoutingHypervisor`` when libvirt hosts are driven too)."""
+        world = StoredWorld.open(store, seed=seed)
+        sim = SimHypervisor(world)
         executor = Executor(
             store,
-            SimHypervisor(world),
+            route(sim) if route is not None else sim,
             config,
-            clock,
+            SimClock(world),
             hooks=hooks,
             choose_target=choose_target,
             metrics=metrics,
+            monotonic=monotonic,
         )
-        return cls(store, world, executor, speed=speed, monotonic=monotonic, key=key)
+        return cls(store, world, executor, speed=speed, monotonic=monotonic)
 
     def tick(self) -> list[Finished]:
         now = self.monotonic()
         due_s = (now - self._last) * self.speed
         self._last = now
+        # Anything a store outage kept from the last tick goes out before the executor records an outcome.
+        self.world.persist()
+        self.world.refresh()
         done = self.executor.tick()
         tick_s = self.executor.config.tick_s
         while due_s > 1e-9:
@@ -137,19 +261,14 @@ class SimTickStep:
             self.world.advance(step)
             due_s -= step
             done += self.executor.tick()
-        try:
-            save_world(self.store, self.world, self.key)
-        except WorldConflict:
-            # Another process runs this world too: ours would overwrite its work. Stop driving it here.
-            log.error("simulated datacenter %r changed under this process; stopping its executor", self.key)
-            raise
+        self.world.persist()
         return done
 
     def shutdown(self) -> list[Finished]:
         """Stop driving: abort this worker's attempts (sources untouched, each handed to the retry path) and
-        save the world, so nothing waits for the claim lease to expire."""
+        write the world back, so nothing waits for the claim lease to expire."""
         done = self.executor.shutdown()
-        save_world(self.store, self.world, self.key)
+        self.world.persist()
         return done
 
 
@@ -157,7 +276,7 @@ def executor_step(
     store: Store,
     config: EngineConfig,
     *,
-    driver: str,
+    driver: str = AUTO,
     hooks: ExecutorHooks | None = None,
     metrics: ExecutorMetrics | None = None,
     sim_speed: float = 1.0,
@@ -166,44 +285,60 @@ def executor_step(
 ) -> SimTickStep | Executor:
     """What ``host-engine run`` adds to the engine loop (``Engine(..., steps=[executor_step(...)])``).
 
-    ``driver`` is ``"sim"`` (the simulated datacenter kept in the store, following wall time x ``sim_speed``)
-    or ``"libvirt"`` (each host's ``hypervisor_uri``; ``config.libvirt``'s bandwidth cap, TLS and peer URIs).
-    Both run under ``config.controller`` (the downtime budget). Either way retries pick another target
-    through the placement filters and weighers, and the controller ticks once per engine poll. ``only``
-    restricts the executor to those migration ids; ``monotonic`` is the wall clock the sim follows (tests
-    inject one).
+    Each host is driven by its own driver (``plan_drivers``; ``driver`` "sim"/"libvirt" only insists, and
+    refuses hosts of the other kind): simulated hosts by the world kept in the store, following wall time x
+    ``sim_speed``; libvirt hosts through their ``hypervisor_uri`` with ``config.libvirt``'s bandwidth cap,
+    TLS and peer URIs; both at once through a ``RoutingHypervisor`` (then in simulated time at wall speed, so
+    ``sim_speed`` must stay 1). All run under ``config.controller``; retries pick another target through the
+    placement filters and weighers; ``only`` restricts the executor to those migration ids; ``monotonic``
+    is the wall clock the sim follows (tests inject one). Logs which driver drives which hosts.
     """
-    exec_config = ExecutorConfig(
-        worker=config.worker_id,
-        tick_s=config.engine.poll_interval_s,
-        controller=config.controller,  # [controller]: the downtime budget, for either driver
-        only=None if only is None else frozenset(only),
-    )
+    plan = plan_drivers(store.list_hosts(), driver)
+    log.info("%s", plan.describe())
+    # [engine] worker/lease/renew_every/max_concurrent, [concurrency] limits, [controller] downtime budget.
+    exec_config = ExecutorConfig.for_engine(config, only=None if only is None else frozenset(only))
     chooser = placement_chooser(store, config.placement)
-    if driver == "sim":
-        return SimTickStep.open(
-            store,
-            exec_config,
-            speed=sim_speed,
-            monotonic=monotonic,
-            hooks=hooks,
-            choose_target=chooser,
-            metrics=metrics,
-        )
-    if driver == "libvirt":
-        from host_engine.drivers.libvirt import LibvirtHypervisor
-
-        uris = {h.name: h.hypervisor_uri for h in store.list_hosts()}
-        lv = config.libvirt
-        for name in sorted(set(lv.peer_uris) - set(uris)):
-            log.warning("[libvirt] peer_uris.%s: no such host in the store; ignored", name)
+    libvirt = _libvirt_hypervisor(store, config, plan) if plan.libvirt else None
+    if libvirt is not None and not plan.sim:
         return Executor(
             store,
-            LibvirtHypervisor(uris, peer_uris=lv.peer_uris, options=lv.options()),
+            libvirt,
             exec_config,
             RealClock(),
             hooks=hooks,
             choose_target=chooser,
             metrics=metrics,
         )
-    raise InvalidInput(f"unknown hypervisor driver {driver!r} (sim, libvirt)", field="driver")
+    route = None
+    if libvirt is not None:
+        if sim_speed != 1.0:
+            raise InvalidInput(
+                "--sim-speed must stay 1 when libvirt hosts are driven too (they run in real time)",
+                field="sim_speed",
+            )
+        kind_of = _store_kind_of(store, plan)
+        lv = libvirt
+
+        def route(sim: SimHypervisor) -> HypervisorDriver:
+            return RoutingHypervisor({DriverKind.SIM: sim, DriverKind.LIBVIRT: lv}, kind_of)
+
+    return SimTickStep.open(
+        store,
+        exec_config,
+        speed=sim_speed,
+        monotonic=monotonic,
+        hooks=hooks,
+        choose_target=chooser,
+        metrics=metrics,
+        route=route,
+    )
+
+
+def _libvirt_hypervisor(store: Store, config: EngineConfig, plan: DriverPlan) -> HypervisorDriver:
+    from host_engine.drivers.libvirt import LibvirtHypervisor
+
+    uris = {h.name: h.hypervisor_uri for h in store.list_hosts() if h.name in plan.libvirt}
+    lv = config.libvirt
+    for name in sorted(set(lv.peer_uris) - set(uris)):
+        log.warning("[libvirt] peer_uris.%s: no such libvirt host in the store; ignored", name)
+    return LibvirtHypervisor(uris, peer_uris=lv.peer_uris, options=lv.options())

@@ -8,6 +8,7 @@ be wrong: an engineer decides).
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,24 @@ if TYPE_CHECKING:
 DROPLET_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 DomainLister = Callable[[str], Sequence["DomainInfo"]]
+
+# A host registered with a URI starting so is a simulated one (``host add --uri sim://NAME``).
+SIM_URI_PREFIX = "sim:"
+
+
+class DriverKind(enum.Enum):
+    """Which hypervisor driver a host is driven by: it follows from the host, never from a flag."""
+
+    SIM = "sim"
+    LIBVIRT = "libvirt"
+
+
+def driver_kind(uri: str) -> DriverKind | None:
+    """``SIM`` for a host declared simulated (``sim:``/``sim://NAME``), ``LIBVIRT`` for any other URI
+    (``qemu+tls://...``, ``test:///...``), None for a host registered without one."""
+    if not uri.strip():
+        return None
+    return DriverKind.SIM if uri.strip().lower().startswith(SIM_URI_PREFIX) else DriverKind.LIBVIRT
 
 
 def check_droplet_id(droplet_id: str) -> str:

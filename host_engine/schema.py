@@ -3,7 +3,7 @@
 ``SCHEMA_STEPS`` maps a version to the function that brings the schema from the previous version to it;
 the ``schema_version`` table records every step applied. To change the schema, add a step (never edit an
 applied one).
-Other parts that keep state in the store (the sim driver's ``sim_world``) get their tables here, so one
+Other parts that keep state in the store (the sim driver's ``sim_*`` tables) get their tables here, so one
 numbered history covers the whole database.
 """
 
@@ -197,12 +197,69 @@ def _step_2(conn: sa.Connection) -> None:
     _ix_claimed_by.create(conn, checkfirst=True)
 
 
+# The simulated hypervisor's state as rows (host_engine.drivers.sim.stored): changed a few rows at a time, by
+# any number of processes, each row under an optimistic revision (``rev``). Where a droplet runs is not here:
+# it is the store's ``droplets.host`` (see that module).
+sim_hosts = sa.Table(
+    "sim_hosts",
+    metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("nic_bps", sa.Float, nullable=False),
+    sa.Column("alive", sa.Boolean, nullable=False),
+    sa.Column("rev", sa.Integer, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+sim_droplets = sa.Table(
+    "sim_droplets",
+    metadata,
+    sa.Column("droplet_id", sa.String(64), primary_key=True),
+    sa.Column("power_state", sa.String(32), nullable=False),
+    sa.Column(
+        "doc", sa.JSON, nullable=False
+    ),  # workload, throttle, disk limit, cursors, version, random state
+    sa.Column("rev", sa.Integer, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+sim_images = sa.Table(
+    "sim_images",
+    metadata,
+    sa.Column("droplet_id", sa.String(64), primary_key=True),
+    sa.Column("host", sa.String(255), primary_key=True),
+    sa.Column("disk", sa.LargeBinary, nullable=False),  # block versions, delta-encoded, zlib
+    sa.Column("memory", sa.LargeBinary, nullable=False),  # page versions, likewise
+    sa.Column("rev", sa.Integer, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+sim_migrations = sa.Table(
+    "sim_migrations",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),  # the attempt id (migration id.attempt)
+    sa.Column("droplet_id", sa.String(64), nullable=False),
+    sa.Column("source_host", sa.String(255), nullable=False),
+    sa.Column("target_host", sa.String(255), nullable=False),
+    sa.Column("phase", sa.String(16), nullable=False),
+    sa.Column("finalized", sa.Boolean, nullable=False),
+    sa.Column("doc", sa.JSON, nullable=False),  # the in-flight copy: pending blocks/pages, passes, rates
+    sa.Column("rev", sa.Integer, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+sa.Index("ix_sim_migrations_droplet", sim_migrations.c.droplet_id)
+sa.Index("ix_sim_migrations_phase", sim_migrations.c.phase)
+
+_V3_TABLES = [sim_hosts, sim_droplets, sim_images, sim_migrations]
+
+
+def _step_3(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=_V3_TABLES)
+
+
 SchemaStep = Callable[[sa.Connection], None]
 
 #: version -> (description, step). Append only.
 SCHEMA_STEPS: dict[int, tuple[str, SchemaStep]] = {
     1: ("hosts, droplets, migrations, migration_log, sim_world", _step_1),
     2: ("workers (one live process per worker name), index on migrations.claimed_by", _step_2),
+    3: ("sim_hosts, sim_droplets, sim_images, sim_migrations: the sim driver's state as rows", _step_3),
 }
 LATEST_VERSION = max(SCHEMA_STEPS)
 

@@ -31,10 +31,8 @@ from host_engine.cli.planning import (
     _executor_step,
     _shutdown_step,
     _sim_speed_option,
-    _world_conflict,
 )
 from host_engine.demo import demo as demo_command
-from host_engine.drivers.sim import WorldConflict
 from host_engine.engine import Engine
 from host_engine.errors import (
     HostEngineError,
@@ -355,8 +353,6 @@ def run(
             engine.install_signal_handlers()
         try:
             engine.run(max_ticks=max_ticks)
-        except WorldConflict as e:
-            raise _world_conflict(e) from e
         finally:
             _shutdown_step(step)
 

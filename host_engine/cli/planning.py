@@ -28,11 +28,9 @@ from host_engine.cli.app import (
     pass_deps,
 )
 from host_engine.config import DRIVERS, EngineConfig
-from host_engine.drivers.sim import WorldConflict
 from host_engine.engine import Engine
 from host_engine.engine_steps import SimTickStep, executor_step
 from host_engine.errors import (
-    Conflict,
     HostEngineError,
     InvalidInput,
     MigrationIncomplete,
@@ -252,7 +250,7 @@ _driver_option = click.option(
     "--driver",
     type=click.Choice(DRIVERS),
     default=None,
-    help="Hypervisor driver (default: config [engine] driver, else sim).",
+    help="Insist on one driver (default: config [engine] driver, else auto: each host by its URI).",
 )
 _sim_speed_option = click.option(
     "--sim-speed",
@@ -425,10 +423,7 @@ def _drive_one(
     last_said_s, last_shown = wall(), None
     try:
         while True:
-            try:
-                step.tick()
-            except WorldConflict as e:
-                raise _world_conflict(e) from e
+            step.tick()
             for entry in store.migration_log(mid)[seen:]:
                 seen += 1
                 out.entry(entry)
@@ -468,20 +463,11 @@ def _catch_stop_signals(stop: threading.Event) -> dict[int, Any]:
     return previous
 
 
-def _world_conflict(e: WorldConflict) -> Conflict:
-    return Conflict(
-        f"the simulated datacenter is driven by another host-engine process ({e}); "
-        "follow it with host-engine status"
-    )
-
-
 def _shutdown_step(step: SimTickStep | Executor) -> None:
     """Release this process's running attempts now (sources untouched), not at the claim's lease expiry."""
     try:
         for f in step.shutdown():
             log.info("migration_id=%s: attempt %s stopped (%s)", f.migration_id, f.attempt, f.state.value)
-    except WorldConflict as e:
-        log.error("sim world changed under this process; not saved: %s", e)
     except HostEngineError as e:
         log.error("shutting the executor down failed (its claims expire on their own): %s", e)
 
@@ -497,19 +483,16 @@ def _executor_step(
     metrics: ExecutorMetrics | None = None,
     only: Sequence[str] | None = None,
 ) -> SimTickStep | Executor:
-    try:
-        return executor_step(
-            store,
-            config,
-            driver=driver,
-            hooks=hooks,
-            metrics=metrics,
-            sim_speed=sim_speed,
-            only=only,
-            monotonic=deps.monotonic or time.monotonic,
-        )
-    except WorldConflict as e:
-        raise _world_conflict(e) from e
+    return executor_step(
+        store,
+        config,
+        driver=driver,
+        hooks=hooks,
+        metrics=metrics,
+        sim_speed=sim_speed,
+        only=only,
+        monotonic=deps.monotonic or time.monotonic,
+    )
 
 
 @cli.command()

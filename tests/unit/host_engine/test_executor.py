@@ -546,9 +546,6 @@ def test_executor_step_builds_the_engine_loop_step_for_each_driver(env: Env) -> 
     assert sim_step.executor.config.worker == "w9"
     assert sim_step.executor.config.tick_s == 2.0
     assert set(sim_step.world.hosts) == {"a", "b", "c"}
-    libvirt_step = executor_step(env.store, config, driver="libvirt")
-    assert isinstance(libvirt_step, Executor)
-    assert libvirt_step.hypervisor.options == {} and libvirt_step.hypervisor.peer_uris == {}
     # [controller] and [libvirt] reach the controller (both drivers) and the libvirt hypervisor.
     config = config_from_dict(
         {
@@ -559,7 +556,16 @@ def test_executor_step_builds_the_engine_loop_step_for_each_driver(env: Env) -> 
     )
     sim_step = executor_step(env.store, config, driver="sim")
     assert sim_step.executor.config.controller.max_downtime_ms == 120
-    libvirt_step = executor_step(env.store, config, driver="libvirt")
+    # The driver follows from the host: sim:// hosts are never driven by libvirt, libvirt ones never simulated.
+    with pytest.raises(InvalidInput, match="driven only by sim"):
+        executor_step(env.store, config, driver="libvirt")
+    with env.store.begin() as tx:
+        for name in ("a", "b", "c"):
+            tx.update_host(name, hypervisor_uri=f"qemu+tcp://{name}/system")
+    with pytest.raises(InvalidInput, match="driven only by libvirt"):
+        executor_step(env.store, config, driver="sim")
+    libvirt_step = executor_step(env.store, config)
+    assert isinstance(libvirt_step, Executor)
     assert libvirt_step.config.controller.max_downtime_ms == 120
     assert libvirt_step.hypervisor.options == {"bandwidth_mibps": "64", "tls": "1"}
     assert libvirt_step.hypervisor.peer_uris == {"b": "qemu+tls://b.mig/system"}

@@ -1,0 +1,228 @@
+"""The sim driver proper: ``HypervisorDriver`` / ``MigrationDriver`` over a ``SimWorld`` (DESIGN.md §7).
+
+It works the same over an in-memory ``SimWorld`` and over a ``StoredWorld`` (rows in the engine's store):
+every state it reads or changes goes through the world's accessors, and the calls after which the executor
+records an outcome in the store (``finalize``, ``recover``) first make the world durable (``persist``).
+"""
+
+from __future__ import annotations
+
+from host_engine.drivers.base import DomainState, DriverError, MigrationSpec, Phase, Progress
+from host_engine.drivers.sim.faults import FaultKind
+from host_engine.drivers.sim.model import Droplet, Migration, SimWorld, blank_image
+
+
+class SimClock:
+    """The clock of a simulated world: ``sleep`` advances the world instead of waiting."""
+
+    def __init__(self, world: SimWorld) -> None:
+        self.world = world
+
+    def now(self) -> float:
+        return self.world.time_s
+
+    def sleep(self, seconds: float) -> None:
+        self.world.advance(seconds)
+
+
+class SimHypervisor:
+    """``HypervisorDriver`` over a ``SimWorld``."""
+
+    def __init__(self, world: SimWorld) -> None:
+        self.world = world
+
+    def migration(self, spec: MigrationSpec) -> SimMigrationDriver:
+        return SimMigrationDriver(self.world, spec)
+
+    def domain_state(self, host: str, droplet_id: str) -> DomainState:
+        d = self.world.find_droplet(droplet_id)
+        if d is None or d.host != host:
+            return DomainState.ABSENT
+        return d.state
+
+    def recover(self, spec: MigrationSpec) -> str:
+        world = self.world
+        mig = world.migration(spec.migration_id)
+        d = world.droplet(spec.droplet_id)
+        if (mig is not None and mig.phase is Phase.DONE) or d.host == spec.target_host:
+            world.drop_image(spec.droplet_id, spec.source_host)
+            if mig is not None:
+                mig.finalized = True
+            world.persist()
+            return spec.target_host
+        driver = SimMigrationDriver(world, spec)
+        driver.abort()
+        if mig is not None:  # never prepared here (e.g. the worker died before prepare_target): nothing more
+            driver.finalize(False)
+        world.persist()
+        return spec.source_host
+
+
+class SimMigrationDriver:
+    """``MigrationDriver`` for one migration in a ``SimWorld``."""
+
+    def __init__(self, world: SimWorld, spec: MigrationSpec) -> None:
+        self.world = world
+        self.spec = spec
+
+    @property
+    def _mig(self) -> Migration:
+        mig = self.world.migration(self.spec.migration_id)
+        if mig is None:
+            raise DriverError(f"migration {self.spec.migration_id} was not prepared")
+        return mig
+
+    @property
+    def _droplet(self) -> Droplet:
+        d = self.world.find_droplet(self.spec.droplet_id)
+        if d is None:
+            raise DriverError(f"droplet {self.spec.droplet_id} is unknown to the simulator")
+        return d
+
+    def prepare_target(self) -> None:
+        world, spec = self.world, self.spec
+        d = world.find_droplet(spec.droplet_id)
+        if d is None or d.host != spec.source_host:
+            raise DriverError(f"droplet {spec.droplet_id} is not on {spec.source_host}")
+        target = world.find_host(spec.target_host)
+        if target is None or not target.alive:
+            raise DriverError(f"target host {spec.target_host} is unreachable", target_at_fault=True)
+        mig = world.migration(spec.migration_id)
+        if mig is not None and not mig.finalized and mig.phase is not Phase.PREPARING:
+            raise DriverError(f"migration {spec.migration_id} is already under way ({mig.phase.value})")
+        if mig is None or mig.finalized:
+            mig = Migration(spec, started_at_s=world.time_s, phase_since_s=world.time_s)
+            mig.faults = world.take_pending_faults(spec.migration_id)
+            world.add_migration(mig)
+        for fault in list(mig.faults):
+            if fault.phase is Phase.PREPARING:
+                mig.faults.remove(fault)
+                world.apply_fault(mig, fault)
+                if fault.kind is FaultKind.LINK_DROP:
+                    mig.error = "link to target down"
+                    world.set_phase(mig, Phase.FAILED)
+                raise DriverError(mig.error or "prepare failed", target_at_fault=mig.target_at_fault)
+        world.put_image(spec.droplet_id, spec.target_host, blank_image(d))
+
+    def start(self) -> None:
+        mig, d = self._mig, self._droplet
+        if mig.phase is not Phase.PREPARING:
+            raise DriverError(f"cannot start a migration in phase {mig.phase.value}")
+        offline = self.spec.offline or d.state is DomainState.SHUT_OFF
+        if offline and not self.spec.offline:
+            raise DriverError(f"droplet {d.droplet_id} is shut off: needs an offline migration")
+        mig.disk_pending = set(range(d.disk_blocks))
+        mig.disk_pass = list(range(d.disk_blocks))
+        mig.memory_pending = set() if offline else set(range(d.memory_pages))
+        mig.started_at_s = self.world.time_s
+        mig.window_start_s = self.world.time_s
+        self.world.set_phase(mig, Phase.DISK)
+
+    def progress(self) -> Progress:
+        mig, d = self._mig, self._droplet
+        offline = self.spec.offline
+        disk_total = d.disk_blocks * d.disk_block_bytes
+        memory_total = 0 if offline else d.memory_pages * d.memory_page_bytes
+        # Before start() nothing is pending yet: everything is still to copy.
+        started = mig.phase is not Phase.PREPARING
+        disk_left = len(mig.disk_pending) * d.disk_block_bytes if started else disk_total
+        memory_left = len(mig.memory_pending) * d.memory_page_bytes if started else memory_total
+        on_source = d.host == self.spec.source_host
+        return Progress(
+            phase=mig.phase,
+            elapsed_s=self.world.time_s - mig.started_at_s,
+            round=mig.round,
+            disk_total_bytes=disk_total,
+            disk_processed_bytes=mig.disk_sent_bytes,
+            disk_remaining_bytes=disk_left,
+            memory_total_bytes=memory_total,
+            memory_processed_bytes=mig.memory_sent_bytes,
+            memory_remaining_bytes=memory_left,
+            disk_dirty_rate_bps=mig.disk_dirty_rate_bps,
+            memory_dirty_rate_bps=mig.memory_dirty_rate_bps,
+            transfer_rate_bps=mig.transfer_rate_bps if mig.link_up else 0.0,
+            disk_write_limit_bps=d.disk_limit_bps if on_source else None,
+            memory_throttle_pct=d.throttle_pct if on_source else 0,
+            max_downtime_ms=mig.max_downtime_ms,
+            downtime_ms=mig.downtime_ms,
+            bytes_transferred=mig.disk_sent_bytes + mig.memory_sent_bytes,
+            error=mig.error,
+            target_at_fault=mig.target_at_fault,
+        )
+
+    def _on_source(self) -> Droplet | None:
+        d = self._droplet
+        return d if d.host == self.spec.source_host else None
+
+    def set_disk_write_limit(self, bytes_per_s: int | None) -> None:
+        d = self._on_source()
+        if d is not None:  # after switchover the source QEMU is gone and the target never had a limit
+            d.disk_limit_bps = bytes_per_s
+
+    def set_memory_throttle(self, percent: int) -> None:
+        if not 0 <= percent <= 99:
+            raise ValueError(f"throttle percent {percent} outside 0..99")
+        d = self._on_source()
+        if d is not None:
+            d.throttle_pct = percent
+
+    def set_max_downtime(self, ms: int) -> None:
+        self._mig.max_downtime_ms = ms
+
+    def switchover(self) -> None:
+        mig, d = self._mig, self._droplet
+        if mig.phase not in (Phase.DISK, Phase.MEMORY):
+            raise DriverError(f"cannot switch over in phase {mig.phase.value}")
+        if d.state is DomainState.RUNNING:
+            d.state = DomainState.PAUSED
+        mig.switchover_at_s = self.world.time_s
+        # The pause lasts as long as the remainder takes at the link rate: no banked credit.
+        mig.credit_bytes = 0.0
+        # A memory pass in progress continues; pages not yet sent are pending anyway.
+        # The remainder moves (and the droplet moves) in the world's next step; faults may strike first.
+        self.world.set_phase(mig, Phase.SWITCHOVER)
+
+    def abort(self) -> None:
+        mig = self.world.migration(self.spec.migration_id)
+        if mig is not None and mig.finalized:
+            return  # already cleaned up (by this worker, or by another one's recovery): nothing is ours now
+        d = self._droplet
+        if mig is not None and mig.phase is Phase.DONE:
+            raise DriverError(f"migration {self.spec.migration_id} already switched over; cannot abort")
+        if mig is not None and mig.phase is not Phase.FAILED:
+            mig.error = mig.error or "aborted"
+            self.world.set_phase(mig, Phase.FAILED)
+        if d.host == self.spec.source_host:
+            if d.state is DomainState.PAUSED:
+                d.state = DomainState.RUNNING
+            d.throttle_pct = 0
+            d.disk_limit_bps = None
+        if d.host != self.spec.target_host:
+            self.world.drop_image(self.spec.droplet_id, self.spec.target_host)
+
+    def finalize(self, success: bool) -> None:
+        mig, d, world = self._mig, self._droplet, self.world
+        if success:
+            if mig.phase is not Phase.DONE:
+                raise DriverError(f"finalize(success) in phase {mig.phase.value}")
+            world.drop_image(d.droplet_id, self.spec.source_host)
+        elif d.host != self.spec.target_host:
+            world.drop_image(d.droplet_id, self.spec.target_host)
+        mig.finalized = True
+        # The executor records the outcome in the store next: the world must already say the same.
+        world.persist()
+
+    # ---- for tests and benchmarks ------------------------------------------------------------------------
+
+    @property
+    def verified(self) -> bool | None:
+        """Whether target equalled source, every block and page, at switchover (None: never got there)."""
+        return self._mig.verified
+
+    @property
+    def throttle_pct_s(self) -> float:
+        return self._mig.throttle_pct_s
+
+    @property
+    def disk_limit_s(self) -> float:
+        return self._mig.disk_limit_s
