@@ -29,7 +29,7 @@ from host_engine.cli.app import (
 )
 from host_engine.config import DRIVERS, EngineConfig
 from host_engine.engine import Engine
-from host_engine.engine_steps import SimTickStep, executor_step
+from host_engine.engine_steps import SimTickStep, executor_step, plan_drivers
 from host_engine.errors import (
     HostEngineError,
     InvalidInput,
@@ -296,6 +296,8 @@ def migrate(
         )
     if now:
         notice = notice if notice is not None else "0s"
+        # The driver follows from the hosts: refused (one line) before any notice goes out.
+        plan_drivers(deps.store().list_hosts(), driver or deps.config.engine.driver)
     req = _request(deps, start or f"+{notice}", notice, unsafe_short_notice, None, None, reason, requested_by)
     schedule, written = planner.migrate_one(
         deps.store(), droplet_id, req, deps.config, to=to, dry_run=dry_run
