@@ -27,13 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from guest_agent import journal_schema
-from guest_agent.config import AgentConfig, HookSpec, Phase, WebhookHookSpec
+from guest_agent import journal_schema, procgroups
+from guest_agent.config import DEFAULT_HOOK_TIMEOUT_S, AgentConfig, HookSpec, Phase, WebhookHookSpec
 from guest_agent.errors import AckRejected, MetadataUnreachable
 from guest_agent.hooks import Hook, build_hook
 from guest_agent.hooks.base import EventInfo, HookContext, HookResult
 from guest_agent.hooks.process import run_program
-from guest_agent.journal import EventRecord, HookOutcome, Journal
+from guest_agent.journal import EventRecord, HookOutcome, HookRecord, Journal
 from guest_agent.metrics import Metrics
 from guest_agent.source import EventSource, Notice, NoticeKind
 from guest_agent.states import EventStatus
@@ -147,6 +147,8 @@ class Agent:
         rec = self.journal.active()
         if rec is None:
             return self._maybe_begin(notice)
+        if any(h.interrupted and h.process is not None for h in rec.hooks):
+            return self._settle_leftovers(rec)
         if notice is not None and self._same_event(rec, notice):
             self.journal.update_times(
                 rec.event_id,
@@ -425,6 +427,53 @@ class Agent:
         )
         log.log(level, "event_id=%s step=%s: %s %s", rec.event_id, name, result.outcome.value, result.detail)
 
+    # ---- hooks a previous life left running
+
+    def _settle_leftovers(self, rec: EventRecord) -> bool:
+        """Wait for (up to its timeout) or end each hook program a killed agent left running, before deciding
+        anything about that hook: never run it again beside its first copy. False: asked to stop meanwhile."""
+        for hook in rec.hooks:
+            if not hook.interrupted or hook.process is None:
+                continue
+            ident = hook.process
+            where = f"event_id={rec.event_id} phase={hook.phase.value} hook={hook.name}"
+            if procgroups.alive(ident):
+                left_s = self._leftover_time_left(hook)
+                log.warning(
+                    "%s: still running from before the restart (process group %d): waiting %.0f s at most",
+                    where,
+                    ident.pgid,
+                    left_s,
+                )
+                gone = procgroups.wait_gone(
+                    ident, left_s, sleep=self._sleep, monotonic=self._monotonic, stop=self._stop.is_set
+                )
+                if not gone and self._stop.is_set():
+                    return False  # the next start waits again
+                if not gone:
+                    procgroups.end(ident)
+                    detail = "left running by the previous agent; ended at its timeout"
+                    log.error("%s: %s (process group %d)", where, detail, ident.pgid)
+                    self.journal.hook_finished(rec.event_id, hook.phase, hook.name, HookOutcome.CUT, detail)
+                    self.metrics.hook_done(hook.phase.value, hook.name, 0.0, HookOutcome.CUT.value)
+                    continue
+                log.warning(
+                    "%s: the copy left from before the restart has ended; its result is unknown", where
+                )
+            self.journal.hook_process(
+                rec.event_id, hook.phase, hook.name, None
+            )  # interrupted: decided as usual
+        return True
+
+    def _leftover_time_left(self, hook: HookRecord) -> float:
+        """What is left of a leftover hook's timeout (the one it was started with), from the wall clock."""
+        timeout_s = hook.timeout_s
+        if timeout_s is None:
+            spec = next((s for s in self.config.phase_hooks(hook.phase) if s.name == hook.name), None)
+            timeout_s = spec.timeout_s if spec is not None else DEFAULT_HOOK_TIMEOUT_S
+        started = hook.started_at if hook.started_at is not None else self._wall()
+        return max(0.0, min(timeout_s, started + timeout_s - self._wall()))
+
     # ---- running a phase
 
     def _run_phase(self, rec: EventRecord, phase: Phase) -> PhaseReport:
@@ -507,17 +556,22 @@ class Agent:
                     remaining_s,
                 )
                 timeout_s = remaining_s
+
+        def journal_process(pid: int) -> None:
+            self.journal.hook_process(rec.event_id, phase, spec.name, procgroups.identify(pid))
+
         ctx = HookContext(
             event=self._event_info(rec),
             phase=phase,
             data=rec.data,
             monotonic=self._monotonic,
             sleep=self._sleep,
+            on_process_start=journal_process,
         )
         log.info(
             "event_id=%s phase=%s hook=%s: starting (%s)", rec.event_id, phase.value, spec.name, spec.kind
         )
-        self.journal.hook_started(rec.event_id, phase, spec.name)
+        self.journal.hook_started(rec.event_id, phase, spec.name, timeout_s=timeout_s)
         started = self._monotonic()
         try:
             result = self._hook_factory(spec).run(ctx, timeout_s)

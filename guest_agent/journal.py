@@ -27,6 +27,7 @@ from typing import Any
 from guest_agent.config import Phase
 from guest_agent.errors import AlreadyRunning, JournalError
 from guest_agent.journal_schema import JOURNAL_VERSION, MAX_JOURNAL_BYTES, check_journal
+from guest_agent.procgroups import ProcessIdentity
 from guest_agent.states import EventStatus, check_transition
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class HookRecord:
     outcome: HookOutcome | None
     detail: str
     runs: int  # how many times it was started, across agent lives
+    timeout_s: float | None = None  # the timeout it was started with (its own, or what the deadline left)
+    process: ProcessIdentity | None = None  # its program's process group while it runs
 
     @property
     def finished(self) -> bool:
@@ -220,11 +223,27 @@ class Journal:
             raw["deadline"], raw["not_before"] = deadline, not_before
             self._save()
 
-    def hook_started(self, event_id: str, phase: Phase, name: str) -> None:
+    def hook_started(self, event_id: str, phase: Phase, name: str, *, timeout_s: float | None = None) -> None:
         raw = self._raw(event_id)
         rec = raw["hooks"].setdefault(_hook_key(phase, name), {"runs": 0})
         rec.update(started_at=self._wall(), finished_at=None, outcome=None, detail="")
+        rec.pop("process", None)
+        if timeout_s is not None:
+            rec["timeout_s"] = timeout_s
         rec["runs"] += 1
+        self._save()
+
+    def hook_process(self, event_id: str, phase: Phase, name: str, process: ProcessIdentity | None) -> None:
+        """Record (or, with None, forget) the process group a running hook's program runs in."""
+        rec = self._raw(event_id)["hooks"].setdefault(
+            _hook_key(phase, name),
+            {"runs": 0, "started_at": None, "finished_at": None, "outcome": None, "detail": ""},
+        )
+        if process is None:
+            if rec.pop("process", None) is None:
+                return
+        else:
+            rec["process"] = process.to_json()
         self._save()
 
     def hook_finished(
@@ -233,6 +252,7 @@ class Journal:
         raw = self._raw(event_id)
         rec = raw["hooks"].setdefault(_hook_key(phase, name), {"runs": 0, "started_at": None})
         rec.update(finished_at=self._wall(), outcome=outcome.value, detail=detail[:500])
+        rec.pop("process", None)  # a finished hook has no running program
         self._save()
 
     def put_data(self, event_id: str, key: str, value: Any) -> None:
@@ -350,6 +370,8 @@ def _event_from_doc(event_id: str, raw: dict[str, Any]) -> EventRecord:
                 outcome=HookOutcome(outcome) if outcome is not None else None,
                 detail=rec.get("detail", ""),
                 runs=int(rec.get("runs", 0)),
+                timeout_s=rec.get("timeout_s"),
+                process=ProcessIdentity.from_json(rec["process"]) if rec.get("process") else None,
             )
         )
     return EventRecord(

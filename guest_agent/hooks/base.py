@@ -60,6 +60,8 @@ class HookContext:
     data: Mapping[str, Any] = field(default_factory=dict)  # what earlier hooks kept with this event
     monotonic: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+    # Called with the pid of each program the hook starts (its own process group): the agent journals it.
+    on_process_start: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True)

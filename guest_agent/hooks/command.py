@@ -33,6 +33,7 @@ class CommandHook:
             stdin=payload,
             env=env,
             cwd=self.spec.cwd,
+            on_start=ctx.on_process_start,
         )
         if result.timed_out:
             return HookResult.cut(f"{result.describe()} ({timeout_s:g} s)")

@@ -112,7 +112,7 @@ class NestedVMsHook:
                 left = len(names) - len(done) - len(failed)
                 return HookResult.cut(f"restarted {len(done)}, {left} left at the timeout ({timeout_s:g} s)")
             try:
-                how = self._restart_one(conn, name, remaining)
+                how = self._restart_one(conn, name, remaining, ctx)
             except Exception as e:
                 log.error("hook %s: nested VM %s: restart failed: %s", self.spec.name, name, e)
                 failed.append(name)
@@ -123,11 +123,17 @@ class NestedVMsHook:
             return HookResult.failed(f"restarted {len(done)}; failed: {', '.join(failed)}")
         return HookResult.ok(f"restarted {len(done)}: {', '.join(done) or 'none'}")
 
-    def _restart_one(self, conn: Any, name: str, remaining_s: float) -> str:
+    def _restart_one(self, conn: Any, name: str, remaining_s: float, ctx: HookContext) -> str:
         if self.spec.restart is RestartMethod.COMMAND:
             argv = [arg.replace("{domain}", name) for arg in self.spec.command]
             env = dict(os.environ, NESTED_VM=name)
-            result = run_program(argv, label=f"hook {self.spec.name} {name}", timeout_s=remaining_s, env=env)
+            result = run_program(
+                argv,
+                label=f"hook {self.spec.name} {name}",
+                timeout_s=remaining_s,
+                env=env,
+                on_start=ctx.on_process_start,
+            )
             if not result.ok:
                 raise RuntimeError(result.describe())
             return f"restarted by {shlex.join(argv)}"

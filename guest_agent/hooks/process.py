@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -51,8 +51,13 @@ def run_program(
     stdin: bytes = b"",
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> ProcessResult:
-    """Run ``argv``, feed it ``stdin``, log each output line as ``label: line``, stop it at ``timeout_s``."""
+    """Run ``argv``, feed it ``stdin``, log each output line as ``label: line``, stop it at ``timeout_s``.
+
+    ``on_start(pid)`` is called as soon as the program runs (its pid is its process group's id): the agent
+    journals it, so a restarted agent can find a hook that outlived it (``procgroups``).
+    """
     try:
         proc = subprocess.Popen(
             list(argv),
@@ -68,6 +73,12 @@ def run_program(
         return ProcessResult(returncode=None, error=f"{argv[0]}: {e.strerror or e}")
     if proc.stdin is None or proc.stdout is None:  # cannot happen with PIPE; keeps the types honest
         raise RuntimeError("subprocess pipes missing")
+    if on_start is not None:
+        try:
+            on_start(proc.pid)
+        except BaseException:
+            _kill_group(proc)  # it could not be recorded: do not leave it running unrecorded
+            raise
     reader = threading.Thread(target=_log_lines, args=(proc.stdout, label), daemon=True)
     reader.start()
     writer = threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True)

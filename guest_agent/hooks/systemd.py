@@ -20,7 +20,13 @@ class SystemdHook:
     def run(self, ctx: HookContext, timeout_s: float) -> HookResult:
         env = dict(os.environ)
         env.update(ctx.event.environment(ctx.phase, self.spec.name))
-        result = run_program(self.argv(), label=f"hook {self.spec.name}", timeout_s=timeout_s, env=env)
+        result = run_program(
+            self.argv(),
+            label=f"hook {self.spec.name}",
+            timeout_s=timeout_s,
+            env=env,
+            on_start=ctx.on_process_start,
+        )
         if result.timed_out:
             return HookResult.cut(f"{result.describe()} ({timeout_s:g} s)")
         if result.ok:
