@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sqlite3
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -15,9 +16,9 @@ from werkzeug.exceptions import HTTPException
 
 from . import validate
 from .errors import Conflict, NotFound, ValidationError
-from .metrics import CONTENT_TYPE, Metrics, exposition
+from .metrics import CONTENT_TYPE, Metrics, exposition, time_flask_app
 from .model import Droplet, EventKind, EventState, guest_details
-from .responses import JSON, error
+from .responses import JSON, NO_STORE, TEXT, error
 from .store import Store
 from .timefmt import utc_now
 
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 MAX_ADMIN_BODY_BYTES = 64 * 1024
 _EVENT_FIELDS = {"id", "event", "state", "not_before", "deadline"}
 _DROPLET_FIELDS = {"addresses", "hostname", "region"}
+# Liveness and readiness probes: answered without a token, and say nothing but "ok" / "not ready".
+UNAUTHENTICATED_PATHS = frozenset({"/livez", "/readyz"})
 
 
 def droplet_doc(d: Droplet) -> dict[str, Any]:
@@ -46,6 +49,26 @@ def droplet_doc(d: Droplet) -> dict[str, Any]:
     }
 
 
+def add_probes(app: Flask, store: Store) -> None:
+    """Liveness and readiness for a load balancer, systemd or Kubernetes probe, which has no token.
+
+    Both are exempt from the token (``UNAUTHENTICATED_PATHS``) and answer one word, nothing else.
+    """
+
+    @app.get("/livez")
+    def livez() -> Response:
+        return Response("ok\n", content_type=TEXT, headers=[NO_STORE])
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        try:
+            store.data_version()  # the state file answers
+        except sqlite3.Error:
+            log.warning("readiness: the state file does not answer", exc_info=True)
+            return Response("not ready\n", status=503, content_type=TEXT, headers=[NO_STORE])
+        return Response("ok\n", content_type=TEXT, headers=[NO_STORE])
+
+
 def create_admin_app(store: Store, token: str, metrics: Metrics | None = None) -> Flask:
     """The admin Flask app. ``token`` is the shared bearer secret (never logged)."""
     metrics = metrics or Metrics()
@@ -57,20 +80,18 @@ def create_admin_app(store: Store, token: str, metrics: Metrics | None = None) -
         status, headers, body = error(code, err, message, as_json=True, field=field)
         return Response(body, status=status, headers=headers)
 
+    time_flask_app(app, metrics, "admin")
+
     @app.before_request
     def authenticate() -> Response | None:
+        if request.path in UNAUTHENTICATED_PATHS:
+            return None
         given = request.headers.get("Authorization", "").encode("utf-8", "replace")
         if not hmac.compare_digest(given, expected):
             response = answer(401, "unauthorized", "a valid bearer token is required")
             response.headers["WWW-Authenticate"] = 'Bearer realm="metadata-server admin"'
             return response
         return None
-
-    @app.after_request
-    def count(response: Response) -> Response:
-        endpoint = request.url_rule.rule if request.url_rule is not None else "other"
-        metrics.count("admin", endpoint, response.status_code)
-        return response
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException) -> Response:
@@ -96,6 +117,8 @@ def create_admin_app(store: Store, token: str, metrics: Metrics | None = None) -
     def healthz() -> Response:
         store.data_version()  # the state file answers
         return jsonify(status="ok")
+
+    add_probes(app, store)
 
     @app.get("/metrics")
     def prometheus() -> Response:

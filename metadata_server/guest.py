@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 from . import validate
 from .errors import Conflict, ValidationError
 from .hub import Hub
-from .metrics import Metrics
+from .metrics import LONG_POLL_KEY, STARTED_KEY, Metrics, time_flask_app
 from .model import AckAction, DropletView
 from .responses import JSON, NO_STORE, TEXT, Answer, error, status_line
 from .store import Store
@@ -66,12 +67,17 @@ class GuestApp:
         self.flask = create_guest_flask(self)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        started = time.perf_counter()
         as_json = _HOT_PATHS.get(environ.get("PATH_INFO", ""))
         method = environ.get("REQUEST_METHOD")
         if as_json is None or method not in ("GET", "HEAD"):
+            environ[STARTED_KEY] = started
             return self.flask(environ, start_response)
         code, headers, body = self.maintenance(environ, as_json)
-        self.metrics.count("guest", environ["PATH_INFO"], code)
+        path = environ["PATH_INFO"]
+        self.metrics.count("guest", path, code)
+        if not environ.get(LONG_POLL_KEY):
+            self.metrics.observe("guest", path, time.perf_counter() - started)
         start_response(status_line(code), headers)
         return [] if method == "HEAD" else [body]
 
@@ -124,6 +130,7 @@ class GuestApp:
         droplet_id = view.droplet.id
         if not self.hub.try_hold(droplet_id, self.settings.max_waits_per_droplet):
             return _retry_later(429, "too_many_waits", "too many long-polls held for this droplet", as_json)
+        environ[LONG_POLL_KEY] = True
         self.metrics.held_long_polls.inc()
         try:
             changed = self.hub.wait_for_change(droplet_id, etag, timeout_s)
@@ -190,16 +197,12 @@ def create_guest_flask(guest: GuestApp) -> Flask:
         code, headers, body = a
         return Response(body, status=code, headers=headers)
 
+    time_flask_app(app, guest.metrics, "guest")
+
     @app.before_request
     def refuse() -> Response | None:
         refused = guest.refusal(request.environ, as_json_path())
         return answer(refused) if refused is not None else None
-
-    @app.after_request
-    def count(response: Response) -> Response:
-        endpoint = request.url_rule.rule if request.url_rule is not None else "other"
-        guest.metrics.count("guest", endpoint, response.status_code)
-        return response
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException) -> Response:

@@ -36,6 +36,8 @@ GRACEFUL_TIMEOUT_S = 2
 GUEST_WORKER_CONNECTIONS = 10_000
 # An arbiter whose supervisor died stops gracefully (held long-polls are answered); a worker whose arbiter
 # died is killed outright, as its arbiter can no longer coordinate anything.
+# Settings older gunicorn versions (>= 22 is supported) do not know: skipped there.
+_NEWER_SETTINGS = frozenset({"control_socket_disable"})
 ARBITER_PDEATHSIG = signal.SIGTERM
 WORKER_PDEATHSIG = signal.SIGKILL
 
@@ -66,7 +68,8 @@ def _gunicorn_child(options: dict[str, Any], load: Callable[[], Any]) -> None:
     class _Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             for key, value in options.items():
-                self.cfg.set(key, value)
+                if key in self.cfg.settings or key not in _NEWER_SETTINGS:
+                    self.cfg.set(key, value)
 
         def load(self) -> Any:
             return load()
@@ -84,6 +87,10 @@ def _common_options(config: ServerConfig, fd: int, name: str) -> dict[str, Any]:
         "child_exit": _mark_dead,
         "post_fork": _worker_dies_with_arbiter,
         "keepalive": 75,
+        # gunicorn >= 25.1 opens a control socket at one per-user path ($HOME/.gunicorn/gunicorn.ctl) for
+        # every arbiter: our two arbiters (and any other server's) would take it from each other, and
+        # `serve` is the one supervisor anyway.
+        "control_socket_disable": True,
     }
 
 

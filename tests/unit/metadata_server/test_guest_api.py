@@ -10,29 +10,7 @@ from werkzeug.test import Client
 
 from metadata_server.guest import GuestApp
 
-from .conftest import AUTH
-
-D1, D2 = "127.0.0.2", "127.0.0.3"
-
-
-@pytest.fixture
-def two_droplets(admin: Client, guest_app: GuestApp) -> GuestApp:
-    admin.put(
-        "/admin/v1/droplets/d1", json={"addresses": [D1], "hostname": "web-1", "region": "fra1"}, headers=AUTH
-    )
-    admin.put("/admin/v1/droplets/d2", json={"addresses": [D2]}, headers=AUTH)
-    admin.put(
-        "/admin/v1/droplets/d1/maintenance",
-        json={
-            "id": "ev-1",
-            "event": "live_migrate",
-            "state": "scheduled",
-            "not_before": "2026-12-01T02:00:00Z",
-        },
-        headers=AUTH,
-    )
-    guest_app.hub.reload()
-    return guest_app
+from .conftest import AUTH, D1, D2
 
 
 def get(app: GuestApp, address: str, path: str, method: str = "GET", **kw: object):  # type: ignore[no-untyped-def]
