@@ -19,8 +19,10 @@ ends the loop after the current tick (no half-written transaction: each change i
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -29,7 +31,7 @@ from typing import Any, Protocol
 
 from host_engine.acks import AckReader
 from host_engine.config import EngineConfig
-from host_engine.errors import Conflict, HostEngineError
+from host_engine.errors import Conflict, HostEngineError, StoreError
 from host_engine.models import Migration
 from host_engine.reconcile import MetadataSync, ReconcileReport, pending_clears
 from host_engine.states import MigrationState
@@ -37,6 +39,15 @@ from host_engine.store import Store
 from host_engine.timeparse import Clock, format_duration, format_time
 
 log = logging.getLogger(__name__)
+
+# A store outage: the loop retries after 1 s, doubling up to 30 s (with jitter), so a restarted database sees
+# the fleet come back within half a minute and not all at once.
+STORE_RETRY_MIN_S = 1.0
+STORE_RETRY_MAX_S = 30.0
+# ``run`` on threads: the main thread looks for a signal this often, and on one gives the loops this long to
+# finish what they are doing (then the executor's shutdown has its own grace, well within 10 s in all).
+MAIN_WAIT_S = 0.5
+STOP_JOIN_S = 2.0
 
 # Reconcile every metadata server now and then, not only at start-up: a server that was unreachable when the
 # executor finished a migration (its hooks log the failure and go on) would otherwise show the guest a stale
@@ -71,6 +82,7 @@ class Engine:
         sleep: Callable[[float], None] | None = None,
         steps: Sequence[TickStep] = (),
         reconcile_every: timedelta = RECONCILE_EVERY,
+        threads: bool = False,
     ) -> None:
         self.store = store
         self.config = config
@@ -80,6 +92,11 @@ class Engine:
         self._stop = threading.Event()
         self._sleep = sleep or (lambda s: self._stop.wait(s) and None)
         self.steps = list(steps)
+        # ``run`` on threads: the steps (the executor) on one, notices/acks/reconcile on another, the main
+        # thread only waiting for a signal (see ``_run_threads``). Tests that drive time keep one thread.
+        self.threads = threads
+        self._outage = StoreOutage("engine loop")
+        self._step_error: BaseException | None = None
         self.reconcile_reports: list[ReconcileReport] = []
         self._reconcile_pending = True
         self.reconcile_every = reconcile_every
@@ -187,7 +204,7 @@ class Engine:
         result.errors.extend(errs)
         result.acked, errs = self.acks.read()
         result.errors.extend(errs)
-        for step in self.steps:
+        for step in [] if self.threads else self.steps:
             try:
                 step.tick()
             except HostEngineError as e:
@@ -196,20 +213,113 @@ class Engine:
         return result
 
     def run(self, *, max_ticks: int | None = None) -> int:
-        """Reconcile, then tick until stopped (or ``max_ticks`` ticks). Returns the number of ticks run."""
+        """Reconcile, then tick until stopped (or ``max_ticks`` ticks). Returns the number of ticks run.
+
+        A store outage is ridden out: the tick is retried with backoff (logged once, and once more when the
+        store answers again) while the executor's attempts go on."""
         log.info(
             "engine starting (store %s, poll every %ss)", self.store.url, self.config.engine.poll_interval_s
         )
-        self.reconcile()
+        if self.threads:
+            return self._run_threads(max_ticks)
+        ticks = self._ticks(max_ticks, self._sleep)
+        log.info("engine stopped after %d ticks", ticks)
+        return ticks
+
+    def _ticks(self, max_ticks: int | None, sleep: Callable[[float], object]) -> int:
+        self._outage.attempt(self.reconcile)
         ticks = 0
         while not self.stopping and (max_ticks is None or ticks < max_ticks):
-            self.tick()
+            self._outage.attempt(self.tick)
             ticks += 1
             if self.stopping or (max_ticks is not None and ticks >= max_ticks):
                 break
-            self._sleep(self.config.engine.poll_interval_s)
-        log.info("engine stopped after %d ticks", ticks)
+            sleep(self._outage.wait_s(self.config.engine.poll_interval_s))
         return ticks
+
+    def _run_threads(self, max_ticks: int | None) -> int:
+        """The loop on threads (``host-engine run``): a slow hypervisor or metadata server call stalls only
+        its own loop, and SIGTERM is honoured within seconds whatever either is doing. Each loop finishes its
+        current step when asked to stop (each change is one transaction); one still busy after
+        ``STOP_JOIN_S`` is left behind (a daemon thread) and the caller shuts the executor down."""
+        ticks: list[int] = []
+        loops = [
+            threading.Thread(
+                target=lambda: ticks.append(self._ticks(max_ticks, self._stop.wait)),
+                name="engine-notices",
+                daemon=True,
+            )
+        ]
+        if self.steps:
+            loops.append(threading.Thread(target=self._steps_loop, name="engine-executor", daemon=True))
+        for t in loops:
+            t.start()
+        # The main thread only waits (a signal handler runs between waits), until a signal, the tick limit,
+        # or a step that cannot go on.
+        while loops[0].is_alive() and not self._stop.wait(MAIN_WAIT_S):
+            pass
+        self._stop.set()
+        deadline = time.monotonic() + STOP_JOIN_S
+        for t in loops:
+            t.join(max(0.0, deadline - time.monotonic()))
+        busy = [t.name for t in loops if t.is_alive()]
+        if busy:
+            log.warning("stopping while %s finish a call in progress", ", ".join(busy))
+        log.info("engine stopped after %d ticks", ticks[0] if ticks else 0)
+        if self._step_error is not None:
+            raise self._step_error
+        return ticks[0] if ticks else 0
+
+    def _steps_loop(self) -> None:
+        """The executor's own loop: its ticks never wait for notices, acks or reconciliation."""
+        while not self._stop.is_set():
+            for step in self.steps:
+                try:
+                    step.tick()
+                except HostEngineError as e:
+                    log.warning("engine step %s failed: %s", type(step).__name__, e)
+                except Exception as e:  # a step that cannot go on (e.g. another process drives the sim)
+                    log.exception("engine step %s failed; stopping", type(step).__name__)
+                    self._step_error = e
+                    self._stop.set()
+                    return
+            self._stop.wait(self.config.engine.poll_interval_s)
+
+
+class StoreOutage:
+    """Rides out a store outage in a loop: ``attempt`` runs a step, turning a ``StoreError`` into a warning
+    logged once per outage (and a note when the store answers again); ``wait_s`` is how long to sleep
+    before the next try: the poll interval normally, else a doubling backoff with jitter (1 s .. 30 s)."""
+
+    def __init__(self, what: str, *, rand: Callable[[], float] = random.random) -> None:
+        self.what = what
+        self.rand = rand
+        self.down_since: float | None = None
+        self._backoff_s = STORE_RETRY_MIN_S
+
+    def attempt(self, step: Callable[[], object]) -> bool:
+        try:
+            step()
+        except StoreError as e:
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                self._backoff_s = STORE_RETRY_MIN_S
+                log.warning("%s: store unreachable (%s); retrying with backoff", self.what, e)
+            else:
+                self._backoff_s = min(STORE_RETRY_MAX_S, self._backoff_s * 2)
+                log.debug("%s: store still unreachable: %s", self.what, e)
+            return False
+        if self.down_since is not None:
+            log.warning(
+                "%s: store reachable again after %.0f s", self.what, time.monotonic() - self.down_since
+            )
+            self.down_since = None
+        return True
+
+    def wait_s(self, poll_s: float) -> float:
+        if self.down_since is None:
+            return poll_s
+        return max(poll_s, self._backoff_s * (0.5 + self.rand()))
 
 
 def _with(m: Migration, **changes: Any) -> Migration:

@@ -27,6 +27,7 @@ Many workers, one store (DESIGN.md §9; docs/host-engine.md "Running several wor
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -128,8 +129,11 @@ class ExecutorConfig:
         per-worker concurrency from ``[engine]``, the fleet's limits from ``[concurrency]``, the downtime
         budget from ``[controller]``; the controller ticks once per engine poll."""
         e, sched = config.engine, config.schedule
+        # ``migrate --now`` runs beside any ``host-engine run`` of the same name: it must not pass for that
+        # worker (whose recovery would take its attempt for an orphan), so it works under a name of its own.
+        worker = config.worker_id if only is None else f"{config.worker_id}/migrate-{os.getpid()}"
         return cls(
-            worker=config.worker_id,
+            worker=worker,
             max_concurrent=e.max_concurrent,
             tick_s=e.poll_interval_s if tick_s is None else tick_s,
             renew_every_s=e.renew_every_s,

@@ -869,6 +869,8 @@ class Tx:
         migration is still startable, so however many workers claim at once no limit is ever exceeded and no
         migration starts twice. Claim times are the store's clock (the database's on PostgreSQL)."""
         self.lock_claims()
+        # Counted before ``now`` is first read: the claim's recorded time is after every end it counted.
+        counts = self.running_counts()
         row = self._migration_row(migration_id, for_update=True)
         if row is None:
             raise NotFound(f"unknown migration {migration_id!r}")
@@ -883,7 +885,7 @@ class Tx:
         free = previous is None or previous == worker or expired
         if not (due and free):
             return None
-        blocked = self.running_counts().blocked(limits, row["source_host"], row["target_host"])
+        blocked = counts.blocked(limits, row["source_host"], row["target_host"])
         if blocked is not None:
             log.debug("migration_id=%s not claimed: %s", migration_id, blocked)
             return None
@@ -1151,7 +1153,9 @@ class Store:
             return self.clock
 
         def db_now() -> datetime:
-            value: datetime = conn.execute(sa.text("SELECT now()")).scalar_one()
+            # The time of the statement that first needs it (not of the transaction's start): a claim reads
+            # it after taking the claim lock, so the log orders claims as they happened.
+            value: datetime = conn.execute(sa.text("SELECT statement_timestamp()")).scalar_one()
             return value.astimezone(UTC)
 
         return db_now

@@ -54,6 +54,7 @@ from host_engine.states import ACTIVE_STATES, MigrationState
 from host_engine.store import Store
 from host_engine.timeline import attempt_marks
 from host_engine.timeparse import format_duration, format_time, parse_duration
+from host_engine.workers import WorkerName
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +314,12 @@ def _states(e: LogEntry) -> str:
     metavar="HOST:PORT",
     help="Serve Prometheus metrics on http://HOST:PORT/metrics (PORT alone: loopback).",
 )
+@click.option(
+    "--worker",
+    default=None,
+    metavar="NAME",
+    help="This worker's name (default: config [engine] worker, else the hostname); one process per name.",
+)
 @pass_deps
 def run(
     deps: Deps,
@@ -321,6 +328,7 @@ def run(
     driver: str | None,
     sim_speed: float,
     metrics_listen: str | None,
+    worker: str | None,
 ) -> None:
     """The engine: reconcile the metadata servers, send notices as they fall due, and run the migrations
     whose window opened (SIGTERM stops it, releasing running attempts with their sources untouched)."""
@@ -330,11 +338,16 @@ def run(
         if seconds <= 0:
             raise InvalidInput("--poll-interval must be positive", field="poll_interval")
         config = replace(config, engine=replace(config.engine, poll_interval_s=seconds))
+    if worker is not None:
+        config = replace(config, engine=replace(config.engine, worker=worker.strip()))
     listen = parse_listen(metrics_listen) if metrics_listen is not None else None
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = deps.store(create=True)  # a fresh fleet may start its workers before adding hosts
     with contextlib.ExitStack() as stack:
+        # Refused, in one line, if another live process holds this worker name (it would take this one's
+        # attempts for orphans, and the other way round).
+        name = stack.enter_context(WorkerName(store, config.worker_id))
         sync = stack.enter_context(MetadataSync(store, deps.client_factory or _client_factory(deps)))
         metrics = ExecutorMetrics(store)
         if listen is not None:
@@ -348,7 +361,18 @@ def run(
             sim_speed=sim_speed,
             metrics=metrics,
         )
-        engine = Engine(store, config, sync, clock=deps.clock, sleep=deps.sleep, steps=[step])
+        # On threads (executor, notices, a main thread that only waits for signals) unless a test drives
+        # time through deps.sleep.
+        engine = Engine(
+            store,
+            config,
+            sync,
+            clock=deps.clock,
+            sleep=deps.sleep,
+            steps=[name, step],
+            threads=deps.sleep is None,
+        )
+        name.on_lost = engine.request_stop
         if deps.install_signals and threading.current_thread() is threading.main_thread():
             engine.install_signal_handlers()
         try:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -12,9 +17,11 @@ from hypothesis import strategies as st
 
 from host_engine import schema
 from host_engine.errors import Conflict, IllegalTransition, NotFound, StaleClaim, StoreError
-from host_engine.models import NewMigration
+from host_engine.models import Migration, NewMigration
 from host_engine.states import ACTIVE_STATES, CANCELLABLE, HostState, MigrationState, can_transition
-from host_engine.store import Store, database_url, offline_event_id
+from host_engine.store import ClaimLimits, Store, database_url, offline_event_id
+from host_engine.workers import WorkerName, WorkerNameTaken
+from tests import pg
 from tests.unit.host_engine.conftest import GIB, T0, FakeClock, make_droplet, make_host
 
 S = MigrationState
@@ -300,3 +307,169 @@ def test_store_transitions_follow_the_table_under_any_sequence(
     log = populated.migration_log(m.id)
     assert log[-1].to_state is state
     assert all(can_transition(e.from_state, e.to_state) for e in log[1:] if e.from_state and e.to_state)
+
+
+# ---- claims under the fleet's limits; worker names ---------------------------------------------------------
+
+
+def _due(store: Store, droplet: str, source: str, target: str) -> str:
+    [m] = store.create_migrations([_new(droplet, source, target, minutes=0)])
+    store.transition(m.id, S.NOTIFIED)
+    return m.id
+
+
+def _claim(store: Store, mid: str, worker: str, limits: ClaimLimits) -> Migration | None:
+    with store.begin() as tx:
+        return tx.claim_start(mid, worker, offline=False, lease_s=60, limits=limits)
+
+
+def test_store_claim_start_keeps_the_fleet_source_and_target_limits(populated: Store) -> None:
+    populated.add_host(make_host("hv4"))
+    for d in ("d3", "d4"):
+        populated.add_droplet(make_droplet(d, "hv1"))
+    populated.add_droplet(make_droplet("e1", "hv3"))
+    limits = ClaimLimits(max_parallel=3, max_per_source=2, max_per_target=1)
+    m1 = _due(populated, "d1", "hv1", "hv2")
+    m2 = _due(populated, "d2", "hv1", "hv2")
+    m3 = _due(populated, "d3", "hv1", "hv4")
+    m4 = _due(populated, "d4", "hv1", "hv3")
+    m5 = _due(populated, "e1", "hv3", "hv1")
+
+    started = _claim(populated, m1, "w1", limits)
+    assert started is not None and started.state is S.RUNNING and started.claimed_by == "w1"
+    assert started.attempt == 1
+    assert _claim(populated, m2, "w2", limits) is None  # hv2 already receives one
+    assert _claim(populated, m3, "w2", limits) is not None
+    assert _claim(populated, m4, "w2", limits) is None  # two already leave hv1
+    with populated.begin(readonly=True) as tx:  # the candidates skip full sources and targets
+        assert [m.id for m in tx.claim_candidates(lease_s=60, limits=limits, limit=10)] == [m5]
+    assert _claim(populated, m5, "w3", limits) is not None
+    with populated.begin(readonly=True) as tx:  # three run: the fleet is full
+        assert tx.claim_candidates(lease_s=60, limits=limits, limit=10) == []
+    assert populated.get_migration(m2).state is S.NOTIFIED  # refused claims wrote nothing
+    assert [e.kind for e in populated.migration_log(m2)] == ["transition", "transition"]
+
+    populated.complete(m1, worker="w1")
+    assert _claim(populated, m2, "w2", limits) is not None  # room into hv2 again
+    assert _claim(populated, m1, "w2", limits) is None  # completed: never claimed again
+
+
+def test_store_concurrent_claims_from_many_stores_never_exceed_the_fleet_limit(
+    populated: Store, db_url: str, clock: FakeClock
+) -> None:
+    """Eight workers, each its own store (its own connections), claim a backlog of twelve at once."""
+    ids = []
+    for i in range(12):
+        populated.add_droplet(make_droplet(f"c{i}", "hv1"))
+        ids.append(_due(populated, f"c{i}", "hv1", "hv2" if i % 2 else "hv3"))
+    limits = ClaimLimits(max_parallel=3)
+    started: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def worker(name: str) -> None:
+        store = Store.open(db_url, clock=clock)
+        try:
+            barrier.wait()
+            for mid in ids:
+                with store.begin() as tx:
+                    if tx.claim_start(mid, name, offline=False, lease_s=60, limits=limits) is not None:
+                        with lock:
+                            started.append(mid)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(started) == 3 and len(set(started)) == 3
+    assert len(populated.list_migrations(states=[S.RUNNING])) == 3
+
+
+def test_store_renew_claims_answers_the_claims_still_held(populated: Store, clock: FakeClock) -> None:
+    m1 = _due(populated, "d1", "hv1", "hv2")
+    m2 = _due(populated, "d2", "hv1", "hv3")
+    for mid in (m1, m2):
+        assert _claim(populated, mid, "w1", ClaimLimits()) is not None
+    clock.advance(61)
+    with populated.begin(readonly=True) as tx:
+        assert {m.id for m in tx.orphans("w2", lease_s=60)} == {m1, m2}  # expired: another may take them
+    [taken] = populated.claim("w2", states=(S.RUNNING,), lease_s=60, migration_id=m2)
+    assert taken.claimed_by == "w2"
+    with populated.begin() as tx:
+        held = tx.renew_claims("w1", [m1, m2])
+    assert set(held) == {m1} and held[m1].claimed_at == clock()
+    with populated.begin(readonly=True) as tx:
+        assert [m.id for m in tx.orphans("w2", lease_s=60)] == [m2]  # its own (after a restart)
+        assert tx.orphans("w3", lease_s=60) == []  # both renewed just now
+
+
+@pytest.mark.postgres
+def test_store_leases_do_not_expire_within_a_lease_of_a_database_restart(
+    pg_server: pg.PostgresServer,
+) -> None:
+    """With the database's clock, a claim older than the lease is expired only if the database has been up
+    for a lease: after a restart nobody could renew meanwhile."""
+    store = Store.open(pg_server.new_database())
+    try:
+        with store.begin() as tx:
+            assert tx.db_clock
+            up_s = (
+                tx.now - tx.conn.execute(sa.text("SELECT pg_postmaster_start_time()")).scalar_one()
+            ).total_seconds()
+            assert tx.stale_before(up_s + 3600) is None
+            cutoff = tx.stale_before(1.0)
+            assert cutoff is not None and cutoff == tx.now - timedelta(seconds=1)
+    finally:
+        store.close()
+
+
+def test_store_worker_name_is_held_by_one_process_at_a_time(db_url: str, clock: FakeClock) -> None:
+    first, second = Store.open(db_url, clock=clock), Store.open(db_url, clock=clock)
+    try:
+        held = WorkerName(first, "hv-a").acquire()
+        with pytest.raises(WorkerNameTaken, match=rf"'hv-a' is held by another live .*pid {os.getpid()} on "):
+            WorkerName(second, "hv-a").acquire()
+        other = WorkerName(second, "hv-b").acquire()  # another name is free
+        held.release()
+        again = WorkerName(second, "hv-a").acquire()
+        again.release()
+        other.release()
+    finally:
+        first.close()
+        second.close()
+
+
+def test_store_worker_name_of_a_killed_process_is_free_at_once(db_url: str, tmp_path: Path) -> None:
+    store = Store.open(db_url)
+    code = (
+        "import sys, time\n"
+        "from host_engine.store import Store\n"
+        "from host_engine.workers import WorkerName\n"
+        f"held = WorkerName(Store.open({db_url!r}), 'hv-a').acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    repo = Path(__file__).resolve().parents[3]
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=repo, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+        with pytest.raises(WorkerNameTaken):
+            WorkerName(store, "hv-a").acquire()
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while True:  # the database notices the session ended within moments; the kernel drops a flock at once
+            try:
+                WorkerName(store, "hv-a").acquire().release()
+                break
+            except WorkerNameTaken:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        store.close()
