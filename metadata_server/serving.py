@@ -17,6 +17,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 # requests in flight (milliseconds) and idle keep-alive connections, which need not hold shutdown up.
 GRACEFUL_TIMEOUT_S = 2
 GUEST_WORKER_CONNECTIONS = 10_000
+FD_SLACK = 1_024  # the state file, the metrics files, logs, gunicorn's own pipes
 # An arbiter whose supervisor died stops gracefully (held long-polls are answered); a worker whose arbiter
 # died is killed outright, as its arbiter can no longer coordinate anything.
 # Settings older gunicorn versions (>= 22 is supported) do not know: skipped there.
@@ -185,8 +187,34 @@ def _supervise(children: dict[int, str]) -> int:
     return exit_code
 
 
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files (inherited by every child) to what the pools need.
+
+    systemd and most shells start services with a soft limit of 1,024 descriptors, while a guest worker
+    holds up to ``GUEST_WORKER_CONNECTIONS`` connections and the admin worker ``WORKER_CONNECTIONS``: past
+    the limit ``accept()`` fails for every client. The hard limit is the ceiling; returns the new soft limit.
+    """
+    from .admin_worker import WORKER_CONNECTIONS
+
+    wanted = GUEST_WORKER_CONNECTIONS + WORKER_CONNECTIONS + FD_SLACK
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "open files limited to %d (hard limit); a worker may hold up to %d connections: "
+            "raise LimitNOFILE / ulimit -Hn",
+            soft,
+            wanted,
+        )
+    return soft
+
+
 def serve(config: ServerConfig, announce: Callable[[str], None]) -> int:
     """Run both listeners until SIGTERM/SIGINT; returns the exit code."""
+    raise_open_files_limit()
     guest_sock = bind(config.guest_listen, "--guest-listen")
     try:
         admin_sock = bind(config.admin_listen, "--admin-listen")

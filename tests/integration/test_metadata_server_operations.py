@@ -3,10 +3,13 @@ documented way to run its apps under the operator's own gunicorn (the command is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import resource
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,6 +51,26 @@ def guest_requests_timed(ms: MetadataServer) -> float:
     series = f'{HISTOGRAM}_count{{endpoint="/v1/maintenance_event",listener="guest"}} '
     text = ms.admin("GET", "/metrics").text
     return sum(float(line.removeprefix(series)) for line in text.splitlines() if line.startswith(series))
+
+
+def test_server_holds_more_connections_than_a_default_open_files_limit(tmp_path: Path) -> None:
+    """Started with a soft limit of 256 descriptors (systemd's default is 1,024), as a service often is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2_048:
+        pytest.skip(f"the hard limit on open files ({hard}) leaves nothing to raise")
+    with contextlib.ExitStack() as stack:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        try:
+            ms = stack.enter_context(MetadataServer.start(tmp_path / "ms"))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))  # the server inherited 256
+        idle = [stack.enter_context(socket.socket()) for _ in range(600)]
+        for n, s in enumerate(idle):  # 60 from each of 10 sources: under the per-source cap
+            s.bind((f"127.0.4.{n % 10 + 1}", 0))
+            s.connect(("127.0.0.1", ms.admin_port))
+        time.sleep(0.5)  # all accepted and held by the admin worker
+        r = ms.admin("PUT", "/admin/v1/droplets/d2", json={"addresses": ["127.0.0.2"]}, timeout=5)
+        assert r.status_code == 201
 
 
 def documented_commands() -> list[str]:
