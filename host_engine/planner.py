@@ -289,6 +289,29 @@ def _write(tx: Tx, schedule: Schedule, request: Request, config: EngineConfig) -
     return out
 
 
+#: How many droplet ids a refusal names before "and N more".
+MAX_NAMED_DROPLETS = 10
+
+
+def require_addresses(source: Host, droplets: Sequence[Droplet]) -> None:
+    """Refuse to plan droplets whose guests could never be told: the metadata server knows a droplet only by
+    its address, so one without an address gets no notice and its migration would wait in ``planned``
+    forever. Hosts without a metadata server (no notices at all) are not checked."""
+    if not source.metadata_url:
+        return
+    missing = [d.id for d in droplets if not d.addresses]
+    if not missing:
+        return
+    named = ", ".join(missing[:MAX_NAMED_DROPLETS])
+    if len(missing) > MAX_NAMED_DROPLETS:
+        named += f" and {len(missing) - MAX_NAMED_DROPLETS} more"
+    raise Conflict(
+        f"{len(missing)} droplet(s) on {source.name} have no address, so their guests cannot be told of a "
+        f"migration: {named}; give each one (host-engine droplet set ID --address IP, or inventory sync) "
+        "and plan again"
+    )
+
+
 class _DryRun(Exception):
     def __init__(self, schedule: Schedule) -> None:
         super().__init__("dry run")
@@ -320,6 +343,7 @@ def _evacuate(
         busy = _migrating(tx, host_name)
         for d in tx.list_droplets(host=host_name):
             (skipped if d.id in busy else droplets).append(d)
+        require_addresses(source, droplets)
         schedule = _schedule(tx, source, droplets, request, config)
         schedule = Schedule(schedule.source, schedule.plan, schedule.moves, tuple(d.id for d in skipped))
         if dry_run:
@@ -369,6 +393,7 @@ def _migrate_one(
         if busy is not None:
             raise Conflict(f"droplet {droplet_id} already has migration {busy.id} ({busy.state.value})")
         source = tx.get_host(droplet.host)
+        require_addresses(source, [droplet])
         if to is not None:
             plan = plan_placement(
                 tx, source, [droplet], config.placement, only_target=to, explain=[droplet_id]
