@@ -9,6 +9,11 @@ Whatever happens, an attempt ends in one of two states the rest of the system ca
 ``COMPLETED`` — the droplet runs on the target, the source holds nothing, no limit is left on it;
 or ``ABORTED``/``FAILED`` — the source runs the droplet untouched (resumed, no throttle, no disk limit)
 and the target holds nothing of it. Which host was at fault goes to the retry policy (``host_engine.retry``).
+
+Which of the two it is comes from the hypervisor, never from a timer: when the controller (or an operator)
+gives up, the attempt asks the driver to abort, and a driver that finds the job completed meanwhile
+(``AlreadyCompleted``, or a final snapshot in phase ``DONE``) makes the attempt ``COMPLETED``, with the
+job's own downtime and bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from host_engine.controller import (
     decide,
 )
 from host_engine.drivers.base import (
+    AlreadyCompleted,
     DriverError,
     MigrationDriver,
     Phase,
@@ -225,13 +231,25 @@ class MigrationRun:
         target_at_fault: bool,
         p: Progress | None = None,
     ) -> MigrationResult:
+        if outcome is not Outcome.COMPLETED:
+            completed, target_unclean = self._clean_up_failure()
+            if completed:
+                log.warning(
+                    "attempt wanted to end %s (%s), but the migration completed: recorded as completed",
+                    outcome.value,
+                    reason,
+                )
+                outcome, reason, abort_reason, target_at_fault = Outcome.COMPLETED, None, None, False
+                p = self._final_snapshot(p)
+            elif target_unclean:
+                # The target could not even be cleaned: it (or the way to it) is at fault, whatever the
+                # controller's reason was, so the retry goes elsewhere.
+                target_at_fault = True
         if outcome is Outcome.COMPLETED:
             try:
                 self.driver.finalize(True)
             except DriverError as e:  # the droplet runs on the target; a leftover on the source is logged
                 log.error("finalize after success failed (source copy may be left): %s", e)
-        else:
-            self._clean_up_failure()
         self.result = MigrationResult(
             outcome=outcome,
             reason=reason,
@@ -247,18 +265,55 @@ class MigrationRun:
         )
         return self.result
 
-    def _clean_up_failure(self) -> None:
-        """Source untouched (resumed, unthrottled), target clean. Each step tried even if another fails."""
-        for what, call in (
-            ("abort", self.driver.abort),
+    def _clean_up_failure(self) -> tuple[bool, bool]:
+        """Source untouched (resumed, unthrottled), target clean. Each step tried even if another fails.
+
+        Returns (completed, target_unclean): ``completed`` when the abort found the migration had completed
+        (then nothing is cleaned: the target's copy is the droplet); ``target_unclean`` when a step failed
+        because of the target.
+        """
+        try:
+            self.driver.abort()
+        except AlreadyCompleted as e:
+            log.warning("abort: %s", e)
+            return True, False
+        except DriverError as e:
+            log.warning("abort during clean-up failed: %s", e)
+            if self._done_after_all():
+                return True, False
+        target_unclean = False
+        steps: tuple[tuple[str, Callable[[], None]], ...] = (
             ("lift disk limit", lambda: self.driver.set_disk_write_limit(None)),
             ("lift throttle", lambda: self.driver.set_memory_throttle(0)),
             ("finalize(failure)", lambda: self.driver.finalize(False)),
-        ):
+        )
+        for what, call in steps:
             try:
                 call()
+            except AlreadyCompleted as e:
+                log.warning("%s: %s", what, e)
+                return True, False
             except DriverError as e:
                 log.warning("%s during clean-up failed: %s", what, e)
+                target_unclean = target_unclean or e.target_at_fault
+        return False, target_unclean
+
+    def _done_after_all(self) -> bool:
+        """After a failed abort: does the driver's own snapshot say the migration completed?"""
+        try:
+            return self.driver.progress().phase is Phase.DONE
+        except DriverError:
+            return False
+
+    def _final_snapshot(self, fallback: Progress | None) -> Progress | None:
+        """The completed job's last snapshot (its downtime and bytes), for the result."""
+        try:
+            p = self.driver.progress()
+        except DriverError:
+            return fallback
+        if self.keep_trace:
+            self.trace.append(p)
+        return p if p.phase is Phase.DONE else fallback
 
 
 def run_migration(

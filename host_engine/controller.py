@@ -11,8 +11,12 @@ The driver is the mechanism (copy disk, pre-copy memory, switch over); this modu
   mid-migration and lifted at the end;
 - switch over when the remaining data fits the downtime budget at the measured bandwidth (copying on while
   another tick still shrinks it, unless the guest is being slowed);
+- give up as soon as the measured rates say memory cannot converge even at the highest throttle allowed
+  (within two memory rounds of the first dirty-rate sample), rather than burn bytes and guest CPU until a
+  stall timer fires;
 - abort when the completion timeout for the droplet's size passes, when progress stalls with no remedy
-  left, or when a switchover does not finish (the guest is paused: resuming the source beats a frozen guest).
+  left, or when a switchover does not finish (the guest is paused: resuming the source beats a frozen guest;
+  the attempt then asks the hypervisor, and a migration that completed meanwhile is recorded completed).
 
 Everything here is pure: ``decide(progress, config, state) -> Decision``. The loop that calls it, applies
 the actions and sleeps lives in ``host_engine.executor`` (``run_migration``).
@@ -68,6 +72,16 @@ DEFAULT_THROTTLE_STEP_PCT = 10
 # Capped at 80 %: the notes show a guest that re-dirties its whole working set each round does not converge
 # even at QEMU's 99 %, so steps past 80 % buy nothing for those guests and only hurt the others.
 DEFAULT_THROTTLE_MAX_PCT = 80
+# A guest dirtying >= 95 % of what the link carries leaves the remainder where it was, and its real rate may
+# be far higher: QEMU counts a page once per round however often it is rewritten, so a working set rewritten
+# many times a round reads as "set size / round time" (measured: a 48 MiB set rewritten 18 times a second
+# read as 31.9 MiB/s at a 32 MiB/s cap, at 0 % and at 80 % throttle alike). Stepping up from 50 % would
+# spend rounds learning that; the throttle goes to its cap at once, and one round under it tells.
+DEFAULT_THROTTLE_JUMP_RATIO = 0.95
+# "Cannot converge": at the dirty rate measured (or, before the cap is in force, projected) under the highest
+# throttle, the remainder would need more than this many rounds to fit the downtime budget (each round leaves
+# dirty/transfer of the one before). QEMU's non-converging run spent 36 rounds; a converging guest needs 2-6.
+DEFAULT_CONVERGE_MAX_ROUNDS = 10
 # Completion timeout = 120 s + 64 s per GiB of disk + memory, i.e. "slower than 16 MiB/s on average": half the
 # 32 MiB/s cap at which the notes' dirtying guest already failed to converge. 120 s covers the fixed costs
 # (target QEMU start, first probe: a few s; ~1.2 s handover) with room. Nova uses 800 s/GiB: far too patient.
@@ -102,6 +116,8 @@ class ControllerConfig:
     throttle_target_ratio: float = DEFAULT_THROTTLE_TARGET_RATIO
     throttle_step_pct: int = DEFAULT_THROTTLE_STEP_PCT
     throttle_max_pct: int = DEFAULT_THROTTLE_MAX_PCT
+    throttle_jump_ratio: float = DEFAULT_THROTTLE_JUMP_RATIO
+    converge_max_rounds: int = DEFAULT_CONVERGE_MAX_ROUNDS
     timeout_floor_s: float = DEFAULT_TIMEOUT_FLOOR_S
     timeout_s_per_gib: float = DEFAULT_TIMEOUT_S_PER_GIB
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
@@ -147,6 +163,12 @@ class AbortReason(enum.Enum):
     STALLED = "stalled"
     NO_TRANSFER = "no_transfer"
     SWITCHOVER_TIMEOUT = "switchover_timeout"
+    # The measured rates say memory cannot converge even at the highest throttle allowed.
+    NOT_CONVERGING = "not_converging"
+
+
+#: Reasons that say the guest did not converge (the retry path counts them towards going offline).
+NONCONVERGING = frozenset({AbortReason.TIMEOUT, AbortReason.STALLED, AbortReason.NOT_CONVERGING})
 
 
 @dataclass(frozen=True)
@@ -169,6 +191,11 @@ class ControllerState:
     last_bytes_transferred: int = 0
     last_transfer_at_s: float = 0.0
     throttle_raised_round: int = -1
+    # The throttle in force during the current memory round and during the one before: QEMU measures the
+    # dirty rate at the dirty sync that ends a round, so a round's rate sample tells of the previous round.
+    throttle_round: int = -1
+    throttle_this_round_pct: int = 0
+    throttle_last_round_pct: int = 0
     switchover_requested_at_s: float | None = None
     previous_remaining_bytes: int | None = None
 
@@ -381,8 +408,10 @@ def memory_throttle(
     From round ``throttle_start_round`` on, if the guest dirties (memory + disk, the disk counted at its
     limit when one applies) at ≥ ``throttle_trigger_ratio`` of the transfer rate and the remainder does not
     yet fit the downtime budget, the throttle goes straight to the step that brings the guest's *unthrottled*
-    rate down to ``throttle_target_ratio`` of the link, capped at ``throttle_max_pct``. It never steps down
-    before the end (that would undo the rounds it bought) and is 0 once the migration is done or failed.
+    rate down to ``throttle_target_ratio`` of the link, capped at ``throttle_max_pct``; a guest dirtying
+    ≥ ``throttle_jump_ratio`` of the link (the remainder does not shrink at all) goes to the cap at once, so
+    one round shows whether any throttle can help (``cannot_converge``). It never steps down before the end
+    (that would undo the rounds it bought) and is 0 once the migration is done or failed.
 
     Worked examples (link 1 GiB/s, 2 GiB left, round 3):
 
@@ -394,10 +423,16 @@ def memory_throttle(
     >>> memory_throttle(p, cfg, st)
     0
 
-    A guest dirtying 1 GiB/s: needs 1 - 0.5 x 1 GiB/1 GiB = 50 %; QEMU would start at 20 % and creep up.
+    A guest dirtying 900 MiB/s: needs 1 - 0.5 x 1024/900 = 43 %, stepped to 50 %; QEMU would start at 20 %
+    and creep up.
+
+    >>> memory_throttle(replace(p, memory_dirty_rate_bps=900 * MiB), cfg, st)
+    50
+
+    A guest dirtying as fast as the link (the remainder does not shrink): straight to the cap.
 
     >>> memory_throttle(replace(p, memory_dirty_rate_bps=GiB), cfg, st)
-    50
+    80
 
     At 50 % already and measured 850 MiB/s (1700 MiB/s unthrottled): needs 69.9 %, stepped up to 70 %.
 
@@ -411,7 +446,8 @@ def memory_throttle(
 
     Already raised in this round: hold until the next round shows the effect.
 
-    >>> memory_throttle(replace(p, memory_dirty_rate_bps=GiB), cfg, replace(st, throttle_raised_round=3))
+    >>> memory_throttle(replace(p, memory_dirty_rate_bps=900 * MiB), cfg,
+    ...                 replace(st, throttle_raised_round=3))
     0
     """
     current = progress.memory_throttle_pct
@@ -430,12 +466,98 @@ def memory_throttle(
     dirty = progress.memory_dirty_rate_bps + disk_rate
     if dirty < rate * config.throttle_trigger_ratio:
         return current
+    return _throttle_step(dirty, rate, current, config)
+
+
+def _throttle_step(dirty: float, rate: float, current: int, config: ControllerConfig) -> int:
+    if dirty >= rate * config.throttle_jump_ratio:
+        return config.throttle_max_pct
     unthrottled = dirty / max(0.01, 1.0 - current / 100.0)
     needed_pct = 100.0 * (1.0 - config.throttle_target_ratio * rate / unthrottled)
     step = config.throttle_step_pct
     stepped = math.ceil(needed_pct / step - 1e-9) * step
     # Always at least one step up when triggered: the measured rate says the current level is not enough.
     return min(config.throttle_max_pct, max(stepped, current + step))
+
+
+def rounds_to_fit(left_bytes: float, dirty_bps: float, rate_bps: float, budget_bytes: float) -> float:
+    """Pre-copy rounds until the remainder fits ``budget_bytes``: each round re-dirties ``dirty/rate`` of
+    what it sent, so the remainder shrinks geometrically by that ratio (``inf`` when it does not shrink).
+
+    >>> rounds_to_fit(64 * MiB, 16 * MiB, 32 * MiB, 8 * MiB)   # halves each round: 64 -> 32 -> 16 -> 8
+    3.0
+    >>> rounds_to_fit(48 * MiB, 32 * MiB, 32 * MiB, 8 * MiB)   # dirtied as fast as sent: never
+    inf
+    >>> rounds_to_fit(4 * MiB, 32 * MiB, 32 * MiB, 8 * MiB)    # fits already
+    0.0
+    """
+    if left_bytes <= budget_bytes:
+        return 0.0
+    if rate_bps <= 0 or dirty_bps >= rate_bps:
+        return math.inf
+    if dirty_bps <= 0 or budget_bytes <= 0:
+        return 1.0 if budget_bytes > 0 else math.inf
+    return math.log(budget_bytes / left_bytes) / math.log(dirty_bps / rate_bps)
+
+
+def cannot_converge(progress: Progress, config: ControllerConfig, state: ControllerState) -> str | None:
+    """Why memory cannot converge even at the highest throttle allowed, or None while it may.
+
+    From round ``throttle_start_round`` on (QEMU's first dirty-rate sample), in the memory phase, with the
+    remainder not yet within the downtime budget: the dirty rate *under the throttle cap* is projected (before
+    the cap is in force: the measured rate scaled down in proportion to the vCPU time taken away, the best a
+    throttle can do) or measured (once a whole round ran under the cap). If the remainder would then need
+    more than ``converge_max_rounds`` rounds to fit the budget, the attempt is hopeless.
+
+    Worked examples (link 32 MiB/s, 300 ms budget: plans for 7.7 MiB; 47 MiB left, round 3):
+
+    A 48 MiB working set rewritten faster than a round reads as ~32 MiB/s. Before the cap is in force, the
+    best case (80 % throttle: 6.4 MiB/s) would converge in about one round: not yet hopeless.
+
+    >>> cfg, st = ControllerConfig(), ControllerState()
+    >>> p = _example(phase=Phase.MEMORY, round=3, transfer_rate_bps=32 * MiB, memory_remaining_bytes=47 * MiB,
+    ...              memory_dirty_rate_bps=31.9 * MiB)
+    >>> cannot_converge(p, cfg, st) is None
+    True
+
+    After a whole round under the cap, QEMU still measures 31.9 MiB/s: hopeless.
+
+    >>> capped = replace(p, round=5, memory_throttle_pct=80, memory_throttle_in_force_pct=80)
+    >>> capped_st = replace(st, throttle_round=5, throttle_this_round_pct=80, throttle_last_round_pct=80)
+    >>> print(cannot_converge(capped, cfg, capped_st))  # doctest: +NORMALIZE_WHITESPACE
+    memory cannot converge: 31.9 MiB/s dirtied under the 80 % throttle (measured) against 32.0 MiB/s sent;
+    47 MiB left, 7.7 MiB fit the downtime budget
+
+    A guest dirtying 10x the link cannot be saved even at best: said at once, with no throttle tried.
+
+    >>> cannot_converge(replace(p, memory_dirty_rate_bps=320 * MiB), cfg, st)[:60]
+    'memory cannot converge: 64.0 MiB/s dirtied under the 80 % th'
+    """
+    if progress.phase is not Phase.MEMORY or progress.round < config.throttle_start_round:
+        return None
+    rate = progress.transfer_rate_bps
+    if rate <= 0 or progress.memory_dirty_rate_bps <= 0 or fits_downtime(progress, config):
+        return None
+    disk_rate = progress.disk_dirty_rate_bps
+    if progress.disk_write_limit_bps is not None:
+        disk_rate = min(disk_rate, float(progress.disk_write_limit_bps))
+    cap = config.throttle_max_pct
+    # The rate sampled this round was measured over the last one, under the throttle in force then.
+    measured_at = state.throttle_last_round_pct if state.throttle_round == progress.round else 0
+    measured = measured_at >= cap
+    memory_rate = progress.memory_dirty_rate_bps
+    if not measured:
+        memory_rate *= (1.0 - cap / 100.0) / max(0.01, 1.0 - measured_at / 100.0)
+    dirty = memory_rate + disk_rate
+    left = remaining_bytes(progress)
+    budget = rate * config.max_downtime_ms / 1000.0 * config.switchover_safety
+    if rounds_to_fit(left, dirty, rate, budget) <= config.converge_max_rounds:
+        return None
+    return (
+        f"memory cannot converge: {dirty / MiB:.1f} MiB/s dirtied under the {cap} % throttle "
+        f"({'measured' if measured else 'at best'}) against {rate / MiB:.1f} MiB/s sent; "
+        f"{left / MiB:.0f} MiB left, {budget / MiB:.1f} MiB fit the downtime budget"
+    )
 
 
 def decide(progress: Progress, config: ControllerConfig, state: ControllerState) -> Decision:
@@ -519,6 +641,26 @@ def _track(progress: Progress, config: ControllerConfig, state: ControllerState)
         state = replace(state, last_bytes_transferred=progress.bytes_transferred, last_transfer_at_s=now)
     if progress.phase is Phase.SWITCHOVER and state.switchover_requested_at_s is None:
         state = replace(state, switchover_requested_at_s=now)
+    if progress.phase is Phase.MEMORY:
+        state = _track_throttle(progress, state)
+    return state
+
+
+def _track_throttle(progress: Progress, state: ControllerState) -> ControllerState:
+    """The throttle in force per memory round: the lowest the hypervisor reports during it, or (a driver that
+    cannot tell) the level requested when the round's first snapshot came (applied from that round on)."""
+    known = progress.memory_throttle_in_force_pct
+    now_pct = known if known is not None else progress.memory_throttle_pct
+    if progress.round != state.throttle_round:
+        last = state.throttle_this_round_pct if progress.round == state.throttle_round + 1 else 0
+        return replace(
+            state,
+            throttle_round=progress.round,
+            throttle_this_round_pct=now_pct,
+            throttle_last_round_pct=last,
+        )
+    if known is not None and known < state.throttle_this_round_pct:
+        return replace(state, throttle_this_round_pct=known)
     return state
 
 
@@ -533,6 +675,12 @@ def _abort_reason(progress: Progress, config: ControllerConfig, state: Controlle
         return None
     if now - state.last_transfer_at_s >= config.no_transfer_timeout_s:
         return Abort(AbortReason.NO_TRANSFER, f"no data moved for {now - state.last_transfer_at_s:.0f} s")
+    return _no_progress(progress, config, state)
+
+
+def _no_progress(progress: Progress, config: ControllerConfig, state: ControllerState) -> Abort | None:
+    """A stall with no remedy left, or rates that say memory cannot converge."""
+    now = progress.elapsed_s
     can_throttle_more = (
         progress.phase is Phase.MEMORY and progress.memory_throttle_pct < config.throttle_max_pct
     )
@@ -542,6 +690,9 @@ def _abort_reason(progress: Progress, config: ControllerConfig, state: Controlle
             f"remainder has not shrunk for {now - state.best_remaining_at_s:.0f} s "
             f"(throttle {progress.memory_throttle_pct} %)",
         )
+    hopeless = cannot_converge(progress, config, state)
+    if hopeless is not None:
+        return Abort(AbortReason.NOT_CONVERGING, hopeless)
     return None
 
 

@@ -44,7 +44,7 @@ from host_engine.config import (
     PlacementConfig,
 )
 from host_engine.controller import (
-    AbortReason,
+    NONCONVERGING,
     ControllerConfig,
     eta_s,
 )
@@ -719,7 +719,7 @@ class Executor:
             return Finished(m.id, m.attempt, result, done.state)
 
         nonconverging = int(m.stats.get(NONCONVERGING_KEY, 0))
-        if result.abort_reason in (AbortReason.STALLED, AbortReason.TIMEOUT):
+        if result.abort_reason in NONCONVERGING:
             nonconverging += 1
         failed_targets = set(m.stats.get(FAILED_TARGETS_KEY, []))
         if result.target_at_fault:

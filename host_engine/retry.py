@@ -26,7 +26,7 @@ DEFAULT_JITTER = 0.2
 # ten-minute notice applies to every event the guest must act on).
 DEFAULT_OFFLINE_NOTICE_S = 600.0
 
-NONCONVERGING_REASONS = frozenset({"stalled", "timeout"})
+NONCONVERGING_REASONS = frozenset({"stalled", "timeout", "not_converging"})
 
 
 @dataclass(frozen=True)

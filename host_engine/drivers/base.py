@@ -71,6 +71,9 @@ class Progress:
     transfer_rate_bps: float
     disk_write_limit_bps: int | None = None
     memory_throttle_pct: int = 0
+    # The throttle the hypervisor reports in force (QEMU applies a requested level at its next dirty sync);
+    # None when the driver cannot tell, and then the controller takes the requested level as in force.
+    memory_throttle_in_force_pct: int | None = None
     max_downtime_ms: int | None = None
     downtime_ms: float | None = None
     bytes_transferred: int = 0
@@ -85,6 +88,14 @@ class DriverError(Exception):
     def __init__(self, message: str, *, target_at_fault: bool = False) -> None:
         super().__init__(message)
         self.target_at_fault = target_at_fault
+
+
+class AlreadyCompleted(DriverError):
+    """``abort()`` came too late: the hypervisor completed the migration and the target runs the droplet.
+
+    The attempt's outcome is then ``COMPLETED`` whatever the caller wanted (a controller's timeout, an
+    operator's abort): the record follows the hypervisor's word, never the reverse.
+    """
 
 
 @runtime_checkable

@@ -82,6 +82,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from host_engine.drivers.base import (
+    AlreadyCompleted,
     DomainState,
     DriverError,
     MigrationDriver,
@@ -94,9 +95,6 @@ log = logging.getLogger(__name__)
 
 # How long abort() waits for the migration thread after abortJob (QEMU cancels within a second or two).
 ABORT_WAIT_S = 60.0
-# How long start() waits for libvirt to report the migration job, so limits can be applied to it.
-JOB_START_WAIT_S = 10.0
-JOB_START_POLL_S = 0.02
 # A control call that failed is ignored if the migration job ends within this long (it raced the end).
 END_RACE_WAIT_S = 2.0
 # finalize(True) waits this long for the migration thread to return (the job completed event comes first).
@@ -398,6 +396,10 @@ class LibvirtMigration(MigrationDriver):
         self._lock = threading.Lock()
         self._src: Any = None
         self._dst: Any = None
+        # The migration thread's own connection: a call in flight on a libvirt connection (migrateToURI3 runs
+        # for the whole job) delays other calls on it by up to the 5 s keepalive interval (measured: jobStats,
+        # state and blockStats took 5.0 s every few samples), so the controller's reads get their own.
+        self._mig_conn: Any = None
         self._dom: Any = None
         self._uuid = ""
         self._disks: list[_Disk] = []
@@ -490,11 +492,11 @@ class LibvirtMigration(MigrationDriver):
         self._unregister_events()
         if self._open is not _open:
             return  # injected connections belong to the caller
-        for conn in (self._src, self._dst):
+        for conn in (self._src, self._dst, self._mig_conn):
             if conn is not None:
                 with contextlib.suppress(Exception):
                     conn.close()
-        self._src = self._dst = None
+        self._src = self._dst = self._mig_conn = None
 
     def _prepare_target(self) -> None:
         _EventLoop.ensure()
@@ -583,18 +585,16 @@ class LibvirtMigration(MigrationDriver):
             flags |= lv.VIR_MIGRATE_PAUSED
         if self.tls:
             flags |= lv.VIR_MIGRATE_TLS
+        self._throttle_before_job()
+        mig_dom = self._migration_domain()
         self._started_at = self._clock()
         self._thread = threading.Thread(
             target=self._migrate,
-            args=(dom, params, flags),
+            args=(mig_dom, params, flags),
             name=f"migrate-{self.spec.migration_id}",
             daemon=True,
         )
         self._thread.start()
-        self._wait_for_job()
-        if self.auto_converge == "controlled" and not self.spec.offline:
-            with self._unless_ended():
-                self._apply_throttle(self._throttle_pct)
         log.info(
             "migration %s: %s → %s started (bandwidth cap %s MiB/s, flags %#x)",
             self.spec.migration_id,
@@ -605,24 +605,65 @@ class LibvirtMigration(MigrationDriver):
         )
 
     def progress(self) -> Progress:
+        """A snapshot stamped with the time it was *true*: the clock is read after libvirt answered.
+
+        A call that blocks (libvirt busy completing the job) therefore makes the snapshot late, never
+        stale-but-young: the controller's deadlines (switchover, stall) count from what was observed when.
+        """
         lv = _libvirt()
-        now = self._clock()
-        elapsed = now - self._started_at if self._started_at is not None else 0.0
         thread = self._thread
         if thread is not None and not thread.is_alive():
-            return self._final_progress(elapsed)
+            return self._final_progress()
         stats: dict[str, Any] = {}
         if thread is not None and self._dom is not None:
             try:
-                stats = dict(self._dom.jobStats())
+                stats = self._job_stats(self._dom)
             except lv.libvirtError as e:
                 log.debug("migration %s: jobStats: %s", self.spec.migration_id, e)
+        if thread is not None and not thread.is_alive():
+            return self._final_progress()  # the job ended while we asked: its end is the truth
         if stats.get("type", lv.VIR_DOMAIN_JOB_NONE) != lv.VIR_DOMAIN_JOB_NONE:
             self._last_stats = stats
             self._update_phase(stats)
         else:
             stats = self._last_stats
-        return self._progress_from(stats, elapsed, now)
+            if self._switchover_seen and self._phase in (Phase.DISK, Phase.MEMORY):
+                # QEMU paused the source for its last pass and libvirt is finishing the job (no stats now).
+                self._advance(Phase.SWITCHOVER)
+        return self._progress_from(stats)
+
+    def _throttle_before_job(self) -> None:
+        """Set the controller's throttle level (disarmed at 0) in QEMU before the job starts.
+
+        libvirt sets only the throttle's initial level and increment from the migration parameters and
+        leaves max-cpu-throttle and the trigger threshold as QEMU has them, so the job starts under the
+        controller's level, and start() returns at once instead of waiting for the job to appear (waiting
+        took seconds and hid a small guest's disk phase from the controller).
+        """
+        if self.auto_converge != "controlled" or self.spec.offline:
+            return
+        try:
+            self._apply_throttle(self._throttle_pct)
+        except DriverError as e:
+            log.warning("migration %s: throttle not disarmed: %s", self.spec.migration_id, e)
+
+    def _job_stats(self, dom: Any) -> dict[str, Any]:
+        """``jobStats()`` of the running job (its own method so a test can make it slow)."""
+        return dict(dom.jobStats())
+
+    def _migration_domain(self) -> Any:
+        """The source domain on a connection of the migration thread's own (see ``_mig_conn``).
+
+        Injected connections (libvirt's test driver in unit tests) are shared: the domain handle is reused.
+        """
+        if self._open is not _open:
+            return self._dom
+        lv = _libvirt()
+        self._mig_conn = self._open(self.spec.source_uri)
+        try:
+            return self._mig_conn.lookupByUUIDString(self._uuid)
+        except lv.libvirtError as e:
+            raise DriverError(f"{self.domain_name} not found on {self.spec.source_host}: {e}") from e
 
     def set_disk_write_limit(self, bytes_per_s: int | None) -> None:
         lv = _libvirt()
@@ -714,9 +755,10 @@ class LibvirtMigration(MigrationDriver):
         log.info("migration %s: switchover: source paused", self.spec.migration_id)
 
     def _abort(self) -> None:
+        """``abortJob``, wait for the job's end, then let libvirt's outcome decide: a job that completed
+        anyway (the abort came during its last steps) raises ``AlreadyCompleted`` and nothing is cleaned up
+        (the target's copy is the droplet now); otherwise the source is checked and the target cleaned."""
         lv = _libvirt()
-        if self._succeeded():
-            raise DriverError("cannot abort: the migration completed and the target runs the droplet")
         thread = self._thread
         if thread is not None and thread.is_alive() and self._dom is not None:
             try:
@@ -726,13 +768,9 @@ class LibvirtMigration(MigrationDriver):
             thread.join(ABORT_WAIT_S)
             if thread.is_alive():
                 raise DriverError(f"the migration job did not stop within {ABORT_WAIT_S:.0f} s of abortJob")
-            if self._succeeded():
-                # Too late: QEMU had finished the switchover. The target copy is the droplet now; cleaning
-                # it up would destroy the only running copy.
-                raise DriverError(
-                    "abort came too late: the migration completed and the target runs the droplet"
-                )
-        if self._phase is not Phase.DONE:
+        if self._succeeded():
+            raise AlreadyCompleted("cannot abort: the migration completed and the target runs the droplet")
+        if self._phase is not Phase.FAILED:
             self._fail("aborted")
         self._clean_after_failure()
 
@@ -741,9 +779,8 @@ class LibvirtMigration(MigrationDriver):
         if thread is None:
             raise DriverError("finalize(True) before start()")
         thread.join(FINALIZE_WAIT_S)
-        if thread.is_alive() or self._error is not None:
+        if thread.is_alive() or not self._succeeded():
             raise DriverError(f"finalize(True) but the migration did not succeed: {self._error}")
-        self._advance(Phase.DONE)
         lv = _libvirt()
         try:
             tdom = self._target().lookupByUUIDString(self._uuid)
@@ -797,8 +834,57 @@ class LibvirtMigration(MigrationDriver):
             raise DriverError(str(e)) from e
 
     def _succeeded(self) -> bool:
-        """The migration job returned without error: the target holds the live copy now."""
-        return self._thread is not None and not self._thread.is_alive() and self._error is None
+        """The migration job has ended and the target holds the live copy now (see ``_settle``)."""
+        self._settle()
+        return self._phase is Phase.DONE
+
+    def _settle(self) -> None:
+        """Once the migration thread has returned: DONE or FAILED, from libvirt's word, decided once.
+
+        ``migrateToURI3`` returning without error is the job's completion. When it reports an error, which
+        host runs the domain decides: a target copy that runs while the source's does not is the droplet
+        (libvirt resumes the target only after the source's QEMU sent its last page), whatever the error
+        said.
+        """
+        thread = self._thread
+        if thread is None or thread.is_alive() or self._phase in (Phase.DONE, Phase.FAILED):
+            return
+        if self._error is not None and self._target_runs_droplet():
+            log.warning(
+                "migration %s: migrateToURI3 reported %s, but %s runs the droplet and %s does not: completed",
+                self.spec.migration_id,
+                self._error,
+                self.spec.target_host,
+                self.spec.source_host,
+            )
+            self._error = None
+        if self._error is None:
+            self._advance(Phase.DONE)
+        else:
+            self._fail(str(self._error))
+
+    def _target_runs_droplet(self) -> bool:
+        """Whether the target holds the live copy: its domain runs (or, when asked to stay paused, is defined
+        persistently, which libvirt does only at the end of the job) and the source's copy does not run."""
+        lv = _libvirt()
+        try:
+            tdom = self._target().lookupByUUIDString(self._uuid)
+            state = tdom.state()[0]
+            if state != lv.VIR_DOMAIN_RUNNING:
+                paused_ok = self.target_paused or self.spec.offline
+                if not (paused_ok and state == lv.VIR_DOMAIN_PAUSED and tdom.isPersistent()):
+                    return False
+        except (lv.libvirtError, DriverError):
+            return False
+        try:
+            sdom = self._source().lookupByUUIDString(self._uuid)
+            return not (sdom.isActive() and sdom.state()[0] == lv.VIR_DOMAIN_RUNNING)
+        except lv.libvirtError:
+            return True  # undefined on the source: the job's last step
+        except DriverError:
+            # The source cannot be asked; the target was resumed, which libvirt does only after the source
+            # stopped for good.
+            return True
 
     def _migrate(self, dom: Any, params: dict[str, Any], flags: int) -> None:
         try:
@@ -808,17 +894,6 @@ class LibvirtMigration(MigrationDriver):
             log.warning("migration %s: migrateToURI3 failed: %s", self.spec.migration_id, e)
         else:
             log.info("migration %s: migrateToURI3 returned", self.spec.migration_id)
-
-    def _wait_for_job(self) -> None:
-        lv = _libvirt()
-        deadline = self._clock() + JOB_START_WAIT_S
-        while self._clock() < deadline:
-            if self._thread is None or not self._thread.is_alive():
-                return
-            with contextlib.suppress(lv.libvirtError):
-                if self._dom.jobInfo()[0] != lv.VIR_DOMAIN_JOB_NONE:
-                    return
-            time.sleep(JOB_START_POLL_S)
 
     # -- progress -----------------------------------------------------------------------------------------
 
@@ -841,7 +916,7 @@ class LibvirtMigration(MigrationDriver):
         else:
             self._advance(Phase.DISK)
 
-    def _progress_from(self, stats: Mapping[str, Any], elapsed: float, now: float) -> Progress:
+    def _progress_from(self, stats: Mapping[str, Any]) -> Progress:
         mem_total = int(stats.get("memory_total", 0)) or self.spec.memory_bytes
         mem_processed = int(stats.get("memory_processed", 0))
         if self._phase in (Phase.PREPARING, Phase.DISK):
@@ -858,6 +933,8 @@ class LibvirtMigration(MigrationDriver):
         processed = int(stats.get("data_processed", mem_processed + disk_processed))
         page = int(stats.get("memory_page_size", DEFAULT_PAGE_SIZE)) or DEFAULT_PAGE_SIZE
         written = self._disk_written_bytes()
+        now = self._clock()  # after every libvirt call of this sample
+        elapsed = now - self._started_at if self._started_at is not None else 0.0
         rate, disk_rate = self._rates(_Sample(now, processed, written))
         if self.bandwidth_mibps > 0:
             rate = min(rate, float(self.bandwidth_mibps * 1024 * 1024))
@@ -876,17 +953,21 @@ class LibvirtMigration(MigrationDriver):
             transfer_rate_bps=rate,
             disk_write_limit_bps=self._disk_limit_bps,
             memory_throttle_pct=self._throttle_pct,
+            memory_throttle_in_force_pct=self._throttle_in_force(stats),
             max_downtime_ms=self._max_downtime_ms,
             downtime_ms=None,
             bytes_transferred=processed,
         )
 
-    def _final_progress(self, elapsed: float) -> Progress:
+    def _throttle_in_force(self, stats: Mapping[str, Any]) -> int | None:
+        """QEMU's CPU throttle in force (``auto_converge_throttle``; absent while it does not throttle)."""
+        if self.auto_converge != "controlled" or not stats:
+            return None
+        return int(stats.get("auto_converge_throttle", 0))
+
+    def _final_progress(self) -> Progress:
         lv = _libvirt()
-        if self._error is None and self._phase is not Phase.FAILED:
-            self._advance(Phase.DONE)
-        elif self._phase is not Phase.FAILED:
-            self._fail(str(self._error))
+        self._settle()
         stats = self._completed_stats or {}
         if not stats and self._phase is Phase.DONE:
             with contextlib.suppress(lv.libvirtError, DriverError):
@@ -894,7 +975,8 @@ class LibvirtMigration(MigrationDriver):
                 stats = dict(tdom.jobStats(lv.VIR_DOMAIN_JOB_STATS_COMPLETED))
                 self._completed_stats = stats
         merged = {**self._last_stats, **stats}
-        base = self._progress_from(merged, elapsed, self._clock())
+        base = self._progress_from(merged)
+        elapsed = base.elapsed_s
         downtime = merged.get("downtime")
         processed = int(merged.get("data_processed", base.bytes_transferred))
         done = self._phase is Phase.DONE
@@ -1277,6 +1359,9 @@ class LibvirtHypervisor:
     (``bandwidth_mibps`` etc., see ``LibvirtMigration``); a spec's own options win.
     """
 
+    #: The per-attempt handle class (tests of slow libvirt answers substitute a subclass).
+    migration_class: type[LibvirtMigration] = LibvirtMigration
+
     def __init__(
         self,
         host_uris: Mapping[str, str],
@@ -1297,7 +1382,7 @@ class LibvirtHypervisor:
             options["peer_uri"] = self.peer_uris[spec.target_host]
         if options:
             spec = MigrationSpec(**{**spec.__dict__, "options": {**options, **spec.options}})
-        return LibvirtMigration(spec, open_connection=self._open_connection or _open)
+        return self.migration_class(spec, open_connection=self._open_connection or _open)
 
     def _uri(self, host: str) -> str:
         try:

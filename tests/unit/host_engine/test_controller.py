@@ -180,7 +180,12 @@ def test_controller_detects_a_stall_only_without_a_remedy_left(
     once the window passes (after the last-resort disk limit, when that applies)."""
     cfg = ControllerConfig(stall_timeout_s=30, no_transfer_timeout_s=10**9, timeout_floor_s=10**9)
     p = replace(
-        p, elapsed_s=0.0, disk_remaining_bytes=GiB, disk_total_bytes=2 * GiB, memory_remaining_bytes=0
+        p,
+        elapsed_s=0.0,
+        disk_remaining_bytes=GiB,
+        disk_total_bytes=2 * GiB,
+        memory_remaining_bytes=0,
+        memory_dirty_rate_bps=0.0,  # the stall rule alone decides (rates are cannot_converge's)
     )
     state = ControllerState()
     left = float(GiB)
