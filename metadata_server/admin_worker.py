@@ -18,38 +18,24 @@ per-source check (gunicorn's gevent worker handshakes before its handler runs, w
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import ssl
-import time
-from collections import Counter
 from typing import Any, ClassVar
 
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
+
+from .source_cap import SourceCap
 
 log = logging.getLogger(__name__)
 
 REQUEST_HEAD_TIMEOUT_S = 10
 CONNECTIONS_PER_SOURCE = 64
 WORKER_CONNECTIONS = 1_000
-REFUSAL_LOG_INTERVAL_S = 60.0
-
-
-def source_of(addr: Any) -> str:
-    """The client's address, an IPv4-mapped IPv6 address counted as its IPv4 address."""
-    host = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
 
 
 def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """The server-side TLS context of the admin listener (also used to check the files at start-up)."""
+    """The server-side TLS context of the admin listener."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certfile=cert_file, keyfile=key_file)
     return context
@@ -63,45 +49,27 @@ class AdminWorker(GeventWorker):  # type: ignore[misc]
     def run(self) -> None:
         # After gevent's monkey-patching (init_process), so the context makes cooperative sockets.
         self._tls = tls_context(*self.tls_files) if self.tls_files else None
-        self._open: Counter[str] = Counter()
-        self._last_refusal_log: dict[str, float] = {}
+        self._cap = SourceCap("admin", CONNECTIONS_PER_SOURCE)
         super().run()
 
     def timeout_ctx(self) -> gevent.Timeout:
         return gevent.Timeout(REQUEST_HEAD_TIMEOUT_S, False)
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
-        source = source_of(addr)
-        if self._open[source] >= CONNECTIONS_PER_SOURCE:
-            self._log_refusal(source)
-            client.close()
-            return
-        self._open[source] += 1
-        try:
+        with self._cap.admit(addr) as admitted:
+            if not admitted:
+                client.close()
+                return
             if self._tls is not None:
                 client = _handshake(self._tls, client)
                 if client is None:
                     return
             super().handle(listener, client, addr)
-        finally:
-            self._open[source] -= 1
-            if not self._open[source]:
-                del self._open[source]
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> None:
         if self._tls is not None:
             req.scheme = "https"  # gunicorn derives it from its own TLS settings, which are unset here
         super().handle_request(listener_name, req, sock, addr)
-
-    def _log_refusal(self, source: str) -> None:
-        now = time.monotonic()
-        if now - self._last_refusal_log.get(source, -REFUSAL_LOG_INTERVAL_S) >= REFUSAL_LOG_INTERVAL_S:
-            self._last_refusal_log[source] = now
-            log.warning(
-                "admin listener: %s holds %d connections already; refusing more (logged once a minute)",
-                source,
-                CONNECTIONS_PER_SOURCE,
-            )
 
 
 def _handshake(context: ssl.SSLContext, client: Any) -> Any:

@@ -1,8 +1,9 @@
-"""The admin listener keeps serving the engine while unauthenticated clients hold slow connections open.
+"""The listeners keep serving while clients hold slow or idle connections open.
 
 A slowloris client opens many connections and sends a request (or a TLS handshake) one byte every few
 seconds. The admin listener must answer the engine's requests at once all the same, close each slow
-connection when its request-head deadline passes, and refuse one source's connections past its cap.
+connection when its request-head deadline passes, and refuse one source's connections past its cap. The
+guest listener caps each droplet's connections likewise, so one droplet cannot starve the others.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import pytest
 import requests
 
 from metadata_server.admin_worker import CONNECTIONS_PER_SOURCE, REQUEST_HEAD_TIMEOUT_S
-from tests.servers import MetadataServer
+from metadata_server.gevent_worker import CONNECTIONS_PER_SOURCE as GUEST_CONNECTIONS_PER_SOURCE
+from tests.servers import MetadataServer, curl
 from tests.support import require_binary
 
 SLOW_CONNECTIONS = 200
@@ -193,3 +195,34 @@ class _SourceAdapter(requests.adapters.HTTPAdapter):
     def init_poolmanager(self, *args: object, **kwargs: object) -> None:
         kwargs["source_address"] = (self.source, 0)
         super().init_poolmanager(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_guest_listener_caps_one_droplets_connections_so_others_are_served(tmp_path: Path) -> None:
+    require_binary("curl")
+    with MetadataServer.start(tmp_path / "ms", "--workers", "1") as ms:
+        ms.register("greedy", ["127.0.0.2"])
+        ms.register("other", ["127.0.0.3"])
+        ms.set_event("other", "ev-1")
+        extra = 20
+        attack = Slowloris(ms.guest_port, ["127.0.0.2"], GUEST_CONNECTIONS_PER_SOURCE + extra, b"G")
+        try:
+            deadline = time.monotonic() + 3
+            while len(attack.closed_by_server) < extra and time.monotonic() < deadline:
+                attack.step()
+                time.sleep(0.05)
+            assert len(attack.closed_by_server) == extra, "one droplet's connections past its cap were kept"
+            assert len(attack.open()) == GUEST_CONNECTIONS_PER_SOURCE
+            assert curl(ms.guest_url + "/v1/maintenance_event", "127.0.0.3").stdout == b"live_migrate"
+            refused = curl(
+                ms.guest_url + "/v1/maintenance_event", "127.0.0.2", "-w", "%{http_code}", timeout_s=3
+            )
+            assert refused.returncode != 0  # closed at once: the greedy droplet waits for its own connections
+            attack.open()[0].close()
+            attack.socks = [s for s in attack.socks if s.fileno() != -1]
+            time.sleep(0.2)
+            assert (
+                curl(ms.guest_url + "/v1/maintenance_event", "127.0.0.2", "-w", "%{http_code}").stdout
+                == b"200"
+            )
+        finally:
+            attack.close()
