@@ -11,10 +11,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from host_engine.drivers.sim import load_world
 from host_engine.models import Droplet, Host, Migration
 from host_engine.store import Store
+from tests import pg
 from tests.servers import MetadataServer
+from tests.support import require
 
 BIN = Path(sys.executable).parent / "host-engine"
 WAIT_S = 60.0
@@ -24,7 +28,7 @@ SETS = ("--set", "concurrency.max_parallel=6", "--set", "concurrency.max_per_sou
         "concurrency.max_per_target=6", "--set", "schedule.slot_overhead=1s")  # fmt: skip
 
 
-def he(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def he(db: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(
         [str(BIN), "--db", str(db), *SETS, *args], capture_output=True, text=True, timeout=120, check=False
     )
@@ -32,7 +36,7 @@ def he(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return r
 
 
-def fleet(db: Path, ms: MetadataServer, droplets: dict[str, int]) -> None:
+def fleet(db: Path | str, ms: MetadataServer, droplets: dict[str, int]) -> None:
     """Simulated hosts hv1..hv3 (declared ``sim://``) served by ``ms``; ``droplets`` (id -> disk GiB) on hv1."""
     store = Store.open(db)
     try:
@@ -51,7 +55,7 @@ def fleet(db: Path, ms: MetadataServer, droplets: dict[str, int]) -> None:
         store.close()
 
 
-def migrations(db: Path) -> list[Migration]:
+def migrations(db: Path | str) -> list[Migration]:
     store = Store.open(db)
     try:
         return store.list_migrations()
@@ -60,7 +64,7 @@ def migrations(db: Path) -> list[Migration]:
 
 
 @contextmanager
-def run(db: Path, log: Path, worker: str, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+def run(db: Path | str, log: Path, worker: str, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(BIN), "--db", str(db), *SETS, *extra, "--set", f"engine.worker={worker}", "run", "--driver", "sim", "--poll-interval", "100ms",
@@ -86,7 +90,7 @@ def wait_for(what: str, check: Callable[[], bool], *procs: tuple[subprocess.Pope
     raise AssertionError(f"timed out waiting for {what}\n" + "\n".join(log.read_text() for _, log in procs))
 
 
-def assert_sim_agrees_with_store(db: Path) -> None:
+def assert_sim_agrees_with_store(db: Path | str) -> None:
     store = Store.open(db)
     try:
         world = load_world(store)
@@ -97,7 +101,7 @@ def assert_sim_agrees_with_store(db: Path) -> None:
         store.close()
 
 
-def attempts_started(db: Path, migration_id: str) -> list[str]:
+def attempts_started(db: Path | str, migration_id: str) -> list[str]:
     store = Store.open(db)
     try:
         return [e.message for e in store.migration_log(migration_id) if e.message.startswith("attempt ")]
@@ -105,8 +109,21 @@ def attempts_started(db: Path, migration_id: str) -> list[str]:
         store.close()
 
 
-def test_two_run_workers_drive_one_simulated_datacenter_each_migration_once(tmp_path: Path) -> None:
-    db = tmp_path / "engine.db"
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[pg.PostgresServer]:
+    reason = pg.missing_reason()
+    require(reason is None, reason or "")
+    with pg.postgres_server() as server:
+        yield server
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_two_run_workers_drive_one_simulated_datacenter_each_migration_once(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    db: Path | str = tmp_path / "engine.db"
+    if backend == "postgres":
+        db = request.getfixturevalue("pg_server").new_database()
     with MetadataServer.start(tmp_path / "ms") as ms:
         fleet(db, ms, {f"web{i}": 8 for i in range(1, 7)})
         he(db, "evacuate", "hv1", "--start", "+2s", "--notice", "1s", "--unsafe-short-notice")

@@ -404,6 +404,7 @@ class StoredWorld(SimWorld):
                         si.delete().where(si.c.droplet_id == droplet_id, si.c.host == host)
                     )
                     counts.rows += gone.rowcount
+                counts.rows += self._delete_finished(tx)
         except StoreError as e:
             log.warning("sim: state not saved yet (%s); kept for the next attempt", e)
             return
@@ -414,6 +415,24 @@ class StoredWorld(SimWorld):
         for key in conflicts:
             self._conflict(key)
         self._evict()
+
+    def _delete_finished(self, tx: Tx) -> int:
+        """Delete the rows of migrations nothing will ask about again: failed and cleaned up (a recovery
+        finding no row resumes the source, which is where such a droplet runs), or switched over and
+        recorded by the store (the droplet's host is no longer the row's source)."""
+        sm, d = t.sim_migrations, t.droplets
+        failed = [mid for mid, m in self.migrations.items() if m.finalized and m.phase is Phase.FAILED]
+        gone = 0
+        if failed:
+            gone += tx.conn.execute(sm.delete().where(sm.c.id.in_(failed))).rowcount
+            for mid in failed:
+                self._saved.pop(("migration", mid), None)
+        recorded = sa.select(d.c.id).where(d.c.id == sm.c.droplet_id, d.c.host != sm.c.source_host).exists()
+        local = sorted(self.migrations)
+        gone += tx.conn.execute(
+            sm.delete().where(sm.c.phase == Phase.DONE.value, sm.c.finalized, sm.c.id.not_in(local), recorded)
+        ).rowcount
+        return gone
 
     def _changes(self) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
         for name, h in self.hosts.items():
@@ -428,6 +447,8 @@ class StoredWorld(SimWorld):
                 disk, memory = codec.image_to_bytes(image)
                 yield ("image", droplet_id, host), {"disk": disk, "memory": memory}
         for mid, m in list(self.migrations.items()):
+            if m.finalized and m.phase is Phase.FAILED:
+                continue  # deleted instead (_delete_finished)
             doc = codec.migration_to_dict(m)
             if self._changed(("migration", mid), _fingerprint(doc)):
                 values = {

@@ -39,8 +39,9 @@ def spec(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "engine.db")
+def store(db_url: str) -> Iterator[Store]:
+    """Hosts a, b, c (declared simulated) and d1, d2 on a; SQLite, and PostgreSQL when it is there."""
+    s = Store.open(db_url)
     for name in ("a", "b", "c"):
         s.add_host(Host(name, "nyc1", 64, 512 * GiB, 20_000 * GiB, hypervisor_uri=f"sim://{name}"))
     for i in (1, 2):
@@ -92,6 +93,29 @@ def test_sim_store_a_droplet_added_after_the_world_exists_is_simulated_and_migra
     fresh = load_world(store)
     assert fresh.droplets["late"].host == "b"
     assert fresh.hosts_holding("late") == ["b"]
+    run.tick()
+    assert sim_rows(store, schema.sim_migrations) == 0  # recorded by the store: nothing left to remember
+
+
+def sim_rows(store: Store, table: sa.Table) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+
+
+def test_sim_store_a_failed_attempt_leaves_no_rows_behind(store: Store) -> None:
+    world = StoredWorld.open(store)
+    driver = SimHypervisor(world).migration(spec("m1.1", "d1", "a", "b"))
+    driver.prepare_target()
+    driver.start()
+    world.advance(1.0)
+    world.persist()
+    assert sim_rows(store, schema.sim_migrations) == 1
+    assert load_world(store).hosts_holding("d1") == ["a", "b"]
+    driver.abort()
+    driver.finalize(False)
+    assert sim_rows(store, schema.sim_migrations) == 0
+    assert sim_rows(store, schema.sim_images) == 1  # the source's, written to while the copy watched it
+    assert load_world(store).hosts_holding("d1") == ["a"]
 
 
 def test_sim_store_ticks_write_only_the_rows_that_changed_in_a_world_of_2000_droplets(tmp_path: Path) -> None:
