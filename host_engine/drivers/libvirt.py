@@ -95,6 +95,9 @@ log = logging.getLogger(__name__)
 
 # How long abort() waits for the migration thread after abortJob (QEMU cancels within a second or two).
 ABORT_WAIT_S = 60.0
+# A target that could not be cleaned (its daemon down) is tried again this often, for up to a day.
+LEFTOVER_RETRY_S = 2.0
+LEFTOVER_GIVE_UP_S = 86400.0
 # A control call that failed is ignored if the migration job ends within this long (it raced the end).
 END_RACE_WAIT_S = 2.0
 # finalize(True) waits this long for the migration thread to return (the job completed event comes first).
@@ -367,10 +370,13 @@ class LibvirtMigration(MigrationDriver):
         *,
         open_connection: Callable[[str], Any] = _open,
         clock: Callable[[], float] = time.monotonic,
+        on_leftover: Callable[[LibvirtMigration], None] | None = None,
     ) -> None:
         self.spec = spec
         self._open = open_connection
         self._clock = clock
+        # Told when the target could not be cleaned (unreachable): the hypervisor retries in the background.
+        self._on_leftover = on_leftover
         opts = spec.options
         self.domain_name = opts.get("domain", spec.droplet_id)
         self.peer_uri = opts.get("peer_uri", spec.target_uri)
@@ -1293,6 +1299,8 @@ class LibvirtMigration(MigrationDriver):
         try:
             self.cleanup_target()
         except DriverError as e:
+            if self._on_leftover is not None:
+                self._on_leftover(self)
             raise DriverError(
                 f"source checked; target not cleaned: {e}" + (f"; {'; '.join(problems)}" if problems else ""),
                 target_at_fault=True,
@@ -1301,12 +1309,18 @@ class LibvirtMigration(MigrationDriver):
             raise DriverError("; ".join(problems))
 
     def cleanup_target(self) -> None:
-        """Remove this droplet's domain and this attempt's disks from the target. Idempotent."""
+        """Remove this droplet's domain and this attempt's disks from the target. Idempotent.
+
+        A target copy that *runs* is never removed here: after a failed attempt only a paused incoming copy
+        can be there, and a running one may be the droplet (``LibvirtHypervisor.recover`` decides that).
+        """
         lv = _libvirt()
         try:
             conn = self._target()
             with contextlib.suppress(lv.libvirtError):
                 tdom = conn.lookupByUUIDString(self._uuid)
+                if tdom.isActive() and tdom.state()[0] == lv.VIR_DOMAIN_RUNNING:
+                    raise DriverError(f"{self.domain_name} runs on {self.spec.target_host}: not removed")
                 _destroy_and_undefine(tdom)
             # Only volumes this attempt created: a path the target uses otherwise is never touched.
             for path in list(self._created_volumes):
@@ -1375,6 +1389,7 @@ class LibvirtHypervisor:
         self.options = dict(options or {})
         # Injected (tests share connections to libvirt's test driver): then connections are not closed here.
         self._open_connection = open_connection
+        self._leftovers = _LeftoverSweeper()
 
     def migration(self, spec: MigrationSpec) -> LibvirtMigration:
         options = dict(self.options)
@@ -1382,7 +1397,15 @@ class LibvirtHypervisor:
             options["peer_uri"] = self.peer_uris[spec.target_host]
         if options:
             spec = MigrationSpec(**{**spec.__dict__, "options": {**options, **spec.options}})
-        return self.migration_class(spec, open_connection=self._open_connection or _open)
+        # A new attempt to a target with leftovers of this droplet removes them itself (prepare_target).
+        self._leftovers.forget(spec.target_host, spec.droplet_id)
+        return self.migration_class(
+            spec, open_connection=self._open_connection or _open, on_leftover=self._leftovers.add
+        )
+
+    def pending_leftovers(self) -> list[tuple[str, str]]:
+        """(target host, droplet) of failed attempts whose target could not be cleaned yet."""
+        return self._leftovers.pending()
 
     def _uri(self, host: str) -> str:
         try:
@@ -1451,6 +1474,73 @@ class LibvirtHypervisor:
             return spec.source_host
         except lv.libvirtError as e:
             raise DriverError(f"recovering {spec.migration_id} failed: {e}") from e
+
+
+class _LeftoverSweeper:
+    """Failed attempts whose target could not be cleaned (its daemon was down), cleaned in a background thread
+    as soon as the target answers again, without waiting for a retry to pick that host: the next attempt
+    usually goes to another host (the target was at fault), so nothing else would come back for them.
+
+    Held in memory: after an engine restart, ``LibvirtHypervisor.recover`` and the next attempt's
+    ``prepare_target`` on that host remove what is left.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], tuple[LibvirtMigration, float]] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, mig: LibvirtMigration) -> None:
+        key = (mig.spec.target_host, mig.spec.droplet_id)
+        with self._lock:
+            self._pending.setdefault(key, (mig, time.monotonic()))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="libvirt-leftovers", daemon=True)
+                self._thread.start()
+        log.warning(
+            "migration %s: %s holds leftovers of %s; removing them once it answers",
+            mig.spec.migration_id,
+            mig.spec.target_host,
+            mig.spec.droplet_id,
+        )
+
+    def forget(self, target_host: str, droplet_id: str) -> None:
+        with self._lock:
+            self._pending.pop((target_host, droplet_id), None)
+
+    def pending(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return sorted(self._pending)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                items = list(self._pending.items())
+                if not items:
+                    self._thread = None
+                    return
+            for key, (mig, since) in items:
+                self._try(key, mig, since)
+            time.sleep(LEFTOVER_RETRY_S)
+
+    def _try(self, key: tuple[str, str], mig: LibvirtMigration, since: float) -> None:
+        try:
+            mig.cleanup_target()
+        except DriverError as e:
+            if time.monotonic() - since > LEFTOVER_GIVE_UP_S:
+                log.error("migration %s: giving up cleaning %s: %s", mig.spec.migration_id, key[0], e)
+            else:
+                log.debug("migration %s: %s not cleaned yet: %s", mig.spec.migration_id, key[0], e)
+                return
+        except Exception:  # the sweeper must not die on an unexpected libvirt state
+            log.exception("migration %s: cleaning %s", mig.spec.migration_id, key[0])
+            return
+        else:
+            log.info("migration %s: leftovers removed from %s", mig.spec.migration_id, key[0])
+        mig.close()
+        with self._lock:
+            if self._pending.get(key, (None, 0.0))[0] is mig:
+                del self._pending[key]
 
 
 def _lookup(conn: Any, name: str) -> Any | None:

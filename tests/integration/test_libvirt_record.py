@@ -148,3 +148,92 @@ def test_record_follows_libvirt_when_it_answers_late(hosts: Any, conns: Conns, t
             disk.unlink(missing_ok=True)
     # The guest converges easily: libvirt completes it every time, so the record must say completed.
     assert outcomes == [hosts.target.name] * RECORD_RUNS
+
+
+# --- 11.3: the target's daemon dies mid-migration: the retry goes elsewhere; its leftovers go when it is back --
+
+BUSY_GUEST = {"mem_kib": 16 * 1024, "disk_sectors": 64, "paced": True}
+LEFTOVER_WAIT_S = 60.0
+
+
+def test_target_killed_retry_goes_elsewhere_and_leftovers_go_when_it_returns(
+    hosts: Any, conns: Conns, tmp_path: Path
+) -> None:
+    import threading
+
+    import libvirt
+
+    from host_engine.attempt import RealClock
+    from host_engine.config import PlacementConfig
+    from host_engine.drivers.libvirt import LibvirtHypervisor
+    from host_engine.executor import Executor, ExecutorConfig, placement_chooser
+    from host_engine.models import Host
+    from host_engine.states import MigrationState
+    from tests.libvirt_harness.guest import GuestSpec
+
+    name = "tkill"
+    src_dom = start_guest(hosts, conns, name, GuestSpec(**BUSY_GUEST))
+    store, mid = engine_store(tmp_path, hosts, name)
+    # A third host the placement may choose for the retry (never contacted in this test).
+    store.add_host(
+        Host(
+            "hostC",
+            "dc1",
+            vcpus=8,
+            memory_bytes=8192 * MiB,
+            disk_bytes=100_000 * MiB,
+            hypervisor_uri="test:///default",
+        )
+    )
+    hv = LibvirtHypervisor(
+        {h.name: h.uri for h in hosts.hosts},
+        peer_uris={h.name: h.peer_uri for h in hosts.hosts},
+        options={"bandwidth_mibps": "8"},
+    )
+
+    def kill_target_once_memory_moves() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if int(src_dom.jobStats().get("memory_processed", 0)) > 0:
+                    break
+            except libvirt.libvirtError as e:  # the job may not exist yet
+                print(f"waiting for the job: {e}")
+            time.sleep(0.1)
+        hosts.target.kill_daemon()
+
+    killer = threading.Thread(target=kill_target_once_memory_moves, daemon=True)
+    try:
+        with store:
+            executor = Executor(
+                store,
+                hv,
+                ExecutorConfig(worker="w1", tick_s=TICK_S),
+                RealClock(),
+                choose_target=placement_chooser(store, PlacementConfig()),
+            )
+            killer.start()
+            executor.run_until_idle(max_s=180)
+            killer.join(10)
+            m = store.get_migration(mid)
+            log = [e.message for e in store.migration_log(mid)]
+            print(f"\ntarget killed: {m.state.value} -> {m.target_host}, stats {m.stats}\n" + "\n".join(log))
+            assert m.state is MigrationState.NOTIFIED
+            assert m.target_host == "hostC"  # not the host that just failed
+            assert store.get_droplet(name).host == hosts.source.name
+        # The source runs on, untouched.
+        assert running(src_dom)
+        wait_counter_advances(src_dom)
+        assert f"{name}.qcow2" in images(hosts.target)  # left behind while the daemon was down
+    finally:
+        if not hosts.target.daemon_running:
+            hosts.target.start()
+    # Back up: the leftover disk goes as soon as the target can be reached, without waiting for a retry there.
+    deadline = time.monotonic() + LEFTOVER_WAIT_S
+    while time.monotonic() < deadline and f"{name}.qcow2" in images(hosts.target):
+        time.sleep(0.5)
+    assert f"{name}.qcow2" not in images(hosts.target)
+    assert name not in domain_names(conns.dst)
+    src_dom.destroy()
+    src_dom.undefine()
+    hosts.source.path(hosts.source.image_path(f"{name}.qcow2")).unlink()
