@@ -3,33 +3,45 @@
 A guest answers its event on the metadata server (``POST /v1/maintenance_event/ack``): ``ready`` (the
 executor may start before ``not_before``) or ``offline`` (it powers itself off; the executor then copies it
 offline and leaves it powered as the guest asked: ``power_on_after``). The executor only looks at
-``migrations.ack`` and ``migrations.power_on_after``, so each engine tick :class:`AckReader` reads the
-droplet record (``GET /admin/v1/droplets/<id>``, which carries the ack of the current event only) of every
-migration whose guest has an outstanding event (``notified``, ``offline_required``) and records an ack that
-is new or changed, with a line in the migration's history, in one transaction.
+``migrations.ack`` and ``migrations.power_on_after``, so :class:`AckReader` (an engine step) finds the
+migrations whose guest has an outstanding event (``notified``, ``offline_required``; one query), reads ONE
+list from each metadata server serving at least one of them (``GET /admin/v1/droplets``: every droplet with
+its current event and that event's ack), and records an ack that is new or changed, with a line in the
+migration's history, in one transaction.
 
-The store keeps the ack once seen: a server that lost its state (and with it the ack) does not erase it.
-At most one request per droplet per tick; a server that cannot be reached is logged once (until it answers
-again) and skipped for the rest of the tick, and the other servers are still read.
+Only the worker elected for the fleet's chores reads acks (:mod:`host_engine.election`), at most once per
+tick and per ``every`` (:data:`ACK_READ_EVERY`), so the load on a metadata server is one list every few
+seconds while it has outstanding events, whatever the number of workers and droplets. An ack lets the
+executor start early or go offline: a few seconds' delay costs nothing against a notice of minutes.
+
+The store keeps the ack once seen: a server that lost its state (and with it the ack) does not erase it. A
+server that cannot be reached is logged once (until it answers again), and the other servers are still read.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
+
+from host_engine import schema as t
 from host_engine.errors import HostEngineError
-from host_engine.models import Droplet, Host, Migration
+from host_engine.models import Host, Migration
 from host_engine.reconcile import MetadataSync
 from host_engine.states import MigrationState
 from host_engine.store import Store
+from host_engine.timeparse import Clock
 
 log = logging.getLogger(__name__)
 
 #: States in which the guest sees an event it may acknowledge and the executor has not started yet.
 ACK_STATES = (MigrationState.NOTIFIED, MigrationState.OFFLINE_REQUIRED)
 ACTIONS = ("ready", "offline")
+#: How often the acks are read (while any event is outstanding). ``timedelta(0)``: every tick.
+ACK_READ_EVERY = timedelta(seconds=5)
 
 
 @dataclass(frozen=True)
@@ -55,35 +67,54 @@ def ack_of(doc: dict[str, Any] | None, event_id: str) -> GuestAck | None:
 class AckReader:
     """Copies new acknowledgements from the metadata servers into ``migrations.ack`` (one engine step)."""
 
-    def __init__(self, store: Store, sync: MetadataSync) -> None:
+    def __init__(
+        self,
+        store: Store,
+        sync: MetadataSync,
+        *,
+        every: timedelta = ACK_READ_EVERY,
+        clock: Clock | None = None,
+    ) -> None:
         self.store = store
         self.sync = sync
+        self.every = every
+        self.clock = clock or store.clock
+        self._read_at: datetime | None = None  # when the servers were last read
         self._down: set[str] = set()  # servers whose failure was logged, until they answer again
 
-    def _pending(self) -> list[tuple[Migration, Droplet, Host]]:
+    def _pending(self) -> dict[str, tuple[Host, list[tuple[Migration, str]]]]:
+        """Migrations whose guest was told and may still answer, with droplet id, by metadata server."""
         with self.store.begin(readonly=True) as tx:
+            waiting = [m for m in tx.list_migrations(states=ACK_STATES) if m.notified_at is not None]
+            if not waiting:
+                return {}
+            d = t.droplets
+            ids = sorted({m.droplet_id for m in waiting})
+            rows = tx.conn.execute(sa.select(d.c.id, d.c.host).where(d.c.id.in_(ids))).all()
+            host_of: dict[str, str] = {row.id: row.host for row in rows}
             hosts = {h.name: h for h in tx.list_hosts()}
-            out = []
-            for m in tx.list_migrations(states=ACK_STATES):
-                if m.notified_at is None:
-                    continue  # the guest was never told
-                droplet = tx.get_droplet(m.droplet_id)
-                out.append((m, droplet, hosts[droplet.host]))
-            return out
+        by_server: dict[str, tuple[Host, list[tuple[Migration, str]]]] = {}
+        for m in waiting:
+            host = hosts[host_of[m.droplet_id]]
+            server = host.metadata_url.rstrip("/") or host.name
+            by_server.setdefault(server, (host, []))[1].append((m, m.droplet_id))
+        return by_server
 
     def read(self) -> tuple[list[Migration], list[str]]:
-        """Record new acks. Returns the migrations whose ack changed, and one error per unreachable server."""
+        """Record new acks, if they are due to be read. Returns the migrations whose ack changed, and one
+        error per unreachable server."""
         recorded: list[Migration] = []
         errors: list[str] = []
-        failed: set[str] = set()
-        for m, droplet, host in self._pending():
-            server = host.metadata_url.rstrip("/") or host.name
-            if server in failed:
-                continue
+        now = self.clock()
+        if self._read_at is not None and now - self._read_at < self.every:
+            return recorded, errors
+        pending = self._pending()
+        if pending:
+            self._read_at = now
+        for server, (host, waiting) in sorted(pending.items()):
             try:
-                doc = self.sync.client(host).get_droplet(droplet.id)
+                docs = {str(doc.get("id")): doc for doc in self.sync.client(host).list_droplets()}
             except HostEngineError as e:
-                failed.add(server)
                 errors.append(f"reading acks from {server}: {e}")
                 if server not in self._down:
                     self._down.add(server)
@@ -92,11 +123,12 @@ class AckReader:
             if server in self._down:
                 self._down.discard(server)
                 log.info("reading guest acks from %s works again", server)
-            ack = ack_of(doc, m.event_id)
-            if ack is not None and (ack.action, ack.power_on_after) != (m.ack, m.power_on_after):
-                done = self._record(m, ack)
-                if done is not None:
-                    recorded.append(done)
+            for m, droplet_id in waiting:
+                ack = ack_of(docs.get(droplet_id), m.event_id)
+                if ack is not None and (ack.action, ack.power_on_after) != (m.ack, m.power_on_after):
+                    done = self._record(m, ack)
+                    if done is not None:
+                        recorded.append(done)
         return recorded, errors
 
     def _record(self, m: Migration, ack: GuestAck) -> Migration | None:

@@ -1,16 +1,18 @@
-"""``host-engine run``: the long-running engine process.
+"""``host-engine run``: the long-running engine process. Several may run on one PostgreSQL store.
 
-On start-up, and again every ``reconcile_every`` (a minute), it reconciles every metadata server with the
-store (:meth:`MetadataSync.reconcile_all`); then, every ``poll_interval``, it
+Every ``poll_interval`` it
 
-1. sends the notices that are due: a ``planned`` migration whose ``notice_at`` has come gets its event set on
-   the droplet's metadata server, and only then becomes ``notified`` (so ``notified`` always means the guest
-   was told). A notice sent more than ``late_notice_grace`` late (the engine was down) pushes ``not_before``
-   back so the guest still gets its full notice;
-2. clears the events of cancelled migrations whose guest had been told;
-3. reads the guests' acknowledgements (``ready``/``offline``) of outstanding events into the store
-   (:class:`host_engine.acks.AckReader`), so the executor can start early or take the offline path;
-4. runs any further steps it was given (part 2: the executor's ``tick``).
+1. sends the notices that are due (:mod:`host_engine.notices`): each worker claims a share of the due
+   ``planned`` migrations (row locks), sets their event on the droplet's metadata server, and only then marks
+   them ``notified`` (so ``notified`` always means the guest was told), with ``notified_at`` taken after the
+   server answered and ``not_before`` moved if needed so the guest gets its full notice from that moment;
+2. if this worker is the one elected for the fleet's chores (:mod:`host_engine.election`; exactly one at a
+   time): reconciles every metadata server with the store (:meth:`MetadataSync.reconcile_all`) when it wins
+   the election and every ``reconcile_every`` (a minute) after, clears the events of cancelled migrations
+   whose guest had been told, and reads the guests' acknowledgements (``ready``/``offline``) of outstanding
+   events into the store, one list per metadata server every ``ack_every`` (5 s;
+   :class:`host_engine.acks.AckReader`), so the executor can start early or take the offline path;
+3. runs any further steps it was given (part 2: the executor's ``tick``).
 
 The clock and the sleep are parameters, so tests drive ticks without sleeping; SIGTERM/SIGINT set a flag that
 ends the loop after the current tick (no half-written transaction: each change is one transaction anyway).
@@ -24,19 +26,20 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import FrameType
-from typing import Any, Protocol
+from typing import Protocol
 
-from host_engine.acks import AckReader
+from host_engine.acks import ACK_READ_EVERY, AckReader
 from host_engine.config import EngineConfig
-from host_engine.errors import Conflict, HostEngineError, StoreError
+from host_engine.election import FleetLeader
+from host_engine.errors import HostEngineError, StoreError
 from host_engine.models import Migration
+from host_engine.notices import NoticeSender
 from host_engine.reconcile import MetadataSync, ReconcileReport, pending_clears
-from host_engine.states import MigrationState
 from host_engine.store import Store
-from host_engine.timeparse import Clock, format_duration, format_time
+from host_engine.timeparse import Clock
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +85,13 @@ class Engine:
         sleep: Callable[[float], None] | None = None,
         steps: Sequence[TickStep] = (),
         reconcile_every: timedelta = RECONCILE_EVERY,
+        ack_every: timedelta = ACK_READ_EVERY,
         threads: bool = False,
     ) -> None:
         self.store = store
         self.config = config
         self.sync = sync
-        self.acks = AckReader(store, sync)
+        self.acks = AckReader(store, sync, every=ack_every, clock=clock or store.clock)
         self.clock = clock or store.clock
         self._stop = threading.Event()
         self._sleep = sleep or (lambda s: self._stop.wait(s) and None)
@@ -101,6 +105,11 @@ class Engine:
         self._reconcile_pending = True
         self.reconcile_every = reconcile_every
         self._reconciled_at: datetime | None = None
+        self.leader = FleetLeader(store)
+        self._leading = False
+        self.notices = NoticeSender(
+            store, sync, config.worker_id, poll_interval_s=config.engine.poll_interval_s, clock=self.clock
+        )
 
     # ---- control -----------------------------------------------------------------------------------------
 
@@ -123,58 +132,32 @@ class Engine:
 
     # ---- work --------------------------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Step down from the fleet's chores, so another worker takes them over at once."""
+        self.leader.release()
+        self._leading = False
+
+    def leads(self) -> bool:
+        """Whether this worker does the fleet's chores now; one that just won them reconciles first."""
+        leading = self.leader.check()
+        if leading and not self._leading:
+            self._reconcile_pending = True
+        self._leading = leading
+        return leading
+
     def reconcile(self) -> list[ReconcileReport]:
+        """Reconcile every metadata server now, if this worker is the elected one (else nothing: ``[]``)."""
+        if not self.leads():
+            return []
         self.reconcile_reports = self.sync.reconcile_all()
         self._reconcile_pending = any(r.error for r in self.reconcile_reports)
         self._reconciled_at = self.clock()
         return self.reconcile_reports
 
     def send_due_notices(self) -> tuple[list[Migration], list[str]]:
-        now = self.clock()
-        grace = self.config.engine.late_notice_grace
-        sent: list[Migration] = []
-        errors: list[str] = []
-        for m in self.store.list_migrations(states=[MigrationState.PLANNED], due_notice_by=now):
-            notice = m.not_before - m.notice_at
-            changes: dict[str, Any] = {}
-            note = f"notice sent ({format_duration(notice)} before {format_time(m.not_before)})"
-            if now > m.notice_at + grace:
-                shift = now + notice - m.not_before
-                changes = {
-                    "not_before": m.not_before + shift,
-                    "deadline": m.deadline + shift,
-                    "notice_at": now,
-                }
-                note = (
-                    f"notice sent {format_duration(now - m.notice_at)} late: not_before moved to "
-                    f"{format_time(m.not_before + shift)} to keep the {format_duration(notice)} notice"
-                )
-            pushed = _with(m, state=MigrationState.NOTIFIED, **changes)
-            try:
-                self.sync.notify(pushed)
-            except HostEngineError as e:
-                log.warning("migration_id=%s droplet_id=%s notice failed: %s", m.id, m.droplet_id, e)
-                errors.append(f"{m.id}: {e}")
-                continue
-            try:
-                sent.append(
-                    self.store.transition(
-                        m.id,
-                        MigrationState.NOTIFIED,
-                        expect=MigrationState.PLANNED,
-                        notified_at=now,
-                        message=note,
-                        **changes,
-                    )
-                )
-            except Conflict:
-                # Cancelled (or otherwise changed) while we were notifying: take the event back.
-                current = self.store.get_migration(m.id)
-                log.info("migration_id=%s changed to %s during its notice", m.id, current.state.value)
-                if current.state is MigrationState.CANCELLED:
-                    self.store.update_migration(m.id, notified_at=now)
-                    self._clear(self.store.get_migration(m.id), errors)
-        return sent, errors
+        """Claim and send the notices that are due (this worker's share); the ones sent, and the errors."""
+        result = self.notices.send_due()
+        return result.sent, result.errors
 
     def _clear(self, m: Migration, errors: list[str]) -> bool:
         try:
@@ -194,16 +177,18 @@ class Engine:
 
     def tick(self) -> TickResult:
         result = TickResult()
+        leading = self.leads()
         due = self._reconciled_at is None or self.clock() - self._reconciled_at >= self.reconcile_every
-        if self._reconcile_pending or due:
+        if leading and (self._reconcile_pending or due):
             self.reconcile()
             result.errors.extend(r.error for r in self.reconcile_reports if r.error)
         result.notified, errs = self.send_due_notices()
         result.errors.extend(errs)
-        result.cleared, errs = self.clear_cancelled()
-        result.errors.extend(errs)
-        result.acked, errs = self.acks.read()
-        result.errors.extend(errs)
+        if leading:
+            result.cleared, errs = self.clear_cancelled()
+            result.errors.extend(errs)
+            result.acked, errs = self.acks.read()
+            result.errors.extend(errs)
         for step in [] if self.threads else self.steps:
             try:
                 step.tick()
@@ -320,7 +305,3 @@ class StoreOutage:
         if self.down_since is None:
             return poll_s
         return max(poll_s, self._backoff_s * (0.5 + self.rand()))
-
-
-def _with(m: Migration, **changes: Any) -> Migration:
-    return replace(m, **changes)

@@ -20,12 +20,12 @@ executor's hooks (``host_engine.executor.ExecutorHooks``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from host_engine.errors import HostEngineError, NotifierError, TransientError
+from host_engine.errors import HostEngineError, NotFound, NotifierError, TransientError
 from host_engine.models import Droplet, Host, Migration
 from host_engine.notifier import AdminClient, check_ca_file, read_token_file
 from host_engine.states import ACTIVE_STATES, GuestEvent, MigrationState, guest_event
@@ -102,6 +102,23 @@ def _event_matches(actual: object, want: DesiredEvent) -> bool:
     )
 
 
+def _registration_matches(doc: dict[str, Any] | None, d: Droplet) -> bool:
+    return (
+        doc is not None
+        and sorted(doc.get("addresses") or []) == sorted(d.addresses)
+        and (doc.get("hostname") or "") == (d.hostname or d.id)
+    )
+
+
+def _event_right(doc: dict[str, Any] | None, active: Migration | None) -> bool:
+    """Whether the server shows the event the store wants for the droplet (or none when it wants none)."""
+    want = desired_event(active)
+    shown = (doc or {}).get("event") or {}
+    if want is None:
+        return not (isinstance(shown, dict) and shown.get("id"))
+    return _event_matches(shown, want)
+
+
 @dataclass
 class ReconcileReport:
     server: str
@@ -155,13 +172,19 @@ class MetadataSync:
             region=host.datacenter,
         )
 
-    def push(self, m: Migration, droplet: Droplet, host: Host) -> None:
-        """Make ``host``'s server show ``m``'s event for ``droplet`` (registering the droplet if needed)."""
+    def push(self, m: Migration, droplet: Droplet, host: Host, *, register_first: bool = False) -> bool:
+        """Make ``host``'s server show ``m``'s event for ``droplet``, registering the droplet if the server
+        does not know it (``register_first``: without asking first, when that is likely: a fresh server).
+        True if the droplet had to be registered."""
         want = desired_event(m)
         client = self.client(host)
         if want is None:
             client.clear_event(droplet.id)
-            return
+            return False
+        registered = False
+        if register_first:
+            self.register(client, droplet, host)
+            registered = True
         try:
             client.set_event(
                 droplet.id,
@@ -175,6 +198,7 @@ class MetadataSync:
             if e.status != 404:
                 raise
             self.register(client, droplet, host)
+            registered = True
             client.set_event(
                 droplet.id,
                 want.id,
@@ -183,6 +207,7 @@ class MetadataSync:
                 not_before=want.not_before,
                 deadline=want.deadline,
             )
+        return registered
 
     def notify(self, m: Migration) -> None:
         """Tell the droplet of ``m`` (in a state the guest sees) through its current host's server."""
@@ -214,16 +239,23 @@ class MetadataSync:
     # ---- executor hooks (host_engine.executor.ExecutorHooks) ---------------------------------------------
 
     def completed(self, migration: Migration) -> None:
-        """After the switch: register on the target's server, remove from the source's, no event left."""
+        """After the switch: registered on the target's server, removed from the source's, no event left
+        (two admin requests; one when both hosts share a server)."""
         droplet = self.store.get_droplet(migration.droplet_id)
         target = self.store.get_host(migration.target_host)
         source = self.store.get_host(migration.source_host)
         target_client = self.client(target)
-        self.register(target_client, droplet, target)
-        target_client.clear_event(droplet.id)
-        # Hosts sharing one server (small sites, the demo): the move only clears the flag (DESIGN.md §2).
-        if source.metadata_url.rstrip("/") != target.metadata_url.rstrip("/"):
-            self.client(source).delete_droplet(droplet.id)
+        same_server = source.metadata_url.rstrip("/") == target.metadata_url.rstrip("/")
+        if same_server and source.datacenter == target.datacenter:
+            # Hosts sharing one server (small sites, the demo): the record is already right there (same
+            # addresses, hostname and region), so the move only clears the flag (DESIGN.md §2). One request.
+            target_client.clear_event(droplet.id)
+        else:
+            doc = self.register(target_client, droplet, target)
+            if doc.get("event"):  # a stale event there (e.g. from an earlier stay): not this guest's any more
+                target_client.clear_event(droplet.id)
+            if not same_server:
+                self.client(source).delete_droplet(droplet.id)  # its record goes, and the event with it
         self.store.update_migration(
             migration.id, event_cleared_at=self.store.clock(), message="event cleared"
         )
@@ -242,24 +274,31 @@ class MetadataSync:
     def _reconcile_droplet(
         self,
         client: AdminClient,
+        url: str,
         d: Droplet,
         host: Host,
         doc: dict[str, Any] | None,
         active: Migration | None,
         report: ReconcileReport,
     ) -> None:
-        if (
-            doc is None
-            or sorted(doc.get("addresses") or []) != sorted(d.addresses)
-            or (doc.get("hostname") or "") != (d.hostname or d.id)
-        ):
+        if _registration_matches(doc, d) and _event_right(doc, active):
+            return  # the usual case: nothing to do, nothing re-read
+        # Something to change: decide on the store's word now, not on the pass's snapshot (other workers send
+        # notices and complete migrations meanwhile; a stale decision would clear a guest's fresh event).
+        fresh, current, where = self._current(d.id, url)
+        if fresh is None or where is None:
+            return  # gone, or moved to a host another server serves: that server's pass sees to it
+        d, active, host = fresh, current, where
+        if active is not None and active.state is MigrationState.PLANNED and active.claimed_by:
+            return  # a worker is sending this droplet's notice right now: its event is that worker's
+        if not _registration_matches(doc, d):
             if not d.addresses:
                 report.failed.append((d.id, "no addresses: cannot register it (droplet set --address)"))
                 return
             doc = self.register(client, d, host)
             report.registered.append(d.id)
         want = desired_event(active)
-        shown = doc.get("event") or {}
+        shown = (doc or {}).get("event") or {}
         shown_id = shown.get("id") if isinstance(shown, dict) else None
         if want is not None and not _event_matches(shown, want):
             client.set_event(
@@ -269,6 +308,18 @@ class MetadataSync:
         elif want is None and shown_id:
             client.clear_event(d.id)
             report.events_cleared.append(d.id)
+
+    def _current(self, droplet_id: str, url: str) -> tuple[Droplet | None, Migration | None, Host | None]:
+        """The store's word on one droplet now: the droplet (None if gone), its active migration, and its
+        host if the server at ``url`` serves it (else None)."""
+        with self.store.begin(readonly=True) as tx:
+            try:
+                d = tx.get_droplet(droplet_id)
+            except NotFound:
+                return None, None, None
+            host = tx.get_host(d.host)
+            here = host.metadata_url.rstrip("/") == url
+            return d, tx.active_migration_for(droplet_id), host if here else None
 
     def reconcile_all(self) -> list[ReconcileReport]:
         """Converge every metadata server named by a host. A server that cannot be reached is reported."""
@@ -280,11 +331,16 @@ class MetadataSync:
             if h.metadata_url:
                 by_server.setdefault(h.metadata_url.rstrip("/"), []).append(h)
         host_by_name = {h.name: h for h in hosts}
+        # One pass over the droplets (not one per server): each droplet under the server of its host.
+        server_of = {h.name: h.metadata_url.rstrip("/") for h in hosts}
+        by_url: dict[str, list[Droplet]] = {}
+        for d in droplets:
+            by_url.setdefault(server_of.get(d.host, ""), []).append(d)
+        all_ids = {d.id for d in droplets}
         reports = []
         for url, server_hosts in sorted(by_server.items()):
-            names = {h.name for h in server_hosts}
-            mine = [d for d in droplets if d.host in names]
-            elsewhere = {d.id for d in droplets if d.host not in names}
+            mine = by_url.get(url, [])
+            elsewhere = _Elsewhere(all_ids, {d.id for d in mine})
             try:
                 reports.append(
                     self._reconcile_server(url, server_hosts[0], mine, elsewhere, active, host_by_name)
@@ -299,7 +355,7 @@ class MetadataSync:
         url: str,
         via: Host,
         mine: Iterable[Droplet],
-        elsewhere: set[str],
+        elsewhere: Container[str],
         active: dict[str, Migration],
         hosts: dict[str, Host],
     ) -> ReconcileReport:
@@ -309,14 +365,18 @@ class MetadataSync:
         wanted_ids = {d.id for d in mine}
         # Stale copies first: a droplet that moved away may hold an address a registration below needs.
         for did in sorted(set(actual) - wanted_ids):
-            if did in elsewhere:
+            if did not in elsewhere:
+                report.unknown.append(did)
+                continue
+            fresh, _, here = self._current(did, url)
+            if fresh is not None and here is None:  # still elsewhere (not just moved here: then it stays)
                 client.delete_droplet(did)
                 report.removed.append(did)
-            else:
-                report.unknown.append(did)
         for d in mine:
             try:
-                self._reconcile_droplet(client, d, hosts[d.host], actual.get(d.id), active.get(d.id), report)
+                self._reconcile_droplet(
+                    client, url, d, hosts[d.host], actual.get(d.id), active.get(d.id), report
+                )
             except TransientError:
                 raise  # the server is gone: the whole pass is retried
             except NotifierError as e:  # this droplet only (e.g. an address another droplet holds there)
@@ -332,6 +392,18 @@ class MetadataSync:
             len(report.unknown),
         )
         return report
+
+
+@dataclass(frozen=True)
+class _Elsewhere:
+    """Droplets the engine knows that live on a host served by another server (a set, without building one
+    per server: membership is "known and not mine")."""
+
+    known: set[str]
+    mine: set[str]
+
+    def __contains__(self, droplet_id: object) -> bool:
+        return droplet_id in self.known and droplet_id not in self.mine
 
 
 def pending_clears(store: Store) -> list[Migration]:

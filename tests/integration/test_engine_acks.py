@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from host_engine import planner
+from host_engine.acks import ACK_READ_EVERY
 from host_engine.config import EngineConfig
 from host_engine.drivers.base import DomainState
 from host_engine.engine import Engine
@@ -52,6 +53,11 @@ class Rig:
         self.clock.advance(seconds)
         self.mono[0] += seconds
         self.engine.tick()
+
+    def tick_until_acks_read(self) -> None:
+        """Ticks of a second until the engine reads the acks again (every ``ACK_READ_EVERY``)."""
+        for _ in range(int(ACK_READ_EVERY.total_seconds())):
+            self.tick(1.0)
 
     def migration(self, droplet_id: str) -> Migration:
         [m] = self.store.list_migrations(droplet_id=droplet_id)
@@ -130,7 +136,7 @@ def guest_acks(ms: MetadataServer, droplet_id: str, action: str, *, power_on_aft
 def test_engine_guest_acks_ready_and_is_migrated_before_not_before(rig: Rig) -> None:
     not_before = rig.migration("web1").not_before
     guest_acks(rig.ms, "web1", "ready")
-    rig.tick(1.0)
+    rig.tick_until_acks_read()
     m = rig.migration("web1")
     assert m.ack == "ready" and m.state is S.RUNNING  # claimed in the tick that read the ack
     assert rig.clock() < not_before
@@ -146,14 +152,14 @@ def test_engine_guest_acks_ready_and_is_migrated_before_not_before(rig: Rig) -> 
 
 def test_engine_guest_acks_offline_power_off_after_and_ends_shut_off_on_the_target(rig: Rig) -> None:
     guest_acks(rig.ms, "web2", "offline", power_on_after=False)
-    rig.tick(1.0)
+    rig.tick_until_acks_read()
     m = rig.migration("web2")
     assert (m.ack, m.power_on_after, m.state) == ("offline", False, S.NOTIFIED)
     # The server loses its disk (and the ack); the engine puts the event back and keeps the ack it read.
     rig.ms.wipe_and_restart()
     rig.engine.reconcile()
     assert rig.ms.admin("GET", "/admin/v1/droplets/web2").json()["ack"] is None
-    rig.tick(1.0)
+    rig.tick_until_acks_read()
     assert rig.migration("web2").ack == "offline"
     # The window opens before the guest has shut down: the executor waits, it does not pull the plug.
     rig.tick((m.not_before - rig.clock()).total_seconds())

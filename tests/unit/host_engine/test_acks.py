@@ -1,5 +1,5 @@
-"""The engine reads the guests' acknowledgements into the store: once per droplet per tick, only for an
-outstanding event, only the current event's ack, kept when a server forgets it; an unreachable server is
+"""The engine reads the guests' acknowledgements into the store: one list per metadata server per tick, only
+for outstanding events, only the current event's ack, kept when a server forgets it; an unreachable server is
 logged once and does not stop the others. The admin API is faked at the transport; the clock is a FakeClock.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import responses
 
 from host_engine import planner
-from host_engine.acks import GuestAck, ack_of
+from host_engine.acks import ACK_READ_EVERY, GuestAck, ack_of
 from host_engine.config import EngineConfig
 from host_engine.engine import Engine
 from host_engine.models import Migration
@@ -51,9 +51,10 @@ def world(sqlite_store: Store, tmp_path: Path) -> Store:
     return sqlite_store
 
 
-def make_engine(store: Store, clock: FakeClock) -> Engine:
+def make_engine(store: Store, clock: FakeClock, ack_every: timedelta = timedelta(0)) -> Engine:
+    """An engine that reads the acks every tick (unless told otherwise)."""
     sync = MetadataSync(store, default_client_factory(attempts=2, sleep=lambda s: None))
-    return Engine(store, EngineConfig(), sync, clock=clock, sleep=clock.sleep)
+    return Engine(store, EngineConfig(), sync, clock=clock, sleep=clock.sleep, ack_every=ack_every)
 
 
 def evacuate(store: Store, clock: FakeClock, host: str) -> None:
@@ -80,6 +81,10 @@ def notified(store: Store, clock: FakeClock, engine: Engine, *hosts: str) -> dic
 
 def single_gets(server: FakeAdmin) -> list[str]:
     return [p for meth, p in server.calls if meth == "GET" and p.startswith("/admin/v1/droplets/")]
+
+
+def lists(server: FakeAdmin) -> int:
+    return server.calls.count(("GET", "/admin/v1/droplets"))
 
 
 def ack_lines(store: Store, m: Migration) -> list[str]:
@@ -152,26 +157,31 @@ def test_acks_of_another_event_are_ignored(
     assert ack_of(None, "x") is None
 
 
-def test_acks_read_only_for_outstanding_events_one_request_per_droplet_per_tick(
+def test_acks_read_only_for_outstanding_events_one_list_per_server_per_tick(
     world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
 ) -> None:
-    a, _ = servers
+    a, b = servers
     engine = make_engine(world, clock)
     evacuate(world, clock, "hv1")
+    evacuate(world, clock, "hv3")
     engine.tick()
+    a.calls.clear()
     engine.tick()
-    assert single_gets(a) == []  # planned: the guest has nothing to acknowledge
+    assert lists(a) == 0 and single_gets(a) == []  # planned: the guest has nothing to acknowledge
     clock.advance(3000)
     engine.tick()  # notices go out; the acks are read in the same tick
     a.calls.clear()
-    engine.tick()
-    assert sorted(single_gets(a)) == ["/admin/v1/droplets/d0", "/admin/v1/droplets/d1"]
+    b.calls.clear()
+    for _ in range(3):
+        engine.tick()
+    # Two droplets outstanding on A, one on B: one list per server per tick, never one request per droplet.
+    assert (lists(a), lists(b)) == (3, 3) and single_gets(a) == single_gets(b) == []
     for m in world.list_migrations():
         world.transition(m.id, S.CANCELLED)
-    engine.tick()  # clears the cancelled events (reads each droplet once for that)
+    engine.tick()  # clears the cancelled events
     a.calls.clear()
     engine.tick()
-    assert single_gets(a) == []  # no outstanding event: no more reads
+    assert lists(a) == 0 and single_gets(a) == []  # no outstanding event: no more reads
 
 
 def test_acks_unreachable_server_is_logged_once_and_the_others_are_still_read(
@@ -194,8 +204,24 @@ def test_acks_unreachable_server_is_logged_once_and_the_others_are_still_read(
     assert any("reading acks from " + URL_A in e for e in first.errors + second.errors)
     warnings = [r for r in caplog.records if r.name == "host_engine.acks"]
     assert len(warnings) == 1 and URL_A in warnings[0].getMessage()
-    # One droplet tried per tick (2 attempts each), the other skipped: a dead server costs one timeout.
-    assert len(single_gets(a)) == 2 * 2
+    # One list tried per tick (2 attempts each): a dead server costs one timeout per tick.
+    assert lists(a) == 2 * 2 and single_gets(a) == []
     a.down = False
     a.guest_ack("d0", "ready")
     assert [m.droplet_id for m in engine.tick().acked] == ["d0"]
+
+
+def test_acks_are_read_every_few_seconds_by_default_not_every_tick(
+    world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    a, _ = servers
+    engine = make_engine(world, clock, ack_every=ACK_READ_EVERY)
+    ms = notified(world, clock, engine, "hv1")
+    a.calls.clear()
+    a.guest_ack("d0", "ready")
+    acked: list[str] = []
+    for _ in range(10):  # ten one-second ticks: two reads at the default 5 s
+        clock.advance(1)
+        acked += [m.droplet_id for m in engine.tick().acked]
+    assert lists(a) == 10 // int(ACK_READ_EVERY.total_seconds())
+    assert acked == ["d0"] and world.get_migration(ms["d0"].id).ack == "ready"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,11 +14,14 @@ import pytest
 import responses
 
 from host_engine import planner
-from host_engine.config import EngineConfig
+from host_engine.config import EngineConfig, EngineLoopConfig
 from host_engine.engine import Engine
+from host_engine.notices import DELIVERY_ALLOWANCE, send_ahead
 from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
+from host_engine.timeparse import format_time
+from tests import pg
 from tests.unit.host_engine.conftest import T0, FakeClock, make_droplet, make_host
 from tests.unit.host_engine.fake_admin import FakeAdmin
 
@@ -64,7 +68,7 @@ def evacuate_hv1(store: Store, clock: FakeClock, *, start_s: float = 3600, notic
     planner.evacuate(store, "hv1", req, EngineConfig())
 
 
-def test_engine_notices_exactly_at_notice_time(
+def test_engine_notices_just_before_notice_time_keeping_the_plan(
     world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
 ) -> None:
     a, b = servers
@@ -73,30 +77,43 @@ def test_engine_notices_exactly_at_notice_time(
     engine.tick()  # reconcile registers every droplet; no notice yet
     assert set(a.droplets) == {"d0", "d1", "d2", "other"} and b.droplets == {}
     assert all(a.event(d) is None for d in a.droplets)
-    clock.advance(3000 - 1)
+    ahead = send_ahead(engine.config.engine.poll_interval_s)
+    clock.advance(3000 - ahead.total_seconds() - 1)
     assert engine.tick().notified == []
-    clock.advance(1)  # notice_at = start - 10 min
+    clock.advance(1)  # notice_at (start - 10 min) minus one tick and the delivery allowance
     notified = engine.tick().notified
     assert sorted(m.droplet_id for m in notified) == ["d0", "d1", "d2"]
     for m in notified:
         ev = a.event(m.droplet_id)
         assert ev is not None
         assert (ev["event"], ev["id"], ev["state"]) == ("live_migrate", m.event_id, "scheduled")
+        # The plan's window is kept, and the guest has (a little more than) its 10 minutes.
         assert ev["not_before"] == (T0 + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
         assert m.state is S.NOTIFIED and m.notified_at == clock()
+        assert m.not_before - m.notified_at == timedelta(minutes=10) + ahead
     assert a.event("other") is None and b.droplets == {}
     assert engine.tick().notified == []  # sent once
+    puts = [p for meth, p in a.calls if meth == "PUT" and p.endswith("/maintenance")]
+    assert sorted(puts) == [f"/admin/v1/droplets/d{i}/maintenance" for i in range(3)]
 
 
 def test_engine_late_notice_moves_window(
     world: Store, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
 ) -> None:
+    a, _ = servers
     evacuate_hv1(world, clock)
     engine = make_engine(world, clock)
     clock.advance(3600 + 300)  # the engine was down through notice time and the window
     [m, *_] = engine.tick().notified
-    assert m.not_before == clock() + timedelta(minutes=10)
-    assert "late" in world.migration_log(m.id)[-1].message
+    # Moved past the delivery allowance: the guest has its full notice from when it was told.
+    assert m.notified_at == clock()
+    assert m.not_before == clock() + timedelta(minutes=10) + DELIVERY_ALLOWANCE
+    assert m.deadline - m.not_before == timedelta(0)  # the window keeps its length (evacuate: none)
+    ev = a.event(m.droplet_id)
+    assert ev is not None and ev["not_before"] == format_time(m.not_before)
+    [line] = [e for e in world.migration_log(m.id) if e.to_state is S.NOTIFIED]
+    assert "15m after its notice time; not_before moved" in line.message
+    assert line.data["lead_s"] >= 600 and line.data["moved_s"] > 0
 
 
 def test_engine_unreachable_server_retries_next_tick(
@@ -243,3 +260,93 @@ def test_engine_reconcile_refused_droplet_does_not_stop_the_others(
     assert ra.error is None
     assert [d for d, _ in ra.failed] == ["d0"] and "already belongs to droplet squatter" in ra.failed[0][1]
     assert sorted(ra.registered) == ["d1", "d2", "other"] and ra.unknown == ["squatter"]
+
+
+@pytest.fixture
+def pg_world(pg_server: pg.PostgresServer, clock: FakeClock, tmp_path: Path) -> str:
+    """The world of these tests on a fresh PostgreSQL database; each worker opens its own Store on it."""
+    url = pg_server.new_database()
+    with Store.open(url, clock=clock) as store:
+        token = tmp_path / "token"
+        token.write_text("s3cret")
+        for name, host_url in (("hv1", URL_A), ("hv2", URL_A), ("hv3", URL_B)):
+            store.add_host(make_host(name, metadata_url=host_url, metadata_token_file=str(token)))
+        for i in range(3):
+            store.add_droplet(make_droplet(f"d{i}", "hv1", addresses=(f"10.0.0.{i + 1}",)))
+        store.add_droplet(make_droplet("other", "hv2", addresses=("10.0.9.9",)))
+    return url
+
+
+@contextmanager
+def workers(url: str, clock: FakeClock, n: int) -> Iterator[list[Engine]]:
+    """``n`` engine workers, each with its own Store (its own connections) on one database."""
+    stores = [Store.open(url, clock=clock) for _ in range(n)]
+    engines = []
+    for i, store in enumerate(stores):
+        config = EngineConfig(engine=EngineLoopConfig(worker=f"w{i}"))
+        sync = MetadataSync(store, default_client_factory(attempts=2, sleep=lambda s: None))
+        engines.append(Engine(store, config, sync, clock=clock, sleep=clock.sleep, ack_every=timedelta(0)))
+    try:
+        yield engines
+    finally:
+        for e in engines:
+            e.close()
+            e.sync.close()
+        for s in stores:
+            s.close()
+
+
+def list_requests(server: FakeAdmin) -> int:
+    return server.calls.count(("GET", "/admin/v1/droplets"))
+
+
+@pytest.mark.postgres
+def test_engine_workers_on_postgres_one_elected_reconciles_reads_acks_and_clears(
+    pg_world: str, clock: FakeClock, servers: tuple[FakeAdmin, FakeAdmin]
+) -> None:
+    a, b = servers
+    with workers(pg_world, clock, 3) as engines:
+        for e in engines:
+            e.tick()
+        # Start-up: one worker reconciled each server (one list each), the others left it alone.
+        assert (list_requests(a), list_requests(b)) == (1, 1)
+        assert [bool(e.reconcile_reports) for e in engines] == [True, False, False]
+        evacuate_hv1(engines[2].store, clock)
+        clock.advance(3000)
+        for e in engines:
+            e.tick()
+        assert {m.state for m in engines[0].store.list_migrations()} == {S.NOTIFIED}
+        a.calls.clear()
+        a.guest_ack("d1", "ready")
+        for _ in range(3):  # three rounds, every worker ticking in each
+            acked = [m.droplet_id for e in engines for m in e.tick().acked]
+            assert acked in ([], ["d1"])
+        # One list per server per round, whatever the number of workers; never one request per droplet.
+        assert list_requests(a) == 3
+        assert [p for meth, p in a.calls if meth == "GET" and p != "/admin/v1/droplets"] == []
+        assert (
+            engines[1]
+            .store.get_migration(
+                next(m.id for m in engines[1].store.list_migrations() if m.droplet_id == "d1")
+            )
+            .ack
+            == "ready"
+        )
+
+        # The elected worker stops: the next one to tick takes over, and reconciles at once.
+        engines[0].close()
+        a.droplets.clear()  # meanwhile the server lost its state
+        engines[1].tick()
+        assert sorted(d for d in a.droplets) == ["d0", "d1", "d2", "other"]
+        assert all(a.event(d) is not None for d in ("d0", "d1", "d2"))
+        a.calls.clear()
+        for e in engines:
+            e.tick()
+        assert list_requests(a) == 1  # engine 0 asks again but w1 holds the chores now
+
+        planner.cancel(engines[2].store, host="hv1", by="tester")
+        a.calls.clear()
+        for e in engines:
+            e.tick()
+        deletes = [p for meth, p in a.calls if meth == "DELETE"]
+        assert sorted(deletes) == [f"/admin/v1/droplets/d{i}/maintenance" for i in range(3)]  # once each
