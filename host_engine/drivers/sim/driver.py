@@ -43,7 +43,9 @@ class SimHypervisor:
     def recover(self, spec: MigrationSpec) -> str:
         world = self.world
         mig = world.migration(spec.migration_id)
-        d = world.droplet(spec.droplet_id)
+        d = world.find_droplet(spec.droplet_id)
+        if d is None:
+            raise DriverError(f"droplet {spec.droplet_id} is unknown to the simulator")
         if (mig is not None and mig.phase is Phase.DONE) or d.host == spec.target_host:
             world.drop_image(spec.droplet_id, spec.source_host)
             if mig is not None:

@@ -17,7 +17,7 @@ from host_engine.drivers.sim import SimHypervisor, StoredWorld
 from host_engine.engine_steps import RoutingHypervisor, SimTickStep, executor_step, plan_drivers
 from host_engine.errors import InvalidInput
 from host_engine.executor import Executor
-from host_engine.inventory import DriverKind, driver_kind
+from host_engine.inventory import DriverKind, driver_kind, sync_host
 from host_engine.reconcile import default_client_factory
 from host_engine.store import Store
 from tests.unit.host_engine.conftest import FakeClock, make_host, wall
@@ -147,4 +147,20 @@ def test_sim_drivers_the_simulator_never_prepares_a_migration_to_a_libvirt_host(
     with pytest.raises(DriverError, match="hv2"):
         SimHypervisor(world).migration(spec).prepare_target()
     assert world.hosts_holding("web1") == ["hv1"]
+    store.close()
+
+
+def test_sim_drivers_inventory_sync_of_a_simulated_host_is_one_clear_error(db: str) -> None:
+    set_uris(db, {"hv1": "sim://hv1"})
+    store = Store.open(db)
+    with pytest.raises(InvalidInput, match=r"host hv1 is simulated \(sim://hv1\)"):
+        sync_host(store, "hv1", lister=lambda uri: pytest.fail(f"asked a hypervisor at {uri}"))
+    store.close()
+
+
+def test_sim_drivers_recovery_of_a_droplet_gone_from_the_store_is_a_driver_error(db: str) -> None:
+    store = Store.open(db)
+    spec = MigrationSpec("m.1", "nobody", "hv1", "hv2", "", "", 1, 1, 1)
+    with pytest.raises(DriverError, match="nobody"):
+        SimHypervisor(StoredWorld.open(store)).recover(spec)  # the executor logs it and tries again later
     store.close()
