@@ -4,13 +4,23 @@ The store is updated conservatively: new domains become droplets on the host, kn
 their size and power state refreshed; a domain the store places on another host, or a droplet the store
 places here that libvirt does not show, is reported and left alone (it may be mid-migration, or the store may
 be wrong: an engineer decides).
+
+Addresses and anti-spoofing (issues 11.6 and 15.2). A droplet with no recorded address can never be told of a
+maintenance (the metadata server knows a droplet only by its address), so sync fills an empty address list
+from what libvirt knows, most trusted source first (``libvirt_inventory.SOURCE_ORDER``: the interface filter's
+``IP`` parameter, a DHCP lease, the neighbour table) and says which source it used. An address the operator
+recorded is never replaced: a difference is reported. An address already recorded for another droplet is never
+filled in (two droplets with one address would read each other's events); it is reported.
+Because the metadata server trusts the source address, sync reports every droplet on the host that could send
+with another's address: an interface without a clean-traffic-family nwfilter, a clean-traffic filter with no
+``IP`` parameter, or a recorded address that no such filter fixes.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +31,13 @@ from host_engine.store import Store
 
 if TYPE_CHECKING:
     from host_engine.drivers.libvirt import DomainInfo
+    from host_engine.drivers.libvirt_inventory import DomainNetwork
 
 DROPLET_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 DomainLister = Callable[[str], Sequence["DomainInfo"]]
+# uri -> domain name -> its interfaces, filters and known addresses (drivers/libvirt_inventory.py).
+NetworkReader = Callable[[str], Mapping[str, "DomainNetwork"]]
 
 # A host registered with a URI starting so is a simulated one (``host add --uri sim://NAME``).
 SIM_URI_PREFIX = "sim:"
@@ -58,6 +71,48 @@ def libvirt_lister(uri: str) -> Sequence[DomainInfo]:
     return list_domains(uri)
 
 
+def libvirt_network_reader(uri: str) -> Mapping[str, DomainNetwork]:
+    from host_engine.drivers.libvirt_inventory import read_networks  # lazily, like libvirt_lister
+
+    return read_networks(uri)
+
+
+@dataclass(frozen=True)
+class FilledAddresses:
+    """Addresses sync recorded for a droplet that had none, and where libvirt knew them from."""
+
+    droplet: str
+    addresses: tuple[str, ...]
+    source: str  # an AddressSource value: nwfilter | lease | arp
+
+
+@dataclass(frozen=True)
+class AddressDifference:
+    """The operator's recorded addresses differ from what libvirt knows: reported, never overwritten."""
+
+    droplet: str
+    recorded: tuple[str, ...]
+    known: tuple[str, ...]
+    source: str
+
+
+@dataclass(frozen=True)
+class AddressConflict:
+    """An address libvirt knows for ``droplet`` is already recorded for another droplet: not filled in."""
+
+    droplet: str
+    address: str
+    recorded_for: str
+
+
+@dataclass(frozen=True)
+class SpoofingGap:
+    """A droplet that can send with another droplet's address, and why (one sentence per problem)."""
+
+    droplet: str
+    problems: tuple[str, ...]
+
+
 @dataclass
 class SyncReport:
     host: str
@@ -67,6 +122,13 @@ class SyncReport:
     elsewhere: list[tuple[str, str]] = field(default_factory=list)  # (droplet, host the store says)
     missing: list[str] = field(default_factory=list)  # in the store on this host, not in libvirt
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (domain, why)
+    # Whether interfaces were read at all (a caller-supplied lister without a network reader reads none).
+    network_checked: bool = False
+    filled: list[FilledAddresses] = field(default_factory=list)
+    differences: list[AddressDifference] = field(default_factory=list)
+    conflicts: list[AddressConflict] = field(default_factory=list)
+    spoofable: list[SpoofingGap] = field(default_factory=list)
+    unaddressed: list[str] = field(default_factory=list)  # still no address: can never be notified
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,13 +139,41 @@ class SyncReport:
             "elsewhere": [{"droplet": d, "store_host": h} for d, h in self.elsewhere],
             "missing": self.missing,
             "skipped": [{"domain": d, "why": w} for d, w in self.skipped],
+            "network_checked": self.network_checked,
+            "addresses_filled": [
+                {"droplet": f.droplet, "addresses": list(f.addresses), "source": f.source}
+                for f in self.filled
+            ],
+            "addresses_differ": [
+                {
+                    "droplet": d.droplet,
+                    "recorded": list(d.recorded),
+                    "libvirt": list(d.known),
+                    "source": d.source,
+                }
+                for d in self.differences
+            ],
+            "address_conflicts": [
+                {"droplet": c.droplet, "address": c.address, "recorded_for": c.recorded_for}
+                for c in self.conflicts
+            ],
+            "spoofable": [{"droplet": g.droplet, "problems": list(g.problems)} for g in self.spoofable],
+            "unaddressed": self.unaddressed,
         }
 
 
 def sync_host(
-    store: Store, host_name: str, *, lister: DomainLister | None = None, dry_run: bool = False
+    store: Store,
+    host_name: str,
+    *,
+    lister: DomainLister | None = None,
+    network: NetworkReader | None = None,
+    dry_run: bool = False,
 ) -> SyncReport:
-    """Bring the store's droplets on ``host_name`` in line with the domains its hypervisor reports."""
+    """Bring the store's droplets on ``host_name`` in line with the domains its hypervisor reports.
+
+    ``network`` reads the domains' interfaces (default: from libvirt, unless a ``lister`` of the caller's is
+    given without one: then no interface is read and ``report.network_checked`` is False)."""
     host = store.get_host(host_name)
     if not host.hypervisor_uri:
         raise InvalidInput(f"host {host_name} has no hypervisor URI (host add --uri)", field="uri")
@@ -93,17 +183,13 @@ def sync_host(
             "nothing to read from a hypervisor",
             field="uri",
         )
-    try:
-        domains = list((lister or libvirt_lister)(host.hypervisor_uri))
-    except DriverError as e:
-        raise InventoryError(f"cannot read the domains of {host_name}: {e}") from e
-    except ImportError as e:
-        raise InventoryError(
-            "libvirt-python is not installed (pip install 'droplet-live-migration[libvirt]')"
-        ) from e
-    report = SyncReport(host_name)
+    reader = network if network is not None else (libvirt_network_reader if lister is None else None)
+    domains, networks = _read(host_name, host.hypervisor_uri, lister or libvirt_lister, reader)
+    report = SyncReport(host_name, network_checked=reader is not None)
     with store.begin() as tx:
         seen = set()
+        # Droplets libvirt shows here and the store places here: their recorded addresses.
+        here: dict[str, tuple[str, ...]] = {}
         for dom in domains:
             if not DROPLET_ID.fullmatch(dom.name):
                 report.skipped.append((dom.name, "name is not a valid droplet id"))
@@ -128,6 +214,7 @@ def sync_host(
                     )
                 )
                 report.added.append(dom.name)
+                here[dom.name] = ()
             elif known.host != host_name:
                 report.elsewhere.append((dom.name, known.host))
             elif (known.vcpus, known.memory_bytes, known.disk_bytes, known.power_state) != (
@@ -144,9 +231,89 @@ def sync_host(
                     power_state=power,
                 )
                 report.updated.append(dom.name)
+                here[dom.name] = known.addresses
             else:
                 report.unchanged.append(dom.name)
+                here[dom.name] = known.addresses
+        if report.network_checked:
+            _check_addresses(tx, report, here, networks)
         report.missing = sorted(d.id for d in tx.list_droplets(host=host_name) if d.id not in seen)
         if dry_run:
             tx.conn.rollback()
     return report
+
+
+def _read(
+    host_name: str, uri: str, lister: DomainLister, reader: NetworkReader | None
+) -> tuple[list[DomainInfo], Mapping[str, DomainNetwork]]:
+    try:
+        return list(lister(uri)), (reader(uri) if reader is not None else {})
+    except DriverError as e:
+        raise InventoryError(f"cannot read the domains of {host_name}: {e}") from e
+    except ImportError as e:
+        raise InventoryError(
+            "libvirt-python is not installed (pip install 'droplet-live-migration[libvirt]')"
+        ) from e
+
+
+def _check_addresses(
+    tx: Any, report: SyncReport, here: Mapping[str, tuple[str, ...]], networks: Mapping[str, DomainNetwork]
+) -> None:
+    """Fill empty address lists from libvirt, report differences and conflicts, then the spoofing gaps."""
+    owners = {a: d.id for d in tx.list_droplets() for a in d.addresses}
+    for droplet_id in sorted(here):
+        recorded = here[droplet_id]
+        net = networks.get(droplet_id)
+        best = net.best_known() if net is not None else None
+        if best is not None and not recorded:
+            source, found = best
+            fill = []
+            for address in found:
+                owner = owners.get(address)
+                if owner is not None and owner != droplet_id:
+                    report.conflicts.append(AddressConflict(droplet_id, address, owner))
+                else:
+                    fill.append(address)
+            if fill:
+                recorded = tuple(fill)
+                tx.update_droplet(droplet_id, addresses=recorded)
+                owners.update(dict.fromkeys(recorded, droplet_id))
+                report.filled.append(FilledAddresses(droplet_id, recorded, source.value))
+        elif best is not None and set(best[1]) != set(recorded):
+            report.differences.append(AddressDifference(droplet_id, recorded, best[1], best[0].value))
+        if not recorded:
+            report.unaddressed.append(droplet_id)
+        if net is not None:
+            problems = spoofing_problems(net, recorded)
+            if problems:
+                report.spoofable.append(SpoofingGap(droplet_id, problems))
+
+
+def spoofing_problems(net: DomainNetwork, addresses: Sequence[str]) -> tuple[str, ...]:
+    """Why a domain could send with another droplet's address (empty: it cannot, as far as libvirt shows).
+
+    Every interface needs a clean-traffic-family filter with an ``IP`` parameter, and each recorded address
+    must be fixed by such a filter; a domain with no interface cannot send at all."""
+    problems = []
+    guarded: set[str] = set()
+    for iface in net.interfaces:
+        label = f"interface {iface.mac or '(no MAC)'}"
+        ref = iface.filter
+        if ref is None:
+            problems.append(f"{label} has no nwfilter, so it can send with any address")
+        elif not ref.clean_traffic:
+            problems.append(f"{label}'s nwfilter {ref.name} is not clean-traffic and references none")
+        elif not ref.ip_addresses:
+            problems.append(
+                f"{label}'s nwfilter {ref.name} has no IP parameter "
+                "(libvirt would lock it to whatever address the guest uses first)"
+            )
+        else:
+            guarded.update(ref.ip_addresses)
+    if guarded:
+        problems.extend(
+            f"address {a} is not the IP parameter of a clean-traffic filter on any of its interfaces"
+            for a in addresses
+            if a not in guarded
+        )
+    return tuple(problems)

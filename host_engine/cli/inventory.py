@@ -316,3 +316,23 @@ def inventory_sync(deps: Deps, host_name: str, dry_run: bool, as_json: bool) -> 
         click.echo(f"  ? {did}: in the store on {host_name}, not reported by libvirt (left alone)")
     for dom, why in report.skipped:
         click.echo(f"  - {dom}: skipped, {why}")
+    _echo_addresses(report, dry_run)
+
+
+def _echo_addresses(report: inventory.SyncReport, dry_run: bool) -> None:
+    """What sync did and found about addresses, and one warning line per droplet that can spoof another."""
+    verb = "would record" if dry_run else "recorded"
+    for f in report.filled:
+        click.echo(f"  @ {f.droplet}: {verb} address {', '.join(f.addresses)} (from libvirt's {f.source})")
+    for d in report.differences:
+        click.echo(f"  ! {d.droplet}: recorded address {', '.join(d.recorded)}, libvirt knows "
+                   f"{', '.join(d.known)} ({d.source}); left as recorded")  # fmt: skip
+    for c in report.conflicts:
+        click.echo(f"  ! {c.droplet}: libvirt knows address {c.address}, already recorded for "
+                   f"{c.recorded_for}; not recorded")  # fmt: skip
+    for did in report.unaddressed:
+        click.echo(f"  ! {did}: no address known, so it can never be notified (droplet set --address)")
+    for g in report.spoofable:
+        click.echo(f"  WARNING {g.droplet}: can send with another droplet's address: {'; '.join(g.problems)}")
+    if not report.network_checked:
+        click.echo("  (interfaces not read: addresses and anti-spoofing filters not checked)")
