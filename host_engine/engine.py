@@ -43,10 +43,10 @@ from host_engine.timeparse import Clock
 
 log = logging.getLogger(__name__)
 
-# A store outage: the loop retries after 1 s, doubling up to 30 s (with jitter), so a restarted database sees
-# the fleet come back within half a minute and not all at once.
+# A store outage: the loop retries after 1 s, doubling up to 10 s (with jitter), so a restarted database sees
+# the fleet come back within seconds and not all at once.
 STORE_RETRY_MIN_S = 1.0
-STORE_RETRY_MAX_S = 30.0
+STORE_RETRY_MAX_S = 10.0
 # ``run`` on threads: the main thread looks for a signal this often, and on one gives the loops this long to
 # finish what they are doing (then the executor's shutdown has its own grace, well within 10 s in all).
 MAIN_WAIT_S = 0.5
@@ -274,7 +274,7 @@ class Engine:
 class StoreOutage:
     """Rides out a store outage in a loop: ``attempt`` runs a step, turning a ``StoreError`` into a warning
     logged once per outage (and a note when the store answers again); ``wait_s`` is how long to sleep
-    before the next try: the poll interval normally, else a doubling backoff with jitter (1 s .. 30 s)."""
+    before the next try: the poll interval normally, else a doubling backoff with jitter (1 s .. 10 s)."""
 
     def __init__(self, what: str, *, rand: Callable[[], float] = random.random) -> None:
         self.what = what

@@ -759,7 +759,11 @@ class Executor:
             elif offline:
                 nxt, hook = self._after_offline_failure(tx, failed, now, target)
             else:
-                nxt, hook = self._after_live_failure(tx, failed, now, result, nonconverging, target)
+                # Not the guest's, the target's nor the hypervisor's doing: the next worker may go at once.
+                worker_stopped = operator_abort == SHUTDOWN_REASON or "recovered_by" in (extra or {})
+                nxt, hook = self._after_live_failure(
+                    tx, failed, now, result, nonconverging, target, at_once=worker_stopped
+                )
         self._observe(result)
         if hook:
             self._hook(hook, nxt)
@@ -777,6 +781,8 @@ class Executor:
         result: MigrationResult,
         nonconverging: int,
         other_target: str,
+        *,
+        at_once: bool = False,
     ) -> tuple[Migration, str]:
         decision = after_failure(
             attempt=m.attempt,
@@ -787,7 +793,7 @@ class Executor:
             config=self.config.retry,
             rand=self.rand,
         )
-        not_before = now + timedelta(seconds=decision.delay_s)
+        not_before = now + timedelta(seconds=0.0 if at_once and not decision.offline else decision.delay_s)
         if decision.offline:
             nxt = tx.transition(
                 m.id,

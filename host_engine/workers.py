@@ -126,18 +126,28 @@ class WorkerName:
         ``on_lost`` (and raises :class:`WorkerNameTaken`) if another process took the name meanwhile."""
         if not self.held or self.monotonic() - self._checked_at < self.check_every_s:
             return
-        if not self._still_locked():
-            self._unlock()
-            if not self._lock():
-                self.held = False
-                message = self._taken_message()
-                log.error("worker %s: lost its name to another process: %s; stopping", self.name, message)
-                if self.on_lost is not None:
-                    self.on_lost()
-                raise WorkerNameTaken(message)
-            log.warning("worker %s: name held again after the store came back", self.name)
-        self._record()
         self._checked_at = self.monotonic()
+        try:
+            if not self._still_locked():
+                self._unlock()
+                if not self._lock():
+                    self.held = False
+                    message = self._taken_message()
+                    log.error("worker %s: lost its name to another process: %s; stopping", self.name, message)
+                    if self.on_lost is not None:
+                        self.on_lost()
+                    raise WorkerNameTaken(message)
+                log.warning("worker %s: name held again after the store came back", self.name)
+            self._record()
+        except StoreError as e:
+            # Nobody can take the name while the store is away: try again at the next check, quietly.
+            if not self._lost_logged:
+                log.warning(
+                    "worker %s: store unreachable (%s); keeping the name when it answers", self.name, e
+                )
+                self._lost_logged = True
+            return
+        self._lost_logged = False
 
     # ---- the lock itself ---------------------------------------------------------------------------------
 
@@ -174,7 +184,8 @@ class WorkerName:
                 ).scalar()
             )
         except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"store error taking worker name {self.name!r}: {e}") from e
+            first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
+            raise StoreError(f"store error taking worker name {self.name!r}: {first}") from e
         if not got:
             conn.close()
             return False
@@ -183,7 +194,9 @@ class WorkerName:
 
     def _still_locked(self) -> bool:
         if self._conn is None:
-            return True  # a file lock (or an in-memory name) is held until the process lets it go
+            # A file lock (or an in-memory name) is held until the process lets it go; on PostgreSQL no
+            # session means no lock (lost with the store, not yet taken back).
+            return self._backend()[0] != "postgresql"
         try:
             self._conn.execute(sa.text("SELECT 1"))
         except sa.exc.SQLAlchemyError:

@@ -19,11 +19,12 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from host_engine.store import Store
 from host_engine.workers import WorkerName
 
 GIB = 1024**3
+# A hung hypervisor call returns after this at the latest (tests never wait that long).
+HANG_LIMIT_S = 600.0
 RUNNING = (MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING)
 
 
@@ -67,6 +70,19 @@ class FileHypervisor:
     def read(self) -> dict[str, Any]:
         with self._state() as state:
             return json.loads(json.dumps(state))  # type: ignore[no-any-return]
+
+    def hang(self, droplet_id: str, hung: bool = True) -> None:
+        """Make every progress call about ``droplet_id`` block (or answer again)."""
+        path = self.root / f"hang-{droplet_id}"
+        if hung:
+            path.touch()
+        else:
+            path.unlink(missing_ok=True)
+
+    def finish_now(self, attempt_id: str) -> None:
+        """Let a running job end at its next progress call (its copy is done)."""
+        with self._state() as state:
+            state["jobs"][attempt_id]["duration_s"] = 0.0
 
     def add_droplet(self, droplet_id: str, host: str) -> None:
         with self._state() as state:
@@ -138,6 +154,11 @@ class FileMigration:
         pass  # the job switches over by itself when its time is up
 
     def progress(self) -> Progress:
+        # A hypervisor that stops answering: while ``hang-<droplet>`` exists, the call blocks (bounded).
+        hang = self.hv.root / f"hang-{self.spec.droplet_id}"
+        deadline = time.monotonic() + HANG_LIMIT_S
+        while hang.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         with self.hv._state() as state:
             job = state["jobs"][self.spec.migration_id]
             elapsed = time.time() - job["started"]
@@ -220,7 +241,7 @@ def worker_main(spec_json: str) -> None:
     config = config_from_dict(
         {
             "engine": {
-                "worker": spec.name,
+                **({"worker": spec.name} if spec.name else {}),  # "": the default name
                 "lease": spec.lease,
                 "renew_every": spec.renew_every,
                 "max_concurrent": spec.max_concurrent,
@@ -252,6 +273,24 @@ def worker_main(spec_json: str) -> None:
                 executor.shutdown()
     finally:
         store.close()
+
+
+def start_worker(spec: WorkerSpec, log: Path) -> subprocess.Popen[bytes]:
+    """A worker process (``worker_main``) writing its log to ``log``; returns once it holds its name."""
+    repo = Path(__file__).resolve().parents[1]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fleet", json.dumps(asdict(spec))],
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            stderr=out,
+        )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # "worker ready", or EOF if it was refused
+    if line != b"worker ready\n":
+        proc.wait(30)
+        raise AssertionError(f"worker {spec.name} did not start: {log.read_text()[-3000:]}")
+    return proc
 
 
 def stop(proc: Any, timeout_s: float = 15.0) -> None:
