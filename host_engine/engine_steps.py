@@ -24,6 +24,7 @@ from host_engine.drivers.base import (
     MigrationDriver,
     MigrationSpec,
     Progress,
+    Recovered,
 )
 from host_engine.drivers.sim import SimClock, SimHypervisor, StoredWorld
 from host_engine.errors import InvalidInput
@@ -170,7 +171,7 @@ class RoutingHypervisor:
         driver = self._driver(host)
         return DomainState.ABSENT if driver is None else driver.domain_state(host, droplet_id)
 
-    def recover(self, spec: MigrationSpec) -> str:
+    def recover(self, spec: MigrationSpec) -> str | Recovered:
         driver = self._driver(spec.source_host)
         if driver is None:
             raise DriverError(f"no driver here drives {spec.source_host}")

@@ -90,6 +90,16 @@ class DriverError(Exception):
         self.target_at_fault = target_at_fault
 
 
+@dataclass(frozen=True)
+class Recovered:
+    """What ``HypervisorDriver.recover`` found: the host that runs the droplet, and what the hypervisor still
+    knows of the orphaned attempt (``downtime_ms``, ``bytes_transferred``, ``duration_s``, ``rounds``;
+    empty when it knows nothing). A driver may return the bare host name instead."""
+
+    host: str
+    stats: dict[str, object] = field(default_factory=dict)
+
+
 class AlreadyCompleted(DriverError):
     """``abort()`` came too late: the hypervisor completed the migration and the target runs the droplet.
 
@@ -148,10 +158,12 @@ class HypervisorDriver(Protocol):
     def domain_state(self, host: str, droplet_id: str) -> DomainState:
         """The droplet's state on ``host`` (``ABSENT`` when the host does not hold it)."""
 
-    def recover(self, spec: MigrationSpec) -> str:
+    def recover(self, spec: MigrationSpec) -> str | Recovered:
         """After a worker died mid-migration: make the droplet run on exactly one host and return that host.
 
-        Cancels any migration job still running for ``spec``; if switchover had not completed, the source is
-        resumed (if paused) and the target cleaned, and ``spec.source_host`` is returned; if it had, the
-        source copy is removed and ``spec.target_host`` is returned. Idempotent.
+        Cancels any migration job still running for ``spec`` (and lifts what the dead worker applied to the
+        guest: throttle, disk write limit); if switchover had not completed, the source is resumed (if
+        paused) and the target cleaned, and ``spec.source_host`` is returned; if it had, the source copy and
+        its disks are removed and ``spec.target_host`` is returned, with the job's own stats when the
+        hypervisor still has them (``Recovered``). Idempotent.
         """

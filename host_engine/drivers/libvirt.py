@@ -89,6 +89,7 @@ from host_engine.drivers.base import (
     MigrationSpec,
     Phase,
     Progress,
+    Recovered,
 )
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,9 @@ ABORT_WAIT_S = 60.0
 # A target that could not be cleaned (its daemon down) is tried again this often, for up to a day.
 LEFTOVER_RETRY_S = 2.0
 LEFTOVER_GIVE_UP_S = 86400.0
+# recover(): how long to wait for an orphaned job to end after abortJob.
+RECOVER_JOB_WAIT_S = 60.0
+RECOVER_POLL_S = 0.2
 # A control call that failed is ignored if the migration job ends within this long (it raced the end).
 END_RACE_WAIT_S = 2.0
 # finalize(True) waits this long for the migration thread to return (the job completed event comes first).
@@ -1308,6 +1312,34 @@ class LibvirtMigration(MigrationDriver):
         if problems:
             raise DriverError("; ".join(problems))
 
+    def _lift_source_limits(self, dom: Any) -> None:
+        """Put the source's disks back to their own I/O limits (a dead worker's write limit would stay)."""
+        self._dom = dom
+        self._disks = []
+        for dev, path, fmt, elem in _disks(dom):
+            alias_el, iotune_el = elem.find("alias"), elem.find("iotune")
+            iotune = {}
+            if iotune_el is not None:
+                iotune = {c.tag: int(c.text) for c in iotune_el if c.tag in IOTUNE_TO_QMP and c.text}
+            alias = alias_el.get("name", "") if alias_el is not None else ""
+            self._disks.append(_Disk(dev, path, fmt, 0, alias, iotune))
+        for block in self._qmp_list(dom, "query-block"):
+            inserted = block.get("inserted") or {}
+            for disk in self._disks:
+                qdev = str(block.get("qdev", ""))
+                if disk.alias and (qdev == disk.alias or f"/{disk.alias}/" in qdev):
+                    own = self._io_throttle_args(disk, None)
+                    if (
+                        int(inserted.get("bps_wr", 0)) != own["bps_wr"]
+                        or int(inserted.get("bps", 0)) != own["bps"]
+                    ):
+                        log.warning(
+                            "recover %s: lifting a disk write limit on %s",
+                            self.spec.migration_id,
+                            disk.target,
+                        )
+                        self._qmp(dom, "block_set_io_throttle", own)
+
     def cleanup_target(self) -> None:
         """Remove this droplet's domain and this attempt's disks from the target. Idempotent.
 
@@ -1430,50 +1462,122 @@ class LibvirtHypervisor:
             if self._open_connection is None:
                 conn.close()
 
-    def recover(self, spec: MigrationSpec) -> str:
+    def recover(self, spec: MigrationSpec) -> Recovered:
         """See ``HypervisorDriver.recover``: make the droplet live on exactly one host and return it.
 
-        The switchover completed when the target's copy *runs* (libvirt resumes it only after the source's
-        QEMU sent its last page): then the source copy is removed. Otherwise the source copy is the droplet:
-        any job is cancelled, the source resumed (or, offline, shut off again) and the target cleaned.
+        A job still running (its worker died; libvirt's peer-to-peer job carries on alone) is aborted and
+        waited for: nothing runs unsupervised, and QEMU drops its CPU throttle when the job ends. Then
+        libvirt's word decides: the switchover completed when the target's copy *runs* (libvirt resumes it
+        only after the source's QEMU sent its last page) or the source no longer has the domain; then the
+        source's copy and disks are removed, as ``finalize(True)`` does, and the job's own stats (downtime,
+        bytes, from the target's completed-job record) are returned. Otherwise the source copy is the
+        droplet: its disk write limit is lifted, it is resumed (or, offline, shut off again) and the
+        target's leftovers are removed.
         """
         lv = _libvirt()
         mig = self.migration(spec)
         try:
             src, dst = mig._source(), mig._target()
             sdom = _lookup(src, mig.domain_name)
-            tdom = _lookup(dst, mig.domain_name)
-            if sdom is not None:
+            if sdom is not None and _job_active(sdom):
+                log.warning("recover %s: aborting the orphaned migration job", spec.migration_id)
                 with contextlib.suppress(lv.libvirtError):
-                    if sdom.jobInfo()[0] != lv.VIR_DOMAIN_JOB_NONE:
-                        sdom.abortJob()
-            target_runs = tdom is not None and tdom.state()[0] == lv.VIR_DOMAIN_RUNNING
-            if sdom is None or target_runs:
-                if sdom is not None:
-                    log.warning(
-                        "recover %s: switchover completed; removing the source copy", spec.migration_id
-                    )
-                    _destroy_and_undefine(sdom)
-                if tdom is None:
-                    raise DriverError(
-                        f"{mig.domain_name} is on neither {spec.source_host} nor {spec.target_host}"
-                    )
-                return spec.target_host
-            if spec.offline:
-                if sdom.isActive():
-                    sdom.destroy()  # started paused for the copy: shut off again
-            elif sdom.state()[0] == lv.VIR_DOMAIN_PAUSED:
-                sdom.resume()
-            elif not sdom.isActive():
-                raise DriverError(f"{mig.domain_name} is shut off on {spec.source_host}; not resuming it")
-            mig._dom = sdom
-            mig._uuid = sdom.UUIDString()
-            mig._disks = [_Disk(t, p, f, 0, "") for t, p, f, _ in _disks(sdom)]
-            if tdom is not None or any(_volume_exists(dst, d.path) for d in mig._disks):
-                mig._remove_target_leftovers()
-            return spec.source_host
+                    sdom.abortJob()
+                _wait_job_end(sdom)
+                sdom = _lookup(src, mig.domain_name)
+            tdom = _lookup(dst, mig.domain_name)
+            if sdom is None or (tdom is not None and tdom.state()[0] == lv.VIR_DOMAIN_RUNNING):
+                return self._recovered_on_target(mig, src, sdom, tdom)
+            return self._recovered_on_source(mig, dst, sdom, tdom)
         except lv.libvirtError as e:
             raise DriverError(f"recovering {spec.migration_id} failed: {e}") from e
+        finally:
+            mig.close()
+
+    @staticmethod
+    def _recovered_on_target(mig: LibvirtMigration, src: Any, sdom: Any, tdom: Any) -> Recovered:
+        """The switchover completed: remove the source's copy and disks; the job's stats from the target."""
+        spec = mig.spec
+        if tdom is None:
+            raise DriverError(f"{mig.domain_name} is on neither {spec.source_host} nor {spec.target_host}")
+        stats = _completed_job_stats(tdom)
+        if sdom is not None:
+            log.warning("recover %s: switchover completed; removing the source copy", spec.migration_id)
+            _destroy_and_undefine(sdom)
+        if not mig.keep_source_disks:
+            used = {p for d in src.listAllDomains(0) for _, p, _, _ in _disks(d)}
+            for _dev, path, _fmt, _el in _disks(tdom):
+                if path not in used and mig._delete_volume(src, path):
+                    log.info("recover %s: removed %s from %s", spec.migration_id, path, spec.source_host)
+        return Recovered(spec.target_host, stats)
+
+    @staticmethod
+    def _recovered_on_source(mig: LibvirtMigration, dst: Any, sdom: Any, tdom: Any) -> Recovered:
+        """The source's copy is the droplet: no limit left, running (offline: shut off); target clean."""
+        lv = _libvirt()
+        spec = mig.spec
+        if spec.offline:
+            if sdom.isActive():
+                sdom.destroy()  # started paused for the copy: shut off again
+        else:
+            if not sdom.isActive():
+                raise DriverError(f"{mig.domain_name} is shut off on {spec.source_host}; not resuming it")
+            try:
+                mig._lift_source_limits(sdom)
+            except DriverError as e:
+                log.warning("recover %s: disk write limits not checked: %s", spec.migration_id, e)
+            if sdom.state()[0] == lv.VIR_DOMAIN_PAUSED:
+                sdom.resume()
+        mig._dom = sdom
+        mig._uuid = sdom.UUIDString()
+        mig._disks = [_Disk(t, p, f, 0, "") for t, p, f, _ in _disks(sdom)]
+        if tdom is not None or any(_volume_exists(dst, d.path) for d in mig._disks):
+            mig._remove_target_leftovers()
+        return Recovered(spec.source_host, {})
+
+
+def _job_active(dom: Any) -> bool:
+    lv = _libvirt()
+    try:
+        return bool(dom.jobInfo()[0] != lv.VIR_DOMAIN_JOB_NONE)
+    except lv.libvirtError:
+        return False
+
+
+def _wait_job_end(dom: Any) -> None:
+    deadline = time.monotonic() + RECOVER_JOB_WAIT_S
+    while _job_active(dom):
+        if time.monotonic() > deadline:
+            raise DriverError(
+                f"the orphaned migration job of {dom.name()} did not end within {RECOVER_JOB_WAIT_S:.0f} s"
+            )
+        time.sleep(RECOVER_POLL_S)
+
+
+def _completed_job_stats(tdom: Any) -> dict[str, object]:
+    """The completed migration's own figures, from the target's completed-job record (empty if gone)."""
+    lv = _libvirt()
+    try:
+        raw = dict(tdom.jobStats(lv.VIR_DOMAIN_JOB_STATS_COMPLETED))
+    except lv.libvirtError:
+        return {}
+    stats: dict[str, object] = {}
+    if "downtime" in raw:
+        stats["downtime_ms"] = float(raw["downtime"])
+    # The target's record counts the memory stream only (disk_* are 0 there: the mirror ran on the source);
+    # the mirror copied every disk block at least once, so the disks' sizes are added: a lower bound.
+    memory = int(raw.get("memory_processed", raw.get("data_processed", 0)))
+    disks = 0
+    for _dev, path, _fmt, _el in _disks(tdom):
+        with contextlib.suppress(lv.libvirtError, DriverError):
+            disks += _disk_size(tdom, path)
+    if memory or disks:
+        stats["bytes_transferred"] = memory + disks
+    if "time_elapsed" in raw:
+        stats["duration_s"] = float(raw["time_elapsed"]) / 1000.0
+    if "memory_iteration" in raw:
+        stats["rounds"] = int(raw["memory_iteration"])
+    return stats
 
 
 class _LeftoverSweeper:

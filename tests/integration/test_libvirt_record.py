@@ -237,3 +237,151 @@ def test_target_killed_retry_goes_elsewhere_and_leftovers_go_when_it_returns(
     src_dom.destroy()
     src_dom.undefine()
     hosts.source.path(hosts.source.image_path(f"{name}.qcow2")).unlink()
+
+
+# --- 11.2: the engine killed (-9) mid-migration; its restart supervises what libvirt did alone --------------
+
+ENGINE_WAIT_S = 120.0
+
+
+def engine_process(hosts: Any, db: Path, *, patient: bool) -> Any:
+    import json
+    import subprocess
+    import sys
+
+    uris = {h.name: [h.uri, h.peer_uri] for h in hosts.hosts}
+    argv = [sys.executable, "-m", "tests.libvirt_harness.engine_proc", str(db), json.dumps(uris), "w1"]
+    log = (db.parent / "engine.log").open("ab")
+    return subprocess.Popen([*argv, *(["--patient"] if patient else [])], stdout=log, stderr=log)
+
+
+def wait_until(what: str, check: Any, timeout_s: float = ENGINE_WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def restart_and_recover(store: Any) -> Any:
+    """The engine's next process under the same worker name: its orphan is recovered at once."""
+    from host_engine.attempt import RealClock
+    from host_engine.drivers.libvirt import LibvirtHypervisor
+    from host_engine.executor import Executor, ExecutorConfig
+
+    hv = LibvirtHypervisor({h.name: h.uri for h in store_hosts(store)})
+    config = ExecutorConfig(worker="w1", tick_s=TICK_S, threads=False)
+    executor = Executor(store, hv, config, RealClock())
+    t0 = time.monotonic()
+    executor.recover()  # only the recovery: the retry it schedules is not run here
+    return time.monotonic() - t0
+
+
+def store_hosts(store: Any) -> list[Any]:
+    class H:
+        def __init__(self, name: str, uri: str) -> None:
+            self.name, self.uri = name, uri
+
+    return [H(h.name, h.hypervisor_uri) for h in store.list_hosts()]
+
+
+def test_engine_killed_while_libvirt_completes_alone_records_the_real_outcome(
+    hosts: Any, conns: Conns, tmp_path: Path
+) -> None:
+    """libvirt's peer-to-peer job finishes without the engine; its restart records completed with the job's
+    real downtime and bytes, and removes the source's disk as finalize(True) would."""
+    import signal
+
+    from host_engine.states import MigrationState
+    from tests.libvirt_harness.guest import GuestSpec
+
+    name = "orphan1"
+    src_dom = start_guest(
+        hosts, conns, name, GuestSpec.at_rates(memory_dirty_bps=8 * MiB, disk_write_bps=MiB)
+    )
+    store, mid = engine_store(tmp_path, hosts, name)
+    with store:
+        proc = engine_process(hosts, tmp_path / f"{name}.db", patient=False)
+        try:
+            wait_until("the migration job starts", lambda: support_job_active(src_dom))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        wait_until(
+            "libvirt completes the job alone",
+            lambda: (
+                name in domain_names(conns.dst)
+                and running(conns.dst.lookupByName(name))
+                and name not in domain_names(conns.src)
+            ),
+        )
+        assert f"{name}.qcow2" in images(hosts.source)  # nobody removed the source's disk yet
+        took_s = restart_and_recover(store)
+        m = store.get_migration(mid)
+        print(f"\nrecovered in {took_s:.1f} s: {m.state.value}, {m.stats.get('last_attempt')}")
+        assert m.state is MigrationState.COMPLETED
+        assert_record_matches_hosts(
+            store, mid, name, hosts, conns
+        )  # real downtime and bytes, source disk gone
+    tdom = conns.dst.lookupByName(name)
+    tdom.destroy()
+    tdom.undefine()
+    hosts.target.path(hosts.target.image_path(f"{name}.qcow2")).unlink(missing_ok=True)
+
+
+def support_job_active(dom: Any) -> bool:
+    import libvirt
+
+    try:
+        return bool(dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE)
+    except libvirt.libvirtError:
+        return False
+
+
+def test_engine_killed_with_the_guest_throttled_aborts_the_orphan_at_restart(
+    hosts: Any, conns: Conns, tmp_path: Path
+) -> None:
+    """A non-converging job orphaned at 80 % throttle: the restarted engine aborts it, the guest runs at full
+    speed on the source with nothing left on it, the target is clean, and the attempt is a failure to retry."""
+    import signal
+
+    import libvirt
+
+    from host_engine.states import MigrationState
+    from tests.libvirt_harness.guest import GuestSpec
+    from tests.libvirt_harness.support import qmp, write_limits
+
+    name = "orphan2"
+    src_dom = start_guest(hosts, conns, name, GuestSpec(mem_kib=48 * 1024, disk_sectors=32, paced=True))
+
+    def qemu_throttle() -> int:
+        try:
+            return int(qmp(src_dom, "query-migrate").get("cpu-throttle-percentage", 0))
+        except libvirt.libvirtError:
+            return 0
+
+    store, mid = engine_store(tmp_path, hosts, name)
+    with store:
+        proc = engine_process(hosts, tmp_path / f"{name}.db", patient=True)
+        try:
+            wait_until("the guest is throttled", lambda: qemu_throttle() >= 50)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        assert support_job_active(src_dom)  # the job carries on alone, the guest throttled
+        took_s = restart_and_recover(store)
+        m = store.get_migration(mid)
+        print(
+            f"\nrecovered in {took_s:.1f} s: {m.state.value} -> {m.target_host}, {m.stats.get('last_attempt')}"
+        )
+        assert took_s < 60
+        assert m.state in (MigrationState.NOTIFIED, MigrationState.OFFLINE_REQUIRED)  # the retry path
+        assert_record_matches_hosts(store, mid, name, hosts, conns)
+    assert not support_job_active(src_dom)
+    assert qemu_throttle() == 0
+    assert set(write_limits(src_dom).values()) == {0}
+    wait_counter_advances(src_dom)
+    src_dom.destroy()
+    src_dom.undefine()
+    hosts.source.path(hosts.source.image_path(f"{name}.qcow2")).unlink(missing_ok=True)
