@@ -1566,7 +1566,7 @@ def _completed_job_stats(tdom: Any) -> dict[str, object]:
         stats["downtime_ms"] = float(raw["downtime"])
     # The target's record counts the memory stream only (disk_* are 0 there: the mirror ran on the source);
     # the mirror copied every disk block at least once, so the disks' sizes are added: a lower bound.
-    memory = int(raw.get("memory_processed", raw.get("data_processed", 0)))
+    memory = int(raw.get("memory_processed") or raw.get("data_processed") or 0)
     disks = 0
     for _dev, path, _fmt, _el in _disks(tdom):
         with contextlib.suppress(lv.libvirtError, DriverError):
