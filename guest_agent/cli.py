@@ -10,7 +10,6 @@ import functools
 import importlib.resources
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -28,19 +27,13 @@ from guest_agent.hooks import Hook, build_hook
 from guest_agent.hooks.base import HookContext, HookResult
 from guest_agent.journal import EventRecord, Journal
 from guest_agent.source import CLEAR, Notice, NoticeKind, SDKSource
+from guest_sdk import daemon_logging
+from guest_sdk.daemon_logging import LogFormat, log_format_option
 
 log = logging.getLogger("guest_agent")
 
 UNIT_NAME = "guest-agent.service"
 DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
-_SYSLOG_PRIORITY = {
-    logging.DEBUG: 7,
-    logging.INFO: 6,
-    logging.WARNING: 4,
-    logging.ERROR: 3,
-    logging.CRITICAL: 2,
-}
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -56,25 +49,27 @@ def _one_line_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class _JournaldFormatter(logging.Formatter):
-    """``<priority>logger: message`` — journald reads the priority and adds its own timestamp."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
-        return f"<{priority}>{super().format(record)}"
+def setup_logging(level: str, log_format: LogFormat | str = LogFormat.AUTO) -> None:
+    """The agent logs as the engine and the server do (``guest_sdk.daemon_logging``)."""
+    daemon_logging.setup_logging(log_format, level)
 
 
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(_JournaldFormatter("%(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("urllib3", "requests"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+class _OneLineUsageErrors(click.Group):
+    """A bad flag or value is one line on stderr and exit 2, never a usage dump."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            click.echo(f"guest-agent: error: {e.format_message()}", err=True)
+            ctx.exit(2)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            click.echo(f"guest-agent: error: {e.format_message()}", err=True)
+            ctx.exit(2)
 
 
 config_option = click.option(
@@ -88,7 +83,7 @@ config_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_OneLineUsageErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="droplet-live-migration", prog_name="guest-agent")
 def main() -> None:
     """The guest agent: runs your hooks when this droplet is about to be migrated."""
@@ -96,13 +91,14 @@ def main() -> None:
 
 @main.command()
 @config_option
+@log_format_option(envvar="GUEST_AGENT_LOG_FORMAT")
 @_one_line_errors
-def run(config_path: Path) -> None:
+def run(config_path: Path, log_format: LogFormat) -> None:
     """Run the agent in the foreground (what the systemd unit starts)."""
     from guest_agent.daemon import Daemon
 
     config = load_config(config_path)
-    setup_logging(config.agent.log_level)
+    setup_logging(config.agent.log_level, log_format)
     daemon = Daemon.open(config, lambda: load_config(config_path))
     sys.exit(daemon.run())
 

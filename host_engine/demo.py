@@ -47,6 +47,7 @@ from typing import Any
 import click
 import requests
 
+from guest_sdk.daemon_logging import TextFormatter
 from host_engine import planner
 from host_engine.config import EngineConfig, EngineLoopConfig, PlacementConfig, ScheduleConfig
 from host_engine.drivers.base import DomainState, Phase
@@ -1139,7 +1140,7 @@ def _engine_log(demo: Demo) -> Iterator[None]:
     """The engine's own log lines go to engine.log in the working directory, not between the demo's lines."""
     root = logging.getLogger()
     handler = _DeferredFileHandler(demo)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(TextFormatter())  # the daemons' text format, secrets redacted
     added = not root.handlers
     if added:
         root.addHandler(handler)

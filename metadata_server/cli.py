@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from guest_sdk.daemon_logging import LogFormat, log_format_option, setup_logging
+
 from .config import (
     DEFAULT_ADMIN_LISTEN,
     DEFAULT_DB,
@@ -28,7 +30,7 @@ from .service_unit import (
     write,
 )
 
-LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+log = logging.getLogger("metadata_server")
 
 
 class _OneLineErrors(click.Group):
@@ -113,6 +115,7 @@ def main() -> None:
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
+@log_format_option(envvar="METADATA_SERVER_LOG_FORMAT")
 def serve(
     guest_listen: str,
     admin_listen: str,
@@ -124,9 +127,10 @@ def serve(
     workers: int,
     max_waits_per_droplet: int,
     log_level: str,
+    log_format: LogFormat,
 ) -> None:
     """Serve the guest and admin listeners until SIGTERM or SIGINT."""
-    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    setup_logging(log_format, log_level)  # before the fork: gunicorn's arbiters and workers inherit it
     config = build_config(
         guest_listen=guest_listen,
         admin_listen=admin_listen,
@@ -145,7 +149,7 @@ def serve(
     Store(config.db_path).close()
     from .serving import serve as run
 
-    code = run(config, lambda line: click.echo(line, err=True))
+    code = run(config, lambda line: log.info("%s", line.removeprefix("metadata-server: ")))
     sys.exit(code)
 
 

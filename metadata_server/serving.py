@@ -85,6 +85,7 @@ def _common_options(config: ServerConfig, fd: int, name: str) -> dict[str, Any]:
         "graceful_timeout": GRACEFUL_TIMEOUT_S,
         "loglevel": "warning" if config.log_level == "info" else config.log_level,
         "errorlog": "-",
+        "logger_class": "metadata_server.gunicorn_log.PropagatingLogger",  # the server's log format
         "proc_name": f"metadata-server-{name}",
         "child_exit": _mark_dead,
         "post_fork": _worker_dies_with_arbiter,

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,6 +23,7 @@ from typing import Any
 
 import click
 
+from guest_sdk.daemon_logging import LogFormat, active_format, setup_logging
 from host_engine import inventory
 from host_engine.config import EngineConfig, load_config
 from host_engine.errors import (
@@ -76,7 +76,7 @@ class Deps:
                 self._store = Store.open(self.target(), clock=self.clock, create=create)
             except StoreMissing as e:
                 raise StoreMissing(e.location, hint=MISSING_STORE_HINT) from None
-            if self._store.created:
+            if self._store.created and active_format() is None:  # else the store's log line says it
                 click.echo(f"host-engine: created a new store at {store_location(self._store.url)}", err=True)
         return self._store
 
@@ -155,12 +155,8 @@ def cli(
         raise InvalidInput(f"--db must be a path or a postgresql:// URL, got {db!r}", field="db")
     deps.db = db
     deps.config = load_config(config_path, env={}, overrides=overrides)
-    if verbose and not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.DEBUG if verbose > 1 else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+    if verbose:  # journal lines under systemd, else text (`run --log-format` picks for the daemon)
+        setup_logging(LogFormat.AUTO, logging.DEBUG if verbose > 1 else logging.INFO, replace_foreign=False)
     ctx.call_on_close(deps.close)
 
 

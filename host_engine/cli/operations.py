@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 import click
 
+from guest_sdk.daemon_logging import LogFormat, log_format_option, setup_logging
 from host_engine import progress as progress_text
 from host_engine.cli.app import (
     Deps,
@@ -320,6 +321,7 @@ def _states(e: LogEntry) -> str:
     metavar="NAME",
     help="This worker's name (default: config [engine] worker, else the hostname); one process per name.",
 )
+@log_format_option(envvar="HOST_ENGINE_LOG_FORMAT")
 @pass_deps
 def run(
     deps: Deps,
@@ -329,6 +331,7 @@ def run(
     sim_speed: float,
     metrics_listen: str | None,
     worker: str | None,
+    log_format: LogFormat,
 ) -> None:
     """The engine: reconcile the metadata servers, send notices as they fall due, and run the migrations
     whose window opened (SIGTERM stops it, releasing running attempts with their sources untouched)."""
@@ -341,8 +344,9 @@ def run(
     if worker is not None:
         config = replace(config, engine=replace(config.engine, worker=worker.strip()))
     listen = parse_listen(metrics_listen) if metrics_listen is not None else None
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    verbose = click.get_current_context().find_root().params.get("verbose") or 0
+    # A host program's own logging (a test harness) is left alone.
+    setup_logging(log_format, logging.DEBUG if verbose > 1 else logging.INFO, replace_foreign=False)
     store = deps.store(create=True)  # a fresh fleet may start its workers before adding hosts
     with contextlib.ExitStack() as stack:
         # Refused, in one line, if another live process holds this worker name (it would take this one's
