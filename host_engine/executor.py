@@ -554,6 +554,8 @@ class Executor:
         a = _Active(m, run, offline, self.clock.now())
         run.on_progress = lambda p: self._on_progress(a, p)
         run.should_abort = lambda: a.lost_claim or a.abort_requested
+        if self._stopping.is_set():  # claimed while shutting down: stop it at once, source untouched
+            a.abort_requested = SHUTDOWN_REASON
         with self._lock:
             self.active[m.id] = a
         if self.threaded:

@@ -11,6 +11,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from host_engine.attempt import MigrationResult
+from host_engine.errors import HostEngineError
 from host_engine.states import MigrationState
 from host_engine.store import Store
 
@@ -25,9 +26,18 @@ class _StatesCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("host_engine_migrations", "Migrations by state", labels=["state"])
+        up = GaugeMetricFamily("host_engine_store_up", "Whether the store answered this scrape")
         counts = dict.fromkeys(MigrationState, 0)
-        for m in self._store.list_migrations():
-            counts[m.state] += 1
+        try:
+            for m in self._store.list_migrations():
+                counts[m.state] += 1
+        except HostEngineError as e:  # a store outage: the engine rides it out, and so does /metrics
+            log.debug("metrics: store unreachable: %s", e)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
         for state, n in counts.items():
             family.add_metric([state.value], n)
         yield family

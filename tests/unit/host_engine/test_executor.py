@@ -39,7 +39,14 @@ from host_engine.executor_metrics import ExecutorMetrics
 from host_engine.models import Droplet, Host, Migration, NewMigration
 from host_engine.retry import RetryConfig
 from host_engine.states import MigrationState as S
-from host_engine.store import Store, live_event_id, offline_event_id
+from host_engine.store import (
+    ClaimLimits,
+    Store,
+    create_db_engine,
+    database_url,
+    live_event_id,
+    offline_event_id,
+)
 
 T0 = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)
 MEMORY = GiB
@@ -382,6 +389,38 @@ def test_executor_two_workers_share_the_queue_and_run_each_migration_once(env: E
         if e.to_state is S.RUNNING
     }
     assert by_worker == {"w1", "w2"}
+
+
+def test_executor_two_workers_keep_the_fleet_limits_whatever_each_could_run(env: Env) -> None:
+    """Each worker could run 4; [concurrency] allows 2 fleet-wide and 1 into one target: checked in the store
+    at claim time, so the two together never run more."""
+    mids = []
+    for i in range(6):
+        env.droplet(f"d{i}")
+        mids.append(env.migration(f"d{i}", target="b" if i % 2 else "c"))
+    limits = ClaimLimits(max_parallel=2, max_per_source=2, max_per_target=1)
+    workers = [env.executor(w, max_concurrent=4, limits=limits) for w in ("w1", "w2")]
+    peak = 0
+    started = env.clock.now()
+    while not all(env.state(m) is S.COMPLETED for m in mids):
+        assert env.clock.now() - started < 3600
+        for w in workers:
+            w.tick()
+            running = env.store.list_migrations(states=[S.RUNNING])
+            assert len(running) <= 2
+            assert len({m.target_host for m in running}) == len(running)  # one per target
+            peak = max(peak, len(running))
+        env.clock.sleep(0.5)
+    assert peak == 2
+
+
+def test_executor_metrics_answer_while_the_store_is_away() -> None:
+    unreachable = Store(create_db_engine(database_url("postgresql://nobody@127.0.0.1:1/none")))
+    try:
+        text = ExecutorMetrics(unreachable).exposition().decode()
+    finally:
+        unreachable.close()
+    assert "host_engine_store_up 0.0" in text
 
 
 def test_executor_config_retry_limits_are_respected(env: Env) -> None:
