@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from host_engine.config import EngineConfig, EngineLoopConfig
 from host_engine.engine import Engine
 from host_engine.models import Migration, NewMigration
-from host_engine.notices import ceil_second, send_ahead, window_for
+from host_engine.notices import NOTICE_LEASE_S, NoticeSender, ceil_second, send_ahead, window_for
 from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
@@ -167,24 +167,22 @@ def test_notices_keep_the_full_notice_under_random_delays_postgres(
         check_full_notice(pg_server.new_database(), case, Path(d))
 
 
-def test_notices_on_time_and_fast_keep_the_planned_window(sqlite_store: Store, clock: FakeClock) -> None:
+def test_notices_on_time_and_fast_keep_the_planned_window(clock: FakeClock, tmp_path: Path) -> None:
     """No delay: the window is exactly the plan's, one PUT per guest, and the guest had a little more notice."""
     case = Case(notice_s=600, poll_s=1.0, droplets=3, first_tick_s=-30, delays=[], fail=0)
-    with tempfile.TemporaryDirectory() as d:
-        url = str(Path(d) / "engine.db")
-        with rig(url, clock, case, Path(d)) as (store, engine, admin):
-            planned = {m.id: m for m in plan(store, clock, case)}
-            clock.now = next(iter(planned.values())).notice_at - timedelta(seconds=30)
-            for _ in range(60):
-                engine.tick()
-                clock.advance(1)
-            for m in store.list_migrations():
-                assert m.state is S.NOTIFIED and m.not_before == planned[m.id].not_before
-                assert m.notified_at is not None
-                lead = m.not_before - m.notified_at
-                assert timedelta(minutes=10) < lead <= timedelta(minutes=10) + send_ahead(1.0)
-            puts = [p for meth, p in admin.calls if meth == "PUT" and p.endswith("/maintenance")]
-            assert len(puts) == 3
+    with rig(str(tmp_path / "engine.db"), clock, case, tmp_path) as (store, engine, admin):
+        planned = {m.id: m for m in plan(store, clock, case)}
+        clock.now = next(iter(planned.values())).notice_at - timedelta(seconds=30)
+        for _ in range(60):
+            engine.tick()
+            clock.advance(1)
+        for m in store.list_migrations():
+            assert m.state is S.NOTIFIED and m.not_before == planned[m.id].not_before
+            assert m.notified_at is not None
+            lead = m.not_before - m.notified_at
+            assert timedelta(minutes=10) < lead <= timedelta(minutes=10) + send_ahead(1.0)
+        puts = [p for meth, p in admin.calls if meth == "PUT" and p.endswith("/maintenance")]
+        assert len(puts) == 3
 
 
 def test_notices_window_for_rounds_up_and_never_moves_earlier() -> None:
@@ -205,3 +203,25 @@ def test_notices_window_for_rounds_up_and_never_moves_earlier() -> None:
     assert ceil_second(T0) == T0
     zero = Migration(**{**m.__dict__, "notice_at": m.not_before})
     assert window_for(zero, late + timedelta(hours=1)) == m.not_before  # nothing promised, nothing kept
+
+
+def test_notices_a_worker_that_died_mid_notice_is_taken_over_after_the_lease(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    """A claim blocks the other workers (no second PUT) until its lease runs out; then one of them sends it."""
+    case = Case(notice_s=600, poll_s=1.0, droplets=2, first_tick_s=0, delays=[], fail=0)
+    with rig(str(tmp_path / "engine.db"), clock, case, tmp_path) as (store, engine, admin):
+        plan(store, clock, case)
+        clock.advance(60)
+        dead = NoticeSender(store, engine.sync, "w-dead", poll_interval_s=1.0, clock=clock)
+        claimed, _ = dead.claim()  # ... and the process dies before its PUTs
+        assert len(claimed) == 2
+        for _ in range(int(NOTICE_LEASE_S) - 1):
+            assert engine.tick().notified == []
+            clock.advance(1)
+        assert not [c for c in admin.calls if c[0] == "PUT" and c[1].endswith("/maintenance")]
+        clock.advance(2)
+        sent = engine.tick().notified
+        assert len(sent) == 2 and all(m.claimed_by is None for m in sent)
+        for m in sent:  # late by the lease: the window moved so the guest still gets its 10 minutes
+            assert m.notified_at is not None and m.not_before - m.notified_at >= timedelta(minutes=10)
