@@ -85,8 +85,12 @@ class FileHypervisor:
             state["jobs"][attempt_id]["duration_s"] = 0.0
 
     def add_droplet(self, droplet_id: str, host: str) -> None:
+        self.add_droplets([droplet_id], host)
+
+    def add_droplets(self, droplet_ids: list[str], host: str) -> None:
         with self._state() as state:
-            state["droplets"][droplet_id] = {"host": host, "switchovers": []}
+            for droplet_id in droplet_ids:
+                state["droplets"][droplet_id] = {"host": host, "switchovers": []}
 
     # ---- HypervisorDriver --------------------------------------------------------------------------------
 
