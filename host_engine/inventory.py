@@ -129,6 +129,8 @@ class SyncReport:
     conflicts: list[AddressConflict] = field(default_factory=list)
     spoofable: list[SpoofingGap] = field(default_factory=list)
     unaddressed: list[str] = field(default_factory=list)  # still no address: can never be notified
+    # (source, libvirt's error) for address sources libvirt failed to read on this host, once each.
+    source_errors: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -159,6 +161,7 @@ class SyncReport:
             ],
             "spoofable": [{"droplet": g.droplet, "problems": list(g.problems)} for g in self.spoofable],
             "unaddressed": self.unaddressed,
+            "address_source_errors": [{"source": s, "error": e} for s, e in self.source_errors],
         }
 
 
@@ -284,6 +287,9 @@ def _check_addresses(
         if not recorded:
             report.unaddressed.append(droplet_id)
         if net is not None:
+            for source, error in net.unreadable:
+                if (source.value, error) not in report.source_errors:
+                    report.source_errors.append((source.value, error))
             problems = spoofing_problems(net, recorded)
             if problems:
                 report.spoofable.append(SpoofingGap(droplet_id, problems))

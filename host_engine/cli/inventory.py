@@ -332,6 +332,8 @@ def _echo_addresses(report: inventory.SyncReport, dry_run: bool) -> None:
                    f"{c.recorded_for}; not recorded")  # fmt: skip
     for did in report.unaddressed:
         click.echo(f"  ! {did}: no address known, so it can never be notified (droplet set --address)")
+    for source, error in report.source_errors:
+        click.echo(f"  ? libvirt could not read {source} addresses: {error}")
     for g in report.spoofable:
         click.echo(f"  WARNING {g.droplet}: can send with another droplet's address: {'; '.join(g.problems)}")
     if not report.network_checked:

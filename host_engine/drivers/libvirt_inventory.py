@@ -89,6 +89,9 @@ class DomainNetwork:
     name: str
     interfaces: tuple[InterfaceInfo, ...]
     known: tuple[tuple[AddressSource, tuple[str, ...]], ...] = ()
+    # Sources libvirt failed to read for this running domain, with its error (e.g. libvirt 9.0 cannot parse
+    # the neighbour table of Linux >= 6.x: "wrong nlmsg len"): an operator must know why nothing was found.
+    unreadable: tuple[tuple[AddressSource, str], ...] = ()
 
     def addresses(self, source: AddressSource) -> tuple[str, ...]:
         return dict(self.known).get(source, ())
@@ -133,8 +136,10 @@ def domain_network(dom: Any, resolver: _FilterResolver) -> DomainNetwork:
         if iface.filter is not None:
             known.setdefault(AddressSource.NWFILTER, []).extend(iface.filter.ip_addresses)
     macs = {i.mac for i in interfaces}
-    if dom.isActive():
-        for source, found in _interface_addresses(dom, macs).items():
+    unreadable: dict[AddressSource, str] = {}
+    if dom.isActive() and interfaces:
+        found_by_source, unreadable = _interface_addresses(dom, macs)
+        for source, found in found_by_source.items():
             known.setdefault(source, []).extend(found)
     return DomainNetwork(
         name=dom.name(),
@@ -142,6 +147,7 @@ def domain_network(dom: Any, resolver: _FilterResolver) -> DomainNetwork:
         known=tuple(
             (source, tuple(dict.fromkeys(known[source]))) for source in SOURCE_ORDER if known.get(source)
         ),
+        unreadable=tuple(unreadable.items()),
     )
 
 
@@ -162,19 +168,24 @@ def _interface(el: Any, resolver: _FilterResolver) -> InterfaceInfo:
     )
 
 
-def _interface_addresses(dom: Any, macs: set[str]) -> dict[AddressSource, list[str]]:
-    """Addresses from the DHCP leases and the neighbour table, for this domain's own MACs only."""
+def _interface_addresses(
+    dom: Any, macs: set[str]
+) -> tuple[dict[AddressSource, list[str]], dict[AddressSource, str]]:
+    """Addresses from the DHCP leases and the neighbour table, for this domain's own MACs only; and the
+    sources libvirt could not read, with its error."""
     lv = _libvirt()
     sources = {
         AddressSource.LEASE: lv.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
         AddressSource.ARP: lv.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP,
     }
     out: dict[AddressSource, list[str]] = {}
+    errors: dict[AddressSource, str] = {}
     for source, flag in sources.items():
         try:
             answer: Mapping[str, Any] = dom.interfaceAddresses(flag) or {}
         except lv.libvirtError as e:
-            # A domain that stopped meanwhile, or a source this host's libvirt cannot read: nothing known.
+            if e.get_error_code() != lv.VIR_ERR_OPERATION_INVALID:  # not "domain is not running" (it stopped)
+                errors[source] = str(e)
             log.info("domain %s: no %s addresses: %s", dom.name(), source.value, e)
             continue
         for entry in answer.values():
@@ -184,7 +195,7 @@ def _interface_addresses(dom: Any, macs: set[str]) -> dict[AddressSource, list[s
                 address = normalise_address(str(addr.get("addr", "")))
                 if address is not None:
                     out.setdefault(source, []).append(address)
-    return out
+    return out, errors
 
 
 class _FilterResolver:
