@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from tenacity import RetryCallState
+
 from guest_agent import journal_schema, procgroups
 from guest_agent.config import DEFAULT_HOOK_TIMEOUT_S, AgentConfig, HookSpec, Phase, WebhookHookSpec
 from guest_agent.errors import AckRejected, MetadataUnreachable
@@ -37,6 +39,7 @@ from guest_agent.journal import EventRecord, HookOutcome, HookRecord, Journal
 from guest_agent.metrics import Metrics
 from guest_agent.source import EventSource, Notice, NoticeKind
 from guest_agent.states import EventStatus
+from guest_sdk.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,11 @@ log = logging.getLogger(__name__)
 ACK_READY_STEP = "@ack-ready"
 ACK_OFFLINE_STEP = "@ack-offline"
 POWER_OFF_STEP = "@power-off"
-ACK_RETRY_S = (1.0, 2.0, 4.0, 8.0)  # then give up on the ack and go on
+# The ack ``offline`` while the metadata server is unreachable: 5 attempts, full-jitter exponential
+# backoff from 1 s (capped at 8 s; under 15 s of waits in all, as the fixed 1+2+4+8 s before), then give up
+# on it and go on: the engine also treats a droplet found shut off as offline (DESIGN §3). Jittered, so the
+# droplets of one host do not all retry in the same second.
+ACK_RETRY = RetryPolicy(attempts=5, initial_backoff_s=1.0, max_backoff_s=8.0, budget_s=15.0)
 SHUTDOWN_ABANDONED = journal_schema.SHUTDOWN_ABANDONED
 
 
@@ -339,27 +346,32 @@ class Agent:
             return _Ack.DONE
         power_on_after = self.config.agent.power_on_after
         self.journal.hook_started(rec.event_id, Phase.BEFORE_OFFLINE, ACK_OFFLINE_STEP)
-        for attempt, pause_s in enumerate((*ACK_RETRY_S, None), start=1):
-            try:
-                self._source.acknowledge(rec.server_id, "offline", power_on_after=power_on_after)
-            except AckRejected as e:
-                self._finish_step(rec, ACK_OFFLINE_STEP, HookResult.failed(f"refused: {e}"))
-                return _Ack.REFUSED
-            except MetadataUnreachable as e:
-                if self._stop.is_set():
-                    return _Ack.STOPPED  # started, never finished: the next start sends it again
-                if pause_s is None:
-                    # The engine also treats a droplet found shut off as offline (DESIGN §3): go on.
-                    self._finish_step(rec, ACK_OFFLINE_STEP, HookResult.failed(f"not delivered: {e}"))
-                    return _Ack.DONE
-                log.warning("event_id=%s: ack offline attempt %d failed: %s", rec.event_id, attempt, e)
-                self._sleep(pause_s)
-                continue
-            self._finish_step(
-                rec, ACK_OFFLINE_STEP, HookResult.ok(f"offline, power_on_after={power_on_after}")
+        source = self._source
+
+        def log_retry(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome is not None else None
+            log.warning(
+                "event_id=%s: ack offline attempt %d failed: %s", rec.event_id, state.attempt_number, error
             )
+
+        retrying = ACK_RETRY.retrying(
+            retry=lambda e: isinstance(e, MetadataUnreachable) and not self._stop.is_set(),
+            sleep=self._sleep,
+            clock=self._monotonic,
+            before_sleep=log_retry,
+        )
+        try:
+            retrying(source.acknowledge, rec.server_id, "offline", power_on_after=power_on_after)
+        except AckRejected as e:
+            self._finish_step(rec, ACK_OFFLINE_STEP, HookResult.failed(f"refused: {e}"))
+            return _Ack.REFUSED
+        except MetadataUnreachable as e:
+            if self._stop.is_set():
+                return _Ack.STOPPED  # started, never finished: the next start sends it again
+            self._finish_step(rec, ACK_OFFLINE_STEP, HookResult.failed(f"not delivered: {e}"))
             return _Ack.DONE
-        return _Ack.DONE  # pragma: no cover  (the loop always returns)
+        self._finish_step(rec, ACK_OFFLINE_STEP, HookResult.ok(f"offline, power_on_after={power_on_after}"))
+        return _Ack.DONE
 
     def _power_off_step(self, rec: EventRecord) -> None:
         current = self.journal.event(rec.event_id)
