@@ -31,7 +31,7 @@ from host_engine.store import Store
 
 if TYPE_CHECKING:
     from host_engine.drivers.libvirt import DomainInfo
-    from host_engine.drivers.libvirt_inventory import DomainNetwork
+    from host_engine.drivers.libvirt_inventory import AddressSource, DomainNetwork
 
 DROPLET_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -98,7 +98,8 @@ class AddressDifference:
 
 @dataclass(frozen=True)
 class AddressConflict:
-    """An address libvirt knows for ``droplet`` is already recorded for another droplet: not filled in."""
+    """An address libvirt knows for ``droplet`` is already recorded for another droplet, or libvirt knows it
+    for others too (``recorded_for`` names them): not filled in."""
 
     droplet: str
     address: str
@@ -262,30 +263,27 @@ def _read(
 def _check_addresses(
     tx: Any, report: SyncReport, here: Mapping[str, tuple[str, ...]], networks: Mapping[str, DomainNetwork]
 ) -> None:
-    """Fill empty address lists from libvirt, report differences and conflicts, then the spoofing gaps."""
+    """Fill empty address lists from libvirt, report differences and conflicts, then the spoofing gaps.
+
+    An address libvirt knows for two droplets that both lack one (an unfiltered guest answering ARP for a
+    neighbour's address) goes to neither: whichever came first could be the impostor."""
     owners = {a: d.id for d in tx.list_droplets() for a in d.addresses}
+    best = {d: n.best_known() for d, n in networks.items() if d in here}
+    claims: dict[str, set[str]] = {}
+    for droplet_id, known in best.items():
+        if known is not None and not here[droplet_id]:
+            for address in known[1]:
+                claims.setdefault(address, set()).add(droplet_id)
     for droplet_id in sorted(here):
         recorded = here[droplet_id]
-        net = networks.get(droplet_id)
-        best = net.best_known() if net is not None else None
-        if best is not None and not recorded:
-            source, found = best
-            fill = []
-            for address in found:
-                owner = owners.get(address)
-                if owner is not None and owner != droplet_id:
-                    report.conflicts.append(AddressConflict(droplet_id, address, owner))
-                else:
-                    fill.append(address)
-            if fill:
-                recorded = tuple(fill)
-                tx.update_droplet(droplet_id, addresses=recorded)
-                owners.update(dict.fromkeys(recorded, droplet_id))
-                report.filled.append(FilledAddresses(droplet_id, recorded, source.value))
-        elif best is not None and set(best[1]) != set(recorded):
-            report.differences.append(AddressDifference(droplet_id, recorded, best[1], best[0].value))
+        known = best.get(droplet_id)
+        if known is not None and not recorded:
+            recorded = _fill(tx, report, droplet_id, known, owners, claims)
+        elif known is not None and set(known[1]) != set(recorded):
+            report.differences.append(AddressDifference(droplet_id, recorded, known[1], known[0].value))
         if not recorded:
             report.unaddressed.append(droplet_id)
+        net = networks.get(droplet_id)
         if net is not None:
             for source, error in net.unreadable:
                 if (source.value, error) not in report.source_errors:
@@ -293,6 +291,33 @@ def _check_addresses(
             problems = spoofing_problems(net, recorded)
             if problems:
                 report.spoofable.append(SpoofingGap(droplet_id, problems))
+
+
+def _fill(
+    tx: Any,
+    report: SyncReport,
+    droplet_id: str,
+    known: tuple[AddressSource, tuple[str, ...]],
+    owners: dict[str, str],
+    claims: Mapping[str, set[str]],
+) -> tuple[str, ...]:
+    """Record the addresses libvirt knows for a droplet that has none, except conflicting ones."""
+    source, found = known
+    fill = []
+    for address in found:
+        owner = owners.get(address)
+        rivals = sorted(claims.get(address, set()) - {droplet_id})
+        if owner is not None and owner != droplet_id:
+            report.conflicts.append(AddressConflict(droplet_id, address, owner))
+        elif rivals:
+            report.conflicts.append(AddressConflict(droplet_id, address, ", ".join(rivals)))
+        else:
+            fill.append(address)
+    if fill:
+        tx.update_droplet(droplet_id, addresses=tuple(fill))
+        owners.update(dict.fromkeys(fill, droplet_id))
+        report.filled.append(FilledAddresses(droplet_id, tuple(fill), source.value))
+    return tuple(fill)
 
 
 def spoofing_problems(net: DomainNetwork, addresses: Sequence[str]) -> tuple[str, ...]:

@@ -254,3 +254,44 @@ def test_sync_cli_prints_one_warning_per_spoofable_droplet_and_json_field(tmp_pa
     assert "  @ guarded: recorded address 10.20.0.7 (from libvirt's nwfilter)" in out
     assert "  ! open1: no address known, so it can never be notified (droplet set --address)" in out
     assert json.loads(run("droplet", "show", "guarded", "--json")[1])["addresses"] == ["10.20.0.7"]
+
+
+def _open_domain(name: str, mac: str, arp: tuple[str, ...] = ()) -> DomainNetwork:
+    known = ((AddressSource.ARP, arp),) if arp else ()
+    return DomainNetwork(name, (InterfaceInfo(mac, "bridge", "vnet0", None),), known)
+
+
+def test_an_address_libvirt_knows_for_two_droplets_goes_to_neither(
+    sqlite_store: Store, tmp_path: Path
+) -> None:
+    """An unfiltered guest answering ARP for its neighbour's address must not win the neighbour's identity."""
+    uri = node(tmp_path, ("victim", True, []), ("spoofer", True, []))
+    sqlite_store.add_host(make_host("hv1", hypervisor_uri=uri))
+    nets = {
+        "victim": _open_domain("victim", "52:54:00:00:00:01", ("10.20.0.5",)),
+        "spoofer": _open_domain("spoofer", "52:54:00:00:00:02", ("10.20.0.5", "10.20.0.6")),
+    }
+    report = sync_host(sqlite_store, "hv1", network=lambda uri: nets)
+    assert sqlite_store.get_droplet("victim").addresses == ()
+    assert sqlite_store.get_droplet("spoofer").addresses == ("10.20.0.6",)
+    assert sorted((c.droplet, c.address, c.recorded_for) for c in report.conflicts) == [
+        ("spoofer", "10.20.0.5", "victim"),
+        ("victim", "10.20.0.5", "spoofer"),
+    ]
+    assert report.unaddressed == ["victim"]
+
+
+def test_a_source_libvirt_cannot_read_is_reported_once(sqlite_store: Store, tmp_path: Path) -> None:
+    """(The CLI line for it is checked on the real harness, where libvirt 9.0's ARP source fails.)"""
+    uri = node(tmp_path, ("a1", True, []), ("a2", True, []))
+    error = "internal error: wrong nlmsg len"
+    nets = {
+        n: DomainNetwork(
+            n, (InterfaceInfo(f"52:54:00:00:00:0{i}", "bridge", "", None),), (), ((AddressSource.ARP, error),)
+        )
+        for i, n in enumerate(("a1", "a2"))
+    }
+    sqlite_store.add_host(make_host("hv1", hypervisor_uri=uri))
+    report = sync_host(sqlite_store, "hv1", network=lambda uri: nets)
+    assert report.to_dict()["address_source_errors"] == [{"source": "arp", "error": error}]
+    assert report.unaddressed == ["a1", "a2"]
