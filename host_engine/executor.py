@@ -481,16 +481,34 @@ class Executor:
         free = self.config.max_concurrent - len(self.active)
         if free <= 0 or self._stopping.is_set():
             return
-        now = self.clock.now()
-        waiting = {mid for mid, at in self._waiting.items() if at > now}
+        limit = free * CANDIDATES_PER_SLOT
+        # Migrations that had to wait are left out until the rest of the due backlog has been looked at, so
+        # a long queue of waiting ones never starves a startable one behind it; then the ones whose recheck
+        # time came are looked at again (those no longer due are forgotten).
         with self.store.begin(readonly=True) as tx:
             candidates = tx.claim_candidates(
                 lease_s=self.config.lease_s,
                 limits=self.config.limits,
-                limit=free * CANDIDATES_PER_SLOT,
+                limit=limit,
                 only=self.config.only,
-                exclude=set(self.active) | waiting,
+                exclude=set(self.active) | set(self._waiting),
             )
+            now = self.clock.now()
+            recheck = {mid for mid, at in self._waiting.items() if at <= now}
+            if self.config.only is not None:
+                recheck &= self.config.only
+            if len(candidates) < limit and recheck:
+                again = tx.claim_candidates(
+                    lease_s=self.config.lease_s,
+                    limits=self.config.limits,
+                    limit=limit - len(candidates),
+                    only=recheck,
+                    exclude=set(self.active),
+                )
+                if len(again) < limit - len(candidates):  # every due one was returned: forget the others
+                    for mid in recheck - {m.id for m in again}:
+                        self._waiting.pop(mid, None)
+                candidates += again
         for m in candidates:
             if free <= 0:
                 break

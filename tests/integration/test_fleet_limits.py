@@ -8,12 +8,8 @@ from what the workers believe.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,12 +19,19 @@ from host_engine.models import Droplet, Host, NewMigration
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
 from tests import pg
-from tests.fleet import GIB, FileHypervisor, WorkerSpec, attempt_intervals, max_overlap, stop
+from tests.fleet import (
+    GIB,
+    FileHypervisor,
+    WorkerSpec,
+    attempt_intervals,
+    max_overlap,
+    start_worker,
+    stop,
+)
 from tests.support import require
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("a", "b", "c")
 TARGETS = ("x", "y", "z")
 PER_SOURCE = 6
@@ -41,13 +44,6 @@ def pg_server() -> Iterator[pg.PostgresServer]:
     require(reason is None, reason or "")
     with pg.postgres_server() as server:
         yield server
-
-
-def start_worker(spec: WorkerSpec, log: Path) -> subprocess.Popen[bytes]:
-    out = log.open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.fleet", json.dumps(asdict(spec))], cwd=REPO, stdout=out, stderr=out
-    )
 
 
 def test_fleet_workers_with_a_backlog_never_exceed_any_limit(
