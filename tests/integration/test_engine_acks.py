@@ -25,7 +25,7 @@ from host_engine.config import EngineConfig
 from host_engine.drivers.base import DomainState
 from host_engine.engine import Engine
 from host_engine.engine_steps import SimTickStep
-from host_engine.executor import ExecutorConfig
+from host_engine.executor import WAIT_RECHECK_S, ExecutorConfig
 from host_engine.models import Droplet, Host, Migration
 from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState as S
@@ -168,7 +168,7 @@ def test_engine_guest_acks_offline_power_off_after_and_ends_shut_off_on_the_targ
     assert rig.migration("web2").state is S.NOTIFIED
     # The guest powers itself off, as it said it would.
     rig.step.world.droplets["web2"].state = DomainState.SHUT_OFF
-    rig.tick(1.0)
+    rig.tick(WAIT_RECHECK_S + 1.0)
     assert rig.migration("web2").state is S.OFFLINE_RUNNING
     done = rig.drive_until("web2", S.COMPLETED)
     log = rig.store.migration_log(done.id)
