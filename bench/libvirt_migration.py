@@ -1,24 +1,29 @@
-"""Live migration on real libvirt: our controller against libvirt's defaults and against plain auto-converge.
+"""Live migration on real libvirt: our controller against libvirt's defaults and auto-converge, side by side.
 
 Two real libvirt hosts on this machine (``tests/libvirt_harness``: two network namespaces, one libvirtd each,
 TCG guests) and the harness's boot-sector guest, which dirties memory and writes its disk at set rates.
-For each workload, the same guest, built afresh for every run, is live-migrated hostA -> hostB by the
-engine's ``LibvirtMigration`` under ``run_migration`` (the executor's loop), with three policies:
+For each workload, uncapped and at its bandwidth cap, the same guest, built afresh for every run, is
+live-migrated hostA -> hostB by the engine's ``LibvirtMigration`` under ``run_migration`` (the executor's
+loop), with four policies, interleaved (every repetition runs every case once, so a load change on the
+shared machine hits all policies alike):
 
 - ``libvirt defaults``: plain ``migrateToURI3`` with LIVE | PEER2PEER | NON_SHARED_DISK | PERSIST_DEST |
   UNDEFINE_SOURCE, no auto-converge, and no action while it runs;
 - ``auto-converge``: the same plus ``VIR_MIGRATE_AUTO_CONVERGE`` with QEMU's own policy (20 % + 10 % per
   round, up to 99 %), and no action while it runs;
+- ``auto-converge + cap``: the same with QEMU's throttle capped at 80 % (``max-cpu-throttle``), the cap
+  our controller uses;
 - ``ours``: the engine's convergence controller with its default ``ControllerConfig`` (it picks the CPU
-  throttle level, applies the temporary disk write limit, decides switchover, aborts a stalled run).
+  throttle level, applies the temporary disk write limit, decides switchover, gives up on a guest that
+  cannot converge).
 
-Every policy gets the same bandwidth cap (the workload's, set when the job starts) and the same 300 ms
-downtime limit (QEMU's default; the executor sets it). Every run is bounded: after ``--timeout`` seconds
-(default 60) the bench aborts the job (``abortJob``) and records it as not converged. Downtime and bytes
-come from libvirt's job statistics; the auto-converge throttle is QEMU's own figure (``jobStats``
-``auto_converge_throttle``), sampled every tick.
+Every policy gets the same bandwidth cap and the same 300 ms downtime limit (QEMU's default; the executor
+sets it). Every run is bounded: after ``--timeout`` seconds (default 60) the bench aborts the job
+(``abortJob``) and records it as not converged. Downtime and bytes come from libvirt's job statistics; the
+throttle is QEMU's own figure (``jobStats`` ``auto_converge_throttle``), sampled every tick, whichever
+policy set it. The summary gives, per case, the median of ``--reps`` runs (default 3) and the spread.
 
-    sudo .venv/bin/python bench/libvirt_migration.py [--quick] [--timeout 60] [--workload NAME ...]
+    sudo .venv/bin/python bench/libvirt_migration.py [--quick] [--reps 3] [--timeout 60] [--workload NAME ...]
                                                      [--json bench/results/libvirt_migration.json]
 
 Needs root, libvirtd, qemu-system-x86_64, qemu-img, binutils and libvirt-python; without them it prints a
@@ -35,6 +40,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -65,30 +71,30 @@ class Workload:
 
 WORKLOADS = (
     Workload(
-        "idle",
-        "idle guest (counter only), 128 MiB RAM, 64 MiB disk",
-        {"mem_kib": 0, "disk_sectors": 0, "paced": True},
+        "memory 8 MiB",
+        "8 MiB of memory rewritten 18x/s (paced), no disk writes",
+        {"mem_kib": 8 * 1024, "disk_sectors": 0, "paced": True},
         32,
     ),
     Workload(
-        "memory writer",
-        "8 MiB/s memory + 1 MiB/s disk (paced), converges",
-        # GuestSpec.at_rates(memory_dirty_bps=8 MiB, disk_write_bps=1 MiB), spelled out.
-        {"mem_kib": 450, "disk_sectors": 64, "paced": True, "disk_span_sectors": 16 * 2048},
-        32,
-    ),
-    Workload(
-        "disk writer",
-        "20 MiB hot set rewritten as fast as TCG goes (3-17 MiB/s), 28 MiB disk",
-        # tests/integration/test_libvirt_migration.py FAST_DISK_WRITER
-        {"mem_kib": 256, "disk_sectors": 128, "paced": False, "disk_span_sectors": 20 * 2048, "disk_mib": 28},
-        3,
-    ),
-    Workload(
-        "48 MiB working set",
+        "memory 48 MiB",
         "48 MiB of memory rewritten 18x/s, cannot converge at the cap",
         {"mem_kib": 48 * 1024, "disk_sectors": 32, "paced": True},
         32,
+    ),
+    Workload(
+        "memory + disk",
+        "8 MiB/s memory + 2 MiB/s disk writes (paced)",
+        # GuestSpec.at_rates(memory_dirty_bps=8 MiB, disk_write_bps=2 MiB), spelled out.
+        {"mem_kib": 450, "disk_sectors": 224, "paced": True, "disk_span_sectors": 16 * 2048},
+        32,
+    ),
+    Workload(
+        "disk heavy",
+        "20 MiB hot set rewritten as fast as TCG goes (3-17 MiB/s), 28 MiB disk",
+        # tests/integration/test_libvirt_migration.py FAST_DISK_WRITER
+        {"mem_kib": 256, "disk_sectors": 128, "paced": False, "disk_span_sectors": 20 * 2048, "disk_mib": 28},
+        8,
     ),
 )
 
@@ -102,11 +108,13 @@ class PolicySpec:
     name: str
     auto_converge: str  # the driver's option: off | qemu | controlled
     policy: Callable[[Any], tuple[Any, ...]] | None  # None: the engine's controller
+    max_throttle_pct: int | None = None  # with auto_converge=qemu: QEMU's cap
 
 
 POLICIES = (
     PolicySpec("libvirt defaults", "off", _nothing),
     PolicySpec("auto-converge", "qemu", _nothing),
+    PolicySpec("auto-converge + cap", "qemu", _nothing, max_throttle_pct=80),
     PolicySpec("ours", "controlled", None),
 )
 
@@ -215,7 +223,7 @@ def holds(host: Any, conn: Any, name: str) -> tuple[bool, bool]:
 
 
 def migrate_once(
-    hosts: Any, conns: dict[str, Any], workload: Workload, pol: PolicySpec, timeout_s: float
+    hosts: Any, conns: dict[str, Any], workload: Workload, cap_mibps: int, pol: PolicySpec, timeout_s: float
 ) -> RunResult:
     import libvirt
 
@@ -227,7 +235,9 @@ def migrate_once(
 
     src, dst = hosts.source, hosts.target
     guest = GuestSpec(**workload.guest)
-    name = "b-" + "".join(c for c in f"{workload.name}-{pol.name}" if c.isalnum() or c == "-")[:40]
+    name = (
+        "b-" + "".join(c for c in f"{workload.name}-{cap_mibps}-{pol.name}" if c.isalnum() or c == "-")[:40]
+    )
     remove_everywhere(hosts, conns, name)
     sdom = start_guest(src, conns[src.name], name, guest)
     xml_before = sdom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
@@ -243,8 +253,9 @@ def migrate_once(
         disk_bytes=guest.disk_mib * MiB,
         options={
             "peer_uri": dst.peer_uri,
-            "bandwidth_mibps": str(workload.cap_mibps),
+            "bandwidth_mibps": str(cap_mibps),
             "auto_converge": pol.auto_converge,
+            **({"auto_converge_max_pct": str(pol.max_throttle_pct)} if pol.max_throttle_pct else {}),
         },
     )
 
@@ -287,7 +298,7 @@ def migrate_once(
     elif result.outcome is Outcome.ABORTED and result.abort_reason is None:
         outcome = f"not converged (aborted at {timeout_s:.0f} s)"
     elif result.outcome is Outcome.ABORTED:
-        outcome = f"aborted by the controller: {result.abort_reason.value if result.abort_reason else '?'}"
+        outcome = f"gave up: {result.abort_reason.value if result.abort_reason else '?'}"
     else:
         outcome = f"failed: {result.reason}"
 
@@ -319,7 +330,7 @@ def migrate_once(
     return RunResult(
         workload=workload.name,
         policy=pol.name,
-        cap_mibps=workload.cap_mibps,
+        cap_mibps=cap_mibps,
         outcome=outcome,
         converged=result.converged,
         downtime_ms=result.downtime_ms,
@@ -370,9 +381,46 @@ def markdown(results: list[RunResult]) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r.workload} ({r.cap_mibps} MiB/s) | {r.policy} | {r.outcome} | {_fmt(r.downtime_ms, '.0f')} "
+            f"| {r.workload} ({_cap(r.cap_mibps)}) | {r.policy} | {r.outcome} | {_fmt(r.downtime_ms, '.0f')} "
             f"| {r.duration_s:.1f} | {r.bytes_transferred / MiB:,.0f} | {r.rounds} | {_throttle(r)} "
             f"| {r.disk_limit_s:.1f} | {_after(r)} |"
+        )
+    return "\n".join(lines)
+
+
+def _cap(cap_mibps: int) -> str:
+    return f"{cap_mibps} MiB/s" if cap_mibps else "uncapped"
+
+
+def _median(values: list[float]) -> str:
+    """Median [min-max] of the values, or '-'."""
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:,.0f}"
+    return f"{med:,.0f} [{min(values):,.0f}-{max(values):,.0f}]"
+
+
+def summary(results: list[RunResult]) -> str:
+    """Per case (workload, cap, policy): how many runs converged, and medians [spread] of the rest."""
+    lines = [
+        "| workload | cap | policy | converged | downtime ms | total s | sent MiB | throttle %·s "
+        "| disk limit s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    cases: dict[tuple[str, int, str], list[RunResult]] = {}
+    for r in results:
+        cases.setdefault((r.workload, r.cap_mibps, r.policy), []).append(r)
+    for (workload, cap, policy), runs in cases.items():
+        ok = [r for r in runs if r.converged]
+        lines.append(
+            f"| {workload} | {_cap(cap)} | {policy} | {len(ok)}/{len(runs)} "
+            f"| {_median([r.downtime_ms for r in ok if r.downtime_ms is not None])} "
+            f"| {_median([r.duration_s for r in runs])} "
+            f"| {_median([r.bytes_transferred / MiB for r in runs])} "
+            f"| {_median([r.throttle_pct_s for r in runs])} "
+            f"| {_median([r.disk_limit_s for r in runs])} |"
         )
     return "\n".join(lines)
 
@@ -445,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=[w.name for w in WORKLOADS],
         help="only this workload (repeatable)",
     )
+    parser.add_argument("--reps", type=int, default=3, help="runs of every case (default 3)")
     parser.add_argument("--json", metavar="PATH", help="also write every run's numbers here")
     args = parser.parse_args(argv)
 
@@ -481,12 +530,14 @@ def main(argv: list[str] | None = None) -> int:
                 start_guest(host, conns[host.name], "b-warmup", warm)
                 remove_everywhere(hosts, conns, "b-warmup")
             print(f"# {about}; harness up in {time.monotonic() - t0:.1f} s", flush=True)
-            for workload in workloads:
-                for pol in POLICIES:
-                    r = migrate_once(hosts, conns, workload, pol, timeout_s)
+            cases = [(w, cap) for w in workloads for cap in (0, w.cap_mibps)]
+            for rep in range(args.reps):
+                for (workload, cap), pol in itertools.product(cases, POLICIES):
+                    r = migrate_once(hosts, conns, workload, cap, pol, timeout_s)
                     results.append(r)
                     print(
-                        f"{workload.name:>20} | {pol.name:<16} | {r.outcome}, downtime "
+                        f"{rep + 1}: {workload.name:>14} {_cap(cap):>9} | {pol.name:<19} | {r.outcome}, "
+                        f"downtime "
                         f"{_fmt(r.downtime_ms, '.0f')} ms, {r.duration_s:.1f} s, "
                         f"{r.bytes_transferred / MiB:,.0f} MiB, {r.rounds} rounds, {_throttle(r)}, "
                         f"disk limit {r.disk_limit_s:.1f} s; {_after(r)} {'; '.join(r.notes)}",
@@ -505,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {os.getloadavg()[0]:.1f} at the end; "
         f"teardown: {'clean' if not left else 'LEFT ' + ', '.join(left)} ({len(pids)} processes stopped)"
     )
+    print(summary(results))
+    print()
     print(markdown(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -516,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
                     "wall_s": round(wall_s, 1),
                     "load_average_end": round(os.getloadavg()[0], 2),
                     "timeout_s": timeout_s,
+                    "reps": args.reps,
                     "teardown_clean": not left,
                     "runs": [asdict(r) for r in results],
                 },

@@ -320,16 +320,24 @@ def should_switchover(progress: Progress, config: ControllerConfig, previous_rem
 def disk_write_limit(progress: Progress, config: ControllerConfig) -> int | None:
     """The disk write limit this snapshot calls for, or ``None`` for no limit.
 
-    A limit only while copying, only when the modified blocks left fit ``disk_limit_window_s`` of transfer,
-    and only while the guest dirties the disk at ≥ ``disk_fast_write_ratio`` of the transfer rate. Once a
+    A new limit only while the disk mirror copies (phase ``DISK``: once libvirt moves on to memory the mirror
+    is in sync, and a limit then bought nothing, measured), only when the modified blocks left fit
+    ``disk_limit_window_s`` of transfer, and only while the guest dirties the disk at
+    ≥ ``disk_fast_write_ratio`` of the transfer rate, so the tail shrinks by less than half a pass. Once a
     limit is in force it stays until the end (the dirty rate then measures the limit, not the guest, so
     re-testing it would flap); it is lifted the moment the migration is done or failed.
 
     Worked examples (link 1 GiB/s: "few" = under 5 GiB; "fast" = over 512 MiB/s; limit = 102.4 MiB/s):
 
     >>> cfg = ControllerConfig()
-    >>> p = _example(transfer_rate_bps=GiB, disk_remaining_bytes=2 * GiB, disk_dirty_rate_bps=600 * MiB)
+    >>> p = _example(phase=Phase.DISK, transfer_rate_bps=GiB, disk_remaining_bytes=2 * GiB,
+    ...              disk_dirty_rate_bps=600 * MiB)
     >>> disk_write_limit(p, cfg) == int(0.1 * GiB)
+    True
+
+    The same writes once the mirror is in sync (memory phase): no new limit.
+
+    >>> disk_write_limit(replace(p, phase=Phase.MEMORY), cfg) is None
     True
 
     Many blocks left (a 40 GiB tail): a limit now would slow the guest for ~40 s. None.
@@ -351,7 +359,7 @@ def disk_write_limit(progress: Progress, config: ControllerConfig) -> int | None
         return None
     if progress.disk_write_limit_bps is not None:
         return progress.disk_write_limit_bps
-    if not config.disk_limit_enabled or progress.phase is Phase.SWITCHOVER:
+    if not config.disk_limit_enabled or progress.phase is not Phase.DISK:
         return None
     rate = progress.transfer_rate_bps
     if rate <= 0 or progress.disk_remaining_bytes <= 0:
@@ -539,8 +547,11 @@ def cannot_converge(progress: Progress, config: ControllerConfig, state: Control
     if rate <= 0 or progress.memory_dirty_rate_bps <= 0 or fits_downtime(progress, config):
         return None
     disk_rate = progress.disk_dirty_rate_bps
-    if progress.disk_write_limit_bps is not None:
-        disk_rate = min(disk_rate, float(progress.disk_write_limit_bps))
+    limit = progress.disk_write_limit_bps
+    if limit is None and config.disk_limit_enabled:
+        limit = max(config.disk_limit_floor_bps, int(rate * config.disk_limit_ratio))  # a remedy left
+    if limit is not None:
+        disk_rate = min(disk_rate, float(limit))
     cap = config.throttle_max_pct
     # The rate sampled this round was measured over the last one, under the throttle in force then.
     measured_at = state.throttle_last_round_pct if state.throttle_round == progress.round else 0

@@ -110,6 +110,7 @@ FINALIZE_WAIT_S = 120.0
 QMP_FLAGS = 0
 # Disarmed auto-converge: QEMU may throttle at most 1 %, and only when the guest dirties more than it sends.
 DISARMED_THROTTLE_PCT = 1
+QEMU_MAX_THROTTLE_PCT = 99
 DISARMED_TRIGGER_PCT = 100
 ARMED_TRIGGER_PCT = 1
 # Pools this driver creates on a host to manage volumes in a directory: transient, named after the directory.
@@ -362,6 +363,7 @@ class LibvirtMigration(MigrationDriver):
       ``bandwidth_mibps``: the bandwidth cap, set when the migration starts (default: unlimited);
       ``max_downtime_ms``: the initial downtime limit (default: QEMU's, 300 ms);
       ``auto_converge``: ``controlled`` (default), ``qemu`` or ``off``;
+      ``auto_converge_max_pct``: with ``qemu``, QEMU's throttle cap (default 99, QEMU's own);
       ``paused``: ``1`` leaves the target paused at switchover (``VIR_MIGRATE_PAUSED``);
       ``tls``: ``1`` asks QEMU to encrypt the memory stream and the disk mirror (``VIR_MIGRATE_TLS``; both
       daemons need QEMU's migration certificates, else libvirt refuses the migration);
@@ -391,6 +393,9 @@ class LibvirtMigration(MigrationDriver):
             raise DriverError(
                 f"options.auto_converge must be controlled, qemu or off, not {self.auto_converge!r}"
             )
+        self.qemu_max_throttle_pct = _int_option(opts, "auto_converge_max_pct", QEMU_MAX_THROTTLE_PCT)
+        if not 1 <= self.qemu_max_throttle_pct <= QEMU_MAX_THROTTLE_PCT:
+            raise DriverError(f"options.auto_converge_max_pct must be within 1..{QEMU_MAX_THROTTLE_PCT}")
         self.target_paused = opts.get("paused") == "1"
         tls = opts.get("tls", "0")
         if tls not in ("0", "1"):
@@ -650,12 +655,18 @@ class LibvirtMigration(MigrationDriver):
         controller's level, and start() returns at once instead of waiting for the job to appear (waiting
         took seconds and hid a small guest's disk phase from the controller).
         """
-        if self.auto_converge != "controlled" or self.spec.offline:
+        if self.spec.offline or self.auto_converge == "off":
             return
         try:
-            self._apply_throttle(self._throttle_pct)
+            if self.auto_converge == "controlled":
+                self._apply_throttle(self._throttle_pct)
+            else:
+                # QEMU's own policy, with its defaults (a parameter set by an earlier attempt persists in
+                # the QEMU process) or the cap asked for.
+                arguments = {"max-cpu-throttle": self.qemu_max_throttle_pct, "throttle-trigger-threshold": 50}
+                self._qmp(self._dom, "migrate-set-parameters", arguments)
         except DriverError as e:
-            log.warning("migration %s: throttle not disarmed: %s", self.spec.migration_id, e)
+            log.warning("migration %s: throttle parameters not set: %s", self.spec.migration_id, e)
 
     def _job_stats(self, dom: Any) -> dict[str, Any]:
         """``jobStats()`` of the running job (its own method so a test can make it slow)."""
