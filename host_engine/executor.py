@@ -55,6 +55,7 @@ from host_engine.drivers.base import (
     MigrationSpec,
     Phase,
     Progress,
+    Recovered,
 )
 from host_engine.errors import Conflict, HostEngineError, StaleClaim, StoreError
 from host_engine.executor_metrics import ExecutorMetrics
@@ -951,16 +952,12 @@ def _ms(downtime_ms: float | None) -> str:
     return "unknown" if downtime_ms is None else f"{downtime_ms:.0f} ms"
 
 
-def _recovered(answer: object) -> tuple[str, dict[str, object]]:
-    """``HypervisorDriver.recover``'s answer: the host that runs the droplet, and what the driver measured of
-    the attempt when it says (``host``/``stats`` attributes), else just the host name."""
-    if isinstance(answer, str):
-        return answer, {}
-    host = getattr(answer, "host", None)
-    stats = getattr(answer, "stats", None)
-    if not isinstance(host, str):
-        raise DriverError(f"recover returned {answer!r}, not a host")
-    return host, dict(stats) if isinstance(stats, dict) else {}
+def _recovered(answer: str | Recovered) -> tuple[str, dict[str, object]]:
+    """``HypervisorDriver.recover``'s answer: the host that runs the droplet, and what the hypervisor still
+    knew of the attempt (``Recovered.stats``), when it says."""
+    if isinstance(answer, Recovered):
+        return answer.host, dict(answer.stats)
+    return answer, {}
 
 
 def _recovered_result(

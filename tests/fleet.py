@@ -31,7 +31,14 @@ from typing import Any
 
 from host_engine.attempt import RealClock
 from host_engine.config import config_from_dict
-from host_engine.drivers.base import DomainState, DriverError, MigrationSpec, Phase, Progress
+from host_engine.drivers.base import (
+    DomainState,
+    DriverError,
+    MigrationSpec,
+    Phase,
+    Progress,
+    Recovered,
+)
 from host_engine.engine import Engine
 from host_engine.executor import Executor, ExecutorConfig
 from host_engine.models import LogEntry
@@ -102,7 +109,7 @@ class FileHypervisor:
             d = state["droplets"].get(droplet_id)
         return DomainState.RUNNING if d is not None and d["host"] == host else DomainState.ABSENT
 
-    def recover(self, spec: MigrationSpec) -> str:
+    def recover(self, spec: MigrationSpec) -> str | Recovered:
         with self._state() as state:
             job = state["jobs"].get(spec.migration_id)
             if job is not None and job["status"] == "running":

@@ -12,7 +12,7 @@ import pytest
 
 from host_engine.config import EngineConfig, EngineLoopConfig, PlacementConfig, config_from_dict
 from host_engine.controller import GiB
-from host_engine.drivers.base import DomainState, Phase
+from host_engine.drivers.base import DomainState, MigrationSpec, Phase, Recovered
 from host_engine.drivers.sim import (
     Fault,
     FaultKind,
@@ -673,4 +673,55 @@ def test_executor_tick_stays_short_with_a_large_backlog_of_waiting_migrations(tm
             break
         clock.sleep(1.0)
     assert [a.migration.droplet_id for a in ex.active.values()] == ["d300"]
+    store.close()
+
+
+class ReportingHypervisor(FileHypervisor):
+    """Recovery that still finds the finished job's own numbers on the hypervisor (libvirt's completed job)."""
+
+    def recover(self, spec: MigrationSpec) -> str | Recovered:
+        host = super().recover(spec)
+        stats: dict[str, object] = {
+            "downtime_ms": 42.0,
+            "bytes_transferred": 5 * GiB,
+            "duration_s": 7.5,
+            "rounds": 3,
+        }
+        return Recovered(host, stats) if host == spec.target_host else host
+
+
+def test_executor_recovered_success_records_the_hypervisors_numbers(tmp_path: Path) -> None:
+    """A worker died after the switchover: the next one finds the droplet on the target and records the
+    attempt as completed with the job's real numbers, not zeros."""
+    store = Store.open(tmp_path / "engine.db")
+    hv = ReportingHypervisor(tmp_path / "hv", duration_s=1.0)
+    for name in ("a", "b"):
+        store.add_host(Host(name, "nyc1", 64, 256 * GiB, 4000 * GiB, hypervisor_uri=f"fake://{name}"))
+    store.add_droplet(Droplet("d1", "a", 1, GiB, 4 * GiB, addresses=("10.0.0.2",)))
+    hv.add_droplet("d1", "a")
+    now = store.clock()
+    (m,) = store.create_migrations([NewMigration("d1", "a", "b", now, now, now + timedelta(hours=1))])
+    store.transition(m.id, S.NOTIFIED, notified_at=now)
+    with store.begin() as tx:  # the dead worker's claim and start, then its job ran to the end unwatched
+        started = tx.claim_start(m.id, "dead", offline=False, lease_s=60, limits=ClaimLimits())
+    assert started is not None
+    spec = MigrationSpec(attempt_id(m.id, 1), "d1", "a", "b", "fake://a", "fake://b", 1, GiB, 4 * GiB)
+    job = hv.migration(spec)
+    job.start()
+    hv.finish_now(spec.migration_id)
+    assert job.progress().phase is Phase.DONE
+    with store.begin() as tx:  # as a shutdown that ran out of time leaves it
+        tx.release_claim(m.id, "dead")
+    ex = Executor(store, hv, ExecutorConfig(worker="w2", threads=False), StepClock())
+    done = ex.tick()
+    assert [(f.migration_id, f.state) for f in done] == [(m.id, S.COMPLETED)]
+    last = store.get_migration(m.id).stats["last_attempt"]
+    assert (last["downtime_ms"], last["bytes_transferred"], last["duration_s"], last["rounds"]) == (
+        42.0,
+        5 * GiB,
+        7.5,
+        3,
+    )
+    assert last["recovered_by"] == "w2"
+    assert store.get_droplet("d1").host == "b"
     store.close()
