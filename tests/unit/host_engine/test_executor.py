@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from host_engine.drivers.sim import (
     web,
 )
 from host_engine.engine_steps import SimTickStep, executor_step
-from host_engine.errors import Conflict, InvalidInput, StoreError
+from host_engine.errors import ConfigError, Conflict, InvalidInput, StoreError
 from host_engine.executor import (
     ABORT_REQUEST_KEY,
     Executor,
@@ -725,3 +726,20 @@ def test_executor_recovered_success_records_the_hypervisors_numbers(tmp_path: Pa
     assert last["recovered_by"] == "w2"
     assert store.get_droplet("d1").host == "b"
     store.close()
+
+
+def test_executor_config_for_engine_takes_the_workers_and_the_fleets_settings() -> None:
+    config = config_from_dict(
+        {
+            "engine": {"worker": "hv-a", "lease": "30s", "renew_every": "5s", "max_concurrent": 6},
+            "concurrency": {"max_parallel": 8, "max_per_source": 3, "max_per_target": 1},
+        }
+    )
+    ec = ExecutorConfig.for_engine(config)
+    assert (ec.worker, ec.lease_s, ec.renew_every_s, ec.max_concurrent) == ("hv-a", 30.0, 5.0, 6)
+    assert ec.limits == ClaimLimits(max_parallel=8, max_per_source=3, max_per_target=1)
+    # migrate --now never passes for the run of the same name
+    assert ExecutorConfig.for_engine(config, only=frozenset({"m-1"})).worker.startswith("hv-a/migrate-")
+    assert ExecutorConfig.for_engine(config_from_dict({})).worker == socket.gethostname()  # stable default
+    with pytest.raises(ConfigError, match=r"renew_every \(20s\) must be at most a third of lease \(30s\)"):
+        config_from_dict({"engine": {"lease": "30s", "renew_every": "20s"}})
