@@ -43,7 +43,7 @@ def _one_line_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except GuestAgentError as e:
-            click.echo(f"guest-agent: {e}", err=True)
+            click.echo(daemon_logging.error_line(f"guest-agent: {e}", "guest_agent"), err=True)
             sys.exit(e.exit_code)
 
     return wrapper  # type: ignore[return-value]

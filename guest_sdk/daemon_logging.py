@@ -57,6 +57,7 @@ __all__ = [
     "LogFormat",
     "TextFormatter",
     "active_format",
+    "error_line",
     "log_format_option",
     "redact",
     "setup_logging",
@@ -250,6 +251,19 @@ def active_format() -> LogFormat | None:
         if isinstance(handler, _DaemonHandler):
             return handler.log_format
     return None
+
+
+def error_line(line: str, logger: str = "cli") -> str:
+    """A CLI's one-line error (``host-engine: error: ...``) as the daemon's log format has it.
+
+    Unchanged unless :func:`setup_logging` chose ``journal`` (then with the error priority, ``<3>``, so
+    ``journalctl -p err`` shows why the daemon exited) or ``json`` (then one JSON object, level ``error``).
+    """
+    fmt = active_format()
+    if fmt is None or fmt is LogFormat.TEXT:
+        return line
+    record = logging.LogRecord(logger, logging.ERROR, __file__, 0, line, None, None)
+    return _FORMATTERS[fmt]().format(record)
 
 
 def _log_uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:

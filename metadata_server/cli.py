@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from guest_sdk.daemon_logging import LogFormat, log_format_option, setup_logging
+from guest_sdk.daemon_logging import LogFormat, error_line, log_format_option, setup_logging
 
 from .config import (
     DEFAULT_ADMIN_LISTEN,
@@ -40,7 +40,7 @@ class _OneLineErrors(click.Group):
         try:
             return super().invoke(ctx)
         except MetadataServerError as e:
-            click.echo(f"metadata-server: error: {e}", err=True)
+            click.echo(error_line(f"metadata-server: error: {e}", "metadata_server"), err=True)
             ctx.exit(e.exit_code)
         except click.UsageError as e:
             click.echo(f"metadata-server: error: {e.format_message()}", err=True)

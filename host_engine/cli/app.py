@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from guest_sdk.daemon_logging import LogFormat, active_format, setup_logging
+from guest_sdk.daemon_logging import LogFormat, active_format, error_line, setup_logging
 from host_engine import inventory
 from host_engine.config import EngineConfig, load_config
 from host_engine.errors import (
@@ -112,7 +112,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except HostEngineError as e:
-            click.echo(f"host-engine: error: {e}", err=True)
+            click.echo(error_line(f"host-engine: error: {e}", "host_engine"), err=True)
             ctx.exit(e.exit_code)
         except click.UsageError as e:
             if ctx.parent is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -221,3 +222,63 @@ def test_a_bad_log_format_is_one_line_and_exit_2(
         "'--log-format'" in lines[0] and "'xml' is not one of 'auto', 'text', 'journal', 'json'" in lines[0]
     )
     assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+# ---- the line a daemon exits with ----------------------------------------------------------------------
+
+
+def fatal_error_line(argv: list[str], mode: str, tmp_path: Path, code: int) -> tuple[int, str, str]:
+    """Run a daemon that fails after its logging is set up; (priority or -1, logger, message) of its one line."""
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM" and not k.startswith("GUEST_AGENT_")}
+    if mode == "journal":
+        env["JOURNAL_STREAM"] = "8:424242"
+    else:
+        argv = [*argv, "--log-format", "json"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path, env=env)
+    assert r.returncode == code, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    if mode == "journal":
+        return journal_lines(r.stderr)[0]
+    doc = json_lines(r.stderr)[0]
+    return {"error": 3}.get(doc["level"], -1), doc["logger"], doc["message"]
+
+
+@pytest.mark.parametrize("mode", ["journal", "json"])
+def test_the_error_a_daemon_exits_with_is_an_error_record(tmp_path: Path, mode: str) -> None:
+    """Under journald a bare error line would be stored at the default priority (info): ``journalctl -p err``
+    would not show why the daemon stopped, and a JSON pipeline would get a line it cannot parse."""
+    engine_argv = [str(ENGINE_BIN), "--db", "postgresql://engine:hunter2@127.0.0.1:1/engine", "run"]
+    priority, logger, message = fatal_error_line(engine_argv, mode, tmp_path, 7)
+    assert (priority, logger) == (3, "host_engine")
+    assert message.startswith("host-engine: error: cannot open store") and "hunter2" not in message
+
+    token = tmp_path / "token"
+    token.write_text("t" * 32)
+    token.chmod(0o600)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server_argv = [str(SERVER_BIN), "serve", "--guest-listen", f"127.0.0.1:{port}", "--admin-listen",
+                       f"127.0.0.1:{free_port()}", "--db", str(tmp_path / "state.db"), "--admin-token-file",
+                       str(token)]  # fmt: skip
+        priority, logger, message = fatal_error_line(server_argv, mode, tmp_path, 3)
+    assert (priority, logger) == (3, "metadata_server")
+    assert message == f"metadata-server: error: --guest-listen 127.0.0.1:{port}: address already in use"
+
+    # The agent: a second one on the same journal is refused.
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[metadata]\nurl = "http://127.0.0.1:{free_port()}"\n[agent]\njournal_path = "{tmp_path / "j.json"}"\n'
+    )
+    first = AgentProcess(tmp_path, config)
+    start_agent(first)
+    try:
+        first.wait_for(lambda: "guest-agent started" in first.log(), "the first agent")
+        agent_argv = [str(AGENT_BIN), "run", "--config", str(config)]
+        priority, logger, message = fatal_error_line(agent_argv, mode, tmp_path, 1)
+    finally:
+        first.stop()
+    assert (priority, logger) == (3, "guest_agent")
+    assert message.startswith("guest-agent: another guest-agent is running with the journal")

@@ -201,3 +201,16 @@ def test_python_warnings_are_log_records(root: logging.Logger) -> None:
 
 def test_module_docstring_examples() -> None:
     assert doctest.testmod(daemon_logging).failed == 0
+
+
+def test_error_line_follows_the_format_the_daemon_chose(root: logging.Logger) -> None:
+    line = "host-engine: error: store unreachable"
+    root.handlers[:] = [logging.StreamHandler(io.StringIO())]  # not set up by us: the line as it is
+    assert daemon_logging.error_line(line, "host_engine") == line
+    setup_logging("text", "info", stream=io.StringIO())
+    assert daemon_logging.error_line(line, "host_engine") == line  # the CLIs' one-line contract
+    setup_logging("journal", "info", stream=io.StringIO())
+    assert daemon_logging.error_line(line, "host_engine") == f"<3>host_engine: {line}"
+    setup_logging("json", "info", stream=io.StringIO())
+    doc = json.loads(daemon_logging.error_line(line, "host_engine"))
+    assert (doc["level"], doc["logger"], doc["message"]) == ("error", "host_engine", line)
