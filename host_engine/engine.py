@@ -100,6 +100,8 @@ class Engine:
         # thread only waiting for a signal (see ``_run_threads``). Tests that drive time keep one thread.
         self.threads = threads
         self._outage = StoreOutage("engine loop")
+        # Told after each tick of the loop: (ran without a store failure, seconds it took); /livez, metrics.
+        self.on_tick: Callable[[bool, float], object] = lambda ok, duration_s: None
         self._step_error: BaseException | None = None
         self.reconcile_reports: list[ReconcileReport] = []
         self._reconcile_pending = True
@@ -215,7 +217,8 @@ class Engine:
         self._outage.attempt(self.reconcile)
         ticks = 0
         while not self.stopping and (max_ticks is None or ticks < max_ticks):
-            self._outage.attempt(self.tick)
+            started = time.monotonic()
+            self.on_tick(self._outage.attempt(self.tick), time.monotonic() - started)
             ticks += 1
             if self.stopping or (max_ticks is not None and ticks >= max_ticks):
                 break
@@ -256,11 +259,13 @@ class Engine:
         return ticks[0] if ticks else 0
 
     def _steps_loop(self) -> None:
-        """The executor's own loop: its ticks never wait for notices, acks or reconciliation."""
+        """The executor's own loop: its ticks never wait for notices, acks or reconciliation. A store outage
+        is logged once per step (the executor itself keeps its attempts going meanwhile)."""
+        outages = [StoreOutage(f"engine step {type(step).__name__}") for step in self.steps]
         while not self._stop.is_set():
-            for step in self.steps:
+            for step, outage in zip(self.steps, outages, strict=True):
                 try:
-                    step.tick()
+                    outage.attempt(step.tick)
                 except HostEngineError as e:
                     log.warning("engine step %s failed: %s", type(step).__name__, e)
                 except Exception as e:  # a step that cannot go on (e.g. another process drives the sim)

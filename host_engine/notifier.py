@@ -33,6 +33,12 @@ DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_ATTEMPTS = 4
 RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 5.0
+#: Answers that mean the engine cannot use the server: its token is refused.
+TOKEN_REFUSED = frozenset({401, 403})
+
+#: Told the outcome of each request once its retries are over: (the client's base URL, whether the server
+#: answered usably). ``host-engine run`` sets the ``host_engine_metadata_server_up`` gauges with it.
+RequestObserver = Callable[[str, bool], None]
 
 
 class _Retryable(Exception):
@@ -95,6 +101,7 @@ class AdminClient:
         self.session.trust_env = False  # no proxies from the environment on the management network
         if ca_file:
             self.session.verify = check_ca_file(ca_file)
+        self.observer: RequestObserver | None = None
 
     def __enter__(self) -> AdminClient:
         return self
@@ -137,11 +144,21 @@ class AdminClient:
             retry=lambda e: isinstance(e, _Retryable), sleep=self._sleep or time.sleep
         )
         try:
-            return retrying(self._once, method, path, body)
+            r: requests.Response = retrying(self._once, method, path, body)
         except _Retryable as e:
+            self._observe(False)
             raise AdminAPIUnavailable(
                 f"metadata server unavailable after {self.attempts} attempts: {e}"
             ) from e
+        except NotifierError:  # TLS
+            self._observe(False)
+            raise
+        self._observe(r.status_code not in TOKEN_REFUSED)
+        return r
+
+    def _observe(self, ok: bool) -> None:
+        if self.observer is not None:
+            self.observer(self.base_url, ok)
 
     @staticmethod
     def _refused(r: requests.Response, what: str) -> NotifierError:

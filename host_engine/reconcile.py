@@ -27,7 +27,7 @@ from typing import Any
 
 from host_engine.errors import HostEngineError, NotFound, NotifierError, TransientError
 from host_engine.models import Droplet, Host, Migration
-from host_engine.notifier import AdminClient, check_ca_file, read_token_file
+from host_engine.notifier import AdminClient, RequestObserver, check_ca_file, read_token_file
 from host_engine.states import ACTIVE_STATES, GuestEvent, MigrationState, guest_event
 from host_engine.store import Store
 from host_engine.timeparse import format_time
@@ -139,10 +139,18 @@ class ReconcileReport:
 class MetadataSync:
     """Pushes the engine's view to metadata servers. One instance per engine process (it caches clients)."""
 
-    def __init__(self, store: Store, client_factory: ClientFactory | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        client_factory: ClientFactory | None = None,
+        *,
+        observer: RequestObserver | None = None,
+    ) -> None:
+        """``observer``: told the outcome of every request its clients make (the engine's ``up`` gauges)."""
         self.store = store
         self._factory = client_factory or default_client_factory()
         self._clients: dict[tuple[str, str], AdminClient] = {}
+        self.observer = observer
 
     def close(self) -> None:
         for c in self._clients.values():
@@ -159,6 +167,8 @@ class MetadataSync:
         key = (host.metadata_url.rstrip("/"), host.metadata_token_file)
         if key not in self._clients:
             self._clients[key] = self._factory(host)
+            if self.observer is not None:
+                self._clients[key].observer = self.observer
         return self._clients[key]
 
     # ---- one droplet -------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from host_engine.cli.planning import (
 )
 from host_engine.demo import demo as demo_command
 from host_engine.engine import Engine
+from host_engine.engine_metrics import EngineMetrics, Readiness
 from host_engine.errors import (
     HostEngineError,
     InvalidInput,
@@ -51,6 +52,7 @@ from host_engine.metrics_http import parse_listen, serve_metrics
 from host_engine.models import LogEntry, Migration
 from host_engine.plot import plot_timeline
 from host_engine.reconcile import MetadataSync
+from host_engine.server_probe import ServerProbe
 from host_engine.states import ACTIVE_STATES, MigrationState
 from host_engine.store import Store
 from host_engine.timeline import attempt_marks
@@ -352,10 +354,14 @@ def run(
         # Refused, in one line, if another live process holds this worker name (it would take this one's
         # attempts for orphans, and the other way round).
         name = stack.enter_context(WorkerName(store, config.worker_id))
-        sync = stack.enter_context(MetadataSync(store, deps.client_factory or _client_factory(deps)))
-        metrics = ExecutorMetrics(store)
+        health = EngineMetrics(config.worker_id, poll_interval_s=config.engine.poll_interval_s)
+        clients = deps.client_factory or _client_factory(deps)
+        sync = stack.enter_context(MetadataSync(store, clients, observer=health.server_answered))
+        metrics = ExecutorMetrics(store, registry=health.registry)
         if listen is not None:
-            stack.enter_context(serve_metrics(*listen, metrics.exposition))
+            ready = Readiness(store, config.worker_id, lambda: name.held)
+            stack.enter_context(serve_metrics(*listen, metrics.exposition, live=health.live, ready=ready))
+            stack.enter_context(ServerProbe(store, clients, health))
         step = _executor_step(
             deps,
             store,
@@ -373,10 +379,11 @@ def run(
             sync,
             clock=deps.clock,
             sleep=deps.sleep,
-            steps=[name, step],
+            steps=[name, step, health.beat_step()],
             threads=deps.sleep is None,
         )
         name.on_lost = engine.request_stop
+        engine.on_tick = health.tick_finished
         if deps.install_signals and threading.current_thread() is threading.main_thread():
             engine.install_signal_handlers()
         try:
