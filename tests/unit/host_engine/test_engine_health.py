@@ -395,3 +395,27 @@ def test_a_stuck_executor_loop_turns_livez_503_until_it_moves_again(sqlite_store
                 release.set()
                 engine.request_stop()
                 runner.join(WAIT_S)
+
+
+# ---- the docs -----------------------------------------------------------------------------------------------
+
+
+def test_every_metric_the_health_docs_name_is_exported(sqlite_store: Store) -> None:
+    """docs/host-engine.md "Health and metrics" (its table and alert rules) names only real metrics."""
+    import re
+
+    from host_engine.executor_metrics import ExecutorMetrics
+
+    doc = (Path(__file__).parents[3] / "docs" / "host-engine.md").read_text()
+    section = doc.split("## Health and metrics", 1)[1].split("\n## ", 1)[0]
+    m = EngineMetrics("w1", poll_interval_s=1.0)
+    ExecutorMetrics(sqlite_store, registry=m.registry)
+    m.tick_finished(True, 0.1)
+    m.server_answered(URL_A, True)
+    lines = m.exposition().decode().splitlines()
+    exported = {line.split()[2] for line in lines if line.startswith("# TYPE ")}  # histograms: base name
+    exported |= {line.split("{")[0].split(" ")[0] for line in lines if not line.startswith("#")}
+    named = set(re.findall(r"host_engine_[a-z_]+[a-z]", section))
+    named = {n for n in named if not n.endswith("_")} - {"host_engine_migration"}  # `host_engine_migration_*`
+    assert named, "the section names no metric"
+    assert named <= exported, named - exported
