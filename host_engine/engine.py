@@ -259,11 +259,13 @@ class Engine:
         return ticks[0] if ticks else 0
 
     def _steps_loop(self) -> None:
-        """The executor's own loop: its ticks never wait for notices, acks or reconciliation."""
+        """The executor's own loop: its ticks never wait for notices, acks or reconciliation. A store outage
+        is logged once per step (the executor itself keeps its attempts going meanwhile)."""
+        outages = [StoreOutage(f"engine step {type(step).__name__}") for step in self.steps]
         while not self._stop.is_set():
-            for step in self.steps:
+            for step, outage in zip(self.steps, outages, strict=True):
                 try:
-                    step.tick()
+                    outage.attempt(step.tick)
                 except HostEngineError as e:
                     log.warning("engine step %s failed: %s", type(step).__name__, e)
                 except Exception as e:  # a step that cannot go on (e.g. another process drives the sim)
