@@ -38,6 +38,8 @@ from host_engine.timeparse import Clock, utc_now
 log = logging.getLogger(__name__)
 
 DB_ENV = "HOST_ENGINE_DB"
+# Seconds to establish a PostgreSQL connection (libpq's connect_timeout) before it counts as an outage.
+PG_CONNECT_TIMEOUT_S = 5
 DEFAULT_CLAIM_LEASE_S = 300.0
 
 #: Migration columns a caller may change (with or without a state change).
@@ -126,7 +128,11 @@ def create_db_engine(url: str) -> sa.Engine:
 
         return engine
     try:
-        return sa.create_engine(url, pool_pre_ping=True)
+        # A database host that drops packets must fail a connection in seconds, not after TCP's two minutes:
+        # the engine's loops ride an outage out by retrying, and SIGTERM must not wait on a connect.
+        return sa.create_engine(
+            url, pool_pre_ping=True, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        )
     except (ImportError, sa.exc.ArgumentError) as e:
         raise StoreError(f"cannot use database {redact_url(url)}: {e}") from e
 

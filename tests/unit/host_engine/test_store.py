@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from host_engine import schema
 from host_engine.errors import Conflict, IllegalTransition, NotFound, StaleClaim, StoreError
 from host_engine.models import Migration, NewMigration
 from host_engine.states import ACTIVE_STATES, CANCELLABLE, HostState, MigrationState, can_transition
-from host_engine.store import ClaimLimits, Store, database_url, offline_event_id
+from host_engine.store import ClaimLimits, Store, create_db_engine, database_url, offline_event_id
 from host_engine.workers import WorkerName, WorkerNameTaken
 from tests import pg
 from tests.unit.host_engine.conftest import GIB, T0, FakeClock, make_droplet, make_host
@@ -473,3 +474,31 @@ def test_store_worker_name_of_a_killed_process_is_free_at_once(db_url: str, tmp_
             proc.kill()
             proc.wait(10)
         store.close()
+
+
+def test_store_database_that_never_answers_fails_in_seconds_not_minutes() -> None:
+    """A PostgreSQL address that accepts connections and then says nothing (a hung server, a black hole on the
+    way): the store gives up within its connect timeout and reports an outage, so loops retry and SIGTERM
+    is not held up."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        store = Store(create_db_engine(database_url(f"postgresql://nobody@127.0.0.1:{port}/none")))
+        failures: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                store.list_migrations()
+            except BaseException as e:  # reported to the test below
+                failures.append(e)
+
+        reader = threading.Thread(target=read, daemon=True)  # a daemon: a hang must not hold the test run
+        started = time.monotonic()
+        reader.start()
+        reader.join(60)
+        took_s = time.monotonic() - started
+        assert not reader.is_alive(), "the store waited on a silent server for a minute"
+        store.close()
+    assert took_s < 30
+    assert len(failures) == 1 and isinstance(failures[0], StoreError)
