@@ -9,7 +9,28 @@ from __future__ import annotations
 
 from host_engine.drivers.base import DomainState, DriverError, MigrationSpec, Phase, Progress
 from host_engine.drivers.sim.faults import FaultKind
-from host_engine.drivers.sim.model import Droplet, Migration, SimWorld, blank_image
+from host_engine.drivers.sim.model import Droplet, Migration, SimWorld, blank_image, holds_data
+from host_engine.drivers.sim.workloads import MiB
+
+# Options a spec may carry that the sim reads (the libvirt driver reads the same names).
+BANDWIDTH_OPTION = "bandwidth_mibps"
+MAX_BANDWIDTH_MIBPS = 1 << 20
+
+
+def bandwidth_cap_bps(spec: MigrationSpec) -> float | None:
+    """The migration's bandwidth cap from ``options["bandwidth_mibps"]`` (whole MiB/s, as libvirt takes
+    it); None or 0: no cap (the link's speed). A value that is not a whole number in range is a
+    ``DriverError``, one line, as the libvirt driver says it."""
+    raw = spec.options.get(BANDWIDTH_OPTION)
+    if raw is None or str(raw).strip() == "":
+        return None
+    try:
+        mibps = int(str(raw).strip())
+    except ValueError as e:
+        raise DriverError(f"options.{BANDWIDTH_OPTION} must be a whole number, not {raw!r}") from e
+    if not 0 <= mibps <= MAX_BANDWIDTH_MIBPS:
+        raise DriverError(f"options.{BANDWIDTH_OPTION} must be within 0..{MAX_BANDWIDTH_MIBPS}, not {mibps}")
+    return float(mibps * MiB) if mibps else None
 
 
 class SimClock:
@@ -113,9 +134,25 @@ class SimMigrationDriver:
         offline = self.spec.offline or d.state is DomainState.SHUT_OFF
         if offline and not self.spec.offline:
             raise DriverError(f"droplet {d.droplet_id} is shut off: needs an offline migration")
-        mig.disk_pending = set(range(d.disk_blocks))
-        mig.disk_pass = list(range(d.disk_blocks))
-        mig.memory_pending = set() if offline else set(range(d.memory_pages))
+        src = self.world.image(d.droplet_id, self.spec.source_host)
+        dst = self.world.image(d.droplet_id, self.spec.target_host)
+        if src is None or dst is None:
+            raise DriverError(f"migration {self.spec.migration_id} has no images to copy")
+        disk, memory = holds_data(d, src)
+        # Zero pages and unallocated blocks are the same on both sides from the start: nothing to send.
+        for i in range(d.disk_blocks):
+            if i not in disk:
+                dst.disk[i] = src.disk[i]
+        for i in range(d.memory_pages):
+            if i not in memory:
+                dst.memory[i] = src.memory[i]
+        mig.disk_pending = disk
+        mig.disk_pass = sorted(disk)
+        mig.memory_pending = set() if offline else memory
+        mig.cap_bps = bandwidth_cap_bps(self.spec)
+        hm = self.world.host_model(self.spec.target_host)
+        mig.copy_from_s = self.world.time_s + hm.setup_s
+        mig.switchover_ms = hm.switchover_ms
         mig.started_at_s = self.world.time_s
         mig.window_start_s = self.world.time_s
         self.world.set_phase(mig, Phase.DISK)

@@ -36,12 +36,23 @@ from dataclasses import dataclass, field
 
 from host_engine.drivers.base import DomainState, MigrationSpec, Phase
 from host_engine.drivers.sim.faults import Fault, FaultKind
-from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, Pattern, Workload, idle
+from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, MiB, Pattern, Workload, idle
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DISK_BLOCK_BYTES = 16 * 1024 * 1024
 DEFAULT_MEMORY_PAGE_BYTES = 2 * 1024 * 1024
+# QEMU's own granularity (a 4 KiB page; libvirt's NBD mirror works in 64 KiB granules): what the sim uses
+# when nothing is configured, coarsened only as far as keeps a droplet's arrays small (``auto_page_bytes``).
+QEMU_PAGE_BYTES = 4 * 1024
+QEMU_MIRROR_GRANULE_BYTES = 64 * 1024
+MAX_AUTO_PAGES = 32 * 1024
+MAX_AUTO_BLOCKS = 4 * 1024
+# QEMU's default downtime limit (``downtime-limit``), in force until someone sets another.
+QEMU_DEFAULT_MAX_DOWNTIME_MS = 300
+# What a migration costs besides moving bytes, measured on the two-host libvirt harness: target preparation
+# through the storage API, the target QEMU's start and libvirt's begin/confirm (~2.7 s there).
+DEFAULT_SETUP_S = 2.7
 # Simulation step: 50 ms keeps a 300 ms downtime budget resolved to a sixth.
 DEFAULT_STEP_S = 0.05
 # Rates are measured over 1 s windows, like QEMU's dirty-rate sync.
@@ -61,7 +72,59 @@ def droplet_seed(seed: int, droplet_id: str) -> int:
     return int.from_bytes(digest, "little")
 
 
+def auto_granularity(size_bytes: int, smallest: int, max_count: int) -> int:
+    """The smallest power of two >= ``smallest`` that cuts ``size_bytes`` into at most ``max_count`` pieces.
+
+    >>> auto_granularity(128 * 1024 * 1024, 4096, 32768)  # a 128 MiB guest: QEMU's own 4 KiB pages
+    4096
+    >>> auto_granularity(8 * 1024**3, 4096, 32768)  # 8 GiB: 256 KiB, so 32768 entries
+    262144
+    """
+    g = smallest
+    while math.ceil(size_bytes / g) > max_count:
+        g *= 2
+    return g
+
+
+def auto_page_bytes(memory_bytes: int) -> int:
+    return auto_granularity(memory_bytes, QEMU_PAGE_BYTES, MAX_AUTO_PAGES)
+
+
+def auto_block_bytes(disk_bytes: int) -> int:
+    return auto_granularity(disk_bytes, QEMU_MIRROR_GRANULE_BYTES, MAX_AUTO_BLOCKS)
+
+
 # --- Model state ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostModel:
+    """What the sim knows of a host beyond its NIC: costs measured (or calibrated) and its granularity.
+
+    Configuration, not state: every process builds the same from the config, so the stored world keeps
+    none of it (a migration copies what it needs when it starts).
+
+    - ``setup_s``: from the job's start to its first byte (target preparation, target QEMU start, begin and
+      confirm), paid once per migration on the target's side;
+    - ``switchover_ms``: the pause's cost beyond moving the remainder (device state, resume);
+    - ``memory_page_bytes`` / ``disk_block_bytes``: the granularity of droplets that appear on this host
+      (None: QEMU's 4 KiB / 64 KiB, coarsened for big droplets by ``auto_page_bytes``/``auto_block_bytes``).
+    """
+
+    setup_s: float = DEFAULT_SETUP_S
+    switchover_ms: float = SWITCHOVER_OVERHEAD_MS
+    memory_page_bytes: int | None = None
+    disk_block_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.setup_s) and 0 <= self.setup_s <= 3600):
+            raise ValueError(f"setup_s must be within 0..3600 s, not {self.setup_s!r}")
+        if not (math.isfinite(self.switchover_ms) and 0 <= self.switchover_ms <= 60_000):
+            raise ValueError(f"switchover_ms must be within 0..60000 ms, not {self.switchover_ms!r}")
+        for name in ("memory_page_bytes", "disk_block_bytes"):
+            v = getattr(self, name)
+            if v is not None and (v < 512 or v > 1024 * MiB or v & (v - 1)):
+                raise ValueError(f"{name} must be a power of two from 512 B to 1 GiB, not {v!r}")
 
 
 @dataclass(eq=False)
@@ -132,11 +195,12 @@ def new_droplet(
     vcpus: int = 1,
     workload: Workload | None = None,
     state: DomainState = DomainState.RUNNING,
-    disk_block_bytes: int = DEFAULT_DISK_BLOCK_BYTES,
-    memory_page_bytes: int = DEFAULT_MEMORY_PAGE_BYTES,
+    disk_block_bytes: int | None = None,
+    memory_page_bytes: int | None = None,
 ) -> Droplet:
     """A droplet as it first appears: hot sets placed from its own random stream, its pristine image's
-    versions (``1..blocks+pages``) already counted."""
+    versions (``1..blocks+pages``) already counted. Granularity None: ``auto_block_bytes`` /
+    ``auto_page_bytes`` of its size."""
     d = Droplet(
         droplet_id,
         host,
@@ -145,8 +209,8 @@ def new_droplet(
         vcpus,
         workload or idle(),
         state,
-        disk_block_bytes,
-        memory_page_bytes,
+        disk_block_bytes or auto_block_bytes(disk_bytes),
+        memory_page_bytes or auto_page_bytes(memory_bytes),
         rng=droplet_seed(seed, droplet_id),
     )
     place_workload(d, d.workload)
@@ -169,6 +233,27 @@ def pristine_image(d: Droplet) -> Image:
     """The image of a droplet never written since it appeared: distinct non-zero versions throughout."""
     n = d.disk_blocks
     return Image(array.array("q", range(1, n + 1)), array.array("q", range(n + 1, n + d.memory_pages + 1)))
+
+
+def holds_data(d: Droplet, image: Image) -> tuple[set[int], set[int]]:
+    """The blocks and pages of ``d`` that hold data: allocated or resident by the workload's figures, or
+    written since the droplet appeared. The rest are zero (never-written RAM, unallocated clusters), which
+    QEMU does not send (a zero page costs a few header bytes) and the mirror does not copy."""
+    wl = d.workload
+    blocks = d.disk_blocks
+    alloc = (
+        blocks if wl.disk_allocated_bytes is None else math.ceil(wl.disk_allocated_bytes / d.disk_block_bytes)
+    )
+    disk = set(range(min(blocks, alloc)))
+    disk.update(i for i in range(blocks) if image.disk[i] != i + 1)
+    memory: set[int] = set()
+    pages = d.memory_pages
+    if wl.memory_resident_bytes is None:
+        memory.update(range(pages))
+    else:
+        memory.update(range(min(pages, math.ceil(wl.memory_resident_bytes / d.memory_page_bytes))))
+        memory.update(i for i in range(pages) if image.memory[i] != blocks + i + 1)
+    return disk, memory
 
 
 def blank_image(d: Droplet) -> Image:
@@ -203,6 +288,12 @@ class Migration:
     verified: bool | None = None
     faults: list[Fault] = field(default_factory=list)
     finalized: bool = False
+    # Set when the job starts: the bandwidth cap (the migration parameter, None: the link), when the first
+    # byte may go (after the fixed costs), the switchover's cost, and whether QEMU switched over by itself.
+    cap_bps: float | None = None
+    copy_from_s: float = 0.0
+    switchover_ms: float = SWITCHOVER_OVERHEAD_MS
+    auto_switchover: bool = False
     # Rate windows.
     window_start_s: float = 0.0
     window_moved: int = 0
@@ -238,6 +329,12 @@ class SimWorld:
         self.pending_faults: dict[str, list[Fault]] = {}
         # Migrations other processes drive through each host's NIC: host -> (sending, receiving).
         self.external_load: dict[str, tuple[int, int]] = {}
+        # Configuration (not state): per-host costs and granularity, and the default for other hosts.
+        self.host_models: dict[str, HostModel] = {}
+        self.default_host_model = HostModel()
+
+    def host_model(self, name: str) -> HostModel:
+        return self.host_models.get(name, self.default_host_model)
 
     # ---- building ----------------------------------------------------------------------------------------
 
@@ -256,11 +353,13 @@ class SimWorld:
         vcpus: int = 1,
         workload: Workload | None = None,
         state: DomainState = DomainState.RUNNING,
-        disk_block_bytes: int = DEFAULT_DISK_BLOCK_BYTES,
-        memory_page_bytes: int = DEFAULT_MEMORY_PAGE_BYTES,
+        disk_block_bytes: int | None = None,
+        memory_page_bytes: int | None = None,
     ) -> Droplet:
+        """Add a droplet; granularity None: the host model's, else QEMU's (``auto_page_bytes``)."""
         if host not in self.hosts:
             raise KeyError(f"no host {host!r}")
+        hm = self.host_model(host)
         d = new_droplet(
             self.seed,
             droplet_id,
@@ -270,8 +369,8 @@ class SimWorld:
             vcpus=vcpus,
             workload=workload,
             state=state,
-            disk_block_bytes=disk_block_bytes,
-            memory_page_bytes=memory_page_bytes,
+            disk_block_bytes=disk_block_bytes or hm.disk_block_bytes,
+            memory_page_bytes=memory_page_bytes or hm.memory_page_bytes,
         )
         self.droplets[droplet_id] = d
         self.images[(droplet_id, host)] = pristine_image(d)
@@ -366,7 +465,11 @@ class SimWorld:
                 m.link_up, m.link_back_at_s = True, None
         # Fair shares of each host's transmit and receive sides among the migrations that have work, here and
         # in other processes driving the same world.
-        senders = [m for m in active if m.link_up and (m.disk_pending or m.memory_pending)]
+        senders = [
+            m
+            for m in active
+            if m.link_up and (m.disk_pending or m.memory_pending) and self.time_s >= m.copy_from_s - 1e-9
+        ]
         tx = {h: load[0] for h, load in self.external_load.items()}
         rx = {h: load[1] for h, load in self.external_load.items()}
         for m in senders:
@@ -377,6 +480,10 @@ class SimWorld:
             if mig in senders:
                 src, dst = self.host(mig.spec.source_host), self.host(mig.spec.target_host)
                 rate = min(src.nic_bps / tx[src.name], dst.nic_bps / rx[dst.name])
+                # The cap is a migration parameter that paces pre-copy; QEMU's completion (the pause) sends
+                # what is left without it, at whatever the link gives.
+                if mig.cap_bps is not None and mig.phase is not Phase.SWITCHOVER:
+                    rate = min(rate, mig.cap_bps)
             self._copy(mig, rate, dt)
         # The guest writes after the copy within a step, so what it dirtied in the last step is always still
         # pending: the ~50 ms lag of QEMU's dirty-bitmap sync, which the switchover has to move in the pause.
@@ -486,15 +593,7 @@ class SimWorld:
             mig.credit_bytes -= d.disk_block_bytes
             mig.disk_sent_bytes += d.disk_block_bytes
             moved += d.disk_block_bytes
-        if mig.disk_pass and mig.disk_pos >= len(mig.disk_pass):
-            mig.disk_first_pass_done = True
-        if mig.phase is Phase.DISK and mig.disk_first_pass_done:
-            ready = len(mig.disk_pending) * d.disk_block_bytes <= max(rate_bps, 1.0) * DISK_READY_S
-            if ready:
-                self.set_phase(mig, Phase.MEMORY)
-                mig.memory_pass = [] if mig.spec.offline else list(range(d.memory_pages))
-                mig.memory_pos = 0
-                mig.round = 0 if mig.spec.offline else 1
+        self._check_mirror_ready(mig, d, rate_bps)
         if mig.phase in (Phase.MEMORY, Phase.SWITCHOVER):
             while mig.memory_pending and mig.credit_bytes >= d.memory_page_bytes:
                 i = _next(mig.memory_pending, mig, disk=False)
@@ -505,6 +604,8 @@ class SimWorld:
                 mig.credit_bytes -= d.memory_page_bytes
                 mig.memory_sent_bytes += d.memory_page_bytes
                 moved += d.memory_page_bytes
+        if mig.phase is Phase.MEMORY and mig.link_up and rate_bps > 0:
+            self._maybe_switch_over(mig, d, rate_bps, dt)
         largest = max(d.disk_block_bytes, d.memory_page_bytes)
         if not (mig.disk_pending or mig.memory_pending):
             mig.credit_bytes = min(mig.credit_bytes, float(largest))  # no banking while idle
@@ -515,6 +616,35 @@ class SimWorld:
             # When, within this step, the last byte went out: the pause ends there, not at the step's end.
             used_s = max(0.0, (moved - credit_before) / rate_bps) if rate_bps > 0 else 0.0
             self._commit(mig, self.time_s + min(dt, used_s))
+
+    def _check_mirror_ready(self, mig: Migration, d: Droplet, rate_bps: float) -> None:
+        """Memory pre-copy starts once the mirror's first pass is done and what is left moves in 1 s."""
+        if mig.disk_pass and mig.disk_pos >= len(mig.disk_pass):
+            mig.disk_first_pass_done = True
+        if mig.phase is Phase.DISK and (mig.disk_first_pass_done or not mig.disk_pass):
+            ready = len(mig.disk_pending) * d.disk_block_bytes <= max(rate_bps, 1.0) * DISK_READY_S
+            if ready:
+                self.set_phase(mig, Phase.MEMORY)
+                mig.memory_pass = [] if mig.spec.offline else sorted(mig.memory_pending)
+                mig.memory_pos = 0
+                mig.round = 0 if mig.spec.offline else 1
+
+    def _maybe_switch_over(self, mig: Migration, d: Droplet, rate_bps: float, dt: float) -> None:
+        """QEMU's own switchover: once the RAM still to send fits the downtime limit at the rate it measures
+        (``threshold_size = bandwidth x downtime_limit``), it pauses the guest and completes, whoever drives
+        the migration. The disk mirror's remainder is not counted (it is flushed in the pause, so it lengthens
+        the downtime, as on real hosts)."""
+        limit_ms = mig.max_downtime_ms if mig.max_downtime_ms is not None else QEMU_DEFAULT_MAX_DOWNTIME_MS
+        left = len(mig.memory_pending) * d.memory_page_bytes
+        if mig.round < 1 or left > rate_bps * limit_ms / 1000.0:
+            return
+        if d.state is DomainState.RUNNING:
+            d.state = DomainState.PAUSED
+        mig.auto_switchover = True
+        mig.switchover_at_s = self.time_s + dt  # the pause starts where this step ends
+        mig.credit_bytes = 0.0
+        self.set_phase(mig, Phase.SWITCHOVER)
+        mig.phase_since_s = self.time_s + dt
 
     def _commit(self, mig: Migration, end_s: float) -> None:
         """The switchover's last step: verify every version, then move the droplet in one step."""
@@ -532,7 +662,7 @@ class SimWorld:
             )
             return
         started_s = mig.switchover_at_s if mig.switchover_at_s is not None else end_s
-        mig.downtime_ms = (end_s - started_s) * 1000.0 + SWITCHOVER_OVERHEAD_MS
+        mig.downtime_ms = max(0.0, end_s - started_s) * 1000.0 + mig.switchover_ms
         d.host = spec.target_host
         # The target's QEMU starts with neither the temporary disk limit nor the throttle.
         d.throttle_pct = 0

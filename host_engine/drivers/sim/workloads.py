@@ -33,6 +33,10 @@ class Workload:
     memory_rate_bps: float = 0.0
     memory_hot_bytes: int = 0
     memory_pattern: Pattern = Pattern.RANDOM
+    # How much of the droplet holds data: RAM the guest ever wrote (the rest is zero pages, which QEMU
+    # skips), disk clusters allocated (the mirror copies only those). None: all of it (the cautious figure).
+    memory_resident_bytes: int | None = None
+    disk_allocated_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -42,8 +46,11 @@ class Workload:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Workload:
+        """The inverse of ``to_dict``; rows written before a field existed get its default."""
         return cls(
             **{
+                "memory_resident_bytes": None,
+                "disk_allocated_bytes": None,
                 **d,
                 "disk_pattern": Pattern(d["disk_pattern"]),
                 "memory_pattern": Pattern(d["memory_pattern"]),

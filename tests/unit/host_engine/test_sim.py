@@ -30,6 +30,7 @@ from host_engine.drivers.sim import (
     world_to_dict,
     world_to_json,
 )
+from host_engine.drivers.sim.model import SWITCHOVER_OVERHEAD_MS
 
 MEMORY = 4 * GiB
 DISK = 32 * GiB
@@ -100,7 +101,9 @@ def test_sim_light_workloads_converge_without_throttle_and_target_equals_source(
     assert result.throttle_pct_s == 0
     assert result.disk_limit_s == 0
     assert result.downtime_ms is not None
-    assert result.downtime_ms <= ControllerConfig().max_downtime_ms
+    # QEMU switches over by itself once the RAM left fits its limit at the rate it measures: the pause is
+    # that plus the switchover's fixed cost and the disk mirror's flush (a few steps of disk writes).
+    assert result.downtime_ms <= ControllerConfig().max_downtime_ms + SWITCHOVER_OVERHEAD_MS + 50
     assert_runs_on_exactly(s.world, "dst")
     # Every byte crossed at least once: disk + memory.
     assert result.bytes_transferred >= DISK + MEMORY
