@@ -123,6 +123,7 @@ def test_fleet_killed_worker_mid_job_is_taken_over_within_the_lease_then_retried
         done = fleet.wait("completion by w2", mid, lambda m: m.state is S.COMPLETED)
         taken_after_s = fleet.first_claim_at(mid, "w2") - killed_at
     finally:
+        stop(w1)  # already dead, unless the test failed before killing it
         if w2 is not None:
             stop(w2)
     assert taken_after_s < TAKEOVER_BOUND_S
@@ -149,6 +150,7 @@ def test_fleet_job_that_finished_after_its_worker_died_is_adopted_with_its_recor
         w2 = start_worker(fleet.worker("w2", duration_s=2.0), fleet.log)
         done = fleet.wait("completion by w2", mid, lambda m: m.state is S.COMPLETED)
     finally:
+        stop(w1)  # already dead, unless the test failed before killing it
         if w2 is not None:
             stop(w2)
     assert done.attempt == 1  # the first attempt's job completed: adopted, not retried
@@ -175,6 +177,7 @@ def test_fleet_restarted_worker_takes_its_own_attempt_back_at_once(fleet: Fleet)
         done = fleet.wait("completion by the restarted worker", mid, lambda m: m.state is S.COMPLETED)
         took_s = time.monotonic() - killed_at
     finally:
+        stop(w1)  # already dead, unless the test failed before killing it
         if again is not None:
             stop(again)
     assert running.claimed_by == socket.gethostname()
