@@ -1,0 +1,342 @@
+"""Does the simulator predict real libvirt migrations? Real runs on the two-host harness against the sim's.
+
+Two steps, each re-runnable on its own:
+
+1. ``--record`` (root, libvirt): the libvirt benchmark's four guest kinds (``bench/libvirt_migration.py``
+   ``WORKLOADS``: 8 MiB and 48 MiB dirtied, memory + disk writes, disk heavy), each uncapped and at its cap,
+   ``--reps`` times (default 2), are live-migrated hostA -> hostB by the engine (``LibvirtMigration`` under
+   ``run_migration`` with the default controller), bounded at ``--timeout`` s. Every progress sample the
+   engine saw is written to ``bench/results/sim_fidelity_runs.json``.
+2. (always) From those records, with no root: the sim is calibrated (``host_engine.prediction.calibrate``)
+   on the runs of repetition 1 and predicts every run of the other repetitions, which it never saw. Each
+   row's outcome, total time, downtime and bytes are compared; the targets (issue 14): outcome right,
+   total within 20 %, downtime within 50 ms, bytes within 20 %. A row that misses is reported as a miss.
+
+    sudo .venv/bin/python bench/sim_fidelity.py --record [--reps 2] [--timeout 20]
+    .venv/bin/python bench/sim_fidelity.py            # re-compare from bench/results/sim_fidelity_runs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import libvirt_migration as lm  # noqa: E402
+
+RUNS_PATH = ROOT / "bench" / "results" / "sim_fidelity_runs.json"
+RESULT_PATH = ROOT / "bench" / "results" / "sim_fidelity.json"
+MiB = 1024 * 1024
+DEFAULT_TIMEOUT_S = 20.0
+
+
+def _progress_dict(t: float, p: Any) -> dict[str, Any]:
+    d = {k: v for k, v in asdict(p).items() if k not in ("error",)}
+    d["phase"] = p.phase.value
+    d["t"] = round(t, 3)
+    return d
+
+
+def record_one(
+    hosts: Any, conns: dict[str, Any], workload: lm.Workload, cap: int, timeout_s: float
+) -> dict[str, Any]:
+    from host_engine.attempt import Outcome, RealClock, run_migration
+    from host_engine.controller import ControllerConfig
+    from host_engine.drivers.base import MigrationSpec
+    from host_engine.drivers.libvirt import LibvirtMigration
+    from tests.libvirt_harness.guest import GuestSpec
+
+    src, dst = hosts.source, hosts.target
+    guest = GuestSpec(**workload.guest)
+    name = "f-" + "".join(c for c in f"{workload.name}-{cap}" if c.isalnum() or c == "-")[:40]
+    lm.remove_everywhere(hosts, conns, name)
+    lm.start_guest(src, conns[src.name], name, guest)
+    spec = MigrationSpec(
+        migration_id=f"fidelity-{name}",
+        droplet_id=name,
+        source_host=src.name,
+        target_host=dst.name,
+        source_uri=src.uri,
+        target_uri=dst.uri,
+        vcpus=1,
+        memory_bytes=guest.memory_mib * MiB,
+        disk_bytes=guest.disk_mib * MiB,
+        options={"peer_uri": dst.peer_uri, "bandwidth_mibps": str(cap), "auto_converge": "controlled"},
+    )
+    started = time.monotonic()
+    samples: list[dict[str, Any]] = []
+
+    def watch(p: Any) -> None:
+        samples.append(_progress_dict(time.monotonic() - started, p))
+
+    def bound() -> str | None:
+        return f"bench timeout {timeout_s:.0f} s" if time.monotonic() - started >= timeout_s else None
+
+    driver = LibvirtMigration(spec)
+    try:
+        result = run_migration(
+            driver, ControllerConfig(), RealClock(), tick_s=lm.TICK_S, on_progress=watch, should_abort=bound
+        )
+    finally:
+        driver.close()
+    lm.remove_everywhere(hosts, conns, name)
+    return {
+        "workload": workload.name,
+        "guest": workload.guest,
+        "memory_bytes": guest.memory_mib * MiB,
+        "disk_bytes": guest.disk_mib * MiB,
+        "cap_mibps": cap,
+        "converged": result.outcome is Outcome.COMPLETED,
+        "outcome": result.outcome.value,
+        "reason": result.reason,
+        "duration_s": round(result.duration_s, 3),
+        "downtime_ms": result.downtime_ms,
+        "bytes_transferred": result.bytes_transferred,
+        "rounds": result.rounds,
+        "samples": samples,
+    }
+
+
+def record(reps: int, timeout_s: float, path: Path) -> int:
+    missing = lm.missing_prerequisites()
+    if missing:
+        print(f"sim_fidelity --record: skipped (needs {', '.join(missing)})")
+        return 0
+    import libvirt
+
+    from host_engine.drivers import libvirt as driver_module
+    from tests.libvirt_harness.guest import GuestSpec
+    from tests.libvirt_harness.hosts import TwoHosts
+
+    about = lm.machine()
+    started_at = datetime.now(UTC)
+    t0 = time.monotonic()
+    driver_module._EventLoop.ensure()
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    runs: list[dict[str, Any]] = []
+    netns: list[str] = []
+    root: Path | None = None
+    pids: list[int] = []
+    with TwoHosts() as hosts:
+        netns = [h.netns for h in hosts.hosts]
+        root = hosts.root
+        conns = {h.name: libvirt.open(h.uri) for h in hosts.hosts}
+        try:
+            warm = GuestSpec(mem_kib=0, disk_sectors=0, paced=True, disk_mib=8)
+            for host in hosts.hosts:
+                lm.start_guest(host, conns[host.name], "f-warmup", warm)
+                lm.remove_everywhere(hosts, conns, "f-warmup")
+            print(f"# {about}; harness up in {time.monotonic() - t0:.1f} s", flush=True)
+            for rep in range(reps):
+                for w in lm.WORKLOADS:
+                    for cap in (0, w.cap_mibps):
+                        r = record_one(hosts, conns, w, cap, timeout_s)
+                        r["rep"] = rep + 1
+                        runs.append(r)
+                        print(
+                            f"{rep + 1}: {w.name:>14} cap {cap or '-':>3} | {r['outcome']}, "
+                            f"{r['duration_s']:.1f} s, downtime {r['downtime_ms']} ms, "
+                            f"{r['bytes_transferred'] / MiB:.1f} MiB, {r['rounds']} rounds",
+                            flush=True,
+                        )
+        finally:
+            pids = lm.namespace_pids(netns)
+            for conn in conns.values():
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+    left = lm.teardown_check(netns, root, pids)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps(
+            {
+                "started_at": started_at.isoformat(timespec="seconds"),
+                "machine": about,
+                "wall_s": round(time.monotonic() - t0, 1),
+                "load_average_end": round(os.getloadavg()[0], 2),
+                "timeout_s": timeout_s,
+                "teardown_clean": not left,
+                "runs": runs,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    teardown = "clean" if not left else "LEFT " + ", ".join(left)
+    print(f"# recorded {len(runs)} runs in {path}; teardown {teardown}")
+    return 1 if left else 0
+
+
+# --- the comparison (no root) -------------------------------------------------------------------------
+
+TOTAL_TOLERANCE = 0.20
+DOWNTIME_TOLERANCE_MS = 50.0
+BYTES_TOLERANCE = 0.20
+
+
+def _recorded(r: dict[str, Any]) -> Any:
+    from host_engine.prediction import RecordedRun
+
+    return RecordedRun(
+        droplet_id=r["workload"],
+        memory_bytes=r["memory_bytes"],
+        disk_bytes=r["disk_bytes"],
+        cap_mibps=r["cap_mibps"],
+        converged=r["converged"],
+        duration_s=r["duration_s"],
+        downtime_ms=r["downtime_ms"],
+        bytes_transferred=r["bytes_transferred"],
+        samples=tuple(r["samples"]),
+    )
+
+
+def _pct(pred: float, real: float) -> float:
+    return (pred - real) / real * 100.0 if real else 0.0
+
+
+def compare(runs_path: Path, json_path: Path) -> int:
+    from host_engine.prediction import calibrate, predict_migration
+
+    data = json.loads(runs_path.read_text())
+    runs = data["runs"]
+    train = [_recorded(r) for r in runs if r["rep"] == 1]
+    tested = [r for r in runs if r["rep"] != 1]
+    t0 = time.monotonic()
+    cal = calibrate(train, tick_s=lm.TICK_S)
+    rows: list[dict[str, Any]] = []
+    for r in tested:
+        p = predict_migration(
+            r["workload"],
+            memory_bytes=r["memory_bytes"],
+            disk_bytes=r["disk_bytes"],
+            workload=cal.workloads[r["workload"]],
+            link=cal.link(),
+            cap_mibps=r["cap_mibps"],
+            timeout_s=data["timeout_s"],
+            tick_s=lm.TICK_S,
+            assess_risk=False,
+        )
+        outcome_ok = p.converges == r["converged"]
+        both = p.converges and r["converged"]
+        total_err = _pct(p.duration_s, r["duration_s"])
+        down_err = (
+            p.downtime_ms - r["downtime_ms"]
+            if both and p.downtime_ms is not None and r["downtime_ms"] is not None
+            else None
+        )
+        bytes_err = _pct(p.bytes_transferred, r["bytes_transferred"])
+        ok = {
+            "outcome": outcome_ok,
+            "total": outcome_ok and abs(total_err) <= TOTAL_TOLERANCE * 100,
+            "downtime": (down_err is None and outcome_ok)
+            or (down_err is not None and abs(down_err) <= DOWNTIME_TOLERANCE_MS),
+            "bytes": outcome_ok and abs(bytes_err) <= BYTES_TOLERANCE * 100,
+        }
+        rows.append(
+            {
+                "workload": r["workload"],
+                "cap_mibps": r["cap_mibps"],
+                "rep": r["rep"],
+                "real": {k: r[k] for k in ("converged", "duration_s", "downtime_ms", "bytes_transferred")},
+                "predicted": {
+                    "converged": p.converges,
+                    "duration_s": round(p.duration_s, 2),
+                    "downtime_ms": None if p.downtime_ms is None else round(p.downtime_ms, 1),
+                    "bytes_transferred": p.bytes_transferred,
+                },
+                "total_err_pct": round(total_err, 1),
+                "downtime_err_ms": None if down_err is None else round(down_err, 1),
+                "bytes_err_pct": round(bytes_err, 1),
+                "within": ok,
+                "hit": all(ok.values()),
+            }
+        )
+    compare_s = time.monotonic() - t0
+    print(markdown_table(rows))
+    hits = sum(1 for row in rows if row["hit"])
+    print(
+        f"\n# {hits}/{len(rows)} rows within every target; calibration + predictions took {compare_s:.1f} s"
+    )
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(
+        json.dumps(
+            {
+                "recorded": {
+                    k: data[k] for k in ("started_at", "machine", "wall_s", "load_average_end", "timeout_s")
+                },
+                "calibrated_on": "rep 1",
+                "predicted": "every other rep",
+                "calibration": cal.to_dict(),
+                "targets": {
+                    "total_pct": TOTAL_TOLERANCE * 100,
+                    "downtime_ms": DOWNTIME_TOLERANCE_MS,
+                    "bytes_pct": BYTES_TOLERANCE * 100,
+                },
+                "hits": hits,
+                "rows": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    return 0
+
+
+def _mark(ok: bool) -> str:
+    return "" if ok else " ✗"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| guest (cap) | real: outcome, total s, downtime ms, MiB | sim: outcome, total s, downtime ms, MiB "
+        "| total err | downtime err | bytes err | all targets |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def side(x: dict[str, Any]) -> str:
+        down = "-" if x["downtime_ms"] is None else f"{x['downtime_ms']:.0f}"
+        out = "converged" if x["converged"] else "not converged"
+        return f"{out}, {x['duration_s']:.1f}, {down}, {x['bytes_transferred'] / MiB:.1f}"
+
+    for row in rows:
+        w = row["within"]
+        down = "-" if row["downtime_err_ms"] is None else f"{row['downtime_err_ms']:+.0f} ms"
+        cap = f"{row['cap_mibps']} MiB/s" if row["cap_mibps"] else "uncapped"
+        lines.append(
+            f"| {row['workload']} ({cap}) | {side(row['real'])} "
+            f"| {side(row['predicted'])}{_mark(w['outcome'])} "
+            f"| {row['total_err_pct']:+.0f} %{_mark(w['total'])} | {down}{_mark(w['downtime'])} "
+            f"| {row['bytes_err_pct']:+.0f} %{_mark(w['bytes'])} | {'hit' if row['hit'] else 'MISS'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--record", action="store_true", help="run the real migrations first (root)")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    parser.add_argument("--runs", type=Path, default=RUNS_PATH, help="the recorded real runs")
+    parser.add_argument("--json", type=Path, default=RESULT_PATH, help="where the comparison goes")
+    args = parser.parse_args(argv)
+    if args.record:
+        rc = record(args.reps, args.timeout, args.runs)
+        if rc:
+            return rc
+    if not args.runs.exists():
+        print(f"sim_fidelity: skipped (no recorded runs at {args.runs}; run with --record as root)")
+        return 0
+    return compare(args.runs, args.json)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
