@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from host_engine.controller import ControllerConfig
+from host_engine.drivers.sim.settings import SIM_KEYS, SimSettings, sim_settings
 from host_engine.errors import ConfigError, InvalidInput
 from host_engine.timeparse import parse_duration
 from host_engine.units import parse_size
@@ -185,6 +186,7 @@ class EngineConfig:
     engine: EngineLoopConfig = field(default_factory=EngineLoopConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    sim: SimSettings = field(default_factory=SimSettings)
     source: str = "defaults"
 
     @property
@@ -215,6 +217,7 @@ _KNOWN: dict[str, set[str]] = {
     "metadata": {"ca_file"},
     "controller": {"max_downtime_ms"},
     "libvirt": {"bandwidth_mibps", "tls", "peer_uris"},
+    "sim": set(SIM_KEYS),
 }
 
 
@@ -321,6 +324,7 @@ def config_from_dict(doc: Mapping[str, Any], *, source: str = "dict") -> EngineC
         engine=_engine(doc),
         controller=_controller(doc),
         libvirt=_libvirt(doc),
+        sim=_sim(doc),
         source=source,
     )
 
@@ -444,6 +448,13 @@ def _controller(doc: Mapping[str, Any]) -> ControllerConfig:
             raise ConfigError(f"config [controller] max_downtime_ms: must be within {low}..{high}, got {md}")
         ctl = replace(ctl, max_downtime_ms=md)
     return ctl
+
+
+def _sim(doc: Mapping[str, Any]) -> SimSettings:
+    try:
+        return sim_settings(doc.get("sim"))
+    except ValueError as e:
+        raise ConfigError(f"config {e}") from e
 
 
 def _libvirt(doc: Mapping[str, Any]) -> LibvirtConfig:

@@ -427,3 +427,66 @@ def calibrate(runs: Sequence[RecordedRun], *, tick_s: float = DEFAULT_TICK_S) ->
     fitted = Link(link_bps, host, host)
     workloads = {d: fit_workload(d, rs, fitted, tick_s=tick_s) for d, rs in by_droplet.items()}
     return Calibration(link_bps, host, workloads)
+
+
+# ---- an evacuation's forecast ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Every planned move's prediction and the window they need under the limits."""
+
+    predictions: tuple[tuple[str, str, str, Prediction], ...]  # (droplet, source, target, prediction)
+    schedule: tuple[Scheduled, ...]
+    window_s: float
+    max_parallel: int
+    max_per_host: int
+
+    def to_dict(self) -> dict[str, Any]:
+        starts = {s.droplet_id: s for s in self.schedule}
+        return {
+            "window_s": round(self.window_s, 1),
+            "limits": {"max_parallel": self.max_parallel, "max_per_host": self.max_per_host},
+            "droplets": [
+                {
+                    **p.to_dict(),
+                    "source": source,
+                    "target": target,
+                    "starts_after_s": round(starts[d].start_s, 1),
+                }
+                for d, source, target, p in self.predictions
+            ],
+        }
+
+
+def forecast(
+    moves: Sequence[tuple[str, str, str, int, int]],
+    settings: Any,
+    *,
+    config: ControllerConfig | None = None,
+    cap_mibps: int = 0,
+    max_parallel: int = 4,
+    max_per_host: int = 2,
+) -> Forecast:
+    """Predict each move (droplet, source, target, memory bytes, disk bytes) with ``settings``
+    (``SimSettings``: each droplet's workload, each host's link and costs) and lay them in a window."""
+    predictions = []
+    for droplet_id, source, target, memory_bytes, disk_bytes in moves:
+        src, dst = settings.host(source), settings.host(target)
+        link = Link(min(src.link_bps, dst.link_bps), src.model, dst.model)
+        p = predict_migration(
+            droplet_id,
+            memory_bytes=memory_bytes,
+            disk_bytes=disk_bytes,
+            workload=settings.workload(droplet_id),
+            link=link,
+            cap_mibps=cap_mibps,
+            config=config,
+        )
+        predictions.append((droplet_id, source, target, p))
+    length, schedule = window(
+        [(d, s, t, p.duration_s) for d, s, t, p in predictions],
+        max_concurrent=max_parallel,
+        max_per_host=max_per_host,
+    )
+    return Forecast(tuple(predictions), tuple(schedule), length, max_parallel, max_per_host)

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from host_engine import planner
+from host_engine import planner, prediction
 from host_engine import progress as progress_text
 from host_engine.cli.app import (
     Deps,
@@ -102,15 +102,26 @@ def plan() -> None:
 @click.option("--explain", "explain", multiple=True, help="Show every host's verdict for this droplet.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--anti-affinity/--no-anti-affinity", default=None, help="Override the config's anti_affinity.")
+@click.option(
+    "--predict",
+    is_flag=True,
+    help="Also simulate each move: duration, downtime, bytes, throttle, risk, window.",
+)
 @pass_deps
 def plan_evacuate(
-    deps: Deps, host_name: str, explain: tuple[str, ...], as_json: bool, anti_affinity: bool | None
+    deps: Deps,
+    host_name: str,
+    explain: tuple[str, ...],
+    as_json: bool,
+    anti_affinity: bool | None,
+    predict: bool,
 ) -> None:
     """Where every droplet of HOST would go, with scores, runners-up and filter rejections."""
     config = _with_anti_affinity(deps.config, anti_affinity)
     result = planner.preview_evacuation(deps.store(), host_name, config, explain=explain)
+    forecast = _forecast(deps, result, host_name) if predict else None
     if as_json:
-        _json(result.to_dict())
+        _json({**result.to_dict(), **({"forecast": forecast.to_dict()} if forecast else {})})
     else:
         if not result.choices:
             click.echo(f"no droplets to move on {host_name}")
@@ -118,10 +129,54 @@ def plan_evacuate(
             _print_plan(result)
         for did in explain:
             _print_explain(result.choice(did))
+        if forecast is not None:
+            print_forecast(forecast)
     if result.unplaced:
         ids = ", ".join(c.droplet_id for c in result.unplaced)
         click.echo(f"host-engine: error: no host can take {len(result.unplaced)} droplet(s): {ids}", err=True)
         sys.exit(5)
+
+
+def _forecast(deps: Deps, result: Plan, host_name: str) -> prediction.Forecast:
+    with deps.store().begin(readonly=True) as tx:
+        sizes = {d.id: (d.memory_bytes, d.disk_bytes) for d in tx.list_droplets(host=host_name)}
+    cfg = deps.config
+    moves = [
+        (c.droplet_id, host_name, c.target, *sizes[c.droplet_id])
+        for c in result.choices
+        if c.target is not None and c.droplet_id in sizes
+    ]
+    return prediction.forecast(
+        moves,
+        cfg.sim,
+        config=cfg.controller,
+        cap_mibps=cfg.libvirt.bandwidth_mibps,
+        max_parallel=cfg.schedule.max_parallel,
+        max_per_host=max(1, min(cfg.schedule.max_per_target, cfg.schedule.max_per_source)),
+    )
+
+
+def print_forecast(forecast: prediction.Forecast) -> None:
+    """The predictions as a table, and the window's length under the limits."""
+    rows = []
+    for droplet_id, _source, target, p in forecast.predictions:
+        rows.append(
+            [
+                droplet_id,
+                target,
+                f"{p.duration_s:.1f}",
+                "-" if p.downtime_ms is None else f"{p.downtime_ms:.0f}",
+                f"{p.bytes_transferred / 1024**3:.2f}",
+                f"{p.throttled_s:.1f} (max {p.max_throttle_pct} %)" if p.max_throttle_pct else "no",
+                p.risk.value if p.converges else f"{p.risk.value}: {p.outcome}",
+            ]
+        )
+    click.echo("\npredicted (simulated with [sim]: each droplet's workload, each host's link and costs)")
+    click.echo(_table(["DROPLET", "TARGET", "DURATION_S", "DOWNTIME_MS", "GIB", "THROTTLED_S", "RISK"], rows))
+    click.echo(
+        f"window: {forecast.window_s:.0f} s with at most {forecast.max_parallel} at once, "
+        f"{forecast.max_per_host} per host"
+    )
 
 
 def _with_anti_affinity(config: EngineConfig, anti_affinity: bool | None) -> EngineConfig:

@@ -1,0 +1,174 @@
+"""Predictions from the simulator: per droplet, per window, from [sim] settings, and calibration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from host_engine.config import config_from_dict
+from host_engine.drivers.sim import HostModel, MiB, Workload, database, idle
+from host_engine.drivers.sim.settings import SimSettings, sim_settings
+from host_engine.errors import ConfigError
+from host_engine.prediction import (
+    Link,
+    RecordedRun,
+    Risk,
+    calibrate,
+    forecast,
+    predict_migration,
+    window,
+)
+from tests.unit.host_engine.conftest import FakeClock
+from tests.unit.host_engine.test_cli import invoke, ok
+
+GiB = 1024 * MiB
+
+
+def test_a_quiet_droplet_is_predicted_to_converge_with_low_risk() -> None:
+    p = predict_migration("d", memory_bytes=4 * GiB, disk_bytes=20 * GiB, workload=idle())
+    assert p.converges and p.risk is Risk.LOW
+    assert p.downtime_ms is not None and p.downtime_ms < 300 + 100
+    assert p.duration_s > HostModel().setup_s
+
+
+def test_a_droplet_that_outwrites_the_cap_is_predicted_not_to_converge() -> None:
+    hot = Workload("hot", memory_rate_bps=400 * MiB, memory_hot_bytes=2 * GiB)
+    p = predict_migration(
+        "d", memory_bytes=4 * GiB, disk_bytes=10 * GiB, workload=hot, cap_mibps=100, timeout_s=120
+    )
+    assert not p.converges
+    assert p.risk is Risk.HIGH
+
+
+def test_a_slower_link_means_a_longer_migration() -> None:
+    fast = predict_migration("d", memory_bytes=2 * GiB, disk_bytes=20 * GiB, workload=idle())
+    slow = predict_migration(
+        "d", memory_bytes=2 * GiB, disk_bytes=20 * GiB, workload=idle(), link=Link(link_bps=100 * MiB)
+    )
+    assert slow.duration_s > fast.duration_s * 3
+
+
+def test_window_respects_the_limits() -> None:
+    moves = [("a", "h1", "h2", 10.0), ("b", "h1", "h3", 10.0), ("c", "h1", "h4", 10.0)]
+    assert window(moves, max_concurrent=4, max_per_host=1)[0] == 30.0
+    assert window(moves, max_concurrent=4, max_per_host=3)[0] == 10.0
+    assert window(moves, max_concurrent=2, max_per_host=3)[0] == 20.0
+    with pytest.raises(ValueError, match="at least 1"):
+        window(moves, max_concurrent=0, max_per_host=1)
+
+
+def test_forecast_uses_each_droplets_workload_and_each_hosts_link() -> None:
+    settings = sim_settings(
+        {"link_mibps": 1000, "hosts": {"slow": {"link_mibps": 50}}, "droplets": {"db": "database"}}
+    )
+    f = forecast(
+        [("web", "src", "fast", 2 * GiB, 10 * GiB), ("web2", "src", "slow", 2 * GiB, 10 * GiB)],
+        settings,
+        max_parallel=4,
+        max_per_host=1,
+    )
+    by = {d: p for d, _s, _t, p in f.predictions}
+    assert by["web2"].duration_s > by["web"].duration_s * 5
+    assert f.window_s == pytest.approx(by["web"].duration_s + by["web2"].duration_s)
+    assert settings.workload("db") == database()
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"link_mibps": 0}, "link_mibps"),
+        ({"link_mibps": "fast"}, "link_mibps"),
+        ({"setup_s": -1}, "setup_s"),
+        ({"switchover_ms": 1e9}, "switchover_ms"),
+        ({"default_workload": "rm -rf"}, "default_workload"),
+        ({"hosts": {"h": {"disk_block_bytes": 1000}}}, "disk_block_bytes"),
+        ({"hosts": {"h": {"bogus": 1}}}, "bogus"),
+        ({"hosts": {"h": 3}}, "expected a table"),
+        ({"droplets": {"d": {"memory_rate_mibps": -5}}}, "memory_rate_mibps"),
+        ({"droplets": {"d": {"memory_rate_mibps": True}}}, "memory_rate_mibps"),
+        ({"droplets": {"d": 7}}, "workload name or a table"),
+        ({"whatever": 1}, "whatever"),
+    ],
+)
+def test_bad_sim_settings_are_one_clear_config_error(doc: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"sim": doc})
+
+
+def test_default_sim_settings() -> None:
+    assert config_from_dict({}).sim == SimSettings()
+
+
+def _run_from_sim(droplet_id: str, workload: Workload, setup_s: float, cap: int) -> RecordedRun:
+    """A 'real' run made by the sim itself with known costs: calibration must find them again."""
+    from host_engine.attempt import run_migration
+    from host_engine.controller import ControllerConfig
+    from host_engine.drivers.base import MigrationSpec
+    from host_engine.drivers.sim import SimClock, SimHypervisor, SimWorld
+
+    world = SimWorld(1)
+    world.default_host_model = HostModel(setup_s=setup_s, switchover_ms=80.0)
+    for h in ("a", "b"):
+        world.add_host(h, nic_bps=200 * MiB)
+    world.add_droplet(droplet_id, "a", memory_bytes=128 * MiB, disk_bytes=64 * MiB, workload=workload)
+    spec = MigrationSpec(
+        "m", droplet_id, "a", "b", "sim://a", "sim://b", 1, 128 * MiB, 64 * MiB,
+        options={"bandwidth_mibps": str(cap)} if cap else {},
+    )  # fmt: skip
+    clock = SimClock(world)
+    t0 = clock.now()
+    samples: list[dict[str, object]] = []
+
+    def watch(p: object) -> None:
+        from dataclasses import asdict
+
+        d = asdict(p)  # type: ignore[call-overload]
+        d["phase"] = d["phase"].value
+        d["t"] = clock.now() - t0
+        samples.append(d)
+
+    r = run_migration(
+        SimHypervisor(world).migration(spec), ControllerConfig(), clock, tick_s=0.25, on_progress=watch
+    )
+    return RecordedRun(
+        droplet_id, 128 * MiB, 64 * MiB, cap, r.converged, r.duration_s, r.downtime_ms, r.bytes_transferred,
+        tuple(samples),
+    )  # fmt: skip
+
+
+def test_calibration_finds_the_fixed_costs_and_link_it_was_recorded_with() -> None:
+    w = Workload("w", memory_rate_bps=50 * MiB, memory_hot_bytes=2 * MiB, memory_resident_bytes=10 * MiB)
+    runs = [_run_from_sim("g", w, 1.5, cap) for cap in (0, 32)]
+    cal = calibrate(runs)
+    assert cal.host.setup_s == pytest.approx(1.5, abs=0.5)
+    assert cal.link_bps == pytest.approx(200 * MiB, rel=0.3)
+    assert set(cal.workloads) == {"g"}
+    with pytest.raises(ValueError, match="no recorded"):
+        calibrate([])
+
+
+def test_cli_plan_evacuate_predict(tmp_path: Path, clock: FakeClock) -> None:
+    db = str(tmp_path / "e.db")
+    for i in (1, 2):
+        ok(db, clock, "host", "add", f"hv{i}", "--datacenter", "nyc1", "--vcpus", "16", "--memory", "64GiB",
+           "--disk", "1TiB", "--compat-group", "g1", "--metadata-url", f"http://127.0.0.1:{9000 + i}")  # fmt: skip
+    ok(db, clock, "droplet", "add", "web1", "--host", "hv1", "--vcpus", "2", "--memory", "4GiB", "--disk",
+       "40GiB", "--address", "10.0.0.5")  # fmt: skip
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[sim]\nlink_mibps = 100\n[sim.droplets.web1]\nworkload = "idle"\n')
+    r = ok(db, clock, "--config", str(cfg), "plan", "evacuate", "hv1", "--predict")
+    assert "DOWNTIME_MS" in r.output and "window:" in r.output
+    doc = json.loads(
+        ok(db, clock, "--config", str(cfg), "plan", "evacuate", "hv1", "--predict", "--json").output
+    )
+    [d] = doc["forecast"]["droplets"]
+    assert d["droplet_id"] == "web1" and d["target"] == "hv2" and d["converges"] is True
+    # 40 GiB at 100 MiB/s cannot take less than ~400 s; the window is at least that long.
+    assert d["duration_s"] > 300 and doc["forecast"]["window_s"] >= d["duration_s"]
+    assert "forecast" not in json.loads(ok(db, clock, "plan", "evacuate", "hv1", "--json").output)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sim]\nlink_mibps = -3\n")
+    r = invoke(db, clock, "--config", str(bad), "plan", "evacuate", "hv1", "--predict")
+    assert r.exit_code != 0 and "link_mibps" in r.output + r.stderr
