@@ -7,7 +7,7 @@ be wrong: an engineer decides).
 
 Addresses and anti-spoofing (issues 11.6 and 15.2). A droplet with no recorded address can never be told of a
 maintenance (the metadata server knows a droplet only by its address), so sync fills an empty address list
-from what libvirt knows, most trusted source first (``libvirt_inventory.SOURCE_ORDER``: the interface filter's
+from what libvirt knows, most trusted source first (``libvirt.network.SOURCE_ORDER``: the interface filter's
 ``IP`` parameter, a DHCP lease, the neighbour table) and says which source it used. An address the operator
 recorded is never replaced: a difference is reported. An address already recorded for another droplet is never
 filled in (two droplets with one address would read each other's events); it is reported.
@@ -31,12 +31,12 @@ from host_engine.store import Store
 
 if TYPE_CHECKING:
     from host_engine.drivers.libvirt import DomainInfo
-    from host_engine.drivers.libvirt_inventory import AddressSource, DomainNetwork
+    from host_engine.drivers.libvirt.network import AddressSource, DomainNetwork
 
 DROPLET_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 DomainLister = Callable[[str], Sequence["DomainInfo"]]
-# uri -> domain name -> its interfaces, filters and known addresses (drivers/libvirt_inventory.py).
+# uri -> domain name -> its interfaces, filters and known addresses (drivers/libvirt/network.py).
 NetworkReader = Callable[[str], Mapping[str, "DomainNetwork"]]
 
 # A host registered with a URI starting so is a simulated one (``host add --uri sim://NAME``).
@@ -72,7 +72,7 @@ def libvirt_lister(uri: str) -> Sequence[DomainInfo]:
 
 
 def libvirt_network_reader(uri: str) -> Mapping[str, DomainNetwork]:
-    from host_engine.drivers.libvirt_inventory import read_networks  # lazily, like libvirt_lister
+    from host_engine.drivers.libvirt.network import read_networks  # lazily, like libvirt_lister
 
     return read_networks(uri)
 

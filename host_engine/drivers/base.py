@@ -55,7 +55,14 @@ class MigrationSpec:
 
 @dataclass(frozen=True)
 class Progress:
-    """A snapshot of a running migration, as the controller sees it. Rates in bytes per second."""
+    """A snapshot of a running migration, as the controller sees it. Rates in bytes per second.
+
+    The three rates are averages over the last ``rate_window_s`` seconds, which each driver states so a
+    policy tuned on one driver can allow for the other: the sim measures over 1 s windows (like QEMU's
+    dirty-rate sync), libvirt averages ``transfer_rate_bps`` and ``disk_dirty_rate_bps`` over 8 s (QEMU's
+    disk mirror moves data in bursts; one-tick deltas swing between zero and line rate), while its
+    ``memory_dirty_rate_bps`` is QEMU's own, measured over the last dirty sync (~1 s).
+    """
 
     phase: Phase
     elapsed_s: float
@@ -74,12 +81,13 @@ class Progress:
     # The throttle the hypervisor reports in force (QEMU applies a requested level at its next dirty sync);
     # None when the driver cannot tell, and then the controller takes the requested level as in force.
     memory_throttle_in_force_pct: int | None = None
-    max_downtime_ms: int | None = None
     downtime_ms: float | None = None
     bytes_transferred: int = 0
     error: str | None = None
     # With phase FAILED: whether the target (host, disk, link end) caused it, so a retry picks another one.
     target_at_fault: bool = False
+    # The span the rates above are averaged over (see the class docstring); 0.0 when the driver does not say.
+    rate_window_s: float = 0.0
 
 
 class DriverError(Exception):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from host_engine.drivers.base import DomainState, DriverError, MigrationSpec, Phase, Progress
 from host_engine.drivers.sim.faults import FaultKind
-from host_engine.drivers.sim.model import Droplet, Migration, SimWorld, blank_image, holds_data
+from host_engine.drivers.sim.model import RATE_WINDOW_S, Droplet, Migration, SimWorld, blank_image, holds_data
 from host_engine.drivers.sim.workloads import MiB
 
 # Options a spec may carry that the sim reads (the libvirt driver reads the same names).
@@ -182,11 +182,11 @@ class SimMigrationDriver:
             transfer_rate_bps=mig.transfer_rate_bps if mig.link_up else 0.0,
             disk_write_limit_bps=d.disk_limit_bps if on_source else None,
             memory_throttle_pct=d.throttle_pct if on_source else 0,
-            max_downtime_ms=mig.max_downtime_ms,
             downtime_ms=mig.downtime_ms,
             bytes_transferred=mig.disk_sent_bytes + mig.memory_sent_bytes,
             error=mig.error,
             target_at_fault=mig.target_at_fault,
+            rate_window_s=RATE_WINDOW_S,
         )
 
     def _on_source(self) -> Droplet | None:

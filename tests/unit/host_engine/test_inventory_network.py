@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from host_engine.drivers.libvirt_inventory import (
+from host_engine.drivers.libvirt.network import (
     AddressSource,
     DomainNetwork,
     FilterRef,

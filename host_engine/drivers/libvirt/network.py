@@ -12,8 +12,8 @@ Addresses libvirt knows, by where they come from (:class:`AddressSource`): the `
 interface's filter (what the hypervisor enforces), a libvirt network's DHCP lease, and the host's neighbour
 (ARP) table matched by the interface's MAC. The last two exist only while the domain runs.
 
-``libvirt`` is imported lazily through :mod:`host_engine.drivers.libvirt`'s helpers (that module stays the
-only one importing it), so nothing else needs libvirt-python installed.
+``libvirt`` is imported lazily through :mod:`host_engine.drivers.libvirt.connection` (the only module
+importing it), so nothing else needs libvirt-python installed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from host_engine.drivers.base import DriverError
-from host_engine.drivers.libvirt import _libvirt, _open, _parse
+from host_engine.drivers.libvirt.connection import libvirt_module, open_uri, parse_xml
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,8 @@ def normalise_address(value: str) -> str | None:
 
 def read_networks(uri: str) -> dict[str, DomainNetwork]:
     """Every domain at ``uri`` (by name): its interfaces, their filters, the addresses libvirt knows."""
-    lv = _libvirt()
-    conn = _open(uri)
+    lv = libvirt_module()
+    conn = open_uri(uri)
     try:
         resolver = _FilterResolver(conn)
         return {dom.name(): domain_network(dom, resolver) for dom in conn.listAllDomains(0)}
@@ -129,7 +129,7 @@ def read_networks(uri: str) -> dict[str, DomainNetwork]:
 def domain_network(dom: Any, resolver: _FilterResolver) -> DomainNetwork:
     """One domain's :class:`DomainNetwork` (its live definition when it runs, else its persistent one)."""
     interfaces = tuple(
-        _interface(el, resolver) for el in _parse(dom.XMLDesc(0)).findall("./devices/interface")
+        _interface(el, resolver) for el in parse_xml(dom.XMLDesc(0)).findall("./devices/interface")
     )
     known: dict[AddressSource, list[str]] = {}
     for iface in interfaces:
@@ -173,7 +173,7 @@ def _interface_addresses(
 ) -> tuple[dict[AddressSource, list[str]], dict[AddressSource, str]]:
     """Addresses from the DHCP leases and the neighbour table, for this domain's own MACs only; and the
     sources libvirt could not read, with its error."""
-    lv = _libvirt()
+    lv = libvirt_module()
     sources = {
         AddressSource.LEASE: lv.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
         AddressSource.ARP: lv.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP,
@@ -216,12 +216,12 @@ class _FilterResolver:
             return True
         if depth >= MAX_FILTER_DEPTH or name in seen:
             return False
-        lv = _libvirt()
+        lv = libvirt_module()
         try:
             xml = self._conn.nwfilterLookupByName(name).XMLDesc(0)
         except lv.libvirtError as e:
             # Unknown to this host (a domain using it could not start) or no nwfilter driver: not a guard.
             log.info("nwfilter %s: cannot read it: %s", name, e)
             return False
-        refs = [r.get("filter", "") for r in _parse(xml).findall("filterref")]
+        refs = [r.get("filter", "") for r in parse_xml(xml).findall("filterref")]
         return any(self._resolve(r, depth=depth + 1, seen=seen | {name}) for r in refs if r)

@@ -1,0 +1,172 @@
+"""What a running migration reports: ``Progress`` snapshots built from ``jobStats()``, the guest's disk write
+rate (``blockStats`` deltas) and the domain events (switchover, job completed with its downtime)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from host_engine.drivers.base import DriverError, Phase, Progress
+from host_engine.drivers.libvirt.connection import libvirt_module
+from host_engine.drivers.libvirt.job import MigrationJob
+from host_engine.drivers.libvirt.rates import Sample
+
+log = logging.getLogger(__name__)
+
+# QEMU's page size when jobStats does not say.
+DEFAULT_PAGE_SIZE = 4096
+
+
+class ProgressReporter(MigrationJob):
+    """``progress()`` of one attempt: the job's state as the controller sees it."""
+
+    def progress(self) -> Progress:
+        """A snapshot stamped with the time it was *true*: the clock is read after libvirt answered.
+
+        A call that blocks (libvirt busy completing the job) therefore makes the snapshot late, never
+        stale-but-young: the controller's deadlines (switchover, stall) count from what was observed when.
+        """
+        lv = libvirt_module()
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            return self._final_progress()
+        stats: dict[str, Any] = {}
+        if thread is not None and self._dom is not None:
+            try:
+                stats = self._job_stats(self._dom)
+            except lv.libvirtError as e:
+                log.debug("migration %s: jobStats: %s", self.spec.migration_id, e)
+        if thread is not None and not thread.is_alive():
+            return self._final_progress()  # the job ended while we asked: its end is the truth
+        if stats.get("type", lv.VIR_DOMAIN_JOB_NONE) != lv.VIR_DOMAIN_JOB_NONE:
+            self._last_stats = stats
+            self._update_phase(stats)
+        else:
+            stats = self._last_stats
+            if self._events.switchover_seen and self._phase in (Phase.DISK, Phase.MEMORY):
+                # QEMU paused the source for its last pass and libvirt is finishing the job (no stats now).
+                self._advance(Phase.SWITCHOVER)
+        return self._progress_from(stats)
+
+    def _job_stats(self, dom: Any) -> dict[str, Any]:
+        """``jobStats()`` of the running job (its own method so a test can make it slow)."""
+        return dict(dom.jobStats())
+
+    def _update_phase(self, stats: Mapping[str, Any]) -> None:
+        lv = libvirt_module()
+        if self._events.switchover_seen:
+            self._advance(Phase.SWITCHOVER)
+            return
+        with contextlib.suppress(lv.libvirtError):
+            state, reason = self._dom.state()
+            paused_for_switchover = state == lv.VIR_DOMAIN_PAUSED and reason in (
+                lv.VIR_DOMAIN_PAUSED_MIGRATION,
+                lv.VIR_DOMAIN_PAUSED_USER,
+            )
+            if paused_for_switchover and not self.spec.offline and int(stats.get("memory_processed", 0)):
+                self._advance(Phase.SWITCHOVER)
+                return
+        if int(stats.get("memory_processed", 0)) > 0 or int(stats.get("memory_iteration", 0)) > 0:
+            self._advance(Phase.MEMORY)
+        else:
+            self._advance(Phase.DISK)
+
+    def _progress_from(self, stats: Mapping[str, Any]) -> Progress:
+        mem_total = int(stats.get("memory_total", 0)) or self.spec.memory_bytes
+        mem_processed = int(stats.get("memory_processed", 0))
+        if self._phase in (Phase.PREPARING, Phase.DISK):
+            # Until the mirror is in sync QEMU has not begun memory: all of it is still to copy.
+            mem_remaining = mem_total
+        else:
+            mem_remaining = self._memory_left.update(
+                int(stats.get("memory_iteration", 0)), int(stats.get("memory_remaining", 0))
+            )
+        disk_total = int(stats.get("disk_total", 0))
+        disk_processed = int(stats.get("disk_processed", 0))
+        disk_remaining = int(stats.get("disk_remaining", 0))
+        if disk_total == 0:
+            # The mirror has not started (the target QEMU is starting): every disk byte is still to copy.
+            disk_total = disk_remaining = sum(d.size_bytes for d in self._disks)
+        processed = int(stats.get("data_processed", mem_processed + disk_processed))
+        page = int(stats.get("memory_page_size", DEFAULT_PAGE_SIZE)) or DEFAULT_PAGE_SIZE
+        written = self._disk_written_bytes()
+        now = self._clock()  # after every libvirt call of this sample
+        elapsed = now - self._started_at if self._started_at is not None else 0.0
+        rate, disk_rate = self._rates.add(Sample(now, processed, written))
+        if self.bandwidth_mibps > 0:
+            rate = min(rate, float(self.bandwidth_mibps * 1024 * 1024))
+        return Progress(
+            phase=self._phase,
+            elapsed_s=elapsed,
+            round=int(stats.get("memory_iteration", 0)),
+            disk_total_bytes=disk_total,
+            disk_processed_bytes=disk_processed,
+            disk_remaining_bytes=disk_remaining,
+            memory_total_bytes=mem_total,
+            memory_processed_bytes=mem_processed,
+            memory_remaining_bytes=mem_remaining,
+            disk_dirty_rate_bps=disk_rate,
+            memory_dirty_rate_bps=float(stats.get("memory_dirty_rate", 0)) * page,
+            transfer_rate_bps=rate,
+            disk_write_limit_bps=self._disk_limit_bps,
+            memory_throttle_pct=self._throttle_pct,
+            memory_throttle_in_force_pct=self._throttle_in_force(stats),
+            downtime_ms=None,
+            bytes_transferred=processed,
+            rate_window_s=self._rates.window_s,
+        )
+
+    def _throttle_in_force(self, stats: Mapping[str, Any]) -> int | None:
+        """QEMU's CPU throttle in force (``auto_converge_throttle``; absent while it does not throttle)."""
+        if self.auto_converge != "controlled" or not stats:
+            return None
+        return int(stats.get("auto_converge_throttle", 0))
+
+    def _final_progress(self) -> Progress:
+        lv = libvirt_module()
+        self._settle()
+        stats = self._events.completed_stats or {}
+        if not stats and self._phase is Phase.DONE:
+            with contextlib.suppress(lv.libvirtError, DriverError):
+                tdom = self._target().lookupByUUIDString(self._uuid)
+                stats = dict(tdom.jobStats(lv.VIR_DOMAIN_JOB_STATS_COMPLETED))
+                self._events.completed_stats = stats
+        merged = {**self._last_stats, **stats}
+        base = self._progress_from(merged)
+        elapsed = base.elapsed_s
+        downtime = merged.get("downtime")
+        processed = int(merged.get("data_processed", base.bytes_transferred))
+        done = self._phase is Phase.DONE
+        return Progress(
+            phase=self._phase,
+            elapsed_s=float(merged.get("time_elapsed", elapsed * 1000)) / 1000 if done else elapsed,
+            round=base.round,
+            disk_total_bytes=base.disk_total_bytes,
+            disk_processed_bytes=base.disk_total_bytes if done else base.disk_processed_bytes,
+            disk_remaining_bytes=0 if done else base.disk_remaining_bytes,
+            memory_total_bytes=base.memory_total_bytes,
+            memory_processed_bytes=base.memory_processed_bytes,
+            memory_remaining_bytes=0 if done else base.memory_remaining_bytes,
+            disk_dirty_rate_bps=0.0,
+            memory_dirty_rate_bps=0.0,
+            transfer_rate_bps=base.transfer_rate_bps,
+            disk_write_limit_bps=self._disk_limit_bps,
+            memory_throttle_pct=self._throttle_pct,
+            downtime_ms=float(downtime) if downtime is not None and done else None,
+            bytes_transferred=processed,
+            error=None if done else self._error_text(),
+            target_at_fault=self._target_at_fault,
+            rate_window_s=self._rates.window_s,
+        )
+
+    def _disk_written_bytes(self) -> int:
+        lv = libvirt_module()
+        total = 0
+        if self._dom is None:
+            return 0
+        for disk in self._disks:
+            with contextlib.suppress(lv.libvirtError):
+                total += int(self._dom.blockStats(disk.target)[3])
+        return total
