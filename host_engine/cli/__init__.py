@@ -5,6 +5,7 @@ importing the command modules registers their commands on it.
 """
 
 from host_engine.cli import inventory, operations, planning, service
+from host_engine.cli import sim as _sim  # noqa: F401  (registers host-engine sim)
 from host_engine.cli.app import Deps, cli
 from host_engine.cli.operations import main
 

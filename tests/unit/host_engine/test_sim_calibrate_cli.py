@@ -1,0 +1,74 @@
+"""``host-engine sim calibrate``: [sim] fitted from the store's records of real migrations."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+
+from host_engine.config import config_from_dict
+from host_engine.models import NewMigration
+from host_engine.states import MigrationState as S
+from host_engine.store import Store
+from tests.unit.host_engine.conftest import FakeClock, make_droplet, make_host
+from tests.unit.host_engine.test_cli import invoke, ok
+
+RUNS = Path(__file__).resolve().parents[3] / "bench" / "results" / "sim_fidelity_runs.json"
+T0_OFFSET = timedelta(minutes=30)
+
+
+def _record(store: Store, clock: FakeClock, run: dict[str, object], i: int) -> None:
+    """Store one real run the way the executor does: progress log entries, then the attempt's numbers."""
+    droplet = f"g{i}"
+    store.add_droplet(make_droplet(droplet, "hv1"))
+    nb = clock() + T0_OFFSET
+    [m] = store.create_migrations(
+        [NewMigration(droplet, "hv1", "hv2", nb, nb - timedelta(minutes=10), nb, "test", "alice")]
+    )
+    store.transition(m.id, S.NOTIFIED, notified_at=clock())
+    clock.advance(3600)
+    [c] = store.claim("w1", due_by=clock())
+    store.transition(c.id, S.RUNNING, worker="w1", started_at=clock())
+    for s in run["samples"]:  # type: ignore[attr-defined]
+        data = {
+            k: v for k, v in s.items() if k not in ("t", "disk_processed_bytes", "memory_processed_bytes")
+        }
+        data["elapsed_s"] = s["t"]
+        store.append_log(c.id, "progress", "progress", data=data)
+    last = {k: run[k] for k in ("duration_s", "downtime_ms", "bytes_transferred")}
+    if run["converged"]:
+        store.complete(c.id, worker="w1", stats={"last_attempt": last})
+    else:
+        store.transition(c.id, S.FAILED, worker="w1", stats={"last_attempt": last}, last_error="gave up")
+
+
+def test_sim_calibrate_fits_sim_settings_from_recorded_real_runs(tmp_path: Path, clock: FakeClock) -> None:
+    db = str(tmp_path / "e.db")
+    store = Store.open(db, clock=clock)
+    for h in ("hv1", "hv2"):
+        store.add_host(make_host(h, hypervisor_uri=f"qemu+tcp://{h}.example/system"))
+    runs = [
+        r for r in json.loads(RUNS.read_text())["runs"] if r["rep"] == 1 and r["workload"] == "memory 8 MiB"
+    ]
+    for i, run in enumerate(runs):
+        _record(store, clock, run, i)
+    store.close()
+    doc = json.loads(ok(db, clock, "sim", "calibrate", "--json", "--cap-mibps", "0").output)
+    assert doc["runs"] == len(runs) == 2
+    assert set(doc["workloads"]) == {"g0", "g1"}
+    assert 0.5 < doc["setup_s"] < 6
+    assert doc["link_bps"] > 10 * 1024 * 1024
+    # The text form is a [sim] section the config loader takes as it is.
+    text = ok(db, clock, "sim", "calibrate").output
+    settings = config_from_dict(tomllib.loads(text)).sim
+    assert settings.workload("g0").disk_allocated_bytes is not None
+
+
+def test_sim_calibrate_with_nothing_to_learn_from_is_one_line(tmp_path: Path, clock: FakeClock) -> None:
+    db = str(tmp_path / "e.db")
+    Store.open(db, clock=clock).close()
+    r = invoke(db, clock, "sim", "calibrate")
+    assert r.exit_code != 0
+    assert "no finished migration" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
