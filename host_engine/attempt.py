@@ -48,6 +48,10 @@ from host_engine.drivers.base import (
 log = logging.getLogger(__name__)
 
 
+# A forced attempt (``MigrationRun.force_switchover``) still ends on these: the attempt ran out of time, or
+# nothing moves at all; the controller's other reasons are about the downtime budget the operator waived.
+FORCED_STILL_ABORT = frozenset({AbortReason.TIMEOUT, AbortReason.NO_TRANSFER})
+
 # The controller looks every 0.5 s: QEMU refreshes its dirty rate once a second and libvirt's jobStats is
 # cheap; a faster tick only reacts to noise, a slower one lets a 300 ms switchover window pass.
 DEFAULT_TICK_S = 0.5
@@ -144,6 +148,8 @@ class MigrationRun:
         self._last: Progress | None = None
         self._throttle_pct_s = 0.0
         self._disk_limit_s = 0.0
+        # The operator's reason once ``force_switchover`` was called.
+        self.forced: str | None = None
 
     def begin(self) -> bool:
         """Prepare the target and start copying. False (with ``result`` set) if that already failed."""
@@ -185,12 +191,49 @@ class MigrationRun:
         operator = self.should_abort() if self.should_abort is not None else None
         if operator is not None:
             return self._end(Outcome.ABORTED, operator, None, False, p)
+        if self.forced is not None:
+            return self._step_forced(p, decision)
+        return self._step_controlled(p, decision)
+
+    def _step_controlled(self, p: Progress, decision: Decision) -> MigrationResult | None:
         try:
             for action in decision.actions:
                 if isinstance(action, Abort):
                     log.info("controller aborts: %s", action.message)
                     return self._end(Outcome.ABORTED, action.message, action.reason, False, p)
                 self._apply(action)
+        except DriverError as e:
+            return self._end(Outcome.FAILED, str(e), None, e.target_at_fault, p)
+        return None
+
+    def force_switchover(self, reason: str) -> None:
+        """An operator's force-complete: switch over as soon as the hypervisor can, whatever the budget.
+
+        In the memory phase the source is paused at the next tick (the pause lasts as long as the remainder
+        takes). In the disk phase nothing can be paused yet — libvirt pauses a guest whose mirror is not in
+        sync only for a full copy of the rest — so the strongest disk write limit the controller allows
+        (``disk_limit_floor_bps``) makes the mirror finish, and the switchover comes the moment memory
+        copying starts. From then on the controller's own reasons to give up (stalled, not converging,
+        switchover taking long) no longer apply; the completion timeout and a link that moves nothing still
+        abort the attempt (source untouched)."""
+        if self.forced is None:
+            log.info("force-complete: %s", reason)
+        self.forced = reason
+
+    def _step_forced(self, p: Progress, decision: Decision) -> MigrationResult | None:
+        for action in decision.actions:
+            if isinstance(action, Abort) and action.reason in FORCED_STILL_ABORT:
+                log.info("controller aborts a forced attempt: %s", action.message)
+                return self._end(Outcome.ABORTED, action.message, action.reason, False, p)
+        try:
+            if p.phase is Phase.MEMORY:
+                # Sent every tick until the driver reports the switchover (libvirt says "not yet" while
+                # its view of the job still reads disk).
+                self._apply(Switchover())
+            elif p.phase in (Phase.PREPARING, Phase.DISK) and self.config.disk_limit_enabled:
+                strongest = self.config.disk_limit_floor_bps
+                if p.disk_write_limit_bps is None or p.disk_write_limit_bps > strongest:
+                    self._apply(SetDiskWriteLimit(strongest))
         except DriverError as e:
             return self._end(Outcome.FAILED, str(e), None, e.target_at_fault, p)
         return None

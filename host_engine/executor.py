@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
+from host_engine import requests as operator_requests
 from host_engine.attempt import DEFAULT_TICK_S, Clock, MigrationResult, MigrationRun, Outcome, RealClock
 from host_engine.config import (
     DEFAULT_LEASE_S,
@@ -467,6 +468,7 @@ class Executor:
             requested = m.stats.get(ABORT_REQUEST_KEY)
             if requested and not a.abort_requested:
                 a.abort_requested = f"aborted by {requested}"
+            self._pick_up_force(a, m)
 
     # ---- starting ----------------------------------------------------------------------------------------
 
@@ -604,6 +606,7 @@ class Executor:
             disk_bytes=droplet.disk_bytes,
             offline=m.offline,
             power_on_after=m.power_on_after,
+            options=operator_requests.bandwidth_options(m.stats),
         )
 
     # ---- running -----------------------------------------------------------------------------------------
@@ -668,8 +671,20 @@ class Executor:
         requested = m.stats.get(ABORT_REQUEST_KEY)
         if requested and not a.abort_requested:
             a.abort_requested = f"aborted by {requested}"
+        self._pick_up_force(a, m)
         a.last_write_s = now
         a.last_logged = p
+
+    @staticmethod
+    def _pick_up_force(a: _Active, m: Migration) -> None:
+        """An operator's force-complete of this attempt: the run switches over now (``force_switchover``);
+        who and why go into the attempt's record."""
+        forced = operator_requests.forced_now(m)
+        if forced is None or a.run is None or a.run.forced is not None or a.offline:
+            return
+        a.run.force_switchover(forced.describe())
+        a.extra.update(forced_by=forced.by, force_reason=forced.reason)
+        log.warning("migration_id=%s: %s; switching over now", m.id, forced.describe())
 
     # ---- ending ------------------------------------------------------------------------------------------
 

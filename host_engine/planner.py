@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from host_engine import requests as operator_requests
 from host_engine.config import EngineConfig, PlacementConfig, ScheduleConfig
 from host_engine.errors import Conflict, InvalidInput, NoCapacity
 from host_engine.models import Droplet, Host, Migration, NewMigration
@@ -30,6 +31,8 @@ from host_engine.timeparse import format_duration, format_time
 from host_engine.units import format_size
 
 log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
 
 # ``--start now`` (and ``migrate --now``) is read when the command parses it, a moment before the transaction
 # checks it: a start this little before the transaction's "now" is still "now", not "in the past".
@@ -87,6 +90,8 @@ class Request:
     reason: str = ""
     requested_by: str = ""
     unsafe_short_notice: bool = False
+    # ``--bandwidth``: each migration's own cap (whole MiB/s), stored with it; None: the configured default.
+    bandwidth_mibps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -129,9 +134,17 @@ def validate_request(request: Request, cfg: ScheduleConfig, now: datetime) -> No
         )
 
 
-def estimate(droplet: Droplet, cfg: ScheduleConfig) -> timedelta:
-    """How long a migration of ``droplet`` holds its slot."""
-    copy_s = (droplet.disk_bytes + droplet.memory_bytes) / cfg.bandwidth_bps
+def estimate(droplet: Droplet, cfg: ScheduleConfig, bandwidth_mibps: int | None = None) -> timedelta:
+    """How long a migration of ``droplet`` holds its slot: (disk + memory) / bandwidth + overhead, the
+    bandwidth being the migration's own cap (``--bandwidth``) when it has one, else ``[schedule]``'s.
+
+    >>> from host_engine.config import ScheduleConfig
+    >>> d = Droplet("d1", "hv1", 1, 1024**3, 9 * 1024**3)
+    >>> estimate(d, ScheduleConfig()), estimate(d, ScheduleConfig(), bandwidth_mibps=100)
+    (datetime.timedelta(seconds=130), datetime.timedelta(seconds=222))
+    """
+    bps = bandwidth_mibps * MiB if bandwidth_mibps else cfg.bandwidth_bps
+    copy_s = (droplet.disk_bytes + droplet.memory_bytes) / bps
     return timedelta(seconds=round(copy_s)) + cfg.slot_overhead
 
 
@@ -141,12 +154,14 @@ def lay_out(
     limits: Limits,
     cfg: ScheduleConfig,
     existing: Iterable[Slot] = (),
+    *,
+    bandwidth_mibps: int | None = None,
 ) -> list[tuple[datetime, timedelta]]:
     """(not_before, estimate) for each (droplet, source, target), in order, within the limits."""
     slots = list(existing)
     out = []
     for droplet, source, target in moves:
-        dur = estimate(droplet, cfg)
+        dur = estimate(droplet, cfg, bandwidth_mibps)
         t = start
         while True:
             end = t + dur
@@ -179,7 +194,12 @@ def _existing_slots(tx: Tx, cfg: ScheduleConfig) -> list[Slot]:
         return []
     sizes = {d.id: d for d in tx.list_droplets()}
     return [
-        Slot(m.source_host, m.target_host, m.not_before, m.not_before + estimate(sizes[m.droplet_id], cfg))
+        Slot(
+            m.source_host,
+            m.target_host,
+            m.not_before,
+            m.not_before + estimate(sizes[m.droplet_id], cfg, operator_requests.bandwidth_mibps(m.stats)),
+        )
         for m in active
         if m.droplet_id in sizes
     ]
@@ -249,7 +269,12 @@ def _schedule(
         raise NoCapacity(f"cannot plan: {_describe_unplaced(c, by_id[c.droplet_id])}")
     triples = [(by_id[c.droplet_id], source.name, c.target or "") for c in plan.choices]
     times = lay_out(
-        triples, request.start, request.limits, config.schedule, _existing_slots(tx, config.schedule)
+        triples,
+        request.start,
+        request.limits,
+        config.schedule,
+        _existing_slots(tx, config.schedule),
+        bandwidth_mibps=request.bandwidth_mibps,
     )
     moves = tuple(
         ScheduledMove(by_id[c.droplet_id], c, nb, nb - request.notice, dur)
@@ -273,16 +298,20 @@ def _write(tx: Tx, schedule: Schedule, request: Request, config: EngineConfig) -
                     reason=request.reason,
                     requested_by=request.requested_by,
                     max_attempts=config.schedule.max_attempts,
-                    stats={
-                        "placement_score": mv.choice.score,
-                        "estimate_s": int(mv.estimate.total_seconds()),
-                    },
+                    stats=operator_requests.with_bandwidth(
+                        {
+                            "placement_score": mv.choice.score,
+                            "estimate_s": int(mv.estimate.total_seconds()),
+                        },
+                        request.bandwidth_mibps,
+                    ),
                 ),
                 message=(
                     f"planned {schedule.source} -> {mv.target} (score {mv.choice.score}) at "
                     f"{format_time(mv.not_before)}, notice at {format_time(mv.notice_at)}"
                     + (f" by {request.requested_by}" if request.requested_by else "")
                     + (f": {request.reason}" if request.reason else "")
+                    + (f", bandwidth cap {request.bandwidth_mibps}MiB/s" if request.bandwidth_mibps else "")
                 ),
             )
         )

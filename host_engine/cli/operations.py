@@ -1,4 +1,4 @@
-"""``host-engine run|status|abort|report|history``: the engine process and what it did."""
+"""``host-engine run|status|abort|force-complete|report|history``: the engine process and what it did."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import click
 
 from guest_sdk.daemon_logging import LogFormat, log_format_option, setup_logging
 from host_engine import progress as progress_text
+from host_engine import requests as operator_requests
 from host_engine.cli.app import (
     Deps,
     _client_factory,
@@ -116,7 +117,8 @@ def status(
         click.echo("no migrations" if show_all else "no active migrations")
         return
     rows = [
-        [m.id, m.droplet_id, m.state.value, f"{m.source_host} -> {m.target_host}", format_time(m.not_before),
+        [m.id, m.droplet_id, m.state.value + _cap(m), f"{m.source_host} -> {m.target_host}",
+         format_time(m.not_before),
          _window(m, now), f"{m.attempt}/{m.max_attempts}", _progress_cell(m)]
         for m in ms
     ]  # fmt: skip
@@ -185,7 +187,7 @@ def _watch_frame(ms: Sequence[Migration], now: datetime, active: int, interval_s
     for m in ms:
         p = m.stats.get(PROGRESS_KEY)
         running = m.state in (MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING) and isinstance(p, dict)
-        state = m.state.value + (", abort requested" if m.stats.get(ABORT_REQUEST_KEY) else "")
+        state = m.state.value + _requested(m)
         cells = (
             progress_text.live_row(p)
             if running and isinstance(p, dict)
@@ -204,7 +206,27 @@ def _progress_cell(m: Migration) -> str | None:
     p = m.stats.get(PROGRESS_KEY)
     if m.state not in (MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING) or not isinstance(p, dict):
         return None
-    return progress_text.short(p) + (" (abort requested)" if m.stats.get("abort_requested_by") else "")
+    asked = _requested(m, cap=False)
+    return progress_text.short(p) + (f" ({asked[2:]})" if asked else "")
+
+
+def _cap(m: Migration) -> str:
+    mibps = operator_requests.bandwidth_mibps(m.stats)
+    return f", cap {mibps}MiB/s" if mibps is not None else ""
+
+
+def _requested(m: Migration, *, cap: bool = True) -> str:
+    """What an operator asked of a migration (abort, force-complete) and its own bandwidth cap, as a
+    suffix for the state: ", abort requested, cap 200MiB/s"."""
+    notes = []
+    if m.stats.get(ABORT_REQUEST_KEY):
+        notes.append("abort requested")
+    if operator_requests.forced_now(m) is not None and m.state.is_active:
+        notes.append("force-complete requested")
+    mibps = operator_requests.bandwidth_mibps(m.stats)
+    if cap and mibps is not None:
+        notes.append(f"cap {mibps}MiB/s")
+    return "".join(f", {n}" for n in notes)
 
 
 @cli.command()
@@ -228,6 +250,29 @@ def abort(deps: Deps, migration_id: str, by: str | None) -> None:
         f"{m.id} ({m.droplet_id}): abort requested; its worker stops the attempt within seconds, "
         f"{m.droplet_id} keeps running on {m.source_host}, then the migration is cancelled "
         "(follow with host-engine status)"
+    )
+
+
+@cli.command("force-complete")
+@click.argument("migration_id")
+@click.option("--reason", required=True, help="Why the extra downtime is accepted: logged, shown in report.")
+@click.option("--by", "by", default=None, help="Who asks (default: the login name).")
+@pass_deps
+def force_complete(deps: Deps, migration_id: str, reason: str, by: str | None) -> None:
+    """Switch a running live migration over now, accepting more downtime than the budget."""
+    m = operator_requests.request_force_complete(
+        deps.store(), migration_id, by=deps.requested_by(by), reason=reason
+    )
+    p = m.stats.get(PROGRESS_KEY)
+    in_disk = isinstance(p, dict) and p.get("phase") in ("preparing", "disk")
+    click.echo(
+        f"{m.id} ({m.droplet_id}): force-complete requested; its worker switches over within seconds"
+        + (
+            " once the disk mirror is in sync (disk writes held at the slowest limit meanwhile)"
+            if in_disk
+            else ""
+        )
+        + f", pausing {m.droplet_id} for as long as the rest takes (follow with host-engine status)"
     )
 
 
@@ -261,6 +306,12 @@ def report(deps: Deps, migration_id: str, as_json: bool, plot_path: str | None) 
         f"{m.id}: {m.droplet_id} {m.source_host} -> {m.target_host}, {m.state.value}, "
         f"attempt {m.attempt}/{m.max_attempts}"
     )
+    cap = operator_requests.bandwidth_mibps(m.stats)
+    if cap is not None:
+        click.echo(f"bandwidth cap: {cap}MiB/s")
+    forced = operator_requests.force_complete(m.stats)
+    if forced is not None:
+        click.echo(f"{forced.describe()} at {format_time(forced.at)} (attempt {forced.attempt})")
     if isinstance(last, dict):
         click.echo("last attempt: " + ", ".join(f"{k} {v}" for k, v in last.items() if v is not None))
     for mark in marks:

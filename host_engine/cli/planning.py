@@ -46,6 +46,7 @@ from host_engine.executor_metrics import ExecutorMetrics
 from host_engine.models import LogEntry, Migration
 from host_engine.placement import Choice, Plan
 from host_engine.reconcile import MetadataSync
+from host_engine.requests import parse_bandwidth
 from host_engine.states import HostState, MigrationState
 from host_engine.store import Store
 from host_engine.timeparse import Clock, format_time, parse_duration, parse_time
@@ -194,6 +195,7 @@ def _request(
     max_per_target: int | None,
     reason: str,
     requested_by: str | None,
+    bandwidth: str | None = None,
 ) -> planner.Request:
     cfg = deps.config.schedule
     now = deps.clock()
@@ -208,6 +210,7 @@ def _request(
         reason=reason,
         requested_by=deps.requested_by(requested_by),
         unsafe_short_notice=unsafe,
+        bandwidth_mibps=parse_bandwidth(bandwidth) if bandwidth is not None else None,
     )
 
 
@@ -235,6 +238,13 @@ _timing_options = [
     click.option("--requested-by", default=None, help="Who asks (default: the login name)."),
     click.option("--dry-run", is_flag=True, help="Show the plan, write nothing."),
     click.option("--json", "as_json", is_flag=True),
+    click.option(
+        "--bandwidth",
+        default=None,
+        metavar="RATE",
+        help="Cap each migration's copy at RATE (e.g. 200MiB/s; whole MiB/s); also sizes its slot. "
+        "Default: [libvirt] bandwidth_mibps.",
+    ),
 ]
 
 
@@ -281,10 +291,19 @@ def evacuate(
     max_parallel: int | None,
     max_per_target: int | None,
     anti_affinity: bool | None,
+    bandwidth: str | None,
 ) -> None:
     """Move every droplet off HOST from --start on; HOST goes into maintenance."""
     req = _request(
-        deps, start, notice, unsafe_short_notice, max_parallel, max_per_target, reason, requested_by
+        deps,
+        start,
+        notice,
+        unsafe_short_notice,
+        max_parallel,
+        max_per_target,
+        reason,
+        requested_by,
+        bandwidth,
     )
     config = _with_anti_affinity(deps.config, anti_affinity)
     schedule, written = planner.evacuate(deps.store(), host_name, req, config, dry_run=dry_run)
@@ -337,6 +356,7 @@ def migrate(
     as_json: bool,
     driver: str | None,
     sim_speed: float,
+    bandwidth: str | None,
 ) -> None:
     """Move one droplet (to the best host, or --to HOST) from --start on, or --now in this process."""
     if now and start is not None:
@@ -353,7 +373,9 @@ def migrate(
         notice = notice if notice is not None else "0s"
         # The driver follows from the hosts: refused (one line) before any notice goes out.
         plan_drivers(deps.store().list_hosts(), driver or deps.config.engine.driver)
-    req = _request(deps, start or f"+{notice}", notice, unsafe_short_notice, None, None, reason, requested_by)
+    req = _request(
+        deps, start or f"+{notice}", notice, unsafe_short_notice, None, None, reason, requested_by, bandwidth
+    )
     schedule, written = planner.migrate_one(
         deps.store(), droplet_id, req, deps.config, to=to, dry_run=dry_run
     )

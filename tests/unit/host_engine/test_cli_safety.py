@@ -131,6 +131,7 @@ NEEDS_A_STORE: list[list[str]] = [
     ["migrate", "d1", "--now", "--unsafe-short-notice"],
     ["cancel", "m-1"],
     ["abort", "m-1"],
+    ["force-complete", "m-1", "--reason", "window closing"],
     ["status"],
     ["status", "--json"],
     ["status", "--watch", "--count", "1"],
