@@ -134,6 +134,8 @@ def request_force_complete(store: Store, migration_id: str, *, by: str, reason: 
     reason = " ".join(reason.split())
     if not reason:
         raise InvalidInput("--reason must say why (it is logged and shown in report)", field="reason")
+    if not reason.isprintable():
+        raise InvalidInput("--reason must be printable text (no control characters)", field="reason")
     if len(reason) > MAX_REASON_CHARS:
         raise InvalidInput(f"--reason is longer than {MAX_REASON_CHARS} characters", field="reason")
     from host_engine.executor import ABORT_REQUEST_KEY  # the executor imports this module

@@ -243,6 +243,8 @@ FORCE_BAD = [
     ("unknown", ["force-complete", "m-nope", "--reason", "x"], 3, "unknown migration 'm-nope'"),
     ("blank reason", ["force-complete", "m-nope", "--reason", "   "], 2, "--reason must say why"),
     ("no reason", ["force-complete", "m-nope"], 2, "Missing option '--reason'"),
+    ("escape codes", ["force-complete", "m-nope", "--reason", "ok\x1b[2J"], 2, "printable"),
+    ("long reason", ["force-complete", "m-nope", "--reason", "x" * 501], 2, "longer than 500"),
 ]
 
 
