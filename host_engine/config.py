@@ -31,7 +31,6 @@ Built once at the entry point into a frozen :class:`EngineConfig` and passed dow
 
     [engine]
     poll_interval = "1s"
-    late_notice_grace = "1m"                    # a notice later than this pushes not_before back
     worker = "host-a"                           # default: the hostname (one live process per name)
     driver = "auto"                             # "auto": each host by its URI; "sim"/"libvirt": insist on one
     lease = "60s"                               # another worker takes over a dead one's attempts after this
@@ -57,6 +56,7 @@ Built once at the entry point into a frozen :class:`EngineConfig` and passed dow
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tomllib
@@ -71,6 +71,8 @@ from host_engine.drivers.sim.settings import SIM_KEYS, SimSettings, sim_settings
 from host_engine.errors import ConfigError, InvalidInput
 from host_engine.timeparse import parse_duration
 from host_engine.units import parse_size
+
+log = logging.getLogger(__name__)
 
 CONFIG_ENV = "HOST_ENGINE_CONFIG"
 MIN_NOTICE = timedelta(minutes=10)
@@ -147,7 +149,6 @@ DEFAULT_MAX_CONCURRENT = 4
 @dataclass(frozen=True)
 class EngineLoopConfig:
     poll_interval_s: float = 1.0
-    late_notice_grace: timedelta = timedelta(minutes=1)
     worker: str = ""
     notifier_timeout_s: float = 5.0
     notifier_attempts: int = 4
@@ -412,9 +413,10 @@ def _engine(doc: Mapping[str, Any]) -> EngineLoopConfig:
     pi = _duration(doc, "engine", "poll_interval")
     if pi is not None:
         eng = replace(eng, poll_interval_s=_positive("engine", "poll_interval", pi.total_seconds()))
-    lg = _duration(doc, "engine", "late_notice_grace")
-    if lg is not None:
-        eng = replace(eng, late_notice_grace=lg)
+    if _duration(doc, "engine", "late_notice_grace") is not None:
+        # Kept readable so older configs still load: every notice now gives the guest its full notice from the
+        # moment it was told (not_before moves as needed), so there is no grace left to configure.
+        log.warning("config [engine] late_notice_grace is ignored: a guest always gets its full notice")
     worker = _get(doc, "engine", "worker", str)
     if worker is not None:
         eng = replace(eng, worker=worker)
