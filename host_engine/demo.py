@@ -48,7 +48,7 @@ import click
 import requests
 
 from guest_sdk.daemon_logging import TextFormatter
-from host_engine import planner
+from host_engine import planner, prediction
 from host_engine.config import EngineConfig, EngineLoopConfig, PlacementConfig, ScheduleConfig
 from host_engine.drivers.base import DomainState, Phase
 from host_engine.drivers.sim import (
@@ -65,12 +65,14 @@ from host_engine.drivers.sim import (
     log_writer,
     web,
 )
+from host_engine.drivers.sim.settings import SimHost, SimSettings
 from host_engine.engine import Engine
 from host_engine.errors import HostEngineError
 from host_engine.executor import LAST_ATTEMPT_KEY, Executor, ExecutorConfig, attempt_id, placement_chooser
 from host_engine.models import Droplet, Host, LogEntry, Migration
 from host_engine.notifier import AdminClient
 from host_engine.placement import Choice, Plan
+from host_engine.prediction import Prediction
 from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.retry import RetryConfig
 from host_engine.states import MigrationState
@@ -525,6 +527,8 @@ class Row:
     bytes_moved: int
     result: str
     new_host: str
+    duration_s: float | None = None
+    predicted: Prediction | None = None
 
 
 @dataclass
@@ -556,6 +560,7 @@ class Demo:
         self.booted: dict[str, float] = {}  # droplet -> wall time it was powered on again
         self._seen = _Seen()
         self._run_started: float | None = None
+        self.predictions: dict[str, Prediction] = {}  # droplet id -> what the sim predicted at planning
 
     # ---- output ------------------------------------------------------------------------------------------
 
@@ -716,6 +721,7 @@ class Demo:
             ),
             engine=EngineLoopConfig(
                 poll_interval_s=ENGINE_POLL_S,
+                late_notice_grace=timedelta(seconds=5),
                 worker="demo",
                 notifier_timeout_s=2.0,
                 notifier_attempts=3,
@@ -759,6 +765,7 @@ class Demo:
         preview = planner.preview_evacuation(store, EVACUATE, config, explain=leaving)
         schedule, written = planner.evacuate(store, EVACUATE, request, config)
         self._print_plan(schedule, now)
+        self._print_forecast(schedule)
         self._print_explain(preview)
         for m in written:
             self.migrations[m.droplet_id] = m.id
@@ -781,6 +788,37 @@ class Demo:
                 f"+{notice_in:5.1f}s +{window_in:5.1f}s  "
                 f"runners-up {runners}; rejected: {_rejections(c)}"
             )
+        self.echo("")
+
+    def _print_forecast(self, schedule: planner.Schedule) -> None:
+        """What the simulator predicts for each move (each droplet's own workload, the hosts' NICs)."""
+        config = self.engine_config()
+        moves = [
+            (mv.droplet.id, EVACUATE, mv.target, mv.droplet.memory_bytes, mv.droplet.disk_bytes)
+            for mv in schedule.moves
+        ]
+        settings = SimSettings(
+            default_host=SimHost(NIC_BPS, self.world.default_host_model),
+            droplets={mv.droplet.id: self._spec(mv.droplet.id).workload for mv in schedule.moves},
+        )
+        fc = prediction.forecast_shared(
+            moves,
+            settings,
+            config=config.controller,
+            max_parallel=config.schedule.max_parallel,
+            max_per_host=config.schedule.max_per_target,
+        )
+        self.echo("  PREDICTED  (the simulator, before anything moves: the same limits, the NICs shared)")
+        self.echo(f"    {'DROPLET':9} {'DURATION':>9} {'DOWNTIME':>9} {'MOVED':>9}  THROTTLE, RISK")
+        for did, _src, _dst, p in fc.predictions:
+            self.predictions[did] = p
+            down = "-" if p.downtime_ms is None else f"{p.downtime_ms:.0f} ms"
+            throttle = f"{p.throttle_pct_s:,.0f} %·s" if p.throttle_pct_s else "none"
+            self.echo(
+                f"    {did:9} {p.duration_s:8.1f}s {down:>9} {p.bytes_transferred / GiB:7.1f}G  "
+                f"{throttle}, risk {p.risk.value}"
+            )
+        self.echo(f"    window: {fc.window_s:.0f} s of migration time under the limits")
         self.echo("")
 
     def _print_explain(self, preview: Plan) -> None:
@@ -1023,6 +1061,8 @@ class Demo:
                     bytes_moved=int(last.get("bytes_transferred") or 0),
                     result=f"{m.state.value} ({how}, {attempts})",
                     new_host=store.get_droplet(did).host,
+                    duration_s=None if last.get("duration_s") is None else float(last["duration_s"]),
+                    predicted=self.predictions.get(did),
                 )
             )
         return out
@@ -1030,7 +1070,7 @@ class Demo:
     def print_table(self) -> None:
         rows = self.rows()
         headers = ["DROPLET", "WORKLOAD", "SIZE", "NOTICE LEAD", "DOWNTIME", "THROTTLE", "MOVED", "RESULT",
-                   "NEW HOST"]  # fmt: skip
+                   "NEW HOST", "PREDICTED vs ACTUAL"]  # fmt: skip
         cells = [
             [
                 r.droplet,
@@ -1042,6 +1082,7 @@ class Demo:
                 f"{r.bytes_moved / GiB:.1f} GiB",
                 r.result,
                 r.new_host,
+                _versus(r),
             ]
             for r in rows
         ]
@@ -1059,6 +1100,17 @@ class Demo:
         self.echo(
             f"  the simulated hypervisors ran {self.world.time_s:.0f} s of migration time in {wall_s:.0f} s"
         )
+
+
+def _versus(r: Row) -> str:
+    """The sim's prediction at planning against what happened: duration, downtime."""
+    p = r.predicted
+    if p is None:
+        return "-"
+    down = "-" if p.downtime_ms is None else f"{p.downtime_ms:.0f}"
+    actual_down = "-" if r.downtime_ms is None else f"{r.downtime_ms:.0f}"
+    actual_s = "-" if r.duration_s is None else f"{r.duration_s:.1f}"
+    return f"{p.duration_s:.1f} vs {actual_s} s, {down} vs {actual_down} ms"
 
 
 def check_bystander(did: str, agent: GuestAgentProcess) -> list[str]:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from host_engine.attempt import Outcome, run_migration
+from host_engine.attempt import MigrationRun, Outcome, run_migration
 from host_engine.controller import ControllerConfig
 from host_engine.drivers.base import MigrationSpec
 from host_engine.drivers.sim.driver import SimClock, SimHypervisor
@@ -490,3 +490,107 @@ def forecast(
         max_per_host=max_per_host,
     )
     return Forecast(tuple(predictions), tuple(schedule), length, max_parallel, max_per_host)
+
+
+def forecast_shared(
+    moves: Sequence[tuple[str, str, str, int, int]],
+    settings: Any,
+    *,
+    config: ControllerConfig | None = None,
+    cap_mibps: int = 0,
+    max_parallel: int = 4,
+    max_per_host: int = 2,
+    tick_s: float = DEFAULT_TICK_S,
+    timeout_s: float = DEFAULT_PREDICT_TIMEOUT_S,
+) -> Forecast:
+    """The whole evacuation in one simulated world: moves start in order as the limits allow and share each
+    host's link while they overlap (what ``forecast`` leaves out). Risk is ``HIGH`` for a move predicted not
+    to converge and ``MEDIUM`` for one that needs the throttle."""
+    if max_parallel < 1 or max_per_host < 1:
+        raise ValueError("limits must be at least 1")
+    config = config or ControllerConfig()
+    world = _world_for(moves, settings)
+    clock = SimClock(world)
+    start = clock.now()
+    hv = SimHypervisor(world)
+    pending = list(moves)
+    running: dict[str, tuple[Any, str, str, float]] = {}
+    ended: dict[str, tuple[Any, float, float]] = {}  # droplet -> (result, start, end)
+    limit_s = timeout_s * max(1, len(moves))
+    while (pending or running) and clock.now() - start < limit_s:
+        busy: dict[str, int] = {}
+        for _run, s, t, _at in running.values():
+            busy[s] = busy.get(s, 0) + 1
+            busy[t] = busy.get(t, 0) + 1
+        while pending and len(running) < max_parallel:
+            d, s, t, memory_bytes, disk_bytes = pending[0]
+            if busy.get(s, 0) >= max_per_host or busy.get(t, 0) >= max_per_host:
+                break
+            pending.pop(0)
+            spec = MigrationSpec(
+                f"predict-{d}", d, s, t, f"sim://{s}", f"sim://{t}", 1, memory_bytes, disk_bytes,
+                options={"bandwidth_mibps": str(cap_mibps)} if cap_mibps else {},
+            )  # fmt: skip
+            began = clock.now()
+
+            def bound(began: float = began) -> str | None:
+                return f"still running after {timeout_s:.0f} s" if clock.now() - began >= timeout_s else None
+
+            run = MigrationRun(hv.migration(spec), config, clock, should_abort=bound, keep_trace=False)
+            running[d] = (run, s, t, began)
+            busy[s] = busy.get(s, 0) + 1
+            busy[t] = busy.get(t, 0) + 1
+            if not run.begin() and run.result is not None:
+                ended[d] = (run.result, began, clock.now())
+                del running[d]
+        for d, (run, _s, _t, began) in list(running.items()):
+            r = run.step()
+            if r is not None:
+                ended[d] = (r, began, clock.now())
+                del running[d]
+        if running:
+            clock.sleep(tick_s)
+    predictions = []
+    schedule = []
+    for d, s, t, _m, _k in moves:
+        if d not in ended:
+            continue
+        r, began, end = ended[d]
+        predictions.append((d, s, t, _prediction_of(d, r)))
+        schedule.append(Scheduled(d, s, t, began - start, end - start))
+    length = max((x.end_s for x in schedule), default=0.0)
+    return Forecast(tuple(predictions), tuple(schedule), length, max_parallel, max_per_host)
+
+
+def _world_for(moves: Sequence[tuple[str, str, str, int, int]], settings: Any) -> SimWorld:
+    world = SimWorld(0, step_s=DEFAULT_STEP_S)
+    for host in sorted({h for _d, s, t, _m, _k in moves for h in (s, t)}):
+        world.add_host(host, nic_bps=settings.host(host).link_bps)
+        world.host_models[host] = settings.host(host).model
+    for droplet_id, source, _t, memory_bytes, disk_bytes in moves:
+        world.add_droplet(
+            droplet_id,
+            source,
+            memory_bytes=memory_bytes,
+            disk_bytes=disk_bytes,
+            workload=settings.workload(droplet_id),
+        )
+    return world
+
+
+def _prediction_of(droplet_id: str, r: Any) -> Prediction:
+    converges = r.outcome is Outcome.COMPLETED
+    risk = Risk.LOW if converges and r.throttle_pct_s == 0 else Risk.MEDIUM if converges else Risk.HIGH
+    return Prediction(
+        droplet_id=droplet_id,
+        converges=converges,
+        duration_s=r.duration_s,
+        downtime_ms=r.downtime_ms,
+        bytes_transferred=r.bytes_transferred,
+        throttle_pct_s=r.throttle_pct_s,
+        throttled_s=0.0,
+        max_throttle_pct=0,
+        disk_limit_s=r.disk_limit_s,
+        risk=risk,
+        outcome="completed" if converges else f"{r.outcome.value}: {r.reason}",
+    )

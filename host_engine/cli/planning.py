@@ -147,14 +147,16 @@ def _forecast(deps: Deps, result: Plan, host_name: str) -> prediction.Forecast:
         for c in result.choices
         if c.target is not None and c.droplet_id in sizes
     ]
-    return prediction.forecast(
-        moves,
-        cfg.sim,
-        config=cfg.controller,
-        cap_mibps=cfg.libvirt.bandwidth_mibps,
-        max_parallel=cfg.schedule.max_parallel,
-        max_per_host=max(1, min(cfg.schedule.max_per_target, cfg.schedule.max_per_source)),
-    )
+    limits = {
+        "config": cfg.controller,
+        "cap_mibps": cfg.libvirt.bandwidth_mibps,
+        "max_parallel": cfg.schedule.max_parallel,
+        "max_per_host": max(1, min(cfg.schedule.max_per_target, cfg.schedule.max_per_source)),
+    }
+    alone = prediction.forecast(moves, cfg.sim, **limits)  # type: ignore[arg-type]
+    # The window with the moves sharing each host's link while they overlap.
+    shared = prediction.forecast_shared(moves, cfg.sim, **limits)  # type: ignore[arg-type]
+    return replace(alone, window_s=shared.window_s, schedule=shared.schedule)
 
 
 def print_forecast(forecast: prediction.Forecast) -> None:

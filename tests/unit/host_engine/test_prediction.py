@@ -172,3 +172,19 @@ def test_cli_plan_evacuate_predict(tmp_path: Path, clock: FakeClock) -> None:
     bad.write_text("[sim]\nlink_mibps = -3\n")
     r = invoke(db, clock, "--config", str(bad), "plan", "evacuate", "hv1", "--predict")
     assert r.exit_code != 0 and "link_mibps" in r.output + r.stderr
+
+
+def test_moves_that_overlap_share_the_link_in_the_shared_forecast() -> None:
+    from host_engine.prediction import forecast_shared
+
+    settings = sim_settings({"link_mibps": 200, "default_workload": "idle"})
+    moves = [("a", "src", "t1", 1 * GiB, 8 * GiB), ("b", "src", "t2", 1 * GiB, 8 * GiB)]
+    alone = forecast(moves, settings, max_parallel=2, max_per_host=2)
+    shared = forecast_shared(moves, settings, max_parallel=2, max_per_host=2)
+    one = {d: p for d, _s, _t, p in alone.predictions}["a"]
+    both = {d: p for d, _s, _t, p in shared.predictions}["a"]
+    # Two copies out of one 200 MiB/s NIC: each takes about twice as long as it would alone.
+    assert both.duration_s > one.duration_s * 1.6
+    assert all(p.converges for _d, _s, _t, p in shared.predictions)
+    serial = forecast_shared(moves, settings, max_parallel=1, max_per_host=2)
+    assert [s.start_s > 0 for s in serial.schedule] == [False, True]
