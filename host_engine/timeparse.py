@@ -14,8 +14,18 @@ from host_engine.errors import InvalidInput
 
 Clock = Callable[[], datetime]
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)", re.ASCII)
+# Ten years: no notice, lease or interval is longer; past ~1e9 days a timedelta overflows.
+MAX_DURATION_S = 10 * 365 * 86400.0
 _DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+#: How much of a bad value an error message repeats (a pasted novel is not echoed back whole).
+SHOWN_CHARS = 40
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "...")
 
 
 def utc_now() -> datetime:
@@ -28,8 +38,8 @@ def parse_duration(text: str, *, field: str = "duration") -> timedelta:
     raw = text.strip().lower().replace(" ", "")
     if not raw:
         raise InvalidInput(f"{field}: empty duration (e.g. 10m, 90s, 1h30m)", field=field)
-    if re.fullmatch(r"\d+(?:\.\d+)?", raw):
-        return timedelta(seconds=float(raw))
+    if re.fullmatch(r"\d+(?:\.\d+)?", raw, re.ASCII):
+        return _bounded(float(raw), text, field)
     pos = 0
     total_s = 0.0
     for m in _DURATION_PART.finditer(raw):
@@ -38,8 +48,14 @@ def parse_duration(text: str, *, field: str = "duration") -> timedelta:
         total_s += float(m.group(1)) * _DURATION_UNITS_S[m.group(2)]
         pos = m.end()
     if pos != len(raw) or pos == 0:
-        raise InvalidInput(f"{field}: malformed duration {text!r} (e.g. 10m, 90s, 1h30m)", field=field)
-    return timedelta(seconds=total_s)
+        raise InvalidInput(f"{field}: malformed duration {_shown(text)} (e.g. 10m, 90s, 1h30m)", field=field)
+    return _bounded(total_s, text, field)
+
+
+def _bounded(seconds: float, text: str, field: str) -> timedelta:
+    if not seconds <= MAX_DURATION_S:
+        raise InvalidInput(f"{field}: duration {_shown(text)} is longer than ten years", field=field)
+    return timedelta(seconds=seconds)
 
 
 def format_duration(delta: timedelta) -> str:
@@ -74,10 +90,11 @@ def parse_time(text: str, *, now: datetime, field: str = "time") -> datetime:
         value = datetime.fromisoformat(iso)
     except ValueError as e:
         raise InvalidInput(
-            f"{field}: malformed time {text!r} (expected e.g. 2026-12-01T02:00Z, now, +30m)", field=field
+            f"{field}: malformed time {_shown(text)} (expected e.g. 2026-12-01T02:00Z, now, +30m)",
+            field=field,
         ) from e
     if value.tzinfo is None:
-        raise InvalidInput(f"{field}: time {text!r} has no timezone (add Z for UTC)", field=field)
+        raise InvalidInput(f"{field}: time {_shown(text)} has no timezone (add Z for UTC)", field=field)
     return value.astimezone(UTC)
 
 

@@ -30,24 +30,37 @@ _UNITS: dict[str, int] = {
     "tb": 1000**4,
     "pb": 1000**5,
 }
-_SIZE = re.compile(r"([+-]?\d+(?:\.\d+)?)\s*([a-z]*)")
+_SIZE = re.compile(r"([+-]?\d+(?:\.\d+)?)\s*([a-z]*)", re.ASCII)  # ASCII: full-width digits are not digits
+# Far beyond any disk, memory or link (an exbibyte): a bigger number is a typo (and past ~1e308, inf).
+MAX_SIZE_BYTES = _KIB**6
+
+
+#: How much of a bad value an error message repeats (a pasted novel is not echoed back whole).
+SHOWN_CHARS = 40
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "...")
 
 
 def parse_size(text: str, *, field: str = "size") -> int:
     """Parse a size with a unit into bytes. Negative or unit-less sizes raise :class:`InvalidInput`."""
     m = _SIZE.fullmatch(text.strip().lower())
     if not m:
-        raise InvalidInput(f"{field}: malformed size {text!r} (e.g. 64GiB, 512MiB, 1TB)", field=field)
+        raise InvalidInput(f"{field}: malformed size {_shown(text)} (e.g. 64GiB, 512MiB, 1TB)", field=field)
     number, unit = m.groups()
     if number.startswith("-"):
-        raise InvalidInput(f"{field}: size must not be negative, got {text!r}", field=field)
+        raise InvalidInput(f"{field}: size must not be negative, got {_shown(text)}", field=field)
     if not unit:
-        raise InvalidInput(f"{field}: size {text!r} needs a unit (e.g. 64GiB, 512MiB)", field=field)
+        raise InvalidInput(f"{field}: size {_shown(text)} needs a unit (e.g. 64GiB, 512MiB)", field=field)
     if unit not in _UNITS:
         raise InvalidInput(
-            f"{field}: unknown unit {unit!r} in {text!r} (use KiB, MiB, GiB, TiB, GB, ...)", field=field
+            f"{field}: unknown unit {unit!r} in {_shown(text)} (use KiB, MiB, GiB, TiB, GB, ...)", field=field
         )
-    return int(float(number) * _UNITS[unit])
+    size = float(number) * _UNITS[unit]
+    if not size <= MAX_SIZE_BYTES:
+        raise InvalidInput(f"{field}: size {_shown(text)} is larger than 1 EiB", field=field)
+    return int(size)
 
 
 def format_size(size_bytes: int) -> str:
