@@ -55,7 +55,7 @@ from host_engine.drivers.sim.model import (
     new_droplet,
     pristine_image,
 )
-from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, WORKLOADS
+from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, WORKLOADS, Workload
 from host_engine.errors import StoreError
 from host_engine.inventory import DriverKind, driver_kind
 from host_engine.store import Store, Tx
@@ -127,6 +127,10 @@ class StoredWorld(SimWorld):
         super().__init__(seed, step_s=step_s)
         self.store = store
         self.default_workload = DEFAULT_WORKLOAD
+        # [sim] settings (``settings.apply_settings``): a droplet's workload until it has a row, a host's
+        # link until it has one; None: the defaults.
+        self.workload_of: Callable[[str], Workload] | None = None
+        self.link_of: Callable[[str], float] | None = None
         self.droplets: _Lazy[str, Droplet] = _Lazy(self._load_droplet)
         self.migrations: _Lazy[str, Migration] = _Lazy(self._load_migration)
         self.writes = WriteCounts()
@@ -171,7 +175,10 @@ class StoredWorld(SimWorld):
             if driver_kind(uri) is DriverKind.LIBVIRT:
                 continue  # a libvirt host is never simulated
             row = sim_hosts.get(name)
-            host = Host(name, row.nic_bps, row.alive) if row is not None else Host(name)
+            if row is not None:
+                host = Host(name, row.nic_bps, row.alive)
+            else:
+                host = Host(name, self.link_of(name)) if self.link_of is not None else Host(name)
             self._saved[("host", name)] = (row.rev if row is not None else None, self._host_fp(host))
             fresh[name] = host
         self.hosts = fresh
@@ -252,7 +259,11 @@ class StoredWorld(SimWorld):
             memory_bytes=row["memory_bytes"],
             disk_bytes=row["disk_bytes"],
             vcpus=row["vcpus"],
-            workload=WORKLOADS[self.default_workload](),
+            workload=(
+                self.workload_of(droplet_id)
+                if self.workload_of is not None
+                else WORKLOADS[self.default_workload]()
+            ),
             state=_power(row["power_state"]),
         )
         self._saved[("droplet", droplet_id)] = (None, _fingerprint(codec.droplet_to_dict(d)))
@@ -482,7 +493,13 @@ class StoredWorld(SimWorld):
             return None  # another process created the row since this one found none
         rev = (existing or 0) + 1
         if existing is None:
-            tx.conn.execute(table.insert().values(**_key_values(key), **values, rev=rev, updated_at=tx.now))
+            # Another process may be inserting the same row right now (not visible yet): losing that race is
+            # a conflict like any other, not a failed transaction.
+            insert = _insert_if_absent(tx, table).values(
+                **_key_values(key), **values, rev=rev, updated_at=tx.now
+            )
+            inserted = tx.conn.execute(insert.returning(table.c.rev)).first()
+            return rev if inserted is not None else None
         else:  # a fresh object replacing a row (a new image over a dead attempt's leftover)
             tx.conn.execute(table.update().where(*where).values(**values, rev=rev, updated_at=tx.now))
         return rev
@@ -551,6 +568,17 @@ def _row(key: tuple[str, ...]) -> tuple[sa.Table, list[sa.ColumnElement[bool]]]:
     if kind == "image":
         return t.sim_images, [t.sim_images.c.droplet_id == key[1], t.sim_images.c.host == key[2]]
     return t.sim_migrations, [t.sim_migrations.c.id == key[1]]
+
+
+def _insert_if_absent(tx: Tx, table: sa.Table) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` in the store's dialect (PostgreSQL or SQLite)."""
+    if tx.conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing()
 
 
 def _key_values(key: tuple[str, ...]) -> dict[str, str]:
