@@ -82,6 +82,9 @@ HOST_SKU = (64, 512 * GIB, 8000 * GIB)
 SIZES = [(1, 1 * GIB, 25 * GIB), (2, 2 * GIB, 50 * GIB), (2, 4 * GIB, 80 * GIB), (4, 8 * GIB, 160 * GIB)]
 PLAN_HOST_DROPLETS = 200
 _SAMPLE = re.compile(r"^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
+MAINTENANCE = "/admin/v1/droplets/<droplet_id>/maintenance"
+DROPLET = "/admin/v1/droplets/<droplet_id>"
+LISTING = "/admin/v1/droplets"
 TERMINAL = [s.value for s in MigrationState if s.is_terminal]
 
 
@@ -338,6 +341,14 @@ def one_run(  # noqa: PLR0912 - one run, measured in one place
     states = Counter(m.state.value for m in migrations.values())
     lag = [(first_start[mid] - nb).total_seconds() for mid, nb in planned.items() if mid in first_start]
     never_started = sum(1 for mid in planned if mid not in first_start)
+    # A window that opened before the run ended with its migration not started yet is at least this late.
+    run_end = datetime.fromtimestamp(t0 + wall, UTC)
+    lag_all = lag + [
+        (run_end - nb).total_seconds()
+        for mid, nb in planned.items()
+        if mid not in first_start and nb < run_end
+    ]
+    notified = sum(1 for m in migrations.values() if m.notified_at is not None)
     first_window = min(planned.values())
     ends = [
         iv.end
@@ -365,6 +376,12 @@ def one_run(  # noqa: PLR0912 - one run, measured in one place
         "plan_span_s": round((max(planned.values()) - first_window).total_seconds(), 1),
         "execution_span_s": round(span_s, 1),
         "completed_per_minute": round(len(completed) / span_s * 60, 1),
+        "lag_at_least_s": {  # unstarted migrations whose window opened count with (end of run - window)
+            "p50": round(percentile(lag_all, 50), 1) if lag_all else None,
+            "p99": round(percentile(lag_all, 99), 1) if lag_all else None,
+        },
+        "notified": notified,
+        "worker_warnings": warnings(log_path),
         "lag_s": {
             "p50": round(percentile(lag, 50), 1) if lag else None,
             "p99": round(percentile(lag, 99), 1) if lag else None,
@@ -380,6 +397,13 @@ def one_run(  # noqa: PLR0912 - one run, measured in one place
         "cpu_pct_of_a_core_per_worker": [round(100 * c / wall, 1) for c in cpu_s],
         "admin_requests": dict(sorted(requests.items())),
         "admin_requests_per_migration": round(n_admin / max(1, len(completed)), 2),
+        # each notice once per notified migration, the move's requests once per completed one, the listings
+        # of the periodic reconciliation apart
+        "admin_requests_per_migration_by_phase": {
+            "notice": round(requests[MAINTENANCE] / max(1, notified), 2),
+            "completion": round(requests[DROPLET] / max(1, len(completed)), 2),
+            "reconcile_listings": requests[LISTING],
+        },
         "pg_connections": {"max": max(conns, default=0), "median": statistics.median(conns) if conns else 0},
         "limits": limits,
         "max_concurrent_per_worker": args.max_concurrent,
@@ -392,6 +416,18 @@ def one_run(  # noqa: PLR0912 - one run, measured in one place
         and max(overlap.per_source.values(), default=0) <= limits["max_per_source"]
         and max(overlap.per_target.values(), default=0) <= limits["max_per_target"],
     }
+
+
+def warnings(log_path: Path) -> dict[str, int]:
+    """The workers' WARNING/ERROR lines, by message with ids and numbers blanked, most frequent first."""
+    counts: Counter[str] = Counter()
+    for line in log_path.read_text(errors="replace").splitlines():
+        for level in (" WARNING ", " ERROR ", "<4>", "<3>"):
+            if level in line:
+                msg = line.split(level, 1)[1]
+                counts[re.sub(r"[0-9a-f]{6,}|\d+(\.\d+)?", "#", msg)[:160]] += 1
+                break
+    return dict(counts.most_common(12))
 
 
 def _round(x: float | None) -> float | None:
@@ -449,11 +485,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--droplets", type=int, default=20000)
     p.add_argument("--evacuate", type=int, default=10, help="hosts evacuated at once")
     p.add_argument("--per-source", type=int, default=150, help="droplets on each evacuated host")
-    p.add_argument("--order", default="1,3,1,3", help="worker counts of the runs, in order")
+    p.add_argument(
+        "--order", default=None, help="worker counts of the runs, in order (default 1,3,1,3; --small 1,3)"
+    )
     p.add_argument("--sim-speed", type=float, default=100.0)
     p.add_argument("--poll-interval", default="200ms")
     p.add_argument("--notice-s", type=float, default=20.0)
-    p.add_argument("--lead-s", type=float, default=5.0, help="start = now + notice + this")
+    p.add_argument("--lead-s", type=float, default=20.0, help="start = now + notice + this")
     p.add_argument("--slot-overhead-s", type=float, default=2.0)
     p.add_argument("--max-parallel", type=int, default=24)
     p.add_argument("--max-per-source", type=int, default=3)
@@ -465,9 +503,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json", default=None, help="results file (default bench/results/fleet.json; --small: none)"
     )
     args = p.parse_args(argv)
+    if args.order is None:
+        args.order = "1,3" if args.small else "1,3,1,3"
     if args.small:
         args.hosts, args.droplets, args.evacuate, args.per_source = 60, 600, 2, 20
-        args.order, args.max_minutes, args.notice_s = "1,3", min(args.max_minutes, 1.0), 5.0
+        args.max_minutes, args.notice_s, args.lead_s = min(args.max_minutes, 1.0), 5.0, 8.0
         args.max_parallel, args.max_concurrent = 6, 4
     return args
 
