@@ -28,6 +28,7 @@ from host_engine.cli.app import (
     pass_deps,
 )
 from host_engine.config import DRIVERS, EngineConfig
+from host_engine.drivers.sim.settings import apply_settings
 from host_engine.engine import Engine
 from host_engine.engine_steps import SimTickStep, executor_step, plan_drivers
 from host_engine.errors import (
@@ -564,7 +565,7 @@ def _executor_step(
     metrics: ExecutorMetrics | None = None,
     only: Sequence[str] | None = None,
 ) -> SimTickStep | Executor:
-    return executor_step(
+    step = executor_step(
         store,
         config,
         driver=driver,
@@ -574,6 +575,9 @@ def _executor_step(
         only=only,
         monotonic=deps.monotonic or time.monotonic,
     )
+    if isinstance(step, SimTickStep):  # the simulated hosts and droplets as [sim] describes them
+        apply_settings(step.world, config.sim)
+    return step
 
 
 @cli.command()

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from host_engine.drivers.sim.model import HostModel
+from host_engine.drivers.sim.model import HostModel, SimWorld
 from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, WORKLOADS, MiB, Workload
 
 SIM_KEYS = frozenset(
@@ -152,3 +152,19 @@ def sim_settings(doc: Mapping[str, Any] | None) -> SimSettings:
         hosts[str(name)] = _host(f"[sim.hosts.{name}]", h, default_host)
     droplets = {str(d): _droplet(f"[sim.droplets.{d}]", v, default_workload) for d, v in droplets_doc.items()}
     return SimSettings(default_host, default_workload, hosts, droplets)
+
+
+def apply_settings(world: SimWorld, settings: SimSettings) -> None:
+    """Run ``world`` under ``settings``: every host's costs and granularity, the link of hosts with no stored
+    NIC, the workload of droplets that have no state yet. In-memory hosts get their link at once; a
+    ``StoredWorld`` applies it at its next ``refresh`` to hosts it keeps no row for."""
+    world.default_host_model = settings.default_host.model
+    world.host_models = {name: h.model for name, h in settings.hosts.items()}
+    for name, host in world.hosts.items():
+        host.nic_bps = settings.host(name).link_bps
+    from host_engine.drivers.sim.stored import StoredWorld  # the store's world: only when there is one
+
+    if isinstance(world, StoredWorld):
+        world.workload_of = settings.workload
+        world.link_of = lambda name: settings.host(name).link_bps
+        world.refresh()

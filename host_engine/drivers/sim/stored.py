@@ -55,7 +55,7 @@ from host_engine.drivers.sim.model import (
     new_droplet,
     pristine_image,
 )
-from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, WORKLOADS
+from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, WORKLOADS, Workload
 from host_engine.errors import StoreError
 from host_engine.inventory import DriverKind, driver_kind
 from host_engine.store import Store, Tx
@@ -127,6 +127,10 @@ class StoredWorld(SimWorld):
         super().__init__(seed, step_s=step_s)
         self.store = store
         self.default_workload = DEFAULT_WORKLOAD
+        # [sim] settings (``settings.apply_settings``): a droplet's workload until it has a row, a host's
+        # link until it has one; None: the defaults.
+        self.workload_of: Callable[[str], Workload] | None = None
+        self.link_of: Callable[[str], float] | None = None
         self.droplets: _Lazy[str, Droplet] = _Lazy(self._load_droplet)
         self.migrations: _Lazy[str, Migration] = _Lazy(self._load_migration)
         self.writes = WriteCounts()
@@ -171,7 +175,10 @@ class StoredWorld(SimWorld):
             if driver_kind(uri) is DriverKind.LIBVIRT:
                 continue  # a libvirt host is never simulated
             row = sim_hosts.get(name)
-            host = Host(name, row.nic_bps, row.alive) if row is not None else Host(name)
+            if row is not None:
+                host = Host(name, row.nic_bps, row.alive)
+            else:
+                host = Host(name, self.link_of(name)) if self.link_of is not None else Host(name)
             self._saved[("host", name)] = (row.rev if row is not None else None, self._host_fp(host))
             fresh[name] = host
         self.hosts = fresh
@@ -252,7 +259,11 @@ class StoredWorld(SimWorld):
             memory_bytes=row["memory_bytes"],
             disk_bytes=row["disk_bytes"],
             vcpus=row["vcpus"],
-            workload=WORKLOADS[self.default_workload](),
+            workload=(
+                self.workload_of(droplet_id)
+                if self.workload_of is not None
+                else WORKLOADS[self.default_workload]()
+            ),
             state=_power(row["power_state"]),
         )
         self._saved[("droplet", droplet_id)] = (None, _fingerprint(codec.droplet_to_dict(d)))
