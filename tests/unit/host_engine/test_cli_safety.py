@@ -137,6 +137,7 @@ NEEDS_A_STORE: list[list[str]] = [
     ["status", "--watch", "--count", "1"],
     ["report", "m-1"],
     ["history", "d1"],
+    ["sim", "calibrate"],
 ]
 # The commands that may start from nothing, and so create the store (saying so on stderr).
 CREATES_A_STORE: list[list[str]] = [
@@ -159,7 +160,7 @@ def _leaf_commands(group: click.Group, prefix: str = "") -> set[str]:
 
 
 def _command_of(argv: list[str]) -> str:
-    return " ".join(argv[:2]) if argv[0] in ("host", "droplet", "inventory", "plan") else argv[0]
+    return " ".join(argv[:2]) if argv[0] in ("host", "droplet", "inventory", "plan", "sim") else argv[0]
 
 
 def test_every_command_says_whether_it_may_create_the_store() -> None:
