@@ -309,7 +309,8 @@ def test_executor_dead_worker_mid_copy_is_recovered_by_another_after_its_lease(e
     mid = env.migration("d1")
     dead = env.executor("w1")
     dead.tick()
-    env.clock.sleep(20)
+    # Past the fixed costs (2.7 s), into the copy: QEMU's own switchover ends this droplet's copy within 20 s.
+    env.clock.sleep(5)
     dead.tick()
     assert env.world.migrations[attempt_id(mid, 1)].phase in (Phase.DISK, Phase.MEMORY)
     del dead  # killed: no clean-up ran
@@ -319,8 +320,10 @@ def test_executor_dead_worker_mid_copy_is_recovered_by_another_after_its_lease(e
     env.clock.sleep(301)
     env.drive(other, lambda: env.state(mid) is S.COMPLETED)
     m = env.store.get_migration(mid)
-    assert m.attempt == 2
-    assert "worker died" in (m.last_error or "")
+    # Nobody watched the orphaned job for 5 minutes, and (like libvirt's peer-to-peer job) it carried on: QEMU
+    # switched over by itself once the rest fitted its downtime limit, so recovery adopts the completed job
+    # instead of retrying it.
+    assert m.attempt == 1
     env.assert_on_exactly("d1", "b")
 
 
