@@ -68,8 +68,8 @@ from bench._stats import machine, percentile  # noqa: E402
 from host_engine import planner  # noqa: E402
 from host_engine.config import config_from_dict  # noqa: E402
 from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS  # noqa: E402
+from host_engine.metadata.reconcile import MetadataSync, default_client_factory  # noqa: E402
 from host_engine.models import Droplet, Host  # noqa: E402
-from host_engine.reconcile import MetadataSync, default_client_factory  # noqa: E402
 from host_engine.states import MigrationState  # noqa: E402
 from host_engine.store import Store  # noqa: E402
 from tests import pg  # noqa: E402
@@ -512,8 +512,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # so the workers, servers and PostgreSQL are stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     order = [int(x) for x in args.order.split(",") if x.strip()]
     results: dict[str, Any] = {
         "benchmark": "fleet",
@@ -523,6 +528,14 @@ def main(argv: list[str] | None = None) -> int:
         ).stdout.strip(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
+        # what the workers ran besides the commit: files of the engine changed in the working tree then
+        "uncommitted_engine_files": subprocess.run(
+            ["git", "status", "--porcelain", "host_engine"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split("\n")[:-1],
         "parameters": {k: v for k, v in vars(args).items() if k != "json"},
         "load_average_start": list(os.getloadavg()),
     }
