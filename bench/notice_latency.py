@@ -39,9 +39,9 @@ from host_engine.config import EngineConfig, EngineLoopConfig
 from host_engine.demo import DropletSpec, GuestAgentProcess, HookSay, MetadataServerProcess
 from host_engine.drivers.sim import idle
 from host_engine.engine import Engine
+from host_engine.metadata.client import AdminClient
+from host_engine.metadata.reconcile import MetadataSync
 from host_engine.models import Droplet, Host, NewMigration
-from host_engine.notifier import AdminClient
-from host_engine.reconcile import MetadataSync
 from host_engine.store import Store
 
 FIRST_ADDRESS = 41  # 127.0.0.41 ...

@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_ENV = "HOST_ENGINE_CONFIG"
 MIN_NOTICE = timedelta(minutes=10)
-# The hypervisor drivers ``host-engine run`` drives migrations through (executor.executor_step).
+# The hypervisor drivers ``host-engine run`` drives migrations through (engine_steps.executor_step).
 DRIVERS = ("auto", "sim", "libvirt")
 # The driver follows from the host (engine_steps.plan_drivers): a libvirt URI is driven by libvirt, a
 # ``sim://`` host (or one without a URI) by the simulator. "sim"/"libvirt" only insist, refusing the others.
@@ -436,7 +436,7 @@ def _engine(doc: Mapping[str, Any]) -> EngineLoopConfig:
     if ca is not None:
         if not ca.strip():
             raise ConfigError("config [metadata] ca_file: must be a path to a PEM file, got an empty string")
-        # Read when the engine starts (host_engine.reconcile.check_ca_file): a missing file fails there.
+        # Read when the engine starts (host_engine.metadata.client.check_ca_file): a missing file fails there.
         eng = replace(eng, metadata_ca_file=os.path.expanduser(ca.strip()))
     return eng
 

@@ -69,11 +69,11 @@ from host_engine.drivers.sim.settings import SimHost, SimSettings
 from host_engine.engine import Engine
 from host_engine.errors import HostEngineError
 from host_engine.executor import LAST_ATTEMPT_KEY, Executor, ExecutorConfig, attempt_id, placement_chooser
+from host_engine.metadata.client import AdminClient
+from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.models import Droplet, Host, LogEntry, Migration
-from host_engine.notifier import AdminClient
 from host_engine.placement import Choice, Plan
 from host_engine.prediction import Prediction
-from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.retry import RetryConfig
 from host_engine.states import MigrationState
 from host_engine.store import Store

@@ -2,16 +2,16 @@
 
 Every ``poll_interval`` it
 
-1. sends the notices that are due (:mod:`host_engine.notices`): each worker claims a share of the due
+1. sends the notices that are due (:mod:`host_engine.metadata.notices`): each worker claims a share of the due
    ``planned`` migrations (row locks), sets their event on the droplet's metadata server, and only then marks
    them ``notified`` (so ``notified`` always means the guest was told), with ``notified_at`` taken after the
    server answered and ``not_before`` moved if needed so the guest gets its full notice from that moment;
-2. if this worker is the one elected for the fleet's chores (:mod:`host_engine.election`; exactly one at a
-   time): reconciles every metadata server with the store (:meth:`MetadataSync.reconcile_all`) when it wins
-   the election and every ``reconcile_every`` (a minute) after, clears the events of cancelled migrations
-   whose guest had been told, and reads the guests' acknowledgements (``ready``/``offline``) of outstanding
-   events into the store, one list per metadata server every ``ack_every`` (5 s;
-   :class:`host_engine.acks.AckReader`), so the executor can start early or take the offline path;
+2. if this worker is the one elected for the fleet's chores (:mod:`host_engine.metadata.election`; exactly
+   one at a time): reconciles every metadata server with the store (:meth:`MetadataSync.reconcile_all`) when
+   it wins the election and every ``reconcile_every`` (a minute) after, clears the events of cancelled
+   migrations whose guest had been told, and reads the guests' acknowledgements (``ready``/``offline``) of
+   outstanding events into the store, one list per metadata server every ``ack_every`` (5 s;
+   :class:`host_engine.metadata.acks.AckReader`), so the executor can start early or take the offline path;
 3. runs any further steps it was given (part 2: the executor's ``tick``).
 
 The clock and the sleep are parameters, so tests drive ticks without sleeping; SIGTERM/SIGINT set a flag that
@@ -31,13 +31,13 @@ from datetime import datetime, timedelta
 from types import FrameType
 from typing import Protocol
 
-from host_engine.acks import ACK_READ_EVERY, AckReader
 from host_engine.config import EngineConfig
-from host_engine.election import FleetLeader
 from host_engine.errors import HostEngineError, StoreError
+from host_engine.metadata.acks import ACK_READ_EVERY, AckReader
+from host_engine.metadata.election import FleetLeader
+from host_engine.metadata.notices import NoticeSender
+from host_engine.metadata.reconcile import MetadataSync, ReconcileReport, pending_clears
 from host_engine.models import Migration
-from host_engine.notices import NoticeSender
-from host_engine.reconcile import MetadataSync, ReconcileReport, pending_clears
 from host_engine.store import Store
 from host_engine.timeparse import Clock
 

@@ -41,8 +41,8 @@ from host_engine.drivers.base import (
 )
 from host_engine.engine import Engine
 from host_engine.executor import Executor, ExecutorConfig
+from host_engine.metadata.reconcile import MetadataSync
 from host_engine.models import LogEntry
-from host_engine.reconcile import MetadataSync
 from host_engine.states import MigrationState
 from host_engine.store import Store
 from host_engine.workers import WorkerName

@@ -30,8 +30,8 @@ from host_engine.errors import (
     HostEngineError,
     InvalidInput,
 )
+from host_engine.metadata.reconcile import ClientFactory, default_client_factory
 from host_engine.models import Droplet, Host, LogEntry, Migration
-from host_engine.reconcile import ClientFactory, default_client_factory
 from host_engine.store import DB_ENV, Store, StoreMissing, default_db_path, store_location
 from host_engine.timeparse import Clock, format_time, utc_now
 

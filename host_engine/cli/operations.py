@@ -49,11 +49,11 @@ from host_engine.executor import (
     timeline,
 )
 from host_engine.executor_metrics import ExecutorMetrics
+from host_engine.metadata.probe import ServerProbe
+from host_engine.metadata.reconcile import MetadataSync
 from host_engine.metrics_http import parse_listen, serve_metrics
 from host_engine.models import LogEntry, Migration
 from host_engine.plot import plot_timeline
-from host_engine.reconcile import MetadataSync
-from host_engine.server_probe import ServerProbe
 from host_engine.states import ACTIVE_STATES, MigrationState
 from host_engine.store import Store
 from host_engine.timeline import attempt_marks

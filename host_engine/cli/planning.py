@@ -44,9 +44,9 @@ from host_engine.executor import (
     timeline,
 )
 from host_engine.executor_metrics import ExecutorMetrics
+from host_engine.metadata.reconcile import MetadataSync
 from host_engine.models import LogEntry, Migration
 from host_engine.placement import Choice, Plan
-from host_engine.reconcile import MetadataSync
 from host_engine.requests import parse_bandwidth
 from host_engine.states import HostState, MigrationState
 from host_engine.store import Store

@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 
 from host_engine import planner
-from host_engine.acks import ACK_READ_EVERY
 from host_engine.config import EngineConfig
 from host_engine.drivers.base import DomainState
 from host_engine.engine import Engine
 from host_engine.engine_steps import SimTickStep
 from host_engine.executor import WAIT_RECHECK_S, ExecutorConfig
+from host_engine.metadata.acks import ACK_READ_EVERY
+from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.models import Droplet, Host, Migration
-from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
 from tests.servers import MetadataServer, curl

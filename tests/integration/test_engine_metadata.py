@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 from host_engine.cli import Deps, cli
 from host_engine.config import EngineConfig
 from host_engine.engine import Engine
-from host_engine.reconcile import MetadataSync, default_client_factory
+from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
 from tests.servers import MetadataServer, curl

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from host_engine.cli import Deps, cli
 from host_engine.errors import NotifierError
-from host_engine.notifier import AdminClient
+from host_engine.metadata.client import AdminClient
 from tests.servers import MetadataServer, free_port
 from tests.support import require_binary
 from tests.unit.host_engine.conftest import FakeClock

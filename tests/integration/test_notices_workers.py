@@ -30,8 +30,8 @@ from host_engine.attempt import RealClock
 from host_engine.config import EngineConfig, EngineLoopConfig
 from host_engine.engine import Engine, TickStep
 from host_engine.executor import Executor, ExecutorConfig
+from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.models import Droplet, Host, NewMigration
-from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
 from host_engine.timeparse import format_time

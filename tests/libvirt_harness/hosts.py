@@ -9,7 +9,9 @@ daemons reach each other over the veth for peer-to-peer migration.
 
 Everything started here is torn down by :meth:`TwoHosts.close` (every process in the two network
 namespaces is killed, the namespaces deleted, the directories removed), which the fixtures call even when
-a test fails. See ``../shared/notes/libvirt-on-one-machine.md`` for what was found to work here.
+a test fails. The machine must have a ``libvirt-qemu`` system user: libvirt's QEMU driver will not start
+without one, even with ``user="root"`` in qemu.conf. A migration that copies storage needs the target disk
+to exist first (the libvirt driver creates it through the target's storage API).
 """
 
 from __future__ import annotations

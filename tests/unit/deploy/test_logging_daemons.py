@@ -95,7 +95,7 @@ def test_engine_and_server_under_journald(tmp_path: Path, monkeypatch: pytest.Mo
             assert proc.wait(timeout=60) == 0, log.read_text()
     engine_lines = journal_lines(log.read_text())
     assert has(engine_lines, 6, "host_engine.engine", "engine starting")
-    assert has(engine_lines, 4, "host_engine.reconcile", "failed")
+    assert has(engine_lines, 4, "host_engine.metadata.reconcile", "failed")
     server_text = ms.log_path.read_text()
     server_lines = journal_lines(server_text)
     assert has(server_lines, 6, "metadata_server", "guest listener http://127.0.0.1:")

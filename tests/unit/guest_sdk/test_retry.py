@@ -209,7 +209,7 @@ def test_cli_timeout_bounds_every_mode_against_retry_after_3600(busy_server: str
 def test_engine_admin_client_reads_retry_after_like_everyone_else(
     http: responses.RequestsMock, header: str, low: float, high: float
 ) -> None:
-    from host_engine.notifier import AdminClient
+    from host_engine.metadata.client import AdminClient
 
     if header == "date+20":
         header = datetime.fromtimestamp(time.time() + 20, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")

@@ -14,11 +14,11 @@ import pytest
 import responses
 
 from host_engine import planner
-from host_engine.acks import ACK_READ_EVERY, GuestAck, ack_of
 from host_engine.config import EngineConfig
 from host_engine.engine import Engine
+from host_engine.metadata.acks import ACK_READ_EVERY, GuestAck, ack_of
+from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.models import Migration
-from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
 from tests.unit.host_engine.conftest import FakeClock, make_droplet, make_host
@@ -196,13 +196,13 @@ def test_acks_unreachable_server_is_logged_once_and_the_others_are_still_read(
     a.down = True
     b.guest_ack("e0", "ready")
     a.calls.clear()
-    with caplog.at_level(logging.WARNING, logger="host_engine.acks"):
+    with caplog.at_level(logging.WARNING, logger="host_engine.metadata.acks"):
         first = engine.tick()
         second = engine.tick()
     assert [m.droplet_id for m in first.acked] == ["e0"]
     assert world.get_migration(ms["e0"].id).ack == "ready"
     assert any("reading acks from " + URL_A in e for e in first.errors + second.errors)
-    warnings = [r for r in caplog.records if r.name == "host_engine.acks"]
+    warnings = [r for r in caplog.records if r.name == "host_engine.metadata.acks"]
     assert len(warnings) == 1 and URL_A in warnings[0].getMessage()
     # One list tried per tick (2 attempts each): a dead server costs one timeout per tick.
     assert lists(a) == 2 * 2 and single_gets(a) == []

@@ -18,7 +18,7 @@ from host_engine.config import EngineConfig
 from host_engine.drivers.base import DomainState
 from host_engine.drivers.sim import load_world
 from host_engine.engine_steps import SimTickStep, executor_step
-from host_engine.reconcile import MetadataSync, default_client_factory
+from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
 from tests.unit.host_engine.conftest import FakeClock, wall

@@ -22,8 +22,8 @@ from host_engine.cli import Deps, cli
 from host_engine.config import EngineConfig
 from host_engine.engine_steps import SimTickStep, executor_step
 from host_engine.executor import PROGRESS_KEY
+from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.plot import plot_timeline, time_axis_s
-from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
 from tests.unit.host_engine.conftest import GIB, T0, FakeClock, wall

@@ -16,8 +16,8 @@ import responses
 from host_engine import planner
 from host_engine.config import EngineConfig, EngineLoopConfig
 from host_engine.engine import Engine
-from host_engine.notices import DELIVERY_ALLOWANCE, send_ahead
-from host_engine.reconcile import MetadataSync, default_client_factory
+from host_engine.metadata.notices import DELIVERY_ALLOWANCE, send_ahead
+from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
 from host_engine.timeparse import format_time

@@ -22,10 +22,10 @@ from host_engine.config import EngineConfig, EngineLoopConfig
 from host_engine.engine import Engine
 from host_engine.engine_metrics import EngineMetrics, Loop, Readiness, server_label
 from host_engine.errors import AdminAPIUnavailable, NotifierError, StoreError
+from host_engine.metadata.client import AdminClient
+from host_engine.metadata.probe import ServerProbe
+from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.metrics_http import serve_metrics
-from host_engine.notifier import AdminClient
-from host_engine.reconcile import MetadataSync, default_client_factory
-from host_engine.server_probe import ServerProbe
 from host_engine.store import Store, create_db_engine, database_url
 from host_engine.workers import WorkerName
 from tests.unit.host_engine.conftest import make_droplet, make_host

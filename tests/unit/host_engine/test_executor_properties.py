@@ -24,8 +24,8 @@ from host_engine.drivers.sim import (
     SimWorld,
 )
 from host_engine.executor import Executor, ExecutorConfig, Finished, attempt_id
+from host_engine.metadata.reconcile import MetadataSync, default_client_factory, desired_event
 from host_engine.models import Droplet, Host, NewMigration
-from host_engine.reconcile import MetadataSync, default_client_factory, desired_event
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
 from tests.unit.host_engine.fake_admin import FakeAdmin

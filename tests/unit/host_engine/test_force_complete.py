@@ -18,8 +18,8 @@ from host_engine.drivers.sim import SimClock, SimHypervisor, SimWorld, diabolica
 from host_engine.engine_steps import SimTickStep, executor_step
 from host_engine.errors import Conflict
 from host_engine.executor import Executor, ExecutorConfig
+from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.models import Droplet, Host, NewMigration
-from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.requests import request_force_complete, with_bandwidth
 from host_engine.states import MigrationState as S
 from host_engine.store import Store

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from host_engine.config import EngineConfig, EngineLoopConfig
 from host_engine.engine import Engine
+from host_engine.metadata.notices import NOTICE_LEASE_S, NoticeSender, ceil_second, send_ahead, window_for
+from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.models import Migration, NewMigration
-from host_engine.notices import NOTICE_LEASE_S, NoticeSender, ceil_second, send_ahead, window_for
-from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
 from host_engine.timeparse import format_time

@@ -10,7 +10,7 @@ import pytest
 import responses
 
 from host_engine.errors import AdminAPIUnavailable, ConfigError, NotifierError, TransientError
-from host_engine.notifier import AdminClient, read_token_file
+from host_engine.metadata.client import AdminClient, read_token_file
 from tests.unit.host_engine.fake_admin import FakeAdmin
 
 URL = "http://127.0.0.1:8001"
@@ -107,7 +107,7 @@ def test_notifier_refuses_non_http_url() -> None:
 def test_notifier_ca_file_is_checked_once_at_start_up(tmp_path: Path) -> None:
     """[metadata] ca_file: a missing, unreadable or non-PEM bundle is one ConfigError naming the key, when
     the client factory is built (the engine's start-up), not at the first notice."""
-    from host_engine.reconcile import default_client_factory
+    from host_engine.metadata.reconcile import default_client_factory
 
     missing = tmp_path / "missing.pem"
     with pytest.raises(ConfigError, match=r"config \[metadata\] ca_file: cannot read .*missing\.pem"):

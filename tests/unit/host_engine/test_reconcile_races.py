@@ -18,9 +18,9 @@ import responses
 
 from host_engine.config import EngineConfig
 from host_engine.engine import Engine
+from host_engine.metadata.notices import NoticeSender
+from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.models import Migration, NewMigration
-from host_engine.notices import NoticeSender
-from host_engine.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
 from tests.unit.host_engine.conftest import FakeClock, make_droplet, make_host

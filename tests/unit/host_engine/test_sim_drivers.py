@@ -18,7 +18,7 @@ from host_engine.engine_steps import RoutingHypervisor, SimTickStep, executor_st
 from host_engine.errors import InvalidInput
 from host_engine.executor import Executor
 from host_engine.inventory import DriverKind, driver_kind, sync_host
-from host_engine.reconcile import default_client_factory
+from host_engine.metadata.reconcile import default_client_factory
 from host_engine.store import Store
 from tests.unit.host_engine.conftest import FakeClock, make_host, wall
 from tests.unit.host_engine.fake_admin import FakeAdmin

@@ -34,8 +34,8 @@ import sqlalchemy as sa
 
 from host_engine import schema as t
 from host_engine.errors import Conflict, HostEngineError, StaleClaim, TransientError
+from host_engine.metadata.reconcile import MetadataSync
 from host_engine.models import Droplet, Host, Migration
-from host_engine.reconcile import MetadataSync
 from host_engine.states import MigrationState
 from host_engine.store import Store
 from host_engine.timeparse import Clock, format_duration, format_time

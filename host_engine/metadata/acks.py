@@ -9,8 +9,8 @@ list from each metadata server serving at least one of them (``GET /admin/v1/dro
 its current event and that event's ack), and records an ack that is new or changed, with a line in the
 migration's history, in one transaction.
 
-Only the worker elected for the fleet's chores reads acks (:mod:`host_engine.election`), at most once per
-tick and per ``every`` (:data:`ACK_READ_EVERY`), so the load on a metadata server is one list every few
+Only the worker elected for the fleet's chores reads acks (:mod:`host_engine.metadata.election`), at most once
+per tick and per ``every`` (:data:`ACK_READ_EVERY`), so the load on a metadata server is one list every few
 seconds while it has outstanding events, whatever the number of workers and droplets. An ack lets the
 executor start early or go offline: a few seconds' delay costs nothing against a notice of minutes.
 
@@ -29,8 +29,8 @@ import sqlalchemy as sa
 
 from host_engine import schema as t
 from host_engine.errors import HostEngineError
+from host_engine.metadata.reconcile import MetadataSync
 from host_engine.models import Host, Migration
-from host_engine.reconcile import MetadataSync
 from host_engine.states import MigrationState
 from host_engine.store import Store
 from host_engine.timeparse import Clock

@@ -26,8 +26,8 @@ from datetime import datetime
 from typing import Any
 
 from host_engine.errors import HostEngineError, NotFound, NotifierError, TransientError
+from host_engine.metadata.client import AdminClient, RequestObserver, check_ca_file, read_token_file
 from host_engine.models import Droplet, Host, Migration
-from host_engine.notifier import AdminClient, RequestObserver, check_ca_file, read_token_file
 from host_engine.states import ACTIVE_STATES, GuestEvent, MigrationState, guest_event
 from host_engine.store import Store
 from host_engine.timeparse import format_time

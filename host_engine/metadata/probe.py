@@ -1,13 +1,14 @@
 """Keeps ``host_engine_metadata_server_up`` current when the engine has nothing to say to a server.
 
-The gauge comes from the engine's own requests (notices, acks, reconciliation, the executor's hooks: every
-one goes through :class:`host_engine.notifier.AdminClient`, whose ``observer`` reports its outcome). An idle
-engine may not talk to a server for a minute (reconciliation) or at all (a worker not elected for the fleet's
-chores), and a gauge left at its last value would hide a server that died meanwhile. So a daemon thread asks
-every server named by a host that the engine has not heard from for ``every_s`` (:data:`PROBE_EVERY_S`) for
-its ``GET /healthz`` (with the token: an engine whose token is refused cannot use the server either), with
-the admin client's own timeout and retries, and drops the gauges of servers no host names any more. It has
-its own clients, so it never shares a connection with the engine's loops; a slow server delays only it.
+The gauge comes from the engine's own requests (notices, acks, reconciliation, the executor's hooks: every one
+goes through :class:`host_engine.metadata.client.AdminClient`, whose ``observer`` reports its outcome). An
+idle engine may not talk to a server for a minute (reconciliation) or at all (a worker not elected for the
+fleet's chores), and a gauge left at its last value would hide a server that died meanwhile. So a daemon
+thread asks every server named by a host that the engine has not heard from for ``every_s``
+(:data:`PROBE_EVERY_S`) for its ``GET /healthz`` (with the token: an engine whose token is refused cannot use
+the server either), with the admin client's own timeout and retries, and drops the gauges of servers no host
+names any more. It has its own clients, so it never shares a connection with the engine's loops; a slow server
+delays only it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from types import TracebackType
 
 from host_engine.engine_metrics import EngineMetrics, server_label
 from host_engine.errors import HostEngineError
+from host_engine.metadata.client import AdminClient
+from host_engine.metadata.reconcile import ClientFactory
 from host_engine.models import Host
-from host_engine.notifier import AdminClient
-from host_engine.reconcile import ClientFactory
 from host_engine.store import Store
 
 log = logging.getLogger(__name__)
