@@ -721,7 +721,6 @@ class Demo:
             ),
             engine=EngineLoopConfig(
                 poll_interval_s=ENGINE_POLL_S,
-                late_notice_grace=timedelta(seconds=5),
                 worker="demo",
                 notifier_timeout_s=2.0,
                 notifier_attempts=3,
