@@ -614,13 +614,16 @@ class Agent:
 
     def _event_info(self, rec: EventRecord) -> EventInfo:
         last = self._last_event_notice
+        current = last if last is not None and self._same_event(rec, last) else None
         return EventInfo(
             event_id=rec.event_id,
             kind=rec.kind,
-            state=last.state if last is not None and self._same_event(rec, last) else None,
+            state=current.state if current is not None else None,
             not_before=_dt(rec.not_before),
             deadline=_dt(rec.deadline),
             simulated=rec.simulated,
+            expected_downtime_ms=current.expected_downtime_ms if current is not None else None,
+            expected_duration_s=current.expected_duration_s if current is not None else None,
         )
 
 

@@ -57,6 +57,8 @@ class Notice:
     not_before: datetime | None = None
     deadline: datetime | None = None
     acknowledged: str | None = None
+    expected_downtime_ms: float | None = None  # the server's prediction; None when it gives none
+    expected_duration_s: float | None = None
 
     @property
     def is_event(self) -> bool:
@@ -78,6 +80,8 @@ class Notice:
             not_before=ev.not_before,
             deadline=ev.deadline,
             acknowledged=ev.acknowledged,
+            expected_downtime_ms=ev.expected_downtime_ms,
+            expected_duration_s=ev.expected_duration_s,
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -67,6 +68,10 @@ class MaintenanceEvent:
     etag: str | None = None
     notified_at: datetime | None = None
     power_on_after: bool | None = None
+    # The service's prediction, when it gives one: how long the guest will be paused (milliseconds)
+    # and how long the whole migration will take (seconds). A value that is not a number >= 0 is None.
+    expected_downtime_ms: float | None = None
+    expected_duration_s: float | None = None
 
     @property
     def scheduled(self) -> bool:
@@ -91,6 +96,8 @@ class MaintenanceEvent:
             self.deadline,
             self.acknowledged,
             self.power_on_after,
+            self.expected_downtime_ms,
+            self.expected_duration_s,
         ) == (
             other.kind,
             other.value,
@@ -100,6 +107,8 @@ class MaintenanceEvent:
             other.deadline,
             other.acknowledged,
             other.power_on_after,
+            other.expected_downtime_ms,
+            other.expected_duration_s,
         )
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -114,6 +123,8 @@ class MaintenanceEvent:
             "deadline": _format_time(self.deadline),
             "acknowledged": self.acknowledged,
             "power_on_after": self.power_on_after,
+            "expected_downtime_ms": self.expected_downtime_ms,
+            "expected_duration_s": self.expected_duration_s,
             "etag": self.etag,
         }
 
@@ -162,6 +173,8 @@ class MaintenanceEvent:
             etag=normalize_etag(body_etag) if body_etag is not None else etag,
             notified_at=_opt_time(doc, "notified_at"),
             power_on_after=_opt_bool(doc, "power_on_after"),
+            expected_downtime_ms=_lenient_amount(doc, "expected_downtime_ms"),
+            expected_duration_s=_lenient_amount(doc, "expected_duration_s"),
         )
 
 
@@ -197,6 +210,18 @@ def _opt_bool(doc: dict[str, Any], key: str) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
     raise ProtocolError(f"maintenance_event.json: {key!r} is not a boolean or null")
+
+
+def _lenient_amount(doc: dict[str, Any], key: str) -> float | None:
+    """An advisory number: anything but a finite number >= 0 reads as unknown, never an error."""
+    value = doc.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        amount = float(value)
+    except OverflowError:  # an integer too large for a float
+        return None
+    return amount if math.isfinite(amount) and amount >= 0 else None
 
 
 def _opt_time(doc: dict[str, Any], key: str) -> datetime | None:

@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from . import validate
 from .errors import Conflict, NotFound, ValidationError
 from .metrics import CONTENT_TYPE, Metrics, exposition, time_flask_app
-from .model import Droplet, EventKind, EventState, guest_details
+from .model import Droplet, EventKind, EventState, Expectation, guest_details
 from .responses import JSON, NO_STORE, TEXT, error
 from .store import Store
 from .timefmt import utc_now
@@ -25,7 +25,15 @@ from .timefmt import utc_now
 log = logging.getLogger(__name__)
 
 MAX_ADMIN_BODY_BYTES = 64 * 1024
-_EVENT_FIELDS = {"id", "event", "state", "not_before", "deadline"}
+_EVENT_FIELDS = {
+    "id",
+    "event",
+    "state",
+    "not_before",
+    "deadline",
+    "expected_downtime_ms",
+    "expected_duration_s",
+}
 _DROPLET_FIELDS = {"addresses", "hostname", "region"}
 # Liveness and readiness probes: answered without a token, and say nothing but "ok" / "not ready".
 UNAUTHENTICATED_PATHS = frozenset({"/livez", "/readyz"})
@@ -167,7 +175,15 @@ def create_admin_app(store: Store, token: str, metrics: Metrics | None = None) -
         not_before = validate.optional_time(doc, "not_before")
         deadline = validate.optional_time(doc, "deadline") or not_before
         validate.deadline_not_before(not_before, deadline)
-        droplet, created = store.set_event(droplet_id, event_id, kind, state, not_before, deadline, utc_now())
+        expected = Expectation(
+            downtime_ms=validate.optional_amount(
+                doc, "expected_downtime_ms", validate.MAX_EXPECTED_DOWNTIME_MS
+            ),
+            duration_s=validate.optional_amount(doc, "expected_duration_s", validate.MAX_EXPECTED_DURATION_S),
+        )
+        droplet, created = store.set_event(
+            droplet_id, event_id, kind, state, not_before, deadline, utc_now(), expected
+        )
         log.info("droplet_id=%s event_id=%s set %s %s", droplet_id, event_id, kind.value, state.value)
         return jsonify(droplet_doc(droplet)), 201 if created else 200
 

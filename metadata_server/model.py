@@ -36,6 +36,17 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class Expectation:
+    """What the engine predicts for a migration: the guest's pause and the whole copy. None: unknown."""
+
+    downtime_ms: float | None = None
+    duration_s: float | None = None
+
+
+UNKNOWN = Expectation()
+
+
+@dataclass(frozen=True)
 class Event:
     id: str
     kind: EventKind
@@ -44,6 +55,9 @@ class Event:
     deadline: str | None
     notified_at: str
     ack: Ack | None = None
+    # The engine's prediction for this migration (optional; None when it did not say).
+    expected_downtime_ms: float | None = None
+    expected_duration_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,8 @@ def guest_details(event: Event | None) -> dict[str, Any]:
             "deadline": None,
             "acknowledged": None,
             "power_on_after": None,
+            "expected_downtime_ms": None,
+            "expected_duration_s": None,
         }
     return {
         "event": event.kind.value,
@@ -77,27 +93,33 @@ def guest_details(event: Event | None) -> dict[str, Any]:
         "deadline": event.deadline,
         "acknowledged": event.ack.action.value if event.ack else None,
         "power_on_after": event.ack.power_on_after if event.ack else None,
+        "expected_downtime_ms": event.expected_downtime_ms,
+        "expected_duration_s": event.expected_duration_s,
     }
 
 
 def compute_etag(event: Event | None) -> str:
-    """A strong ETag over exactly what the guest can see; stable across restarts and processes."""
+    """A strong ETag over exactly what the guest can see; stable across restarts and processes.
+
+    The expected downtime and duration join the material only when one is set, so an event without
+    them keeps the ETag it had before the server knew about them (a guest's ``last_etag`` stays valid).
+    """
     if event is None:
         material = "none"
     else:
         ack = event.ack
-        material = json.dumps(
-            [
-                event.kind.value,
-                event.id,
-                event.state.value,
-                event.not_before,
-                event.deadline,
-                ack.action.value if ack else None,
-                ack.power_on_after if ack else None,
-            ],
-            separators=(",", ":"),
-        )
+        parts: list[object] = [
+            event.kind.value,
+            event.id,
+            event.state.value,
+            event.not_before,
+            event.deadline,
+            ack.action.value if ack else None,
+            ack.power_on_after if ack else None,
+        ]
+        if event.expected_downtime_ms is not None or event.expected_duration_s is not None:
+            parts += [event.expected_downtime_ms, event.expected_duration_s]
+        material = json.dumps(parts, separators=(",", ":"))
     return hashlib.sha256(material.encode()).hexdigest()[:20]
 
 

@@ -14,9 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConfigError, Conflict, NotFound
-from .model import Ack, AckAction, Droplet, Event, EventKind, EventState
+from .model import UNKNOWN, Ack, AckAction, Droplet, Event, EventKind, EventState, Expectation
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 CREATE INDEX IF NOT EXISTS changes_seq ON changes(seq);
 """
+# Columns added after the table was first created: (schema version that added it, column, SQL type).
+# Each is added when missing, so a crash between ALTER and the user_version bump simply skips it.
+_ADDED_EVENT_COLUMNS = (
+    (3, "expected_downtime_ms", "REAL"),
+    (3, "expected_duration_s", "REAL"),
+)
 
 
 class Store:
@@ -81,6 +87,10 @@ class Store:
             # executescript commits first; the schema is idempotent (IF NOT EXISTS), so a crash midway
             # simply redoes it on the next start.
             self._conn.executescript(_SCHEMA)
+            have = {row[1] for row in self._conn.execute("PRAGMA table_info(events)")}
+            for added_in, column, sql_type in _ADDED_EVENT_COLUMNS:
+                if version < added_in and column not in have:
+                    self._conn.execute(f"ALTER TABLE events ADD COLUMN {column} {sql_type}")
             self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -185,25 +195,47 @@ class Store:
         not_before: str | None,
         deadline: str | None,
         now: str,
+        expected: Expectation = UNKNOWN,
     ) -> tuple[Droplet, bool]:
-        """Set the droplet's one current event. Same id: update, keep ack. New id: replace, drop ack."""
+        """Set the droplet's one current event. Same id: update, keep ack. New id: replace, drop ack.
+
+        ``expected`` replaces the stored prediction either way (a PUT without it clears it).
+        """
         with self._write() as c:
             self._touch(c, droplet_id)
             self._require(c, droplet_id)
             row = c.execute("SELECT id FROM events WHERE droplet_id = ?", (droplet_id,)).fetchone()
             if row is not None and row[0] == event_id:
                 c.execute(
-                    "UPDATE events SET kind = ?, state = ?, not_before = ?, deadline = ? "
-                    "WHERE droplet_id = ?",
-                    (kind.value, state.value, not_before, deadline, droplet_id),
+                    "UPDATE events SET kind = ?, state = ?, not_before = ?, deadline = ?, "
+                    "expected_downtime_ms = ?, expected_duration_s = ? WHERE droplet_id = ?",
+                    (
+                        kind.value,
+                        state.value,
+                        not_before,
+                        deadline,
+                        expected.downtime_ms,
+                        expected.duration_s,
+                        droplet_id,
+                    ),
                 )
                 created = False
             else:
                 c.execute("DELETE FROM events WHERE droplet_id = ?", (droplet_id,))
                 c.execute(
-                    "INSERT INTO events (droplet_id, id, kind, state, not_before, deadline, notified_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (droplet_id, event_id, kind.value, state.value, not_before, deadline, now),
+                    "INSERT INTO events (droplet_id, id, kind, state, not_before, deadline, notified_at, "
+                    "expected_downtime_ms, expected_duration_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        droplet_id,
+                        event_id,
+                        kind.value,
+                        state.value,
+                        not_before,
+                        deadline,
+                        now,
+                        expected.downtime_ms,
+                        expected.duration_s,
+                    ),
                 )
                 created = True
             return self._load(c, droplet_id), created
@@ -282,17 +314,17 @@ class Store:
 
 
 _SELECT_EVENT = (
-    "SELECT id, kind, state, not_before, deadline, notified_at, ack_action, ack_power_on_after, ack_at "
-    "FROM events WHERE droplet_id = ?"
+    "SELECT id, kind, state, not_before, deadline, notified_at, ack_action, ack_power_on_after, ack_at, "
+    "expected_downtime_ms, expected_duration_s FROM events WHERE droplet_id = ?"
 )
 _SELECT_ALL_EVENTS = (
     "SELECT droplet_id, id, kind, state, not_before, deadline, notified_at, ack_action, "
-    "ack_power_on_after, ack_at FROM events"
+    "ack_power_on_after, ack_at, expected_downtime_ms, expected_duration_s FROM events"
 )
 
 
 def _event(row: tuple[object, ...] | sqlite3.Row) -> Event:
-    eid, kind, state, not_before, deadline, notified_at, ack_action, ack_poa, ack_at = row
+    eid, kind, state, not_before, deadline, notified_at, ack_action, ack_poa, ack_at, downtime, duration = row
     ack = (
         Ack(action=AckAction(ack_action), power_on_after=bool(ack_poa), at=str(ack_at))
         if ack_action is not None
@@ -306,8 +338,14 @@ def _event(row: tuple[object, ...] | sqlite3.Row) -> Event:
         deadline=_opt(deadline),
         notified_at=str(notified_at),
         ack=ack,
+        expected_downtime_ms=_opt_float(downtime),
+        expected_duration_s=_opt_float(duration),
     )
 
 
 def _opt(v: object) -> str | None:
     return None if v is None else str(v)
+
+
+def _opt_float(v: object) -> float | None:
+    return float(v) if isinstance(v, int | float) else None

@@ -16,6 +16,8 @@ MAX_ETAG_CHARS = 128
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1, 300
 MAX_ADDRESSES = 64
 MAX_TEXT_FIELD = 253  # a DNS name's limit; plenty for a region too
+MAX_EXPECTED_DOWNTIME_MS = 3_600_000.0  # an hour: beyond that it is not a live migration's pause
+MAX_EXPECTED_DURATION_S = 7 * 24 * 3600.0
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
@@ -115,6 +117,20 @@ def optional_time(body: dict[str, Any], name: str) -> str | None:
         raise ValidationError(
             f"{name} must be an RFC 3339 time with an offset, e.g. 2026-12-01T02:00:00Z", field=name
         ) from e
+
+
+def optional_amount(body: dict[str, Any], name: str, maximum: float) -> float | None:
+    """An optional finite number from 0 to ``maximum`` (JSON booleans are not numbers here)."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= maximum  # NaN fails both comparisons; inf fails the upper one
+    ):
+        raise ValidationError(f"{name} must be a number from 0 to {maximum:g}", field=name)
+    return float(value)
 
 
 def deadline_not_before(not_before: str | None, deadline: str | None) -> None:

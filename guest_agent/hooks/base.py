@@ -22,6 +22,9 @@ class EventInfo:
     not_before: datetime | None = None
     deadline: datetime | None = None
     simulated: bool = False
+    # The service's prediction for the migration, when it gives one.
+    expected_downtime_ms: float | None = None
+    expected_duration_s: float | None = None
 
     def to_json(self, phase: Phase, hook: str) -> dict[str, Any]:
         return {
@@ -34,6 +37,8 @@ class EventInfo:
             "hook": hook,
             "idempotency_key": idempotency_key(self.event_id, phase, hook),
             "simulated": self.simulated,
+            "expected_downtime_ms": self.expected_downtime_ms,
+            "expected_duration_s": self.expected_duration_s,
         }
 
     def environment(self, phase: Phase, hook: str) -> dict[str, str]:
@@ -45,7 +50,16 @@ class EventInfo:
             "MAINTENANCE_PHASE": phase.value,
             "MAINTENANCE_HOOK": hook,
             "MAINTENANCE_SIMULATED": "1" if self.simulated else "0",
+            "MAINTENANCE_EXPECTED_DOWNTIME_MS": _number(self.expected_downtime_ms),
+            "MAINTENANCE_EXPECTED_DURATION_S": _number(self.expected_duration_s),
         }
+
+
+def _number(value: float | None) -> str:
+    """A number for a shell: ``1500`` for 1500.0, ``0.25`` as is, empty when unknown."""
+    if value is None:
+        return ""
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def idempotency_key(event_id: str, phase: Phase, hook: str) -> str:

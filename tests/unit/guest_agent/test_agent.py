@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -482,3 +483,13 @@ def test_agent_reports_a_hook_cut_by_the_deadline(world: World) -> None:
     assert drain is not None
     assert drain.outcome is HookOutcome.CUT
     assert "cut at the event's deadline" in drain.detail
+
+
+def test_agent_passes_the_servers_prediction_to_hooks(world: World) -> None:
+    notice = replace(
+        live(deadline=world.clock.in_s(600)), expected_downtime_ms=250.0, expected_duration_s=90.0
+    )
+    world.agent.handle(notice)
+    env = world.recorder.calls[0].env
+    assert env["MAINTENANCE_EXPECTED_DOWNTIME_MS"] == "250"
+    assert env["MAINTENANCE_EXPECTED_DURATION_S"] == "90"

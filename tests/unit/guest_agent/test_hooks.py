@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -432,3 +433,22 @@ def test_hook_output_line_count_is_bounded(
     assert result.ok
     lines = [r.getMessage() for r in caplog.records if r.name == process.__name__]
     assert lines == ["noisy: spam"] * 5 + ["noisy: more than 5 lines of output; the rest is not logged"]
+
+
+def test_hook_environment_and_stdin_carry_the_expected_downtime_and_duration(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    script = (
+        "import json, os, sys; doc = json.load(sys.stdin); "
+        f"open({str(out)!r}, 'w').write(json.dumps({{'doc': doc, 'env': dict(os.environ)}}))"
+    )
+    spec = CommandHookSpec(name="drain", command=(sys.executable, "-c", script))
+    predicted = replace(EVENT, expected_downtime_ms=1500.0, expected_duration_s=42.25)
+    context = HookContext(event=predicted, phase=Phase.ON_NOTICE)
+    assert CommandHook(spec).run(context, timeout_s=30).outcome is HookOutcome.OK
+    got = json.loads(out.read_text())
+    assert got["env"]["MAINTENANCE_EXPECTED_DOWNTIME_MS"] == "1500"
+    assert got["env"]["MAINTENANCE_EXPECTED_DURATION_S"] == "42.25"
+    assert (got["doc"]["expected_downtime_ms"], got["doc"]["expected_duration_s"]) == (1500.0, 42.25)
+    # Unknown: present and empty, so `${MAINTENANCE_EXPECTED_DOWNTIME_MS:-}` tests are simple.
+    env = EVENT.environment(Phase.ON_NOTICE, "drain")
+    assert env["MAINTENANCE_EXPECTED_DOWNTIME_MS"] == env["MAINTENANCE_EXPECTED_DURATION_S"] == ""
