@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 import click
 
 from guest_sdk.daemon_logging import LogFormat, log_format_option, setup_logging
+from host_engine import expectation
 from host_engine import progress as progress_text
 from host_engine import requests as operator_requests
 from host_engine.cli.app import (
@@ -300,7 +301,16 @@ def report(deps: Deps, migration_id: str, as_json: bool, plot_path: str | None) 
         click.echo(f"plot written to {written}", err=as_json)
     if as_json:
         attempts = [dataclasses.asdict(mark) for mark in marks]
-        _json({"migration": _migration_doc(m, deps.clock()), "timeline": rows, "attempts": attempts})
+        p, a = expectation.predicted(m.stats), expectation.actual(m)
+        _json(
+            {
+                "migration": _migration_doc(m, deps.clock()),
+                "timeline": rows,
+                "attempts": attempts,
+                "predicted": None if p is None else p.to_json(),
+                "actual": None if a is None else a.to_json(),
+            }
+        )
         return
     click.echo(
         f"{m.id}: {m.droplet_id} {m.source_host} -> {m.target_host}, {m.state.value}, "
@@ -312,6 +322,9 @@ def report(deps: Deps, migration_id: str, as_json: bool, plot_path: str | None) 
     forced = operator_requests.force_complete(m.stats)
     if forced is not None:
         click.echo(f"{forced.describe()} at {format_time(forced.at)} (attempt {forced.attempt})")
+    compared = expectation.compare_line(m)
+    if compared is not None:
+        click.echo(compared)
     if isinstance(last, dict):
         click.echo("last attempt: " + ", ".join(f"{k} {v}" for k, v in last.items() if v is not None))
     for mark in marks:

@@ -44,10 +44,11 @@ from host_engine.executor import (
     timeline,
 )
 from host_engine.executor_metrics import ExecutorMetrics
+from host_engine.expectation import Expected, with_prediction
 from host_engine.metadata.reconcile import MetadataSync
 from host_engine.models import LogEntry, Migration
 from host_engine.placement import Choice, Plan
-from host_engine.requests import parse_bandwidth
+from host_engine.requests import bandwidth_mibps, parse_bandwidth
 from host_engine.states import HostState, MigrationState
 from host_engine.store import Store
 from host_engine.timeparse import Clock, format_time, parse_duration, parse_time
@@ -158,6 +159,42 @@ def _forecast(deps: Deps, result: Plan, host_name: str) -> prediction.Forecast:
     # The window with the moves sharing each host's link while they overlap.
     shared = prediction.forecast_shared(moves, cfg.sim, **limits)  # type: ignore[arg-type]
     return replace(alone, window_s=shared.window_s, schedule=shared.schedule)
+
+
+def _store_predictions(deps: Deps, written: list[Migration]) -> list[Migration]:
+    """Simulate each written migration with [sim] and keep the prediction in its stats.
+
+    The notices may already be on their way: the metadata reconciliation sees the event lacking the
+    prediction and sets it again, so the guest learns it before its window either way.
+    """
+    store, cfg = deps.store(), deps.config
+    with store.begin(readonly=True) as tx:
+        sizes = {m.droplet_id: tx.get_droplet(m.droplet_id) for m in written}
+    moves = [
+        (
+            m.droplet_id,
+            m.source_host,
+            m.target_host,
+            sizes[m.droplet_id].memory_bytes,
+            sizes[m.droplet_id].disk_bytes,
+        )
+        for m in written
+    ]
+    # One evacuate gives all its migrations the same --bandwidth (else the configured default).
+    cap = bandwidth_mibps(written[0].stats) or cfg.libvirt.bandwidth_mibps
+    predictions = {
+        d: p
+        for d, _s, _t, p in prediction.forecast(
+            moves, cfg.sim, config=cfg.controller, cap_mibps=cap
+        ).predictions
+    }
+    out = []
+    with store.begin() as tx:
+        for m in written:
+            p = predictions[m.droplet_id]
+            expected = Expected(p.duration_s, p.downtime_ms if p.converges else None, p.bytes_transferred)
+            out.append(tx.update_migration(m.id, stats=with_prediction(m.stats, expected)))
+    return out
 
 
 def print_forecast(forecast: prediction.Forecast) -> None:
@@ -280,6 +317,12 @@ def _timing_or_now(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--max-parallel", type=int, default=None, help="Migrations at once, fleet-wide.")
 @click.option("--max-per-target", type=int, default=None, help="Migrations at once into one host.")
 @click.option("--anti-affinity/--no-anti-affinity", default=None)
+@click.option(
+    "--predict",
+    is_flag=True,
+    help="Simulate each migration (as plan evacuate --predict) and store the prediction with it: "
+    "its guest is told the expected downtime and duration, and report compares them with the actual.",
+)
 @pass_deps
 def evacuate(
     deps: Deps,
@@ -295,6 +338,7 @@ def evacuate(
     max_per_target: int | None,
     anti_affinity: bool | None,
     bandwidth: str | None,
+    predict: bool,
 ) -> None:
     """Move every droplet off HOST from --start on; HOST goes into maintenance."""
     req = _request(
@@ -310,6 +354,8 @@ def evacuate(
     )
     config = _with_anti_affinity(deps.config, anti_affinity)
     schedule, written = planner.evacuate(deps.store(), host_name, req, config, dry_run=dry_run)
+    if predict and written:
+        written = _store_predictions(deps, written)
     _schedule_output(schedule, as_json, written)
     if as_json:
         return

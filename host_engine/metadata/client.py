@@ -225,14 +225,22 @@ class AdminClient:
         *,
         not_before: datetime | None = None,
         deadline: datetime | None = None,
+        expected: Mapping[str, float] | None = None,
     ) -> dict[str, Any]:
-        """Set the droplet's one current event. ``NotifierError`` (status 404) if the droplet is unknown."""
+        """Set the droplet's one current event. ``NotifierError`` (status 404) if the droplet is unknown.
+
+        ``expected`` adds the optional prediction fields (``expected_downtime_ms``, ``expected_duration_s``).
+        A server too old to know them refuses them as unknown fields; the event is then set without them.
+        """
         body: dict[str, Any] = {"id": event_id, "event": event, "state": state}
         if not_before is not None:
             body["not_before"] = format_time(not_before)
         if deadline is not None:
             body["deadline"] = format_time(deadline)
-        r = self.request("PUT", f"/admin/v1/droplets/{droplet_id}/maintenance", body)
+        path = f"/admin/v1/droplets/{droplet_id}/maintenance"
+        r = self.request("PUT", path, {**body, **(expected or {})})
+        if expected and r.status_code == 400 and _unknown_field(r) in expected:
+            r = self.request("PUT", path, body)
         if r.status_code not in (200, 201):
             raise self._refused(r, f"setting event {event_id} on droplet {droplet_id}")
         doc: dict[str, Any] = r.json()
@@ -243,3 +251,14 @@ class AdminClient:
         r = self.request("DELETE", f"/admin/v1/droplets/{droplet_id}/maintenance")
         if r.status_code not in (204, 200, 404):
             raise self._refused(r, f"clearing the event of droplet {droplet_id}")
+
+
+def _unknown_field(r: requests.Response) -> str | None:
+    """The field a 400 answer refused as unknown, if that is what it says."""
+    try:
+        doc = r.json()
+    except ValueError:
+        return None
+    if isinstance(doc, dict) and doc.get("error") == "unknown_field" and isinstance(doc.get("field"), str):
+        return str(doc["field"])
+    return None

@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from host_engine.errors import HostEngineError, NotFound, NotifierError, TransientError
+from host_engine.expectation import predicted
 from host_engine.metadata.client import AdminClient, RequestObserver, check_ca_file, read_token_file
 from host_engine.models import Droplet, Host, Migration
 from host_engine.states import ACTIVE_STATES, GuestEvent, MigrationState, guest_event
@@ -72,6 +73,7 @@ class DesiredEvent:
     state: str
     not_before: datetime | None
     deadline: datetime | None
+    expected: dict[str, float] = field(default_factory=dict, compare=False)  # the prediction's PUT fields
 
 
 def desired_event(m: Migration | None) -> DesiredEvent | None:
@@ -81,7 +83,9 @@ def desired_event(m: Migration | None) -> DesiredEvent | None:
     kind, state = guest_event(m.state)
     if kind is GuestEvent.NONE or state is None:
         return None
-    return DesiredEvent(m.event_id, kind.value, state, m.not_before, m.deadline)
+    p = predicted(m.stats)
+    expected = p.for_guest() if p is not None else {}
+    return DesiredEvent(m.event_id, kind.value, state, m.not_before, m.deadline, expected)
 
 
 def _same_time(a: object, b: datetime | None) -> bool:
@@ -99,6 +103,8 @@ def _event_matches(actual: object, want: DesiredEvent) -> bool:
         and actual.get("state") == want.state
         and _same_time(actual.get("not_before"), want.not_before)
         and _same_time(actual.get("deadline"), want.deadline)
+        # A server that shows no such field (an older one) cannot show the prediction: not a mismatch.
+        and all(k not in actual or actual[k] == v for k, v in want.expected.items())
     )
 
 
@@ -203,6 +209,7 @@ class MetadataSync:
                 want.state,
                 not_before=want.not_before,
                 deadline=want.deadline,
+                expected=want.expected,
             )
         except NotifierError as e:
             if e.status != 404:
@@ -216,6 +223,7 @@ class MetadataSync:
                 want.state,
                 not_before=want.not_before,
                 deadline=want.deadline,
+                expected=want.expected,
             )
         return registered
 
@@ -312,7 +320,13 @@ class MetadataSync:
         shown_id = shown.get("id") if isinstance(shown, dict) else None
         if want is not None and not _event_matches(shown, want):
             client.set_event(
-                d.id, want.id, want.event, want.state, not_before=want.not_before, deadline=want.deadline
+                d.id,
+                want.id,
+                want.event,
+                want.state,
+                not_before=want.not_before,
+                deadline=want.deadline,
+                expected=want.expected,
             )
             report.events_set.append(d.id)
         elif want is None and shown_id:
