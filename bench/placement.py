@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from host_engine import planner, schema
 from host_engine.config import EngineConfig
-from host_engine.models import Droplet, Host
+from host_engine.models import Droplet, Host, Usage
 from host_engine.placement import Placer
 from host_engine.states import HostState
-from host_engine.store import Store, Usage
+from host_engine.store import Store
 
 GIB = 1024**3
 SKUS = [

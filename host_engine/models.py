@@ -110,3 +110,21 @@ class LogEntry:
     to_state: MigrationState | None
     message: str
     data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Resources committed to a host: droplets on it plus active migrations heading to it."""
+
+    vcpus: int = 0
+    memory_bytes: int = 0
+    disk_bytes: int = 0
+    droplets: int = 0
+
+    def plus(self, vcpus: int, memory_bytes: int, disk_bytes: int) -> Usage:
+        return Usage(
+            self.vcpus + vcpus,
+            self.memory_bytes + memory_bytes,
+            self.disk_bytes + disk_bytes,
+            self.droplets + 1,
+        )

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from host_engine.config import PlacementConfig
-from host_engine.models import Droplet, Host
+from host_engine.models import Droplet, Host, Usage
 from host_engine.states import HostState
-from host_engine.store import Usage
 from host_engine.units import format_size
 
 #: Filter names, in the order they run (a host is counted against the first filter that rejects it).

@@ -42,7 +42,6 @@ from host_engine.store.database import (
     redact_url,
     store_location,
 )
-from host_engine.store.droplets import Usage
 from host_engine.store.handle import Store, Tx
 from host_engine.store.migrations import (
     UPDATABLE_MIGRATION_FIELDS,
@@ -61,7 +60,6 @@ __all__ = [
     "Store",
     "StoreMissing",
     "Tx",
-    "Usage",
     "create_db_engine",
     "database_url",
     "default_db_path",

@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
 from host_engine import schema as t
 from host_engine.errors import Conflict, NotFound
-from host_engine.models import Droplet
+from host_engine.models import Droplet, Usage
 from host_engine.store.base import ACTIVE_VALUES
 from host_engine.store.hosts import HostsTx
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Resources committed to a host: droplets on it plus active migrations heading to it."""
-
-    vcpus: int = 0
-    memory_bytes: int = 0
-    disk_bytes: int = 0
-    droplets: int = 0
-
-    def plus(self, vcpus: int, memory_bytes: int, disk_bytes: int) -> Usage:
-        return Usage(
-            self.vcpus + vcpus,
-            self.memory_bytes + memory_bytes,
-            self.disk_bytes + disk_bytes,
-            self.droplets + 1,
-        )
 
 
 def _droplet(row: sa.RowMapping) -> Droplet:

@@ -9,10 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from host_engine.config import Overcommit, PlacementConfig, Weights
-from host_engine.models import Droplet, Host
+from host_engine.models import Droplet, Host, Usage
 from host_engine.placement import FILTERS, Placer, placement_order
 from host_engine.states import HostState
-from host_engine.store import Usage
 from tests.unit.host_engine.conftest import GIB
 
 CFG = PlacementConfig()
