@@ -75,7 +75,7 @@ from host_engine.models import Droplet, Host, LogEntry, Migration
 from host_engine.placement import Choice, Plan
 from host_engine.prediction import Prediction
 from host_engine.retry import RetryConfig
-from host_engine.states import MigrationState
+from host_engine.states import LogKind, MigrationState
 from host_engine.store import Store
 from host_engine.timeparse import utc_now
 
@@ -929,11 +929,11 @@ class Demo:
                 self.say(f"{e.droplet_id:8} {line}")
 
     def _log_line(self, e: LogEntry) -> str | None:
-        if e.kind == "transition" and e.to_state is not None:
+        if e.kind == LogKind.TRANSITION and e.to_state is not None:
             if e.to_state is MigrationState.PLANNED:
                 return None  # the plan table said it
             return f"{e.to_state.value:>16}: {e.message}"
-        if e.kind == "progress":
+        if e.kind == LogKind.PROGRESS:
             key = (
                 e.data.get("phase"),
                 e.data.get("memory_throttle_pct"),
@@ -1027,13 +1027,17 @@ class Demo:
             starts = [
                 e.at
                 for e in log_entries
-                if e.kind == "transition"
+                if e.kind == LogKind.TRANSITION
                 and e.to_state in (MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING)
             ]
             lead = (starts[0] - m.notified_at).total_seconds() if starts and m.notified_at else None
             last = m.stats.get(LAST_ATTEMPT_KEY) or {}
             max_throttle = max(
-                (int(e.data.get("memory_throttle_pct") or 0) for e in log_entries if e.kind == "progress"),
+                (
+                    int(e.data.get("memory_throttle_pct") or 0)
+                    for e in log_entries
+                    if e.kind == LogKind.PROGRESS
+                ),
                 default=0,
             )
             limit_s = float(last.get("disk_limit_s") or 0.0)

@@ -63,7 +63,7 @@ from host_engine.executor_metrics import ExecutorMetrics
 from host_engine.models import Migration
 from host_engine.planner import plan_placement
 from host_engine.retry import RetryConfig, after_failure, backoff_s
-from host_engine.states import CANCELLABLE, MigrationState
+from host_engine.states import CANCELLABLE, Ack, LogKind, MigrationState
 from host_engine.store import ClaimLimits, Store, Tx, offline_event_id
 
 if TYPE_CHECKING:
@@ -538,7 +538,7 @@ class Executor:
         return (
             m.offline
             or m.state is MigrationState.OFFLINE_REQUIRED
-            or m.ack == "offline"
+            or m.ack == Ack.OFFLINE
             or power is DomainState.SHUT_OFF
         )
 
@@ -565,7 +565,7 @@ class Executor:
                 if power is DomainState.ABSENT
                 else f"waiting for {m.droplet_id} to shut down for the offline copy"
             )
-            self.store.append_log(m.id, "wait", note, droplet_id=m.droplet_id)
+            self.store.append_log(m.id, LogKind.WAIT, note, droplet_id=m.droplet_id)
             log.warning("migration_id=%s: %s", m.id, note)
             self._waiting_logged.add(m.id)
         return None
@@ -659,7 +659,7 @@ class Executor:
                 tx.update_migration(mid, stats={**m.stats, PROGRESS_KEY: progress_dict(p)})
                 if changed:
                     tx.append_log(
-                        mid, "progress", describe(p), droplet_id=m.droplet_id, data=progress_dict(p)
+                        mid, LogKind.PROGRESS, describe(p), droplet_id=m.droplet_id, data=progress_dict(p)
                     )
         except StaleClaim as e:
             log.error("migration_id=%s: %s; stopping this attempt", mid, e)
@@ -868,7 +868,7 @@ class Executor:
                 claimed_by=None,
                 claimed_at=None,
                 message="offline copy failed too often: operator needed (retry or cancel)",
-                log_kind="alert",
+                log_kind=LogKind.ALERT,
             )
             return tx.get_migration(m.id), ""
         not_before = now + timedelta(seconds=backoff_s(m.attempt, self.config.retry, self.rand))
@@ -1016,7 +1016,7 @@ def request_abort(store: Store, migration_id: str, *, by: str) -> Migration:
                 migration_id,
                 stats={**m.stats, ABORT_REQUEST_KEY: by},
                 message=f"abort requested by {by}",
-                log_kind="abort",
+                log_kind=LogKind.ABORT,
             )
         if m.state in CANCELLABLE:
             return tx.transition(migration_id, MigrationState.CANCELLED, message=f"cancelled by {by}")
@@ -1031,6 +1031,6 @@ def timeline(store: Store, migration_id: str) -> list[dict[str, object]]:
     for e in store.migration_log(migration_id):
         if e.to_state in (MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING):
             attempt += 1
-        if e.kind == "progress":
+        if e.kind == LogKind.PROGRESS:
             rows.append({"at": e.at.isoformat(), "attempt": attempt, **e.data})
     return rows

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from host_engine.states import HostState, MigrationState
+from host_engine.states import HostState, LogKind, MigrationState
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class LogEntry:
     migration_id: str
     droplet_id: str
     at: datetime
-    kind: str
+    kind: LogKind | str  # a LogKind, or the raw value a newer engine wrote
     from_state: MigrationState | None
     to_state: MigrationState | None
     message: str

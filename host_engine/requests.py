@@ -24,7 +24,7 @@ from typing import Any
 from host_engine.config import MAX_BANDWIDTH_MIBPS
 from host_engine.errors import Conflict, InvalidInput
 from host_engine.models import Migration
-from host_engine.states import MigrationState
+from host_engine.states import LogKind, MigrationState
 from host_engine.store import Store
 from host_engine.units import parse_size
 
@@ -153,5 +153,5 @@ def request_force_complete(store: Store, migration_id: str, *, by: str, reason: 
             migration_id,
             stats={**m.stats, FORCE_COMPLETE_KEY: req.to_json()},
             message=f"{req.describe()} (attempt {m.attempt})",
-            log_kind="force_complete",
+            log_kind=LogKind.FORCE_COMPLETE,
         )

@@ -91,6 +91,28 @@ def guest_event(state: MigrationState, *, in_progress: bool = False) -> tuple[Gu
     return GuestEvent.NONE, None
 
 
+class LogKind(enum.StrEnum):
+    """What one line of a migration's history records (the ``migration_log.kind`` column holds the value)."""
+
+    TRANSITION = "transition"  # a state change (from_state/to_state set)
+    PROGRESS = "progress"  # a progress snapshot of a running attempt (data: the Progress as plain values)
+    CLAIM = "claim"  # a worker claimed the migration
+    RELEASE = "release"  # a worker let go of it (shutting down)
+    UPDATE = "update"  # a change without a state change
+    ACK = "ack"  # the guest acknowledged (ready/offline)
+    WAIT = "wait"  # the executor waits (for the guest to shut down, for an operator)
+    ALERT = "alert"  # an operator is needed
+    ABORT = "abort"  # an operator asked for an abort
+    FORCE_COMPLETE = "force_complete"  # an operator asked for the switchover now
+
+
+class Ack(enum.StrEnum):
+    """A guest's acknowledgement of its maintenance event (the ``migrations.ack`` column holds the value)."""
+
+    READY = "ready"  # drained: the migration may start before not_before
+    OFFLINE = "offline"  # it will shut down: migrate it offline
+
+
 class HostState(enum.Enum):
     """A hypervisor's state in the inventory. Only ``active`` hosts receive droplets."""
 

@@ -1,1 +1,26 @@
-"""Fixtures shared by every test package live in each package's conftest; helpers in tests/support.py."""
+"""Fixtures shared by every test package live in each package's conftest; helpers in tests/support.py.
+
+The one fixture here keeps tests independent of each other's logging: a daemon's ``main`` run in-process
+(through click's CliRunner) installs its handler on the root logger and its excepthooks for the whole process,
+and a later test's CLI would then log where it should print (``created a new store`` on stderr).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    hooks = (sys.excepthook, threading.excepthook)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    sys.excepthook, threading.excepthook = hooks

@@ -49,7 +49,7 @@ from host_engine.metadata.reconcile import MetadataSync
 from host_engine.models import LogEntry, Migration
 from host_engine.placement import Choice, Plan
 from host_engine.requests import bandwidth_mibps, parse_bandwidth
-from host_engine.states import HostState, MigrationState
+from host_engine.states import HostState, LogKind, MigrationState
 from host_engine.store import Store
 from host_engine.timeparse import Clock, format_time, parse_duration, parse_time
 
@@ -516,7 +516,7 @@ class _NowReport:
             _json_line({"migration": self.migration_id, **doc})
 
     def entry(self, e: LogEntry) -> None:
-        if e.kind == "progress" and e.data:
+        if e.kind == LogKind.PROGRESS and e.data:
             self.progress(e.data, at=e.at)
         else:
             self.say(f"  {e.message}", {"type": "log", **_entry_doc(e)})

@@ -17,7 +17,7 @@ from host_engine.errors import InvalidInput
 from host_engine.inventory import DriverKind, driver_kind
 from host_engine.models import LogEntry, Migration
 from host_engine.prediction import Calibration, RecordedRun, calibrate
-from host_engine.states import MigrationState
+from host_engine.states import LogKind, MigrationState
 
 LAST_ATTEMPT_KEY = "last_attempt"
 MiB = 1024 * 1024
@@ -36,7 +36,7 @@ def _sample(entry: LogEntry) -> dict[str, Any]:
 def recorded_run(m: Migration, log: list[LogEntry], cap_mibps: int) -> RecordedRun | None:
     """One finished migration as calibration input; None when it has nothing to learn from."""
     last: Mapping[str, Any] = m.stats.get(LAST_ATTEMPT_KEY) or {}
-    samples = tuple(_sample(e) for e in log if e.kind == "progress" and e.data)
+    samples = tuple(_sample(e) for e in log if e.kind == LogKind.PROGRESS and e.data)
     if not last or not samples or last.get("duration_s") is None:
         return None
     first = samples[0]

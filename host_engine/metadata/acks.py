@@ -31,7 +31,7 @@ from host_engine import schema as t
 from host_engine.errors import HostEngineError
 from host_engine.metadata.reconcile import MetadataSync
 from host_engine.models import Host, Migration
-from host_engine.states import MigrationState
+from host_engine.states import LogKind, MigrationState
 from host_engine.store import Store
 from host_engine.timeparse import Clock
 
@@ -145,7 +145,7 @@ class AckReader:
                 ack=ack.action,
                 power_on_after=ack.power_on_after,
                 message=f"guest acknowledged {ack.action}, power_on_after={power}",
-                log_kind="ack",
+                log_kind=LogKind.ACK,
             )
         log.info(
             "migration_id=%s droplet_id=%s event_id=%s guest acknowledged %s (power_on_after=%s)",

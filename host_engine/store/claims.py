@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from host_engine import schema as t
 from host_engine.errors import NotFound, StaleClaim
 from host_engine.models import Migration
-from host_engine.states import MigrationState
+from host_engine.states import Ack, LogKind, MigrationState
 from host_engine.store.migrations import MigrationsTx, migration_from_row
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class ClaimsTx(MigrationsTx):
             note = f"claimed by {worker}" + (
                 f" (lease of {previous} expired)" if previous not in (None, worker) else ""
             )
-            self.append_log(mid, "claim", note, droplet_id=droplet_id, data={"worker": worker})
+            self.append_log(mid, LogKind.CLAIM, note, droplet_id=droplet_id, data={"worker": worker})
             claimed.append(self.get_migration(mid))
         return claimed
 
@@ -186,7 +186,7 @@ class ClaimsTx(MigrationsTx):
                 m.c.state.in_([MigrationState.NOTIFIED.value, MigrationState.OFFLINE_REQUIRED.value]),
                 sa.or_(
                     m.c.not_before <= self.now,
-                    sa.and_(m.c.state == MigrationState.NOTIFIED.value, m.c.ack == "ready"),
+                    sa.and_(m.c.state == MigrationState.NOTIFIED.value, m.c.ack == Ack.READY.value),
                 ),
                 sa.or_(*free),
             )
@@ -232,7 +232,9 @@ class ClaimsTx(MigrationsTx):
         current = MigrationState(row["state"])
         if current not in (MigrationState.NOTIFIED, MigrationState.OFFLINE_REQUIRED):
             return None
-        due = row["not_before"] <= self.now or (current is MigrationState.NOTIFIED and row["ack"] == "ready")
+        due = row["not_before"] <= self.now or (
+            current is MigrationState.NOTIFIED and row["ack"] == Ack.READY
+        )
         stale_before = self.stale_before(lease_s)
         previous = row["claimed_by"]
         claimed_at = row["claimed_at"]
@@ -247,7 +249,9 @@ class ClaimsTx(MigrationsTx):
         note = f"claimed by {worker}" + (
             f" (lease of {previous} expired)" if previous not in (None, worker) else ""
         )
-        self.append_log(migration_id, "claim", note, droplet_id=row["droplet_id"], data={"worker": worker})
+        self.append_log(
+            migration_id, LogKind.CLAIM, note, droplet_id=row["droplet_id"], data={"worker": worker}
+        )
         attempt = int(row["attempt"]) + 1
         return self.transition(
             migration_id,
@@ -304,5 +308,5 @@ class ClaimsTx(MigrationsTx):
             .where(t.migrations.c.id == migration_id)
             .values(claimed_by=None, claimed_at=None, updated_at=self.now)
         )
-        self.append_log(migration_id, "release", f"released by {worker}", droplet_id=m.droplet_id)
+        self.append_log(migration_id, LogKind.RELEASE, f"released by {worker}", droplet_id=m.droplet_id)
         return self.get_migration(migration_id)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from host_engine import schema as t
 from host_engine.errors import Conflict, HostEngineError, StoreError
 from host_engine.models import Droplet, Host, LogEntry, Migration, NewMigration
-from host_engine.states import MigrationState
+from host_engine.states import LogKind, MigrationState
 from host_engine.store.claims import ClaimsTx
 from host_engine.store.database import (
     StoreMissing,
@@ -186,7 +186,7 @@ class Store:
         with self.begin() as tx:
             return tx.complete(migration_id, **kwargs)
 
-    def append_log(self, migration_id: str, kind: str, message: str, **kwargs: Any) -> None:
+    def append_log(self, migration_id: str, kind: LogKind, message: str, **kwargs: Any) -> None:
         with self.begin() as tx:
             tx.append_log(migration_id, kind, message, **kwargs)
 

@@ -10,8 +10,15 @@ import sqlalchemy as sa
 from host_engine import schema as t
 from host_engine.errors import NotFound
 from host_engine.models import LogEntry
-from host_engine.states import MigrationState
+from host_engine.states import LogKind, MigrationState
 from host_engine.store.base import TxBase
+
+
+def _kind(value: str) -> LogKind | str:
+    try:
+        return LogKind(value)
+    except ValueError:  # written by a newer engine: shown as it is
+        return value
 
 
 def _log_entry(row: sa.RowMapping) -> LogEntry:
@@ -20,7 +27,7 @@ def _log_entry(row: sa.RowMapping) -> LogEntry:
         migration_id=row["migration_id"],
         droplet_id=row["droplet_id"],
         at=row["at"],
-        kind=row["kind"],
+        kind=_kind(row["kind"]),
         from_state=MigrationState(row["from_state"]) if row["from_state"] else None,
         to_state=MigrationState(row["to_state"]) if row["to_state"] else None,
         message=row["message"],
@@ -34,7 +41,7 @@ class LogTx(TxBase):
     def append_log(
         self,
         migration_id: str,
-        kind: str,
+        kind: LogKind,
         message: str,
         *,
         from_state: MigrationState | None = None,
@@ -55,7 +62,7 @@ class LogTx(TxBase):
                 migration_id=migration_id,
                 droplet_id=droplet_id,
                 at=self.now,
-                kind=kind,
+                kind=LogKind(kind).value,  # a bare string is checked, not stored blindly
                 from_state=from_state.value if from_state else None,
                 to_state=to_state.value if to_state else None,
                 message=message,

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from host_engine import schema as t
 from host_engine.errors import Conflict, NotFound, StaleClaim
 from host_engine.models import Migration, NewMigration
-from host_engine.states import MigrationState, check_transition
+from host_engine.states import LogKind, MigrationState, check_transition
 from host_engine.store.base import ACTIVE_VALUES
 from host_engine.store.droplets import DropletsTx
 from host_engine.store.log import LogTx
@@ -131,7 +131,7 @@ class MigrationsTx(DropletsTx, LogTx):
         )
         self.append_log(
             mid,
-            "transition",
+            LogKind.TRANSITION,
             message or f"planned {new.source_host} -> {new.target_host}",
             to_state=MigrationState.PLANNED,
             droplet_id=new.droplet_id,
@@ -239,7 +239,7 @@ class MigrationsTx(DropletsTx, LogTx):
             raise Conflict(f"migration {migration_id} changed concurrently")
         self.append_log(
             migration_id,
-            "transition",
+            LogKind.TRANSITION,
             message or f"{current.value} -> {to_state.value}",
             from_state=current,
             to_state=to_state,
@@ -249,7 +249,7 @@ class MigrationsTx(DropletsTx, LogTx):
         return self.get_migration(migration_id)
 
     def update_migration(
-        self, migration_id: str, *, message: str = "", log_kind: str = "update", **changes: Any
+        self, migration_id: str, *, message: str = "", log_kind: LogKind = LogKind.UPDATE, **changes: Any
     ) -> Migration:
         """Change columns without a state change; logged when ``message`` is given."""
         row = self._migration_row(migration_id, for_update=True)

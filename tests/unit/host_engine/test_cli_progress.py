@@ -24,7 +24,7 @@ from host_engine.engine_steps import SimTickStep, executor_step
 from host_engine.executor import PROGRESS_KEY
 from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.plot import plot_timeline, time_axis_s
-from host_engine.states import MigrationState
+from host_engine.states import LogKind, MigrationState
 from host_engine.store import Store
 from tests.unit.host_engine.conftest import GIB, T0, FakeClock, wall
 from tests.unit.host_engine.fake_admin import FakeAdmin
@@ -218,7 +218,7 @@ def test_status_watch_and_report_show_any_recorded_eta(
     [m] = worker.store.list_migrations()
     p = {**m.stats[PROGRESS_KEY], "eta_s": eta_s, "downtime_ms": None, "phase": "disk"}  # type: ignore[dict-item]
     worker.store.update_migration(m.id, stats={**m.stats, PROGRESS_KEY: p})
-    worker.store.append_log(m.id, "progress", "disk", data=p)
+    worker.store.append_log(m.id, LogKind.PROGRESS, "disk", data=p)
 
     assert f"ETA {shown}" in ok(db, clock, "status").output
     assert shown in ok(db, clock, "status", "--watch", "--count", "1").output

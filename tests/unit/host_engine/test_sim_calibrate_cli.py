@@ -9,6 +9,7 @@ from pathlib import Path
 
 from host_engine.config import config_from_dict
 from host_engine.models import NewMigration
+from host_engine.states import LogKind
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
 from tests.unit.host_engine.conftest import FakeClock, make_droplet, make_host
@@ -35,7 +36,7 @@ def _record(store: Store, clock: FakeClock, run: dict[str, object], i: int) -> N
             k: v for k, v in s.items() if k not in ("t", "disk_processed_bytes", "memory_processed_bytes")
         }
         data["elapsed_s"] = s["t"]
-        store.append_log(c.id, "progress", "progress", data=data)
+        store.append_log(c.id, LogKind.PROGRESS, "progress", data=data)
     last = {k: run[k] for k in ("duration_s", "downtime_ms", "bytes_transferred")}
     if run["converged"]:
         store.complete(c.id, worker="w1", stats={"last_attempt": last})

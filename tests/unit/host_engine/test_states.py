@@ -11,7 +11,9 @@ from host_engine.states import (
     ACTIVE_STATES,
     CANCELLABLE,
     TRANSITIONS,
+    Ack,
     GuestEvent,
+    LogKind,
     MigrationState,
     can_transition,
     check_transition,
@@ -77,3 +79,10 @@ def test_states_terminal_and_active() -> None:
 )
 def test_states_guest_sees(state: MigrationState, event: GuestEvent, wire_state: str | None) -> None:
     assert guest_event(state) == (event, wire_state)
+
+
+def test_log_kinds_and_acks_are_their_plain_values() -> None:
+    """The enums change nothing on disk or on the wire: a StrEnum is its value."""
+    assert [k.value for k in LogKind][:2] == ["transition", "progress"]
+    assert Ack.READY == "ready" and Ack.OFFLINE == "offline"
+    assert LogKind("progress") is LogKind.PROGRESS

@@ -19,7 +19,14 @@ from hypothesis import strategies as st
 from host_engine import schema
 from host_engine.errors import Conflict, IllegalTransition, NotFound, StaleClaim, StoreError
 from host_engine.models import Migration, NewMigration
-from host_engine.states import ACTIVE_STATES, CANCELLABLE, HostState, MigrationState, can_transition
+from host_engine.states import (
+    ACTIVE_STATES,
+    CANCELLABLE,
+    HostState,
+    LogKind,
+    MigrationState,
+    can_transition,
+)
 from host_engine.store import ClaimLimits, Store, create_db_engine, database_url, offline_event_id
 from host_engine.workers import WorkerName, WorkerNameTaken
 from tests import pg
@@ -502,3 +509,19 @@ def test_store_database_that_never_answers_fails_in_seconds_not_minutes() -> Non
         store.close()
     assert took_s < 30
     assert len(failures) == 1 and isinstance(failures[0], StoreError)
+
+
+def test_store_log_kinds_are_checked_on_write_and_tolerated_on_read(populated: Store) -> None:
+    [m] = populated.create_migrations([_new()])
+    populated.append_log(m.id, LogKind.WAIT, "waiting")
+    with pytest.raises(ValueError, match="typo"):
+        populated.append_log(m.id, "typo", "an unknown kind is refused")  # type: ignore[arg-type]
+    with populated.engine.begin() as conn:  # a kind written by a newer engine
+        conn.execute(
+            schema.migration_log.insert().values(
+                migration_id=m.id, droplet_id="d1", at=T0, kind="future_kind", message="?", data={}
+            )
+        )
+    kinds = [e.kind for e in populated.migration_log(m.id)]
+    assert kinds == [LogKind.TRANSITION, LogKind.WAIT, "future_kind"]
+    assert isinstance(kinds[1], LogKind)
