@@ -115,7 +115,8 @@ class ExecutorConfig:
     max_offline_attempts: int = DEFAULT_MAX_OFFLINE_ATTEMPTS
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
-    # Claim only these migrations (``host-engine migrate --now`` runs its own, not whatever else is due).
+    # Claim only these migrations (``host-engine migrate --now`` runs its own, not whatever else is due;
+    # ``for_engine`` then retries them seconds apart: ``RetryConfig.right_away``).
     only: frozenset[str] | None = None
     # The fleet's limits, checked in the store at claim time across every worker ([concurrency]).
     limits: ClaimLimits = field(default_factory=ClaimLimits)
@@ -135,6 +136,8 @@ class ExecutorConfig:
         # worker (whose recovery would take its attempt for an orphan), so it works under a name of its own.
         worker = config.worker_id if only is None else f"{config.worker_id}/migrate-{os.getpid()}"
         return cls(
+            # ``migrate --now``: the operator waits at the terminal, so a retry comes seconds later.
+            retry=RetryConfig() if only is None else RetryConfig.right_away(),
             worker=worker,
             max_concurrent=e.max_concurrent,
             tick_s=e.poll_interval_s if tick_s is None else tick_s,

@@ -22,6 +22,11 @@ DEFAULT_MAX_NONCONVERGING = 2
 DEFAULT_BACKOFF_S = 120.0
 DEFAULT_BACKOFF_MAX_S = 1800.0
 DEFAULT_JITTER = 0.2
+# ``migrate --now``: an operator watches the command and wants the retry now, not in minutes. 5 s lets the
+# failed attempt's clean-up settle (a libvirt job torn down, a target's daemon restarting) and still spreads
+# concurrent retries; doubling to at most 30 s keeps a third attempt within a minute of the first failure.
+NOW_BACKOFF_S = 5.0
+NOW_BACKOFF_MAX_S = 30.0
 # Offline migration: the guest reads offline_migrate and gets this long to shut itself down (DESIGN.md §3's
 # ten-minute notice applies to every event the guest must act on).
 DEFAULT_OFFLINE_NOTICE_S = 600.0
@@ -37,6 +42,17 @@ class RetryConfig:
     backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
     jitter: float = DEFAULT_JITTER
     offline_notice_s: float = DEFAULT_OFFLINE_NOTICE_S
+
+    @classmethod
+    def right_away(cls) -> RetryConfig:
+        """The retries of ``migrate --now``: seconds apart (5 s, 10 s, ... at most 30 s, jittered), with the
+        same attempt limits, convergence rule and choice of another target as every retry.
+
+        >>> from dataclasses import replace
+        >>> [backoff_s(n, replace(RetryConfig.right_away(), jitter=0.0)) for n in (1, 2, 3, 9)]
+        [5.0, 10.0, 20.0, 30.0]
+        """
+        return cls(backoff_s=NOW_BACKOFF_S, backoff_max_s=NOW_BACKOFF_MAX_S)
 
 
 @dataclass(frozen=True)
