@@ -38,11 +38,10 @@ from host_engine import planner
 from host_engine.config import EngineConfig, EngineLoopConfig
 from host_engine.demo import DropletSpec, GuestAgentProcess, HookSay, MetadataServerProcess
 from host_engine.drivers.sim import idle
-from host_engine.engine import Engine
 from host_engine.metadata.client import AdminClient
-from host_engine.metadata.reconcile import MetadataSync
 from host_engine.models import Droplet, Host, NewMigration
 from host_engine.store import Store
+from host_engine.wiring import build_engine
 
 FIRST_ADDRESS = 41  # 127.0.0.41 ...
 ROUND_TIMEOUT_S = 30.0
@@ -132,8 +131,11 @@ def main() -> int:  # noqa: PLR0912 - one straight-line benchmark
             return client
 
         config = EngineConfig(engine=EngineLoopConfig(poll_interval_s=0.05, worker="bench"))
-        with MetadataSync(store, factory) as sync:
-            engine = Engine(store, config, sync, sleep=lambda _s: None)
+        # Wired as ``host-engine run`` wires it; only its notice path is used here (no migration runs).
+        with build_engine(
+            store, config, config.engine.driver, clients=factory, sleep=lambda _s: None
+        ) as wired:
+            engine = wired.engine
             if any(r.error for r in engine.reconcile()):
                 raise SystemExit("notice_latency: could not register the droplets")
             for agent in agents:

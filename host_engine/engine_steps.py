@@ -283,6 +283,7 @@ def executor_step(
     sim_speed: float = 1.0,
     only: Sequence[str] | None = None,
     monotonic: Callable[[], float] = time.monotonic,
+    exec_config: ExecutorConfig | None = None,
 ) -> SimTickStep | Executor:
     """What ``host-engine run`` adds to the engine loop (``Engine(..., steps=[executor_step(...)])``).
 
@@ -292,12 +293,14 @@ def executor_step(
     TLS and peer URIs; both at once through a ``RoutingHypervisor`` (then in simulated time at wall speed, so
     ``sim_speed`` must stay 1). All run under ``config.controller``; retries pick another target through the
     placement filters and weighers; ``only`` restricts the executor to those migration ids; ``monotonic``
-    is the wall clock the sim follows (tests inject one). Logs which driver drives which hosts.
+    is the wall clock the sim follows (tests inject one); ``exec_config`` replaces the executor settings
+    derived from ``config``. Logs which driver drives which hosts.
     """
     plan = plan_drivers(store.list_hosts(), driver)
     log.info("%s", plan.describe())
     # [engine] worker/lease/renew_every/max_concurrent, [concurrency] limits, [controller] downtime budget.
-    exec_config = ExecutorConfig.for_engine(config, only=None if only is None else frozenset(only))
+    if exec_config is None:
+        exec_config = ExecutorConfig.for_engine(config, only=None if only is None else frozenset(only))
     chooser = placement_chooser(store, config.placement)
     libvirt = _libvirt_hypervisor(store, config, plan) if plan.libvirt else None
     if libvirt is not None and not plan.sim:

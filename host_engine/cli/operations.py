@@ -29,14 +29,8 @@ from host_engine.cli.app import (
     cli,
     pass_deps,
 )
-from host_engine.cli.planning import (
-    _driver_option,
-    _executor_step,
-    _shutdown_step,
-    _sim_speed_option,
-)
+from host_engine.cli.planning import _driver_option, _sim_speed_option
 from host_engine.demo import demo as demo_command
-from host_engine.engine import Engine
 from host_engine.engine_metrics import EngineMetrics, Readiness
 from host_engine.errors import (
     HostEngineError,
@@ -59,6 +53,7 @@ from host_engine.states import ACTIVE_STATES, MigrationState
 from host_engine.store import Store
 from host_engine.timeline import attempt_marks
 from host_engine.timeparse import format_duration, format_time, parse_duration
+from host_engine.wiring import build_engine
 from host_engine.workers import WorkerName
 
 log = logging.getLogger(__name__)
@@ -420,40 +415,36 @@ def run(
         name = stack.enter_context(WorkerName(store, config.worker_id))
         health = EngineMetrics(config.worker_id, poll_interval_s=config.engine.poll_interval_s)
         clients = deps.client_factory or _client_factory(deps)
-        sync = stack.enter_context(MetadataSync(store, clients, observer=health.server_answered))
         metrics = ExecutorMetrics(store, registry=health.registry)
         if listen is not None:
             ready = Readiness(store, config.worker_id, lambda: name.held)
             stack.enter_context(serve_metrics(*listen, metrics.exposition, live=health.live, ready=ready))
             stack.enter_context(ServerProbe(store, clients, health))
-        step = _executor_step(
-            deps,
-            store,
-            config,
-            driver or config.engine.driver,
-            hooks=sync,
-            sim_speed=sim_speed,
-            metrics=metrics,
-        )
         # On threads (executor, notices, a main thread that only waits for signals) unless a test drives
-        # time through deps.sleep.
-        engine = Engine(
-            store,
-            config,
-            sync,
-            clock=deps.clock,
-            sleep=deps.sleep,
-            steps=[name, step, health.beat_step()],
-            threads=deps.sleep is None,
+        # time through deps.sleep. Leaving the stack releases running attempts, sources untouched.
+        wired = stack.enter_context(
+            build_engine(
+                store,
+                config,
+                driver or config.engine.driver,
+                deps.clock,
+                clients=clients,
+                observer=health.server_answered,
+                metrics=metrics,
+                sim_speed=sim_speed,
+                monotonic=deps.monotonic or time.monotonic,
+                sleep=deps.sleep,
+                threads=deps.sleep is None,
+                before=[name],
+                after=[health.beat_step()],
+            )
         )
+        engine = wired.engine
         name.on_lost = engine.request_stop
         engine.on_tick = health.tick_finished
         if deps.install_signals and threading.current_thread() is threading.main_thread():
             engine.install_signal_handlers()
-        try:
-            engine.run(max_ticks=max_ticks)
-        finally:
-            _shutdown_step(step)
+        engine.run(max_ticks=max_ticks)
 
 
 cli.add_command(demo_command)  # host-engine demo: host_engine/demo.py

@@ -28,30 +28,22 @@ from host_engine.cli.app import (
     pass_deps,
 )
 from host_engine.config import DRIVERS, EngineConfig
-from host_engine.drivers.sim.settings import apply_settings
-from host_engine.engine import Engine
-from host_engine.engine_steps import SimTickStep, executor_step, plan_drivers
+from host_engine.engine_steps import plan_drivers
 from host_engine.errors import (
     HostEngineError,
     InvalidInput,
     MigrationIncomplete,
     TransientError,
 )
-from host_engine.executor import (
-    LAST_ATTEMPT_KEY,
-    PROGRESS_KEY,
-    Executor,
-    timeline,
-)
-from host_engine.executor_metrics import ExecutorMetrics
+from host_engine.executor import LAST_ATTEMPT_KEY, PROGRESS_KEY, timeline
 from host_engine.expectation import Expected, with_prediction
 from host_engine.metadata.reconcile import MetadataSync
 from host_engine.models import LogEntry, Migration
 from host_engine.placement import Choice, Plan
 from host_engine.requests import bandwidth_mibps, parse_bandwidth
 from host_engine.states import HostState, LogKind, MigrationState
-from host_engine.store import Store
 from host_engine.timeparse import Clock, format_time, parse_duration, parse_time
+from host_engine.wiring import WiredEngine, build_engine
 
 log = logging.getLogger(__name__)
 
@@ -447,9 +439,18 @@ def _run_now(deps: Deps, planned: Migration, driver: str, sim_speed: float, as_j
          "target": planned.target_host},
     )  # fmt: skip
     sleep = deps.sleep or time.sleep
-    with MetadataSync(store, deps.client_factory or _client_factory(deps)) as sync:
-        engine = Engine(store, deps.config, sync, clock=deps.clock, sleep=sleep)
-        _sent, errors = engine.send_due_notices()
+    with build_engine(
+        store,
+        deps.config,
+        driver,
+        deps.clock,
+        clients=deps.client_factory or _client_factory(deps),
+        sim_speed=sim_speed,
+        monotonic=deps.monotonic or time.monotonic,
+        only=[mid],
+        sleep=sleep,
+    ) as wired:
+        _sent, errors = wired.engine.send_due_notices()
         m = store.get_migration(mid)
         if m.state is MigrationState.PLANNED:
             why = next((e for e in errors if e.startswith(f"{mid}:")), "not due yet")
@@ -461,9 +462,8 @@ def _run_now(deps: Deps, planned: Migration, driver: str, sim_speed: float, as_j
             f"migration {mid}: notice sent (event {m.event_id}), window opens {format_time(m.not_before)}",
             {"type": "notified", "event_id": m.event_id, "not_before": format_time(m.not_before)},
         )
-        step = _executor_step(deps, store, deps.config, driver, hooks=sync, sim_speed=sim_speed, only=[mid])
         try:
-            m = _drive_one(deps, step, mid, out, sleep)
+            m = _drive_one(deps, wired, mid, out, sleep)
         except MigrationIncomplete:  # interrupted: machines still get where it was left
             out.result(store.get_migration(mid), timeline(store, mid))
             raise
@@ -535,7 +535,7 @@ class _NowReport:
 
 def _drive_one(
     deps: Deps,
-    step: SimTickStep | Executor,
+    wired: WiredEngine,
     mid: str,
     out: _NowReport,
     sleep: Callable[[float], None],
@@ -543,6 +543,7 @@ def _drive_one(
     """Tick ``step`` until migration ``mid`` ends, echoing its log (progress lines with percent and ETA).
 
     SIGINT/SIGTERM stop the attempt cleanly (source untouched; it goes back to the retry path)."""
+    step = wired.step
     store = step.store
     stop = threading.Event()
     restore = _catch_stop_signals(stop) if deps.install_signals else {}
@@ -574,7 +575,7 @@ def _drive_one(
     finally:
         for signum, handler in restore.items():
             signal.signal(signum, handler)
-        _shutdown_step(step)
+        wired.shutdown()
     m = store.get_migration(mid)
     raise MigrationIncomplete(
         f"interrupted: migration {mid} is {m.state.value}, {m.droplet_id} still on {m.source_host}"
@@ -589,41 +590,6 @@ def _catch_stop_signals(stop: threading.Event) -> dict[int, Any]:
     for signum in (signal.SIGINT, signal.SIGTERM):
         previous[signum] = signal.signal(signum, lambda _s, _f: stop.set())
     return previous
-
-
-def _shutdown_step(step: SimTickStep | Executor) -> None:
-    """Release this process's running attempts now (sources untouched), not at the claim's lease expiry."""
-    try:
-        for f in step.shutdown():
-            log.info("migration_id=%s: attempt %s stopped (%s)", f.migration_id, f.attempt, f.state.value)
-    except HostEngineError as e:
-        log.error("shutting the executor down failed (its claims expire on their own): %s", e)
-
-
-def _executor_step(
-    deps: Deps,
-    store: Store,
-    config: EngineConfig,
-    driver: str,
-    *,
-    hooks: MetadataSync,
-    sim_speed: float,
-    metrics: ExecutorMetrics | None = None,
-    only: Sequence[str] | None = None,
-) -> SimTickStep | Executor:
-    step = executor_step(
-        store,
-        config,
-        driver=driver,
-        hooks=hooks,
-        metrics=metrics,
-        sim_speed=sim_speed,
-        only=only,
-        monotonic=deps.monotonic or time.monotonic,
-    )
-    if isinstance(step, SimTickStep):  # the simulated hosts and droplets as [sim] describes them
-        apply_settings(step.world, config.sim)
-    return step
 
 
 @cli.command()

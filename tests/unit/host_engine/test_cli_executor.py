@@ -172,7 +172,7 @@ def test_run_hands_the_libvirt_and_controller_sections_to_the_executor(
     db: str, clock: FakeClock, admin: FakeAdmin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``run --driver libvirt`` builds LibvirtHypervisor from [libvirt]; both drivers get [controller]."""
-    import host_engine.cli.planning as cli_module
+    import host_engine.wiring as cli_module
 
     built: list[Any] = []
 
