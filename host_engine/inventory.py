@@ -200,7 +200,7 @@ def sync_host(
                 continue
             seen.add(dom.name)
             disk_bytes = sum(d.size_bytes for d in dom.disks)
-            power = dom.power_state.value
+            power = dom.power_state
             try:
                 known = tx.get_droplet(dom.name)
             except LookupError:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from host_engine.states import HostState, LogKind, MigrationState
+from host_engine.states import HostState, LogKind, MigrationState, PowerState
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Droplet:
     owner_tag: str = ""
     addresses: tuple[str, ...] = ()
     hostname: str = ""
-    power_state: str = "running"
+    power_state: PowerState | str = PowerState.RUNNING  # a PowerState, or the raw value a newer engine wrote
     created_at: datetime | None = None
     updated_at: datetime | None = None
 

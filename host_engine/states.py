@@ -119,3 +119,13 @@ class HostState(enum.Enum):
     ACTIVE = "active"
     MAINTENANCE = "maintenance"
     DOWN = "down"
+
+
+class PowerState(enum.StrEnum):
+    """A droplet's power state as the inventory records it (the ``droplets.power_state`` column holds the
+    value): read from its hypervisor by ``host-engine inventory sync``, shown by ``droplet list``."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUT_OFF = "shut_off"
+    OTHER = "other"  # a hypervisor state with no place above (libvirt's "no state", "suspended", ...)

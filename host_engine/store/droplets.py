@@ -10,8 +10,18 @@ import sqlalchemy as sa
 from host_engine import schema as t
 from host_engine.errors import Conflict, NotFound
 from host_engine.models import Droplet, Usage
+from host_engine.states import PowerState
 from host_engine.store.base import ACTIVE_VALUES
 from host_engine.store.hosts import HostsTx
+
+
+def power_state(value: str) -> PowerState | str:
+    """The stored ``power_state`` as a :class:`PowerState`; a value this engine does not know (a newer engine
+    wrote it) is kept as it is, so reading never fails and ``droplet list`` shows what is stored."""
+    try:
+        return PowerState(value)
+    except ValueError:
+        return value
 
 
 def _droplet(row: sa.RowMapping) -> Droplet:
@@ -24,7 +34,7 @@ def _droplet(row: sa.RowMapping) -> Droplet:
         owner_tag=row["owner_tag"],
         addresses=tuple(row["addresses"] or ()),
         hostname=row["hostname"],
-        power_state=row["power_state"],
+        power_state=power_state(row["power_state"]),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
@@ -47,7 +57,7 @@ class DropletsTx(HostsTx):
                 owner_tag=droplet.owner_tag,
                 addresses=list(droplet.addresses),
                 hostname=droplet.hostname,
-                power_state=droplet.power_state,
+                power_state=_checked_power(droplet.power_state),
                 created_at=self.now,
                 updated_at=self.now,
             )
@@ -81,6 +91,8 @@ class DropletsTx(HostsTx):
             raise ValueError(f"unknown or read-only droplet fields: {sorted(unknown)}")
         if "addresses" in changes:
             changes["addresses"] = list(changes["addresses"])
+        if "power_state" in changes:
+            changes["power_state"] = _checked_power(changes["power_state"])
         self.conn.execute(
             t.droplets.update().where(t.droplets.c.id == droplet_id).values(**changes, updated_at=self.now)
         )
@@ -152,3 +164,8 @@ class DropletsTx(HostsTx):
         for host, tag in self.conn.execute(q2):
             tags.setdefault(host, set()).add(tag)
         return tags
+
+
+def _checked_power(value: PowerState | str) -> str:
+    """The value to store: a bare string is checked (ValueError naming it), not stored blindly."""
+    return PowerState(value).value

@@ -80,9 +80,10 @@ every offline migration of the fleet at once.
 
 from host_engine.drivers.libvirt.events import EventLoop
 from host_engine.drivers.libvirt.hypervisor import LibvirtHypervisor
-from host_engine.drivers.libvirt.inventory import DiskInfo, DomainInfo, PowerState, list_domains
+from host_engine.drivers.libvirt.inventory import DiskInfo, DomainInfo, list_domains
 from host_engine.drivers.libvirt.migration import LibvirtMigration
 from host_engine.drivers.libvirt.rates import RATE_WINDOW_S
+from host_engine.states import PowerState
 
 # The name tests and benchmarks use to start libvirt's event loop before their first connection.
 _EventLoop = EventLoop

@@ -7,10 +7,11 @@ from typing import Any
 
 from host_engine.drivers.base import DomainState, DriverError, MigrationSpec, Recovered
 from host_engine.drivers.libvirt.connection import libvirt_module, open_uri
-from host_engine.drivers.libvirt.inventory import PowerState, power_state
+from host_engine.drivers.libvirt.inventory import power_state
 from host_engine.drivers.libvirt.leftovers import LeftoverSweeper
 from host_engine.drivers.libvirt.migration import LibvirtMigration
 from host_engine.drivers.libvirt.recovery import recover
+from host_engine.states import PowerState
 
 
 class LibvirtHypervisor:

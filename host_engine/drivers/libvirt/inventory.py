@@ -5,20 +5,13 @@ The network side (interfaces, filters, known addresses) is :mod:`host_engine.dri
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Any
 
 from host_engine.drivers.base import DriverError
 from host_engine.drivers.libvirt.connection import libvirt_module, open_uri
 from host_engine.drivers.libvirt.disks import disk_size, domain_disks
-
-
-class PowerState(enum.Enum):
-    RUNNING = "running"
-    PAUSED = "paused"
-    SHUT_OFF = "shut_off"
-    OTHER = "other"
+from host_engine.states import PowerState
 
 
 @dataclass(frozen=True)

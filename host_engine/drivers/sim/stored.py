@@ -58,6 +58,7 @@ from host_engine.drivers.sim.model import (
 from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, WORKLOADS, Workload
 from host_engine.errors import StoreError
 from host_engine.inventory import DriverKind, driver_kind
+from host_engine.states import PowerState
 from host_engine.store import Store, Tx
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,9 @@ def _image_fingerprint(image: Image) -> str:
 
 
 def _power(value: str) -> DomainState:
-    return DomainState.SHUT_OFF if value == DomainState.SHUT_OFF.value else DomainState.RUNNING
+    """How the sim starts a droplet the store records with power state ``value``: shut off stays shut off,
+    anything else (paused, a value a newer engine wrote) starts running."""
+    return DomainState.SHUT_OFF if value == PowerState.SHUT_OFF else DomainState.RUNNING
 
 
 class StoredWorld(SimWorld):
