@@ -35,10 +35,10 @@ from guest_agent.errors import AckRejected, MetadataUnreachable
 from guest_agent.hooks import Hook, build_hook
 from guest_agent.hooks.base import EventInfo, HookContext, HookResult
 from guest_agent.hooks.process import run_program
-from guest_agent.journal import EventRecord, HookOutcome, HookRecord, Journal
+from guest_agent.journal import EventRecord, HookRecord, Journal
 from guest_agent.metrics import Metrics
 from guest_agent.source import EventSource, Notice, NoticeKind
-from guest_agent.states import EventStatus
+from guest_agent.states import EventStatus, HookOutcome, MigrationKind
 from guest_sdk.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class Agent:
         rec = self.journal.active()
         if rec is None:
             return
-        log.info("resuming event_id=%s (%s) in state %s", rec.event_id, rec.kind, rec.status.value)
+        log.info("resuming event_id=%s (%s) in state %s", rec.event_id, rec.kind.value, rec.status.value)
         for hook in rec.hooks:
             if hook.interrupted:
                 log.warning(
@@ -185,10 +185,10 @@ class Agent:
                     return True
                 self._maybe_ack_ready(rec)
                 return False
-            if notice.kind is NoticeKind.OFFLINE_MIGRATE and rec.kind == NoticeKind.LIVE_MIGRATE.value:
+            if notice.kind is NoticeKind.OFFLINE_MIGRATE and rec.kind is MigrationKind.LIVE_MIGRATE:
                 log.info("event_id=%s superseded by offline event %s", rec.event_id, notice.id)
                 self._set(rec, EventStatus.SUPERSEDED)
-                self._begin(notice, carry=rec)
+                self._begin(notice, MigrationKind.OFFLINE_MIGRATE, carry=rec)
                 return True
             log.info("event_id=%s is over (the flag now reads %r): restoring", rec.event_id, notice.raw)
             self._set(rec, EventStatus.RESTORING)
@@ -211,7 +211,8 @@ class Agent:
         return False
 
     def _maybe_begin(self, notice: Notice | None) -> bool:
-        if notice is None or not notice.is_event:
+        kind = notice.kind.migration if notice is not None else None
+        if notice is None or kind is None:
             if notice is not None and notice.kind is NoticeKind.OTHER and notice.raw != self._warned_other:
                 log.warning(
                     "the metadata service announces %r, which this agent does not know: ignored", notice.raw
@@ -225,10 +226,10 @@ class Agent:
                 log.info("event_id=%s was already handled; waiting for the next change", notice.id)
                 self._warned_done = notice.id
             return False
-        self._begin(notice)
+        self._begin(notice, kind)
         return True
 
-    def _begin(self, notice: Notice, carry: EventRecord | None = None) -> EventRecord:
+    def _begin(self, notice: Notice, kind: MigrationKind, carry: EventRecord | None = None) -> EventRecord:
         now = self._wall()
         base = notice.id if notice.id is not None else f"text-{notice.kind.value}-{int(now)}"
         event_id, n = base, 1
@@ -240,7 +241,7 @@ class Agent:
         rec = self.journal.begin_event(
             event_id=event_id,
             server_id=notice.id,
-            kind=notice.kind.value,
+            kind=kind,
             deadline=deadline,
             not_before=_ts(notice.not_before),
             simulated=self._simulated,
@@ -274,7 +275,7 @@ class Agent:
             return False
         if rec.server_id is not None:
             return notice.id == rec.server_id
-        return notice.id is None and notice.kind.value == rec.kind
+        return notice.id is None and notice.kind.migration is rec.kind
 
     def _deadline_for(self, notice: Notice, first_seen: float) -> float:
         """The event's deadline (wall clock) for the hooks: the server's, when it makes sense.
@@ -305,7 +306,7 @@ class Agent:
         report = self._run_phase(rec, Phase.BEFORE_OFFLINE)
         if not report.finished or self._stop.is_set():
             return False  # asked to stop (SIGTERM): the next start resumes here
-        required = rec.kind == NoticeKind.OFFLINE_MIGRATE.value or (
+        required = rec.kind is MigrationKind.OFFLINE_MIGRATE or (
             notice is not None and notice.kind is NoticeKind.OFFLINE_MIGRATE and self._same_event(rec, notice)
         )
         if report.stopped_on_failure and not required:

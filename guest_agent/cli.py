@@ -176,7 +176,7 @@ def status(config_path: Path, as_json: bool) -> None:
 def _echo_record(rec: EventRecord, *, active: bool) -> None:
     marker = "active" if active else "past"
     click.echo(
-        f"{marker} event {rec.event_id}: {rec.kind}, {rec.status.value}, "
+        f"{marker} event {rec.event_id}: {rec.kind.value}, {rec.status.value}, "
         f"first seen {_fmt_ts(rec.first_seen)}, deadline {_fmt_ts(rec.deadline)}"
     )
     for hook in rec.hooks:
@@ -200,7 +200,7 @@ def _notice_json(n: Notice) -> dict[str, Any]:
 def _record_json(rec: EventRecord) -> dict[str, Any]:
     return {
         "id": rec.event_id,
-        "kind": rec.kind,
+        "kind": rec.kind.value,
         "status": rec.status.value,
         "first_seen": _fmt_ts(rec.first_seen),
         "deadline": _fmt_ts(rec.deadline) if rec.deadline is not None else None,  # JSON: null, not "-"

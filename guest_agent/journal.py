@@ -13,7 +13,6 @@ event (``nested_vms`` records the domains that were running at notice).
 from __future__ import annotations
 
 import contextlib
-import enum
 import fcntl
 import json
 import logging
@@ -28,23 +27,20 @@ from guest_agent.config import Phase
 from guest_agent.errors import AlreadyRunning, JournalError
 from guest_agent.journal_schema import JOURNAL_VERSION, MAX_JOURNAL_BYTES, check_journal
 from guest_agent.procgroups import ProcessIdentity
-from guest_agent.states import EventStatus, check_transition
+from guest_agent.states import EventStatus, HookOutcome, MigrationKind, check_transition
+
+__all__ = [
+    "EventRecord",
+    "HookOutcome",  # defined in guest_agent.states, with the other lifecycle enums
+    "HookRecord",
+    "Journal",
+    "atomic_write",
+    "locked",
+]
 
 log = logging.getLogger(__name__)
 
 KEEP_FINISHED_EVENTS = 50
-
-
-class HookOutcome(enum.Enum):
-    OK = "ok"
-    FAILED = "failed"
-    CUT = "cut"  # ran into its timeout or the event's deadline and was stopped
-    SKIPPED = "skipped"  # never started: the deadline had passed, or an earlier hook said stop
-    INTERRUPTED = "interrupted"  # a crash interrupted it and it is not idempotent: not re-run
-
-    @property
-    def success(self) -> bool:
-        return self is HookOutcome.OK
 
 
 @dataclass(frozen=True)
@@ -73,7 +69,7 @@ class HookRecord:
 class EventRecord:
     event_id: str  # the server's id, or one the agent made up for a text-only server
     server_id: str | None
-    kind: str  # "live_migrate" | "offline_migrate"
+    kind: MigrationKind
     status: EventStatus
     first_seen: float  # wall clock, seconds since the epoch
     deadline: float | None  # wall clock
@@ -169,7 +165,7 @@ class Journal:
         *,
         event_id: str,
         server_id: str | None,
-        kind: str,
+        kind: MigrationKind,
         deadline: float | None,
         not_before: float | None,
         simulated: bool = False,
@@ -192,7 +188,9 @@ class Journal:
                     hooks[key] = dict(rec)
         self._doc["events"][event_id] = {
             "server_id": server_id,
-            "kind": kind,
+            # Checked, not stored blindly: a kind the schema refuses would get the whole journal moved aside
+            # as unreadable at the next start.
+            "kind": MigrationKind(kind).value,
             "status": EventStatus.NOTICED.value,
             "first_seen": self._wall(),
             "deadline": deadline,
@@ -377,7 +375,7 @@ def _event_from_doc(event_id: str, raw: dict[str, Any]) -> EventRecord:
     return EventRecord(
         event_id=event_id,
         server_id=raw["server_id"],
-        kind=raw["kind"],
+        kind=MigrationKind(raw["kind"]),  # check_journal admitted only known kinds
         status=EventStatus(raw["status"]),
         first_seen=float(raw["first_seen"]),
         deadline=raw["deadline"],

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from guest_agent.config import Phase
-from guest_agent.states import EventStatus
+from guest_agent.states import EventStatus, HookOutcome, MigrationKind
 
 JOURNAL_VERSION = 1
 MAX_JOURNAL_BYTES = 4 * 1024 * 1024  # 50 kept events take a few hundred KiB; more is not ours
@@ -44,8 +44,8 @@ MAX_DETAIL_CHARS = 1000
 MAX_ID_CHARS = 200
 MAX_NESTED_VMS = 10_000
 
-EVENT_KINDS = frozenset({"live_migrate", "offline_migrate"})
-HOOK_OUTCOMES = frozenset({"ok", "failed", "cut", "skipped", "interrupted"})  # HookOutcome's values
+EVENT_KINDS = frozenset(k.value for k in MigrationKind)
+HOOK_OUTCOMES = frozenset(o.value for o in HookOutcome)
 SHUTDOWN_ABANDONED = "shutdown_abandoned"
 NESTED_VMS_PREFIX = "nested_vms:"
 
@@ -103,7 +103,7 @@ def _check_event(event_id: str, raw: object) -> None:
         _string(ev["server_id"], f"{where}.server_id", max_chars=MAX_ID_CHARS)
     if not isinstance(ev["kind"], str) or ev["kind"] not in EVENT_KINDS:
         raise JournalFormatError(
-            f"{where}.kind: must be live_migrate or offline_migrate, got {_show(ev['kind'])}"
+            f"{where}.kind: must be {' or '.join(sorted(EVENT_KINDS))}, got {_show(ev['kind'])}"
         )
     _status(ev["status"], f"{where}.status")
     _number(ev["first_seen"], f"{where}.first_seen")

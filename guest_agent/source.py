@@ -20,6 +20,7 @@ from typing import Protocol
 
 from guest_agent.config import MetadataConfig
 from guest_agent.errors import AckRejected, MetadataUnreachable
+from guest_agent.states import MigrationKind
 from guest_sdk import (
     EventConflict,
     EventKind,
@@ -45,6 +46,17 @@ class NoticeKind(enum.Enum):
     OFFLINE_MIGRATE = "offline_migrate"
     OTHER = "other"
 
+    @property
+    def migration(self) -> MigrationKind | None:
+        """The event the agent handles for this reading; None for no event, or a value it does not know."""
+        return _MIGRATION_KINDS.get(self)
+
+
+_MIGRATION_KINDS = {
+    NoticeKind.LIVE_MIGRATE: MigrationKind.LIVE_MIGRATE,
+    NoticeKind.OFFLINE_MIGRATE: MigrationKind.OFFLINE_MIGRATE,
+}
+
 
 @dataclass(frozen=True)
 class Notice:
@@ -63,7 +75,7 @@ class Notice:
     @property
     def is_event(self) -> bool:
         """A migration the agent acts on (an unknown value is logged and ignored)."""
-        return self.kind in (NoticeKind.LIVE_MIGRATE, NoticeKind.OFFLINE_MIGRATE)
+        return self.kind.migration is not None
 
     @classmethod
     def from_sdk(cls, ev: MaintenanceEvent) -> Notice:

@@ -21,6 +21,28 @@ import enum
 from guest_agent.errors import IllegalTransition
 
 
+class MigrationKind(enum.StrEnum):
+    """What kind of maintenance event the agent is handling (an event's ``kind`` in the journal holds the
+    value, which is also the event's name on the metadata service and ``MAINTENANCE_EVENT`` for hooks)."""
+
+    LIVE_MIGRATE = "live_migrate"
+    OFFLINE_MIGRATE = "offline_migrate"
+
+
+class HookOutcome(enum.Enum):
+    """How one hook (or one step of the shutdown path) ended, as the journal records it."""
+
+    OK = "ok"
+    FAILED = "failed"
+    CUT = "cut"  # ran into its timeout or the event's deadline and was stopped
+    SKIPPED = "skipped"  # never started: the deadline had passed, or an earlier hook said stop
+    INTERRUPTED = "interrupted"  # a crash interrupted it and it is not idempotent: not re-run
+
+    @property
+    def success(self) -> bool:
+        return self is HookOutcome.OK
+
+
 class EventStatus(enum.Enum):
     NOTICED = "noticed"
     DRAINING = "draining"

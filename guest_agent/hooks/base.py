@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from guest_agent.config import HookSpec, Phase
-from guest_agent.journal import HookOutcome
+from guest_agent.states import HookOutcome, MigrationKind
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class EventInfo:
     """The event as hooks see it (the JSON on a command's stdin, a webhook's body)."""
 
     event_id: str
-    kind: str  # "live_migrate" | "offline_migrate"
+    kind: MigrationKind
     state: str | None = None
     not_before: datetime | None = None
     deadline: datetime | None = None
@@ -28,7 +28,7 @@ class EventInfo:
 
     def to_json(self, phase: Phase, hook: str) -> dict[str, Any]:
         return {
-            "event": self.kind,
+            "event": self.kind.value,
             "id": self.event_id,
             "state": self.state,
             "not_before": _rfc3339(self.not_before),
@@ -43,7 +43,7 @@ class EventInfo:
 
     def environment(self, phase: Phase, hook: str) -> dict[str, str]:
         return {
-            "MAINTENANCE_EVENT": self.kind,
+            "MAINTENANCE_EVENT": self.kind.value,
             "MAINTENANCE_EVENT_ID": self.event_id,
             "MAINTENANCE_DEADLINE": _rfc3339(self.deadline) or "",
             "MAINTENANCE_NOT_BEFORE": _rfc3339(self.not_before) or "",

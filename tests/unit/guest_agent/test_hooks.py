@@ -31,13 +31,14 @@ from guest_agent.hooks.nested_vms import NestedVMsHook, data_key
 from guest_agent.hooks.systemd import SystemdHook
 from guest_agent.hooks.webhook import WebhookHook
 from guest_agent.journal import HookOutcome
+from guest_agent.states import MigrationKind
 from tests.support import require
 
 from .conftest import FakeClock
 
 EVENT = EventInfo(
     event_id="ev-7",
-    kind="live_migrate",
+    kind=MigrationKind.LIVE_MIGRATE,
     state="scheduled",
     not_before=datetime(2026, 12, 1, 2, 0, tzinfo=UTC),
     deadline=datetime(2026, 12, 1, 2, 0, tzinfo=UTC),

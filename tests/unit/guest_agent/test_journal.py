@@ -10,7 +10,7 @@ import pytest
 from guest_agent.config import Phase
 from guest_agent.errors import AlreadyRunning, IllegalTransition, JournalError
 from guest_agent.journal import HookOutcome, Journal, atomic_write
-from guest_agent.states import TRANSITIONS, EventStatus, check_transition
+from guest_agent.states import TRANSITIONS, EventStatus, MigrationKind, check_transition
 
 
 def _begin(j: Journal, event_id: str = "ev-1") -> None:
@@ -96,6 +96,43 @@ def test_journal_unreadable_file_is_moved_aside_not_fatal(tmp_path: Path) -> Non
     (tmp_path / "k.json").write_text("[]")
     with pytest.raises(JournalError):
         Journal.open(tmp_path / "k.json", read_only=True)
+
+
+def test_journal_reads_an_event_kind_as_the_enum_from_the_stored_value(tmp_path: Path) -> None:
+    path = tmp_path / "j.json"
+    doc = {"version": 1, "active": None, "events": {}}
+    doc["events"] = {  # as any earlier agent wrote it: the bare value
+        "ev-1": {
+            "server_id": "ev-1", "kind": "offline_migrate", "status": "done", "first_seen": 1.0,
+            "deadline": None, "not_before": None, "simulated": False, "history": [["noticed", 1.0]],
+            "hooks": {}, "data": {},
+        }
+    }  # fmt: skip
+    path.write_text(json.dumps(doc))
+    rec = Journal.open(path).event("ev-1")
+    assert rec is not None and rec.kind is MigrationKind.OFFLINE_MIGRATE
+    j = Journal.open(path)
+    j.begin_event(
+        event_id="ev-2", server_id="ev-2", kind=MigrationKind.LIVE_MIGRATE, deadline=None, not_before=None
+    )
+    assert json.loads(path.read_text())["events"]["ev-2"]["kind"] == "live_migrate"  # the value, unchanged
+    assert [e.kind for e in Journal.open(path).events()] == [
+        MigrationKind.OFFLINE_MIGRATE,
+        MigrationKind.LIVE_MIGRATE,
+    ]
+
+
+def test_journal_refuses_an_unknown_event_kind_and_stays_readable(tmp_path: Path) -> None:
+    path = tmp_path / "j.json"
+    j = Journal.open(path)
+    _begin(j)
+    with pytest.raises(ValueError, match="'reboot'"):
+        j.begin_event(event_id="ev-2", server_id="ev-2", kind="reboot", deadline=None, not_before=None)  # type: ignore[arg-type]
+    again = Journal.open(path)  # not moved aside as unreadable: the bad kind was never written
+    assert not list(tmp_path.glob("j.json.corrupt-*"))
+    assert [e.event_id for e in again.events()] == ["ev-1"]
+    active = again.active()
+    assert active is not None and active.event_id == "ev-1"
 
 
 def test_journal_lock_keeps_a_second_agent_out(tmp_path: Path) -> None:
