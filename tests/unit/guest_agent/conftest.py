@@ -170,7 +170,7 @@ class World:
         return self.agent
 
 
-def make_agent(w: World) -> Agent:
+def make_agent(w: World, *, sleep: Callable[[float], None] | None = None) -> Agent:
     def power_off(timeout_s: float) -> HookResult:
         w.power_offs.append(timeout_s)
         return HookResult.ok("powered off (fake)")
@@ -183,7 +183,7 @@ def make_agent(w: World) -> Agent:
         power_off=power_off,
         wall=w.clock.wall,
         monotonic=w.clock.monotonic,
-        sleep=w.clock.sleep,
+        sleep=sleep or w.clock.sleep,
     )
 
 

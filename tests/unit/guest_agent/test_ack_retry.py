@@ -8,10 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guest_agent.agent import ACK_RETRY
 from guest_agent.config import Phase, parse_config
 from guest_agent.errors import AckRejected, MetadataUnreachable
 from guest_agent.journal import HookOutcome
+from guest_agent.shutdown import ACK_RETRY
 
 from .conftest import CONFIG, FakeClock, FakeSource, Recorder, World, make_agent, offline
 

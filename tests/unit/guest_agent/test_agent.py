@@ -14,7 +14,7 @@ from guest_agent.journal import HookOutcome
 from guest_agent.source import CLEAR, Notice, NoticeKind
 from guest_agent.states import EventStatus
 
-from .conftest import World, fail, live, offline
+from .conftest import World, fail, live, make_agent, offline
 
 
 def status(w: World, event_id: str) -> EventStatus:
@@ -453,17 +453,12 @@ def test_agent_a_crashing_hook_is_a_failed_hook(world: World) -> None:
 
 
 def test_agent_stop_while_retrying_the_ack_leaves_it_for_the_next_start(world: World) -> None:
-    def down_then_stop() -> None:
+    def sleep(seconds: float) -> None:  # the wait before the second attempt: SIGTERM arrives
         world.agent.request_stop()
+        world.clock.sleep(seconds)
 
     world.source.ack_errors = [MetadataUnreachable("down")]
-    original_sleep = world.agent._sleep
-
-    def sleep(seconds: float) -> None:
-        down_then_stop()
-        original_sleep(seconds)
-
-    world.agent._sleep = sleep
+    world.agent = make_agent(world, sleep=sleep)
     world.agent.handle(offline("ev-2"))
     assert world.power_offs == []
     assert status(world, "ev-2") is EventStatus.SHUTTING_DOWN
