@@ -30,7 +30,7 @@ DEFAULT_POWER_OFF_COMMAND = ("systemctl", "poweroff")
 DEFAULT_HOOK_TIMEOUT_S = 60.0
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9475"
 LONG_POLL_MIN_S = 1
-LONG_POLL_MAX_S = 300  # the server's cap on timeout_sec (DESIGN.md §11)
+LONG_POLL_MAX_S = 300  # the server's cap on timeout_sec
 ENV_PREFIX = "GUEST_AGENT_"
 
 _HOOK_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -38,7 +38,7 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class Phase(enum.Enum):
-    """When a group of hooks runs (DESIGN.md §8)."""
+    """When a group of hooks runs (docs/agent.md, "Hooks")."""
 
     ON_NOTICE = "on_notice"  # the event was first seen: drain
     BEFORE_OFFLINE = "before_offline"  # the shutdown path, before the ack `offline` and the power-off

@@ -1,4 +1,4 @@
-"""Client for the droplet maintenance-event endpoint (DESIGN.md §8, §11).
+"""Client for the droplet maintenance-event endpoint (docs/sdk.md).
 
 >>> from guest_sdk import MaintenanceClient, EventKind
 >>> with MaintenanceClient() as client:                  # doctest: +SKIP

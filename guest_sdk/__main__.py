@@ -1,6 +1,6 @@
 """``python -m guest_sdk``: print the droplet's maintenance event, for shell scripts and cron.
 
-Exit status (DESIGN.md §11): 0 no event, 10 ``live_migrate``, 11 ``offline_migrate``, 12 another value,
+Exit status (docs/sdk.md): 0 no event, 10 ``live_migrate``, 11 ``offline_migrate``, 12 another value,
 1 an error (unreachable service, not a droplet, a malformed answer, a wait that timed out); 2 a bad flag
 (click's usage error).
 

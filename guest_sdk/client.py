@@ -2,7 +2,7 @@
 
 Works against our metadata server (JSON details, ETags, long-polls, acknowledgements) and against a plain
 DigitalOcean-style endpoint that answers only a bare string; which one it talks to is found out on the way,
-without configuration (DESIGN.md §4, §8, §11).
+without configuration (docs/sdk.md, "How the client behaves on the wire").
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ DEFAULT_BASE_URL = "http://169.254.169.254"
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_POLL_INTERVAL_S = 5.0
-DEFAULT_LONG_POLL_S = 60  # the server's own default; it accepts 1-300 (§11)
+DEFAULT_LONG_POLL_S = 60  # the server's own default; it accepts 1-300
 MAX_LONG_POLL_S = 300
 DEFAULT_LONG_POLL_MARGIN_S = 5.0
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024

@@ -42,7 +42,7 @@ class RequestRejected(GuestSDKError):
     """The service refused the request with a 4xx status that retrying will not fix.
 
     ``status`` is the HTTP status; ``code`` and ``field`` come from the server's JSON error body when
-    it sent one (DESIGN.md §11), else ``None``.
+    it sent one, else ``None``.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""The maintenance event as the guest sees it, and how it is read off the wire (DESIGN.md §4, §11)."""
+"""The maintenance event as the guest sees it, and how it is read off the wire (docs/sdk.md, "The event")."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ class MaintenanceEvent:
         )
 
     def to_json_dict(self) -> dict[str, Any]:
-        """The event in the server's JSON shape (§4) plus ``kind``; times as RFC 3339 strings."""
+        """The event in the server's JSON shape plus ``kind``; times as RFC 3339 strings."""
         return {
             "event": self.value,
             "kind": self.kind.value,

@@ -1,6 +1,6 @@
 """The ``host-engine`` console script: it checks for the ``host`` extra before importing the CLI.
 
-A droplet owner's ``pip install droplet-live-migration`` (the base install, DESIGN.md §1) puts ``host-engine``
+A droplet owner's ``pip install droplet-live-migration`` (the base install) puts ``host-engine``
 on the PATH too, without SQLAlchemy. Importing :mod:`host_engine.cli` there dies with a traceback
 (``No module named 'sqlalchemy'``), so this module uses only the standard library until it knows the extra's
 modules are importable: without them it says in one line which extra to install and exits 2.

@@ -1,4 +1,4 @@
-"""Placement (DESIGN.md §6): which host takes each droplet, and why.
+"""Placement (docs/host-engine.md, "Placement: where, and why"): which host takes each droplet, and why.
 
 Filters, then weighers, in the shape of OpenStack Nova's scheduler:
 

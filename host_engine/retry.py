@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# Three live attempts, then offline (DESIGN.md §3 "up to a limit"): one retry covers a transient (a link flap,
+# Three live attempts, then offline: one retry covers a transient (a link flap,
 # a crashed target replaced by another), a second covers a guest whose load spiked; a third failure says the
 # guest will not converge live at all.
 DEFAULT_MAX_ATTEMPTS = 3
@@ -27,7 +27,7 @@ DEFAULT_JITTER = 0.2
 # concurrent retries; doubling to at most 30 s keeps a third attempt within a minute of the first failure.
 NOW_BACKOFF_S = 5.0
 NOW_BACKOFF_MAX_S = 30.0
-# Offline migration: the guest reads offline_migrate and gets this long to shut itself down (DESIGN.md §3's
+# Offline migration: the guest reads offline_migrate and gets this long to shut itself down (the
 # ten-minute notice applies to every event the guest must act on).
 DEFAULT_OFFLINE_NOTICE_S = 600.0
 

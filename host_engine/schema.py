@@ -158,7 +158,7 @@ migration_log = sa.Table(
 sa.Index("ix_migration_log_migration", migration_log.c.migration_id, migration_log.c.id)
 sa.Index("ix_migration_log_droplet", migration_log.c.droplet_id, migration_log.c.id)
 
-# Free-form shared state for the simulated hypervisor (DESIGN.md §9: workers, restarts and the demo share one
+# Free-form shared state for the simulated hypervisor (workers, restarts and the demo share one
 # simulated datacenter). One JSON document per key; the sim driver owns the keys' meaning.
 sim_world = sa.Table(
     "sim_world",
@@ -171,7 +171,7 @@ sim_world = sa.Table(
 
 _V1_TABLES = [hosts, droplets, migrations, migration_log, sim_world]
 
-# Engine worker processes (DESIGN.md §9: a worker name is held by one live process at a time). What makes a
+# Engine worker processes (a worker name is held by one live process at a time). What makes a
 # name held is a lock (a session-level advisory lock on PostgreSQL, a lock file beside a SQLite database);
 # this row says who holds or last held it, for the message that refuses a second process and for operators.
 workers = sa.Table(

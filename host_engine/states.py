@@ -1,4 +1,4 @@
-"""The migration state machine of DESIGN.md §3: one enum, one transition table.
+"""The migration state machine (docs/host-engine.md): one enum, one transition table.
 
 Everything that changes a migration's state goes through :func:`check_transition` (the store calls it
 inside the transaction that writes the new state), so an illegal change raises instead of being written.
@@ -36,7 +36,7 @@ class MigrationState(enum.Enum):
 
 S = MigrationState
 
-#: The only legal transitions (DESIGN.md §3). A state absent as a key has no way out.
+#: The only legal transitions. A state absent as a key has no way out.
 TRANSITIONS: Mapping[MigrationState, frozenset[MigrationState]] = {
     S.PLANNED: frozenset({S.NOTIFIED, S.CANCELLED}),
     S.NOTIFIED: frozenset({S.RUNNING, S.OFFLINE_RUNNING, S.CANCELLED}),
@@ -67,7 +67,7 @@ def check_transition(migration_id: str, from_state: MigrationState, to_state: Mi
 
 
 class GuestEvent(enum.Enum):
-    """What the guest reads from ``/v1/maintenance_event`` (DESIGN.md §3, §4)."""
+    """What the guest reads from ``/v1/maintenance_event`` (docs/metadata-server.md, "Guest API")."""
 
     NONE = ""
     LIVE_MIGRATE = "live_migrate"

@@ -1,4 +1,4 @@
-"""A worker name is held by one live process at a time (DESIGN.md §9).
+"""A worker name is held by one live process at a time.
 
 Two processes under one name would each take the other's running attempts for their own leftovers (a worker
 takes back its own attempts at once after a restart) and abort them. So ``host-engine run`` holds its name

@@ -1,1 +1,1 @@
-"""The per-hypervisor metadata server: what a droplet sees of the cloud's maintenance (DESIGN.md §4, §5)."""
+"""The per-hypervisor metadata server: what a droplet sees of the cloud's maintenance."""

@@ -1,6 +1,6 @@
 """The ``metadata-server`` console script: it checks for the ``server`` extra before importing the CLI.
 
-A droplet owner's ``pip install droplet-live-migration`` (the base install, DESIGN.md §1) puts
+A droplet owner's ``pip install droplet-live-migration`` (the base install) puts
 ``metadata-server`` on the PATH too, without Flask or gunicorn; ``serve`` there died with a traceback
 (``No module named 'flask'``). This module uses only the standard library until it knows the extra's modules
 are importable: without them it says in one line which extra to install and exits 2.

@@ -1,4 +1,4 @@
-"""The admin listener: how the host engine tells the server about droplets and events (DESIGN.md §5, §11).
+"""The admin listener: how the host engine tells the server about droplets and events.
 
 Every request needs ``Authorization: Bearer <token>``, compared in constant time. Every write is
 committed to the store before the answer, so an acknowledged change survives a crash.

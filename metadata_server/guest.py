@@ -1,4 +1,4 @@
-"""The guest listener: what a droplet can ask, identified only by its TCP source address (DESIGN.md §4).
+"""The guest listener: what a droplet can ask, identified only by its TCP source address.
 
 ``GET /v1/maintenance_event`` is the one endpoint every guest polls, so it (and its JSON twin and their
 long-polls) is answered by ``GuestApp`` straight from precomputed bytes, before Flask's routing; every

@@ -70,7 +70,7 @@ class Droplet:
 
 
 def guest_details(event: Event | None) -> dict[str, Any]:
-    """The JSON details document (DESIGN.md §4), without the etag."""
+    """The JSON details document (docs/metadata-server.md, "Guest API"), without the etag."""
     if event is None:
         return {
             "event": "",

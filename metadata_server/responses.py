@@ -1,4 +1,4 @@
-"""Error answers in the two shapes of DESIGN.md §11: a JSON object, or one text/plain line."""
+"""Error answers in two shapes: a JSON object, or one text/plain line."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The driver protocol: how the executor drives one migration on a hypervisor (DESIGN.md §7).
+"""The driver protocol: how the executor drives one migration on a hypervisor.
 
 A driver is the mechanism; the convergence controller (``host_engine.controller``) is the policy.
 Phases follow Ganeti's hypervisor interface: ``prepare_target`` → ``start`` → (``progress`` and the

@@ -1,4 +1,4 @@
-"""The guests' acknowledgements, read from their metadata servers into the store (DESIGN.md §3 step 4).
+"""The guests' acknowledgements, read from their metadata servers into the store.
 
 A guest answers its event on the metadata server (``POST /v1/maintenance_event/ack``): ``ready`` (the
 executor may start before ``not_before``) or ``offline`` (it powers itself off; the executor then copies it

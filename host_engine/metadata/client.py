@@ -1,4 +1,4 @@
-"""The metadata server's admin API, from the engine's side (DESIGN.md §5, §11).
+"""The metadata server's admin API, from the engine's side (docs/metadata-server.md, "Admin API").
 
 :class:`AdminClient` owns a ``requests.Session``, always passes a timeout, sends the bearer token, never
 follows redirects, and retries with the project's one retry policy (``guest_sdk.retry``: jittered exponential

@@ -1,5 +1,5 @@
 """Which worker does the fleet-wide chores: reconciling the metadata servers, reading the guests' acks and
-clearing cancelled events (DESIGN.md §9). One worker at a time, however many run on one store.
+clearing cancelled events. One worker at a time, however many run on one store.
 
 On PostgreSQL the elected worker holds a session-level advisory lock (:data:`LEADER_LOCK_KEY`) on a
 connection of its own, kept open (idle, in autocommit) for as long as it leads. Nothing has to expire: when

@@ -1,5 +1,5 @@
 """Sending the notices that fall due: each exactly once across every worker, each giving the guest at
-least its full notice from the moment it was actually told (DESIGN.md §3 step 3, §9).
+least its full notice from the moment it was actually told.
 
 **Once.** A worker claims due ``planned`` migrations the way the executor claims work: ``SELECT ... FOR
 UPDATE SKIP LOCKED`` (on SQLite every write transaction holds the database's write lock), writing

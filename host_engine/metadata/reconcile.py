@@ -1,4 +1,4 @@
-"""Keeping every metadata server in line with the engine's view (DESIGN.md §3, §5).
+"""Keeping every metadata server in line with the engine's view.
 
 The store is the truth. :class:`MetadataSync` pushes it to the metadata servers through their admin API:
 
@@ -266,7 +266,7 @@ class MetadataSync:
         same_server = source.metadata_url.rstrip("/") == target.metadata_url.rstrip("/")
         if same_server and source.datacenter == target.datacenter:
             # Hosts sharing one server (small sites, the demo): the record is already right there (same
-            # addresses, hostname and region), so the move only clears the flag (DESIGN.md §2). One request.
+            # addresses, hostname and region), so the move only clears the flag. One request.
             target_client.clear_event(droplet.id)
         else:
             doc = self.register(target_client, droplet, target)

@@ -1,4 +1,4 @@
-"""The engine's store (DESIGN.md §9): SQLite by default, PostgreSQL by URL, one schema for both.
+"""The engine's store: SQLite by default, PostgreSQL by URL, one schema for both.
 
 Use::
 

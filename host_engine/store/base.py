@@ -19,7 +19,7 @@ class TxBase:
 
     ``now`` is read once per transaction (on first use), so every row it writes carries the same time. On
     PostgreSQL with the default clock it is the database's ``now()``: claims, leases and due times compare
-    times from ONE clock however many machines run workers (DESIGN.md §9). An injected clock (tests) or
+    times from ONE clock however many machines run workers. An injected clock (tests) or
     SQLite (one machine) uses the store's clock.
     """
 

@@ -1,4 +1,4 @@
-"""Who runs which migration: claims, their leases, and the fleet's concurrency limits (DESIGN.md §9)."""
+"""Who runs which migration: claims, their leases, and the fleet's concurrency limits."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ CLAIM_LOCK_KEY = 7412003
 @dataclass(frozen=True)
 class ClaimLimits:
     """How many migrations may run at once (``[concurrency]``), enforced when a claim is taken, across every
-    worker on the store (DESIGN.md §9). None: no limit of that kind."""
+    worker on the store. None: no limit of that kind."""
 
     max_parallel: int | None = None
     max_per_source: int | None = None

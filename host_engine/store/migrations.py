@@ -55,7 +55,7 @@ def live_event_id(migration_id: str) -> str:
 
 
 def offline_event_id(migration_id: str) -> str:
-    """A NEW event id for the offline path (DESIGN.md §3)."""
+    """A NEW event id for the offline path."""
     return f"{migration_id}-offline"
 
 

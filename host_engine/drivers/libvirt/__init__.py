@@ -1,4 +1,4 @@
-"""The libvirt driver: inventory from, and live migration between, real hypervisors (DESIGN.md §7).
+"""The libvirt driver: inventory from, and live migration between, real hypervisors (docs/libvirt.md).
 
 The only package of the engine that imports ``libvirt`` / ``libvirt_qemu`` (in :mod:`.connection`, and only
 when a function is called), so the rest of the engine (and its tests) runs without libvirt-python installed.

@@ -2,7 +2,7 @@
 nwfilter guarding each one, and the addresses libvirt knows for it.
 
 Why the engine reads this at all: the metadata server tells droplets apart by the TCP source address of their
-requests (DESIGN.md §4), which is only sound when a droplet cannot send with another droplet's address. On a
+requests, which is only sound when a droplet cannot send with another droplet's address. On a
 libvirt hypervisor that guarantee is an nwfilter on every interface: ``clean-traffic`` (or
 ``clean-traffic-gateway``, or a filter of the operator's that references one of them) with an ``IP`` parameter
 fixing the address the guest may use. :class:`InterfaceInfo` carries what is needed to check that; the policy

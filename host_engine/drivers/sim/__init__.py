@@ -1,4 +1,4 @@
-"""The simulated hypervisor: hosts, NICs, droplets and their workloads, in simulated time (DESIGN.md §7).
+"""The simulated hypervisor: hosts, NICs, droplets and their workloads, in simulated time.
 
 It is a real driver (``HypervisorDriver`` / ``MigrationDriver``) over a model datacenter, so it powers the
 tests, the demo, the benchmarks and capacity planning. One module per concern:

@@ -1,4 +1,4 @@
-"""The sim driver proper: ``HypervisorDriver`` / ``MigrationDriver`` over a ``SimWorld`` (DESIGN.md §7).
+"""The sim driver proper: ``HypervisorDriver`` / ``MigrationDriver`` over a ``SimWorld``.
 
 It works the same over an in-memory ``SimWorld`` and over a ``StoredWorld`` (rows in the engine's store):
 every state it reads or changes goes through the world's accessors, and the calls after which the executor

@@ -1,4 +1,4 @@
-"""The simulated datacenter kept in the engine's store as rows, shared by every process (DESIGN.md §9).
+"""The simulated datacenter kept in the engine's store as rows, shared by every process.
 
 ``StoredWorld`` is a ``SimWorld`` whose droplets, images, migrations and hosts are rows of the sim tables
 (``host_engine.schema``: ``sim_droplets``, ``sim_images``, ``sim_migrations``, ``sim_hosts``), loaded when
