@@ -265,6 +265,11 @@ class SimTickStep:
         self.world.persist()
         return done
 
+    def wait(self, timeout_s: float, sleep: Callable[[float], None] | None = None) -> None:
+        """Pause between ticks (``Executor.wait``): the simulated attempts advance only in ``tick``, so
+        nothing ends meanwhile and this is ``sleep`` (default: the wall clock)."""
+        (sleep or time.sleep)(timeout_s)
+
     def shutdown(self) -> list[Finished]:
         """Stop driving: abort this worker's attempts (sources untouched, each handed to the retry path) and
         write the world back, so nothing waits for the claim lease to expire."""

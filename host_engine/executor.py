@@ -310,6 +310,8 @@ class Executor:
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._done: list[Finished] = []
+        # Set when an attempt (or a recovery) of this worker ended: wakes ``wait`` (``migrate --now``).
+        self._ended = threading.Event()
         self._last_renew_s: float | None = None
         self._last_recover_s: float | None = None
         self._waiting: dict[str, float] = {}  # migration id -> when to look at it again (clock)
@@ -348,6 +350,20 @@ class Executor:
             self.clock.sleep(self.config.tick_s)
             done += self.tick()
         return done
+
+    def wait(self, timeout_s: float, sleep: Callable[[float], None] | None = None) -> None:
+        """Pause between two ticks of a caller's loop: ``timeout_s``, or less when an attempt ends first.
+
+        Threaded, the attempts end on their own threads, and a caller that waits for one (``migrate --now``)
+        ticks again the moment it is recorded instead of a full poll interval later. Inline, nothing can end
+        before the next tick, so this is ``sleep`` (default: the executor's clock)."""
+        if not self.threaded:
+            (sleep or self.clock.sleep)(timeout_s)
+            return
+        self._ended.wait(timeout_s)
+        # An end after this clear sets it again (the next wait returns at once); one before it is already in
+        # the store, where the caller's next look finds it.
+        self._ended.clear()
 
     def shutdown(self) -> list[Finished]:
         """Stop this worker: abort its attempts (sources untouched) and hand them to the retry path.
@@ -625,6 +641,7 @@ class Executor:
         finally:
             with self._lock:
                 self.active.pop(a.migration.id, None)
+            self._ended.set()
 
     def _attempt_main(self, a: _Active) -> None:
         run = a.run
@@ -721,6 +738,7 @@ class Executor:
         with self._lock:
             self.active.pop(a.migration.id, None)
             self._done.append(finished)
+        self._ended.set()
 
     def _record_until_stored(self, a: _Active) -> None:
         """On an attempt's thread: record its end, retrying with backoff while the store is unreachable

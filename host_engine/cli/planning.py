@@ -571,7 +571,7 @@ def _drive_one(
                 return m
             if stop.is_set():
                 break
-            sleep(deps.config.engine.poll_interval_s)
+            step.wait(deps.config.engine.poll_interval_s, sleep)  # an attempt's end wakes it
     finally:
         for signum, handler in restore.items():
             signal.signal(signum, handler)
