@@ -6,10 +6,6 @@ The power-off command is always a harmless ``sh -c 'echo ... >> file'``.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from host_engine.lab.launch import GuestAgentProcess, agent_config
 from tests.servers import MetadataServer
 
 AGENT_BIN = Path(sys.executable).parent / "guest-agent"
@@ -33,16 +30,6 @@ def append_hook(name: str, out: Path, *, extra: str = "", **fields: Any) -> dict
     return {"name": name, "command": ["/bin/sh", "-c", script], **fields}
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return str(value)
-
-
 def render_config(
     *,
     metadata_url: str,
@@ -51,80 +38,21 @@ def render_config(
     agent: dict[str, Any] | None = None,
     hooks: dict[str, list[dict[str, Any]]] | None = None,
 ) -> str:
+    """The lab's agent config with these tests' defaults: a journal in ``workdir``, a harmless power-off
+    command, no deadline margin, backoff capped at 1 s."""
     policy = {
         "journal_path": str(workdir / "journal.json"),
         "power_off_command": ["/bin/sh", "-c", f"echo poweroff >> {workdir / 'poweroff'}"],
         "deadline_margin_s": 0,
         **(agent or {}),
     }
-    lines = [
-        "[metadata]",
-        f"url = {toml_value(metadata_url)}",
-        f"source_address = {toml_value(source_address)}",
-    ]
-    lines += ["max_backoff_s = 1", "", "[agent]"]
-    lines += [f"{k} = {toml_value(v)}" for k, v in policy.items()]
-    for phase, items in (hooks or {}).items():
-        for item in items:
-            lines += ["", f"[[{phase}]]"] + [f"{k} = {toml_value(v)}" for k, v in item.items()]
-    return "\n".join(lines) + "\n"
+    metadata = {"url": metadata_url, "source_address": source_address, "max_backoff_s": 1}
+    return agent_config(metadata=metadata, agent=policy, hooks=hooks)
 
 
 @dataclass
-class AgentProcess:
-    workdir: Path
-    config_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "agent.log"
-
-    @property
-    def journal_path(self) -> Path:
-        return self.workdir / "journal.json"
-
-    def start(self) -> AgentProcess:
-        log = self.log_path.open("ab")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GUEST_AGENT_")}
-        self.proc = subprocess.Popen(
-            [str(AGENT_BIN), "run", "--config", str(self.config_path)], stdout=log, stderr=log, env=env
-        )
-        return self
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-        self.proc = None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        code = self.proc.wait(timeout_s)
-        self.proc = None
-        return code
-
-    def journal(self) -> dict[str, Any]:
-        try:
-            doc: dict[str, Any] = json.loads(self.journal_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {"events": {}, "active": None}
-        return doc
-
-    def event(self, event_id: str) -> dict[str, Any] | None:
-        ev: dict[str, Any] | None = self.journal()["events"].get(event_id)
-        return ev
-
-    def hook_outcome(self, event_id: str, phase: str, name: str) -> str | None:
-        ev = self.event(event_id)
-        if ev is None:
-            return None
-        rec = ev["hooks"].get(f"{phase}/{name}")
-        return rec.get("outcome") if rec else None
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
+class AgentProcess(GuestAgentProcess):
+    """The lab's agent launcher (``host_engine.lab.launch``), with waits that fail the test with its log."""
 
     def wait_for(self, check: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> None:
         deadline = time.monotonic() + timeout_s
