@@ -34,10 +34,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._stats import machine, percentile
+from guest_agent.config import Phase
 from host_engine import planner
 from host_engine.config import EngineConfig, EngineLoopConfig
-from host_engine.demo import DropletSpec, GuestAgentProcess, HookSay, MetadataServerProcess
 from host_engine.drivers.sim import idle
+from host_engine.lab.demo import DropletSpec, HookSay, ScenarioAgent
+from host_engine.lab.launch import MetadataServerProcess
 from host_engine.metadata.client import AdminClient
 from host_engine.models import Droplet, Host, NewMigration
 from host_engine.store import Store
@@ -68,7 +70,7 @@ def wait_until(check: Any, what: str, timeout_s: float) -> None:
         time.sleep(0.01)
 
 
-def stamped(agents: list[GuestAgentProcess], ids: set[str]) -> dict[str, float]:
+def stamped(agents: list[ScenarioAgent], ids: set[str]) -> dict[str, float]:
     """event id -> when its hook started, for the events in ``ids`` whose hook has run."""
     out = {}
     for a in agents:
@@ -78,7 +80,7 @@ def stamped(agents: list[GuestAgentProcess], ids: set[str]) -> dict[str, float]:
     return out
 
 
-def finished(agents: list[GuestAgentProcess], ids: set[str]) -> bool:
+def finished(agents: list[ScenarioAgent], ids: set[str]) -> bool:
     """Every agent is done with its event of this round and idle again."""
     for a in agents:
         journal = a.journal()
@@ -104,11 +106,11 @@ def main() -> int:  # noqa: PLR0912 - one straight-line benchmark
 
     workdir = Path(tempfile.mkdtemp(prefix="notice-latency-"))
     server = MetadataServerProcess(workdir / "metadata-server")
-    agents: list[GuestAgentProcess] = []
+    agents: list[ScenarioAgent] = []
     store: Store | None = None
     info = {**machine(), "loadavg_start": os.getloadavg()}
     try:
-        server.start()
+        server.launch()
         store = Store.open(workdir / "engine.db")
         store.add_host(
             Host("hv-1", "bench", 64, 256 * GiB, 4096 * GiB, metadata_url=server.admin_url,
@@ -120,9 +122,9 @@ def main() -> int:  # noqa: PLR0912 - one straight-line benchmark
             address = f"127.0.0.{FIRST_ADDRESS + n}"
             store.add_droplet(Droplet(did, "hv-1", 1, GiB, 10 * GiB, addresses=(address,), hostname=did))
             spec = DropletSpec(
-                did, "hv-1", 1, 1, 10, idle(), hooks=(HookSay("on_notice", "first", "notice seen"),)
+                did, "hv-1", 1, 1, 10, idle(), hooks=(HookSay(Phase.ON_NOTICE, "first", "notice seen"),)
             )
-            agents.append(GuestAgentProcess(spec, address, workdir / "agents" / did))
+            agents.append(ScenarioAgent.for_droplet(spec, address, workdir / "agents" / did))
         sent: dict[str, float] = {}
 
         def factory(host: Host) -> AdminClient:
@@ -139,7 +141,7 @@ def main() -> int:  # noqa: PLR0912 - one straight-line benchmark
             if any(r.error for r in engine.reconcile()):
                 raise SystemExit("notice_latency: could not register the droplets")
             for agent in agents:
-                agent.write_config(server.guest_url)
+                agent.write_scenario_config(server.guest_url)
                 agent.start()
             wait_until(lambda: all(a.started() for a in agents), "the agents to start", START_TIMEOUT_S)
             time.sleep(1.0)  # every agent in its first long-poll

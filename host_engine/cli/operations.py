@@ -30,7 +30,6 @@ from host_engine.cli.app import (
     pass_deps,
 )
 from host_engine.cli.planning import _driver_option, _sim_speed_option
-from host_engine.demo import demo as demo_command
 from host_engine.engine_metrics import EngineMetrics, Readiness
 from host_engine.errors import (
     HostEngineError,
@@ -44,6 +43,7 @@ from host_engine.executor import (
     timeline,
 )
 from host_engine.executor_metrics import ExecutorMetrics
+from host_engine.lab.demo import demo as demo_command
 from host_engine.metadata.probe import ServerProbe
 from host_engine.metadata.reconcile import MetadataSync
 from host_engine.metrics_http import parse_listen, serve_metrics
@@ -447,7 +447,7 @@ def run(
         engine.run(max_ticks=max_ticks)
 
 
-cli.add_command(demo_command)  # host-engine demo: host_engine/demo.py
+cli.add_command(demo_command)  # host-engine demo: host_engine/lab/demo/
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -23,15 +23,17 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from guest_agent.config import Phase
+from guest_agent.states import EventStatus
 from guest_sdk import MaintenanceClient
 from guest_sdk.models import EventKind
 from host_engine.cli import cli
-from host_engine.demo import (
+from host_engine.lab.demo import (
     DROPLETS,
     EVACUATE,
     Demo,
     DemoOptions,
-    GuestAgentProcess,
+    ScenarioAgent,
     check_bystander,
     check_moved,
 )
@@ -112,7 +114,7 @@ class Chaos:
         journal = agent.journal()
         active = journal.get("active")
         event = journal.get("events", {}).get(active) if active else None
-        if event is None or event.get("status") != "drained":
+        if event is None or event.get("status") != EventStatus.DRAINED.value:
             return
         assert agent.proc is not None
         agent.proc.send_signal(signal.SIGKILL)
@@ -155,8 +157,11 @@ def test_e2e_metadata_server_restart_and_agent_kill9_mid_evacuation(demo: Demo) 
     # The killed agent resumed from its journal: the drain ran once (before the kill), the restore once (after).
     victim = demo.agents[chaos.victim]
     runs = victim.hook_runs()
-    assert [(r[1], r[2]) for r in runs] == [("on_notice", "lb-drain"), ("after_migration", "lb-ready")]
-    assert runs[0][0] < chaos.killed_at < runs[1][0]
+    assert [(r.phase, r.hook) for r in runs] == [
+        (Phase.ON_NOTICE, "lb-drain"),
+        (Phase.AFTER_MIGRATION, "lb-ready"),
+    ]
+    assert runs[0].at < chaos.killed_at < runs[1].at
 
 
 def test_e2e_demo_command_is_registered() -> None:
@@ -244,7 +249,7 @@ def test_e2e_host_engine_demo_that_fails_exits_1_and_leaves_no_process(tmp_path:
 def test_e2e_demo_checks_catch_a_hook_run_twice_and_a_bystander_that_saw_an_event(tmp_path: Path) -> None:
     """The demo's verdict is only worth something if its checks fail when they should (no processes here)."""
     web1 = next(d for d in DROPLETS if d.id == "web-1")
-    agent = GuestAgentProcess(web1, "127.0.0.11", tmp_path / "web-1")
+    agent = ScenarioAgent.for_droplet(web1, "127.0.0.11", tmp_path / "web-1")
     agent.workdir.mkdir()
     now = datetime.now(UTC)
     m = Migration("m-1", "web-1", "hv-1", "hv-3", MigrationState.COMPLETED, "ev-1", now, now, now)
