@@ -52,7 +52,7 @@ from bench._stats import machine, percentile  # noqa: E402
 from guest_sdk import EventKind, MaintenanceClient  # noqa: E402
 from guest_sdk.client import DEFAULT_POLL_INTERVAL_S  # noqa: E402
 from guest_sdk.transport import SourceAddressAdapter  # noqa: E402
-from tests.servers import MetadataServer  # noqa: E402
+from host_engine.lab.launch import MetadataServerProcess  # noqa: E402
 
 SETTLE_S = 0.05  # after an answer, time for the waiter to be back in its long-poll before the next change
 ANSWER_TIMEOUT_S = 20.0
@@ -94,7 +94,7 @@ class Deadline:
             raise SystemExit(f"guest_sdk bench: --max-seconds passed during {what}")
 
 
-def _register(ms: MetadataServer, count: int, first: int) -> list[tuple[str, str]]:
+def _register(ms: MetadataServerProcess, count: int, first: int) -> list[tuple[str, str]]:
     droplets = []
     for i in range(count):
         droplet_id, address = f"b{first + i}", f"127.0.0.{first + i}"
@@ -115,7 +115,7 @@ def _register(ms: MetadataServer, count: int, first: int) -> list[tuple[str, str
 # -- 1. long-poll, one droplet, sequential -----------------------------------------------------------
 
 
-def sequential_long_poll(ms: MetadataServer, events: int, deadline: Deadline) -> dict[str, Stats]:
+def sequential_long_poll(ms: MetadataServerProcess, events: int, deadline: Deadline) -> dict[str, Stats]:
     ((droplet_id, address),) = _register(ms, 1, 2)
     answers: queue.Queue[tuple[str, float]] = queue.Queue()
     stop = threading.Event()
@@ -171,7 +171,11 @@ def sequential_long_poll(ms: MetadataServer, events: int, deadline: Deadline) ->
 
 
 def parallel(
-    ms: MetadataServer, droplets: list[tuple[str, str]], events: int, long_poll: bool, deadline: Deadline
+    ms: MetadataServerProcess,
+    droplets: list[tuple[str, str]],
+    events: int,
+    long_poll: bool,
+    deadline: Deadline,
 ) -> dict[str, Stats]:
     """Every droplet has a waiter (alternating wait / wait_until_clear) and an engine thread of its own that
     sets and clears its event after a random pause, so each change lands at a random point of the waiter's
@@ -264,7 +268,7 @@ def call_cost(fn: Callable[[], object], calls: int, deadline: Deadline) -> CallC
     return CallCost(calls, stats(samples), round(cpu / calls * 1e6, 1))
 
 
-def costs(ms: MetadataServer, calls: int, deadline: Deadline) -> dict[str, CallCost]:
+def costs(ms: MetadataServerProcess, calls: int, deadline: Deadline) -> dict[str, CallCost]:
     ((droplet_id, address),) = _register(ms, 1, 3)
     ms.set_event(droplet_id, "ev-cost")
     out: dict[str, CallCost] = {}
@@ -303,7 +307,7 @@ def main() -> int:
     deadline = Deadline(args.max_seconds)
     busy0, started = _procs.machine_busy_seconds(), time.monotonic()
     results: dict[str, Any] = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
-    with TemporaryDirectory(prefix="bench-guest-sdk-") as tmp, MetadataServer.start(Path(tmp)) as ms:
+    with TemporaryDirectory(prefix="bench-guest-sdk-") as tmp, MetadataServerProcess.running(Path(tmp)) as ms:
         print(f"# {results['machine']}", flush=True)
         seq = sequential_long_poll(ms, args.events, deadline)
         results["long_poll_sequential"] = {k: asdict(v) for k, v in seq.items()}

@@ -60,12 +60,11 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-import tests.servers  # noqa: E402
 from bench import _procs  # noqa: E402
 from bench._http import Conn, Loop, LoopTimeout, Response, request_bytes  # noqa: E402
 from bench._nginx import Nginx  # noqa: E402
 from bench._stats import cpu_model, percentile  # noqa: E402
-from tests.servers import MetadataServer, free_port  # noqa: E402
+from host_engine.lab.launch import MetadataServerProcess, free_port  # noqa: E402
 
 PATH = "/v1/maintenance_event"
 BODY = b"live_migrate"
@@ -75,6 +74,8 @@ HOT_DROPLET = "bench-hot"
 ADMIN_CONNS = 4
 LONG_POLL_TIMEOUT_S = 120
 PHASE_TIMEOUT_S = 90.0
+# --server-bin: the metadata-server executable every server of this run is started with ("": this venv's).
+SERVER_PROGRAM = ""
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def droplet_address(i: int) -> str:
     return f"127.0.{n // 256}.{n % 256}"
 
 
-def guest_workers(ms: MetadataServer) -> list[int]:
+def guest_workers(ms: MetadataServerProcess) -> list[int]:
     """The guest listener's gunicorn workers: children of the arbiter that loaded gevent."""
     for arbiter in _procs.children(ms.proc.pid if ms.proc else -1):
         with contextlib.suppress(OSError):
@@ -187,7 +188,7 @@ Target = Callable[[Path], contextlib.AbstractContextManager[tuple[str, list[int]
 
 @contextlib.contextmanager
 def ours(workdir: Path, workers: int) -> Iterator[tuple[str, list[int]]]:
-    with MetadataServer.start(workdir, "--workers", str(workers)) as ms:
+    with MetadataServerProcess.running(workdir, "--workers", str(workers), program=SERVER_PROGRAM) as ms:
         ms.register(HOT_DROPLET, ["127.0.0.1"])
         ms.set_event(HOT_DROPLET, "ev-hot")
         url = ms.guest_url + PATH
@@ -273,7 +274,7 @@ class Waiter:
 class Admin:
     """Admin requests over ``ADMIN_CONNS`` keep-alive connections, as fast as the server answers them."""
 
-    def __init__(self, loop: Loop, ms: MetadataServer) -> None:
+    def __init__(self, loop: Loop, ms: MetadataServerProcess) -> None:
         self.loop, self.ms = loop, ms
         self.host = f"127.0.0.1:{ms.admin_port}"
         self.queue: list[tuple[str, str, Any, str]] = []
@@ -324,7 +325,7 @@ def long_poll_request(host: str, etag: str) -> bytes:
     return request_bytes("GET", path, host)
 
 
-def held_long_polls(ms: MetadataServer) -> float:
+def held_long_polls(ms: MetadataServerProcess) -> float:
     text = ms.admin("GET", "/metrics").text
     m = re.search(r"^metadata_server_held_long_polls\s+([\d.e+]+)", text, re.MULTILINE)
     return float(m.group(1)) if m else -1.0
@@ -348,7 +349,7 @@ def short_poll_probe(port: int, n: int = 200) -> tuple[float, float]:
     return to_ms(percentile(times, 50)), to_ms(percentile(times, 99))
 
 
-def hold_all(loop: Loop, ms: MetadataServer, waiters: list[Waiter], round_: int) -> None:
+def hold_all(loop: Loop, ms: MetadataServerProcess, waiters: list[Waiter], round_: int) -> None:
     """Every waiter sends its long-poll (after a plain GET for its ETag); wait until all are held."""
     host = f"127.0.0.1:{ms.guest_port}"
 
@@ -400,7 +401,9 @@ def fan_out(args: argparse.Namespace, tmp: Path, workers: int) -> dict[str, Any]
     n = args.droplets
     waiters = [Waiter(i, f"fan-{i:05d}", droplet_address(i)) for i in range(n)]
     result: dict[str, Any] = {"workers": workers, "droplets": n}
-    with MetadataServer.start(tmp / f"fanout-w{workers}", "--workers", str(workers)) as ms:
+    with MetadataServerProcess.running(
+        tmp / f"fanout-w{workers}", "--workers", str(workers), program=SERVER_PROGRAM
+    ) as ms:
         ms.register(HOT_DROPLET, ["127.0.0.1"])
         ms.set_event(HOT_DROPLET, "ev-hot")
         loop = Loop()
@@ -655,7 +658,8 @@ def main() -> int:
     if not 1 <= args.droplets <= 65_000:
         p.error("--droplets must be 1-65000")
     if args.server_bin is not None:
-        tests.servers.BIN = args.server_bin.resolve()
+        global SERVER_PROGRAM  # noqa: PLW0603 - the one setting every server of this run is started with
+        SERVER_PROGRAM = str(args.server_bin.resolve())
 
     results: dict[str, Any] = {
         "machine": machine(),

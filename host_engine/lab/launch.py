@@ -133,7 +133,9 @@ class MetadataServerProcess:
     """``metadata-server serve`` on two loopback ports, its state, token and log in ``workdir``.
 
     Ports 0 and an empty token are chosen at the first ``launch`` (free ports, a random token written to
-    ``token_file``, mode 0600); ``extra_args`` go to ``serve`` as they are (``--workers 4``, TLS).
+    ``token_file``, mode 0600); ``extra_args`` go to ``serve`` as they are (``--workers 4``, TLS);
+    ``program`` is the executable (default: this environment's ``metadata-server``; a benchmark may measure a
+    patched copy).
     """
 
     workdir: Path
@@ -142,12 +144,13 @@ class MetadataServerProcess:
     token: str = ""
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+    program: str = ""
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, workdir: Path, *extra_args: str) -> Iterator[Self]:
+    def running(cls, workdir: Path, *extra_args: str, program: str = "") -> Iterator[Self]:
         """A server on free ports for the length of the ``with`` block."""
-        server = cls(workdir, extra_args=list(extra_args))
+        server = cls(workdir, extra_args=list(extra_args), program=program)
         server.launch()
         try:
             yield server
@@ -185,7 +188,7 @@ class MetadataServerProcess:
 
     def argv(self) -> list[str]:
         return [
-            bin_path("metadata-server"), "serve",
+            self.program or bin_path("metadata-server"), "serve",
             "--guest-listen", f"127.0.0.1:{self.guest_port}",
             "--admin-listen", f"127.0.0.1:{self.admin_port}",
             "--db", str(self.db_path),
