@@ -63,6 +63,7 @@ from host_engine.executor_metrics import ExecutorMetrics
 from host_engine.models import Migration
 from host_engine.planner import plan_placement
 from host_engine.retry import RetryConfig, after_failure, backoff_s
+from host_engine.samples import SAMPLES_KEY, SampleBuffer, sample_rows, with_samples
 from host_engine.states import CANCELLABLE, Ack, LogKind, MigrationState
 from host_engine.store import ClaimLimits, Store, Tx, offline_event_id
 
@@ -224,6 +225,8 @@ class _Active:
     result: MigrationResult | None = None
     extra: dict[str, object] = field(default_factory=dict)
     thread: threading.Thread | None = None
+    # Every progress sample of the attempt this worker drives (None: a recovery), written with its progress.
+    samples: SampleBuffer | None = None
 
 
 def attempt_id(migration_id: str, attempt: int) -> str:
@@ -591,7 +594,7 @@ class Executor:
 
     def _launch(self, m: Migration, offline: bool) -> None:
         run = MigrationRun(self.hypervisor.migration(self._spec(m)), self.config.controller, self.clock)
-        a = _Active(m, run, offline, self.clock.now())
+        a = _Active(m, run, offline, self.clock.now(), samples=SampleBuffer(m.attempt))
         run.on_progress = lambda p: self._on_progress(a, p)
         run.should_abort = lambda: a.lost_claim or a.abort_requested
         if self._stopping.is_set():  # claimed while shutting down: stop it at once, source untouched
@@ -661,8 +664,12 @@ class Executor:
 
     def _on_progress(self, a: _Active, p: Progress) -> None:
         """Record progress, pick up an operator's abort: at most every few seconds, and on every change of
-        phase, round, throttle or disk limit. A store that does not answer only skips the write."""
+        phase, round, throttle or disk limit; each sample goes into the attempt's ``SampleBuffer``, written
+        with the progress (no transaction of its own). A store that does not answer only skips the write."""
         now = self.clock.now()
+        values = progress_dict(p)
+        if a.samples is not None:
+            a.samples.add(values)
         last = a.last_logged
         changed = last is None or (p.phase, p.round, p.memory_throttle_pct, p.disk_write_limit_bps) != (
             last.phase,
@@ -676,11 +683,12 @@ class Executor:
         try:
             with self.store.begin() as tx:
                 m = tx.renew_claim(mid, self.config.worker)
-                tx.update_migration(mid, stats={**m.stats, PROGRESS_KEY: progress_dict(p)})
+                stats = {**m.stats, PROGRESS_KEY: values}
+                if a.samples is not None:
+                    stats[SAMPLES_KEY] = with_samples(m.stats, a.samples)
+                tx.update_migration(mid, stats=stats)
                 if changed:
-                    tx.append_log(
-                        mid, LogKind.PROGRESS, describe(p), droplet_id=m.droplet_id, data=progress_dict(p)
-                    )
+                    tx.append_log(mid, LogKind.PROGRESS, describe(p), droplet_id=m.droplet_id, data=values)
         except StaleClaim as e:
             log.error("migration_id=%s: %s; stopping this attempt", mid, e)
             a.lost_claim = f"claim lost: {e}"
@@ -721,7 +729,12 @@ class Executor:
             return True
         try:
             finished = self._finish(
-                a.migration, a.offline, result, operator_abort=a.abort_requested, extra=a.extra
+                a.migration,
+                a.offline,
+                result,
+                operator_abort=a.abort_requested,
+                extra=a.extra,
+                samples=a.samples,
             )
         except StoreError as e:
             log.debug("migration_id=%s: outcome not recorded yet: %s", mid, e)
@@ -759,14 +772,17 @@ class Executor:
         *,
         operator_abort: str | None,
         extra: dict[str, object] | None = None,
+        samples: SampleBuffer | None = None,
     ) -> Finished:
         worker = self.config.worker
         attempt_stats = {"attempt": m.attempt, "offline": offline, **result.summary(), **(extra or {})}
+        # The samples since the last progress write (the attempt's last ones) go with its outcome.
+        last_samples = {} if samples is None else {SAMPLES_KEY: with_samples(m.stats, samples)}
         if result.outcome is Outcome.COMPLETED:
             done = self.store.complete(
                 m.id,
                 worker=worker,
-                stats={LAST_ATTEMPT_KEY: attempt_stats},
+                stats={LAST_ATTEMPT_KEY: attempt_stats, **last_samples},
                 message=f"completed: {m.droplet_id} now on {m.target_host} "
                 f"(downtime {_ms(result.downtime_ms)}, {result.duration_s:.1f} s)",
             )
@@ -784,6 +800,7 @@ class Executor:
         offline_attempts = int(m.stats.get(OFFLINE_ATTEMPTS_KEY, 0)) + (1 if offline else 0)
         stats = {
             **m.stats,
+            **last_samples,
             LAST_ATTEMPT_KEY: attempt_stats,
             NONCONVERGING_KEY: nonconverging,
             FAILED_TARGETS_KEY: sorted(failed_targets),
@@ -1044,14 +1061,37 @@ def request_abort(store: Store, migration_id: str, *, by: str) -> Migration:
         raise Conflict(f"migration {migration_id} is {m.state.value}: nothing to abort")
 
 
-def timeline(store: Store, migration_id: str) -> list[dict[str, object]]:
+def timeline(store: Store, migration_id: str, *, dense: bool = True) -> list[dict[str, object]]:
     """The recorded progress of a migration, oldest first, for ``host-engine report`` (rounds, remaining
-    bytes, rate, throttle and disk limit over time; one row per logged change, attempt by attempt)."""
-    rows: list[dict[str, object]] = []
+    bytes, rate, throttle and disk limit over time), attempt by attempt: every kept sample
+    (``host_engine.samples``) merged with the logged changes, or with ``dense=False`` the logged changes
+    only (one row per change of phase, round, throttle or disk limit). A sample's ``at`` is its attempt's
+    start plus its ``elapsed_s``; migrations recorded before samples were kept have the changes only."""
+    entries = store.migration_log(migration_id)
+    changes: dict[int, list[dict[str, object]]] = {}
+    started: dict[int, datetime] = {}
     attempt = 0
-    for e in store.migration_log(migration_id):
+    for e in entries:
         if e.to_state in (MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING):
             attempt += 1
+            started[attempt] = e.at
         if e.kind == LogKind.PROGRESS:
-            rows.append({"at": e.at.isoformat(), "attempt": attempt, **e.data})
+            changes.setdefault(attempt, []).append({"at": e.at.isoformat(), "attempt": attempt, **e.data})
+    samples = sample_rows(store.get_migration(migration_id).stats) if dense else {}
+    rows: list[dict[str, object]] = []
+    for n in sorted(changes.keys() | (samples.keys() & started.keys())):
+        logged = changes.get(n, [])
+        seen = {r.get("elapsed_s") for r in logged}
+        start = started.get(n)
+        extra = [
+            {"at": (start + timedelta(seconds=_seconds(s))).isoformat(), "attempt": n, **s}
+            for s in samples.get(n, [])
+            if start is not None and s.get("elapsed_s") not in seen
+        ]
+        rows += sorted(logged + extra, key=_seconds)
     return rows
+
+
+def _seconds(row: dict[str, object]) -> float:
+    value = row.get("elapsed_s")
+    return float(value) if isinstance(value, int | float) else 0.0

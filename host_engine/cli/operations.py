@@ -327,7 +327,11 @@ def report(deps: Deps, migration_id: str, as_json: bool, plot_path: str | None) 
     if not rows:
         click.echo("no progress recorded yet")
         return
-    click.echo(_table(progress_text.TIMELINE_HEADERS, [progress_text.timeline_row(r) for r in rows]))
+    # Each change of phase, round, throttle or limit; --json and --plot have every sample in between.
+    changes = timeline(store, migration_id, dense=False)
+    click.echo(_table(progress_text.TIMELINE_HEADERS, [progress_text.timeline_row(r) for r in changes]))
+    if len(rows) > len(changes):
+        click.echo(f"{len(rows)} samples in all: report --json lists them, report --plot draws them")
 
 
 def _window(m: Migration, now: datetime) -> str:
