@@ -62,7 +62,7 @@ from host_engine.errors import Conflict, HostEngineError, StaleClaim, StoreError
 from host_engine.executor_metrics import ExecutorMetrics
 from host_engine.models import Migration
 from host_engine.planner import plan_placement
-from host_engine.retry import RetryConfig, after_failure, backoff_s
+from host_engine.retry import RetryConfig, RetryCounters, after_failure, backoff_s
 from host_engine.samples import SAMPLES_KEY, SampleBuffer, sample_rows, with_samples
 from host_engine.states import CANCELLABLE, Ack, LogKind, MigrationState
 from host_engine.store import ClaimLimits, Store, Tx, offline_event_id
@@ -96,9 +96,6 @@ CANDIDATES_PER_SLOT = 2
 SHUTDOWN_REASON = "worker shutting down"
 # Keys in ``migrations.stats``.
 ABORT_REQUEST_KEY = "abort_requested_by"
-NONCONVERGING_KEY = "nonconverging_attempts"
-OFFLINE_ATTEMPTS_KEY = "offline_attempts"
-FAILED_TARGETS_KEY = "failed_targets"
 PROGRESS_KEY = "progress"
 LAST_ATTEMPT_KEY = "last_attempt"
 
@@ -791,20 +788,16 @@ class Executor:
             self._hook("completed", done)
             return Finished(m.id, m.attempt, result, done.state)
 
-        nonconverging = int(m.stats.get(NONCONVERGING_KEY, 0))
-        if result.abort_reason in NONCONVERGING:
-            nonconverging += 1
-        failed_targets = set(m.stats.get(FAILED_TARGETS_KEY, []))
-        if result.target_at_fault:
-            failed_targets.add(m.target_host)
-        offline_attempts = int(m.stats.get(OFFLINE_ATTEMPTS_KEY, 0)) + (1 if offline else 0)
+        counters = RetryCounters.from_stats(m.stats).after(
+            nonconverging=result.abort_reason in NONCONVERGING,
+            offline=offline,
+            failed_target=m.target_host if result.target_at_fault else None,
+        )
         stats = {
             **m.stats,
             **last_samples,
             LAST_ATTEMPT_KEY: attempt_stats,
-            NONCONVERGING_KEY: nonconverging,
-            FAILED_TARGETS_KEY: sorted(failed_targets),
-            OFFLINE_ATTEMPTS_KEY: offline_attempts,
+            **counters.to_stats(),
         }
         stats.pop(ABORT_REQUEST_KEY, None)
         reason = result.reason or result.outcome.value
@@ -815,7 +808,7 @@ class Executor:
         # Decided before the transaction: choosing a target reads the store (placement) on its own.
         target = m.target_host
         if result.target_at_fault and self.choose_target is not None and not cancel:
-            target = self.choose_target(m, frozenset(failed_targets | {m.source_host})) or target
+            target = self.choose_target(m, counters.failed_targets | {m.source_host}) or target
         with self.store.begin() as tx:
             now = tx.now
             failed = tx.transition(
@@ -831,12 +824,12 @@ class Executor:
                 nxt = tx.transition(m.id, MigrationState.CANCELLED, message=operator_abort or "")
                 hook = "cancelled"
             elif offline:
-                nxt, hook = self._after_offline_failure(tx, failed, now, target)
+                nxt, hook = self._after_offline_failure(tx, failed, now, target, counters)
             else:
                 # Not the guest's, the target's nor the hypervisor's doing: the next worker may go at once.
                 worker_stopped = operator_abort == SHUTDOWN_REASON or "recovered_by" in (extra or {})
                 nxt, hook = self._after_live_failure(
-                    tx, failed, now, result, nonconverging, target, at_once=worker_stopped
+                    tx, failed, now, result, counters, target, at_once=worker_stopped
                 )
         self._observe(result)
         if hook:
@@ -853,7 +846,7 @@ class Executor:
         m: Migration,
         now: datetime,
         result: MigrationResult,
-        nonconverging: int,
+        counters: RetryCounters,
         other_target: str,
         *,
         at_once: bool = False,
@@ -863,7 +856,7 @@ class Executor:
             max_attempts=m.max_attempts,
             target_at_fault=result.target_at_fault,
             abort_reason=result.abort_reason.value if result.abort_reason else None,
-            nonconverging_attempts=nonconverging,
+            nonconverging_attempts=counters.nonconverging_attempts,
             config=self.config.retry,
             rand=self.rand,
         )
@@ -898,9 +891,9 @@ class Executor:
         return nxt, "retry_scheduled"
 
     def _after_offline_failure(
-        self, tx: Tx, m: Migration, now: datetime, target: str
+        self, tx: Tx, m: Migration, now: datetime, target: str, counters: RetryCounters
     ) -> tuple[Migration, str]:
-        if int(m.stats.get(OFFLINE_ATTEMPTS_KEY, 0)) >= self.config.max_offline_attempts:
+        if counters.offline_attempts >= self.config.max_offline_attempts:
             tx.update_migration(
                 m.id,
                 claimed_by=None,

@@ -6,9 +6,11 @@ Pure, like the controller: ``after_failure(...) -> RetryDecision``. The executor
 
 from __future__ import annotations
 
+import enum
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 # Three live attempts, then offline: one retry covers a transient (a link flap,
 # a crashed target replaced by another), a second covers a guest whose load spiked; a third failure says the
@@ -119,3 +121,59 @@ def after_failure(
 
 def _times(n: int) -> str:
     return {1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
+class CounterKey(enum.StrEnum):
+    """Where ``RetryCounters`` lives in ``migrations.stats`` (the stored JSON has always used these names)."""
+
+    NONCONVERGING_ATTEMPTS = "nonconverging_attempts"
+    OFFLINE_ATTEMPTS = "offline_attempts"
+    FAILED_TARGETS = "failed_targets"
+
+
+@dataclass(frozen=True)
+class RetryCounters:
+    """What the retry path counts across a migration's attempts: the failed attempts that did not converge
+    (two send it offline), the failed offline copies (too many need an operator), and the targets that were
+    at fault (a retry avoids them). Kept in ``migrations.stats`` under ``CounterKey``.
+
+    >>> c = RetryCounters.from_stats({"nonconverging_attempts": 1, "failed_targets": ["hv2"]})
+    >>> c.after(nonconverging=True, offline=False, failed_target="hv3").to_stats()
+    {'nonconverging_attempts': 2, 'offline_attempts': 0, 'failed_targets': ['hv2', 'hv3']}
+    """
+
+    nonconverging_attempts: int = 0
+    offline_attempts: int = 0
+    failed_targets: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, Any]) -> RetryCounters:
+        """Read from a migration's stats, whatever wrote them: a missing or unreadable value is none."""
+        targets = stats.get(CounterKey.FAILED_TARGETS)
+        return cls(
+            nonconverging_attempts=_count(stats.get(CounterKey.NONCONVERGING_ATTEMPTS)),
+            offline_attempts=_count(stats.get(CounterKey.OFFLINE_ATTEMPTS)),
+            failed_targets=frozenset(t for t in targets if isinstance(t, str))
+            if isinstance(targets, list)
+            else frozenset(),
+        )
+
+    def after(self, *, nonconverging: bool, offline: bool, failed_target: str | None) -> RetryCounters:
+        """The counters once one more attempt failed (``failed_target``: the target, when it was at fault)."""
+        return RetryCounters(
+            nonconverging_attempts=self.nonconverging_attempts + nonconverging,
+            offline_attempts=self.offline_attempts + offline,
+            failed_targets=self.failed_targets | ({failed_target} if failed_target else set()),
+        )
+
+    def to_stats(self) -> dict[str, object]:
+        """The stats entries (plain JSON values, targets sorted)."""
+        return {
+            CounterKey.NONCONVERGING_ATTEMPTS.value: self.nonconverging_attempts,
+            CounterKey.OFFLINE_ATTEMPTS.value: self.offline_attempts,
+            CounterKey.FAILED_TARGETS.value: sorted(self.failed_targets),
+        }
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
