@@ -33,6 +33,9 @@ DEFAULT_PREDICT_TIMEOUT_S = 600.0
 # The margin a prediction is tested with: the droplet writing this much faster than its model says.
 RISK_RATE_FACTOR = 1.5
 DEFAULT_TICK_S = 0.25
+# In the calibration's loss, a downtime this far off weighs as much as a total time off by a factor e: real
+# downtimes of the same guest differ by up to ~100 ms on the harness, so it must not drown bytes and time.
+DOWNTIME_LOSS_SCALE_MS = 200.0
 
 
 class Risk(enum.Enum):
@@ -347,7 +350,13 @@ def _candidates(name: str, runs: Sequence[RecordedRun]) -> list[Workload]:
     return out
 
 
-def _loss(runs: Sequence[RecordedRun], workload: Workload, link: Link, tick_s: float) -> float:
+def _loss(
+    runs: Sequence[RecordedRun], workload: Workload, link: Link, tick_s: float, *, downtime: bool = False
+) -> float:
+    """How far the sim with ``workload`` lands from ``runs``: a wrong outcome costs 10, bytes and total time
+    their log ratio, and with ``downtime`` (once the switchover cost is known) the downtime error in units of
+    ``DOWNTIME_LOSS_SCALE_MS``. The downtime is what pins the hot set of a guest QEMU switches over by
+    itself: the pause moves what the guest rewrites between two dirty syncs."""
     total = 0.0
     for r in runs:
         p = predict_migration(
@@ -365,36 +374,36 @@ def _loss(runs: Sequence[RecordedRun], workload: Workload, link: Link, tick_s: f
             total += 10.0
         total += abs(math.log(max(p.bytes_transferred, 1) / max(r.bytes_transferred, 1)))
         total += abs(math.log(max(p.duration_s, 0.05) / max(r.duration_s, 0.05)))
+        if downtime and p.downtime_ms is not None and r.downtime_ms is not None:
+            total += abs(p.downtime_ms - r.downtime_ms) / DOWNTIME_LOSS_SCALE_MS
     return total
 
 
 def fit_workload(
-    name: str, runs: Sequence[RecordedRun], link: Link | None = None, *, tick_s: float = DEFAULT_TICK_S
+    name: str,
+    runs: Sequence[RecordedRun],
+    link: Link | None = None,
+    *,
+    tick_s: float = DEFAULT_TICK_S,
+    downtime: bool = False,
 ) -> Workload:
     """A droplet's workload: of the candidates its samples allow, the one whose simulation of its own runs
-    comes closest (outcome, bytes, total time)."""
+    comes closest (outcome, bytes, total time, and with ``downtime`` the downtime too)."""
     link = link or Link()
     candidates = _candidates(name, runs)
-    return min(candidates, key=lambda w: _loss(runs, w, link, tick_s))
+    return min(candidates, key=lambda w: _loss(runs, w, link, tick_s, downtime=downtime))
 
 
-def calibrate(runs: Sequence[RecordedRun], *, tick_s: float = DEFAULT_TICK_S) -> Calibration:
-    """Fit the sim to real runs: per-droplet workloads, the link, then the fixed costs (setup, switchover)
-    as the median of what the real runs took beyond what the sim with no fixed cost predicts."""
-    if not runs:
-        raise ValueError("no recorded migrations to calibrate from")
-    by_droplet: dict[str, list[RecordedRun]] = {}
-    for r in runs:
-        by_droplet.setdefault(r.droplet_id, []).append(r)
-    uncapped = [r for r in runs if not r.cap_mibps] or list(runs)
-    # The link: the fastest the uncapped runs' bytes grew between two samples (libvirt's own rate is an
-    # average that includes the setup, when nothing moves).
-    rates = [rate for r in uncapped for rate in _sample_rates(r)]
-    link_bps = max(rates) if rates else DEFAULT_NIC_BPS
-    if not math.isfinite(link_bps) or link_bps <= 0:
-        link_bps = DEFAULT_NIC_BPS
-    first = Link(link_bps, HostModel(), HostModel())
-    workloads = {d: fit_workload(d, rs, first, tick_s=tick_s) for d, rs in by_droplet.items()}
+def fixed_costs(
+    runs: Sequence[RecordedRun],
+    workloads: Mapping[str, Workload],
+    link_bps: float,
+    *,
+    tick_s: float = DEFAULT_TICK_S,
+) -> HostModel:
+    """The fixed costs: the median of what each converged run took beyond what the sim with no fixed cost
+    predicts for it (total time: ``setup_s``; downtime: ``switchover_ms``). Medians, because the real runs
+    scatter around them (on the loaded two-core harness: ±0.5 s and ±60 ms for the same guest)."""
     bare = Link(
         link_bps, HostModel(setup_s=0.0, switchover_ms=0.0), HostModel(setup_s=0.0, switchover_ms=0.0)
     )
@@ -422,10 +431,35 @@ def calibrate(runs: Sequence[RecordedRun], *, tick_s: float = DEFAULT_TICK_S) ->
     switchover_ms = (
         min(60_000.0, max(0.0, statistics.median(extra_ms))) if extra_ms else HostModel().switchover_ms
     )
-    host = HostModel(setup_s=setup_s, switchover_ms=switchover_ms)
-    # Once more with the fitted costs: the hot sets that fit best may differ now that time is right.
+    return HostModel(setup_s=setup_s, switchover_ms=switchover_ms)
+
+
+def calibrate(runs: Sequence[RecordedRun], *, tick_s: float = DEFAULT_TICK_S) -> Calibration:
+    """Fit the sim to real runs, in four steps:
+
+    1. the link: the fastest the uncapped runs' bytes grew between two samples (libvirt's own rate is an
+       average that includes the setup, when nothing moves);
+    2. per droplet, the workload whose simulation of its runs matches their outcome, bytes and total time;
+    3. the fixed costs (``fixed_costs``) with those workloads;
+    4. per droplet again, now with the costs known, matching the downtime too (it tells how much QEMU moved
+       in the pause, i.e. the hot set), and the fixed costs once more with the final workloads.
+    """
+    if not runs:
+        raise ValueError("no recorded migrations to calibrate from")
+    by_droplet: dict[str, list[RecordedRun]] = {}
+    for r in runs:
+        by_droplet.setdefault(r.droplet_id, []).append(r)
+    uncapped = [r for r in runs if not r.cap_mibps] or list(runs)
+    rates = [rate for r in uncapped for rate in _sample_rates(r)]
+    link_bps = max(rates) if rates else DEFAULT_NIC_BPS
+    if not math.isfinite(link_bps) or link_bps <= 0:
+        link_bps = DEFAULT_NIC_BPS
+    first = Link(link_bps, HostModel(), HostModel())
+    workloads = {d: fit_workload(d, rs, first, tick_s=tick_s) for d, rs in by_droplet.items()}
+    host = fixed_costs(runs, workloads, link_bps, tick_s=tick_s)
     fitted = Link(link_bps, host, host)
-    workloads = {d: fit_workload(d, rs, fitted, tick_s=tick_s) for d, rs in by_droplet.items()}
+    workloads = {d: fit_workload(d, rs, fitted, tick_s=tick_s, downtime=True) for d, rs in by_droplet.items()}
+    host = fixed_costs(runs, workloads, link_bps, tick_s=tick_s)
     return Calibration(link_bps, host, workloads)
 
 

@@ -199,3 +199,133 @@ def test_a_bad_bandwidth_option_is_one_clear_driver_error(raw: str) -> None:
     driver.prepare_target()
     with pytest.raises(DriverError, match="bandwidth_mibps"):
         driver.start()
+
+
+# ---- QEMU's switchover decision, as measured (sim_fidelity's misses) ----------------------------------------
+
+FAST_LINK_BPS = 300 * MiB  # the harness's veth, uncapped: 92 MiB fit QEMU's 300 ms limit
+
+
+def _sweeper(hot_mib: int, resident_mib: int) -> Workload:
+    """The harness's guests: a hot set rewritten from end to end ~18 times a second, inside the RAM it holds."""
+    from host_engine.drivers.sim import Pattern
+
+    return Workload(
+        f"sweep{hot_mib}",
+        memory_rate_bps=18 * hot_mib * MiB,
+        memory_hot_bytes=hot_mib * MiB,
+        memory_pattern=Pattern.SEQUENTIAL,
+        memory_resident_bytes=resident_mib * MiB,
+        disk_allocated_bytes=GUEST_DISK,
+    )
+
+
+def test_the_hot_set_lies_in_the_memory_the_guest_holds() -> None:
+    # A guest holding 9 MiB and rewriting 8 of them: round 1 sends the 9 MiB, the pause the 8 MiB rewritten
+    # meanwhile. Placed among the zero pages, the hot set used to add 8 MiB more to send (and to the pause).
+    result, world = migrate(_sweeper(8, 9), host_model=HostModel(setup_s=0.0), link_bps=FAST_LINK_BPS)
+    assert result.outcome is Outcome.COMPLETED
+    d = world.droplets["g"]
+    assert (d.memory_hot_start + 8 * MiB // d.memory_page_bytes) * d.memory_page_bytes <= 9 * MiB
+    memory_sent = result.bytes_transferred - GUEST_DISK
+    assert 16 * MiB <= memory_sent <= 18 * MiB, memory_sent / MiB
+
+
+def test_qemus_switchover_decision_sees_what_the_guest_dirtied_since_the_last_sync() -> None:
+    # QEMU syncs its dirty bitmap before comparing the remainder with its limit, so the pause carries what the
+    # guest rewrote meanwhile: the 8 MiB writer's pause moved 8 MiB (real: 16.7 MiB of memory sent, 128-167 ms
+    # downtime uncapped). The sim used to decide before the step's writes and pause with nothing to move.
+    host = HostModel(setup_s=0.0, switchover_ms=0.0)
+    result, world = migrate(_sweeper(8, 9), host_model=host, policy=True, link_bps=FAST_LINK_BPS)
+    assert result.outcome is Outcome.COMPLETED and world.migrations["m"].auto_switchover
+    assert result.downtime_ms is not None
+    assert result.downtime_ms >= 0.8 * 8 * MiB / FAST_LINK_BPS * 1000, result.downtime_ms
+
+
+def test_round_one_counts_the_zero_pages_ahead_of_its_scan() -> None:
+    # The 48 MiB writer, uncapped: QEMU's bitmap still holds the zero pages the first round has not scanned,
+    # so it does not switch over as round 1 starts with everything in the pause; it sends round 1 (~50 MiB)
+    # and then the rewritten hot set in the pause (real: 100-130 MiB of memory sent, 4 rounds).
+    host = HostModel(setup_s=0.0, switchover_ms=0.0)
+    result, _ = migrate(_sweeper(43, 45), host_model=host, policy=True, link_bps=FAST_LINK_BPS)
+    assert result.outcome is Outcome.COMPLETED
+    memory_sent = result.bytes_transferred - GUEST_DISK
+    assert memory_sent >= (45 + 0.8 * 43) * MiB, memory_sent / MiB
+    assert result.rounds >= 2
+
+
+def test_unscanned_zero_pages_count_only_in_round_one() -> None:
+    from host_engine.drivers.sim.model import Migration, unscanned_zero_pages
+
+    world = SimWorld(1)
+    world.add_host("src")
+    d = world.add_droplet("g", "src", memory_bytes=GUEST_MEMORY, disk_bytes=GUEST_DISK)
+    spec = MigrationSpec("m", "g", "src", "dst", "sim://src", "sim://dst", 1, GUEST_MEMORY, GUEST_DISK)
+    mig = Migration(spec, round=1, memory_pass=list(range(100)), memory_pos=40)
+    # 60 data pages still ahead from page 40: the rest of the RAM past page 40 is zero pages not yet scanned.
+    assert unscanned_zero_pages(mig, d) == d.memory_pages - 40 - 60
+    mig.memory_pos = 100  # the data pages are all sent; the scan is past them
+    assert unscanned_zero_pages(mig, d) == 0
+    mig.round, mig.memory_pos = 2, 40
+    assert unscanned_zero_pages(mig, d) == 0
+
+
+def test_qemu_honours_every_change_of_the_downtime_limit() -> None:
+    # The controller may start with a low limit and raise it in steps: QEMU switches over by itself only once
+    # the limit in force lets the remainder fit, whichever value was set first.
+    world = SimWorld(3)
+    world.default_host_model = HostModel(setup_s=0.0, switchover_ms=0.0)
+    for h in ("src", "dst"):
+        world.add_host(h, nic_bps=FAST_LINK_BPS)
+    world.add_droplet("g", "src", memory_bytes=GUEST_MEMORY, disk_bytes=GUEST_DISK, workload=_sweeper(8, 9))
+    spec = MigrationSpec("m", "g", "src", "dst", "sim://src", "sim://dst", 1, GUEST_MEMORY, GUEST_DISK)
+    driver = SimHypervisor(world).migration(spec)
+    clock = SimClock(world)
+    driver.prepare_target()
+    driver.set_max_downtime(5)  # 1.5 MiB at 300 MiB/s: the 8 MiB hot set never fits
+    driver.start()
+    clock.sleep(3.0)
+    assert driver.progress().phase.value == "memory"
+    driver.set_max_downtime(15)  # 4.5 MiB: still not
+    clock.sleep(2.0)
+    assert driver.progress().phase.value == "memory"
+    raised_at = clock.now()
+    driver.set_max_downtime(50)  # 15 MiB: fits
+    clock.sleep(1.0)
+    mig = world.migrations["m"]
+    assert driver.progress().phase.value == "done" and mig.auto_switchover
+    assert mig.switchover_at_s is not None and mig.switchover_at_s >= raised_at
+
+
+def test_the_memory_dirty_rate_reads_as_qemus_per_round_count() -> None:
+    # QEMU counts a page once per round however often it is rewritten, and says nothing before round 1 ends:
+    # the 48 MiB writer (rewritten 18x/s) read 31.6 MiB/s at a 32 MiB/s cap. The sim used to report every
+    # write (864 MiB/s), and the controller gave up rounds earlier than on the real hosts.
+    host = HostModel(setup_s=0.0, switchover_ms=0.0)
+    rates: list[tuple[int, float]] = []
+
+    def watch(p: Progress) -> tuple[()]:
+        if p.phase.value == "memory":
+            rates.append((p.round, p.memory_dirty_rate_bps))
+        return ()
+
+    world = SimWorld(3)
+    world.default_host_model = host
+    for h in ("src", "dst"):
+        world.add_host(h, nic_bps=FAST_LINK_BPS)
+    world.add_droplet("g", "src", memory_bytes=GUEST_MEMORY, disk_bytes=GUEST_DISK, workload=_sweeper(48, 50))
+    spec = MigrationSpec(
+        "m", "g", "src", "dst", "sim://src", "sim://dst", 1, GUEST_MEMORY, GUEST_DISK,
+        options={"bandwidth_mibps": "32"},
+    )  # fmt: skip
+    clock = SimClock(world)
+
+    def bound() -> str | None:
+        return "enough" if clock.now() > 12 else None
+
+    run_migration(
+        SimHypervisor(world).migration(spec), ControllerConfig(), clock, policy=watch, should_abort=bound
+    )
+    assert rates and all(rate == 0 for r, rate in rates if r == 1)
+    later = [rate for r, rate in rates if r >= 2]
+    assert later and all(24 * MiB <= rate <= 40 * MiB for rate in later), [x / MiB for x in later]
