@@ -44,7 +44,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,13 +67,13 @@ from bench._stats import machine, percentile  # noqa: E402
 from host_engine import planner  # noqa: E402
 from host_engine.config import config_from_dict  # noqa: E402
 from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS  # noqa: E402
+from host_engine.lab.launch import MetadataServerProcess, free_port  # noqa: E402
 from host_engine.metadata.reconcile import MetadataSync, default_client_factory  # noqa: E402
 from host_engine.models import Droplet, Host  # noqa: E402
 from host_engine.states import MigrationState  # noqa: E402
 from host_engine.store import Store  # noqa: E402
 from tests import pg  # noqa: E402
 from tests.fleet import attempt_intervals, max_overlap  # noqa: E402
-from tests.servers import MetadataServer  # noqa: E402
 
 BIN = Path(sys.executable).parent / "host-engine"
 GIB = 1024**3
@@ -125,19 +124,10 @@ def generate(
     return hosts, droplets
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
-def metadata_server(workdir: Path, ports: tuple[int, int], token: str) -> Iterator[MetadataServer]:
+def metadata_server(workdir: Path, ports: tuple[int, int], token: str) -> Iterator[MetadataServerProcess]:
     """A metadata server on fixed ports (the hosts' URLs name them) over the state in ``workdir``."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    ms = MetadataServer(workdir, ports[0], ports[1], token, [])
-    ms.token_file.write_text(token)
-    ms.token_file.chmod(0o600)
+    ms = MetadataServerProcess(workdir, ports[0], ports[1], token)
     ms.launch()
     try:
         yield ms
@@ -145,7 +135,7 @@ def metadata_server(workdir: Path, ports: tuple[int, int], token: str) -> Iterat
         ms.stop()
 
 
-def admin_requests(ms: MetadataServer) -> Counter[str]:
+def admin_requests(ms: MetadataServerProcess) -> Counter[str]:
     """Admin requests the server answered, by endpoint (monitoring endpoints left out)."""
     counts: Counter[str] = Counter()
     for line in ms.admin("GET", "/metrics", timeout=30).text.splitlines():
