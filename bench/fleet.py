@@ -8,7 +8,8 @@ A throwaway PostgreSQL (``tests/pg.py``) gets one generated fleet, built once wi
 for every run (``CREATE DATABASE ... TEMPLATE``): ``--hosts`` simulated hosts (``sim://``), ``--evacuate`` of
 them holding ``--per-source`` droplets each, one more holding 200 (the ``plan evacuate`` subject, never
 evacuated), the rest of ``--droplets`` spread over the others. Two real metadata servers (the project's
-``metadata-server serve``, ``tests/servers.py``): one serving the evacuated hosts, one every other host, with
+``metadata-server serve``, started by ``host_engine/lab/launch.py``): one serving the evacuated hosts, one
+every other host, with
 every droplet already registered (the engine's own start-up reconciliation, run once at build time; each run
 starts from a copy of their state), so a completed move costs what it costs between two servers.
 

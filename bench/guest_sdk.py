@@ -3,8 +3,8 @@
 
     .venv/bin/python bench/guest_sdk.py [--events 200] [--droplets 50] [--calls 2000] [--json FILE]
 
-Against the real metadata server started through its CLI on loopback (tests/servers.py), every simulated
-droplet on its own source address 127.0.0.N:
+Against the real metadata server started through its CLI on loopback (host_engine/lab/launch.py), every
+simulated droplet on its own source address 127.0.0.N:
 
 1. Long-poll, one droplet at a time: one waiter thread alternates ``wait()`` and ``wait_until_clear()``;
    the benchmark sets an event through the admin API (``PUT .../maintenance``), takes the time the waiter's
