@@ -3,7 +3,7 @@
 What it starts, all on loopback, all in a temporary directory, none of it needing root:
 
 * one real ``metadata-server serve`` (guest and admin listeners on free 127.0.0.1 ports; the demo points every
-  host at this one shared server, which DESIGN.md §2 allows for small sites);
+  host at this one shared server, where production runs one per hypervisor);
 * the engine, in this process, built as ``host-engine run --driver sim --sim-speed 20`` builds it
   (:func:`host_engine.wiring.build_engine`): a SQLite store, the notice loop, the executor on the simulated
   hypervisor (its world in the store, about twenty times faster than the wall clock), the controller;
