@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._stats import machine, percentile
 from guest_agent.config import Phase
+from guest_agent.states import EventStatus
 from host_engine import planner
 from host_engine.config import EngineConfig, EngineLoopConfig
 from host_engine.drivers.sim import idle
@@ -87,7 +88,7 @@ def finished(agents: list[ScenarioAgent], ids: set[str]) -> bool:
         if journal.get("active") is not None:
             return False
         events = journal.get("events", {})
-        if not any(e in events and events[e].get("status") == "done" for e in ids):
+        if not any(e in events and events[e].get("status") == EventStatus.DONE.value for e in ids):
             return False
     return True
 
