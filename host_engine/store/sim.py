@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
+import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
 
 from host_engine import schema as t
 from host_engine.store.base import TxBase
@@ -22,15 +24,34 @@ class SimTx(TxBase):
         return None if row is None else row[0]
 
     def sim_put(self, key: str, value: Any) -> None:
-        """Insert or replace the JSON value under ``key``."""
+        """Insert or replace the JSON value under ``key``.
+
+        One upsert statement: two processes writing a key neither has yet (two ``run --driver sim`` starting
+        at once on PostgreSQL) cannot both insert it; the later one waits and replaces."""
         sw = t.sim_world
-        updated = self.conn.execute(
-            sw.update()
-            .where(sw.c.key == key)
-            .values(value=value, version=sw.c.version + 1, updated_at=self.now)
+        insert = self._upsert_insert().values(key=key, value=value, version=1, updated_at=self.now)
+        self.conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=[sw.c.key],
+                set_={"value": insert.excluded.value, "version": sw.c.version + 1, "updated_at": self.now},
+            )
         )
-        if updated.rowcount == 0:
-            self.conn.execute(sw.insert().values(key=key, value=value, version=1, updated_at=self.now))
+
+    def sim_setdefault(self, key: str, value: Any) -> Any:
+        """The value under ``key``; ``value``, stored, when there is none (the first writer's value wins)."""
+        sw = t.sim_world
+        self.conn.execute(
+            self._upsert_insert()
+            .values(key=key, value=value, version=1, updated_at=self.now)
+            .on_conflict_do_nothing(index_elements=[sw.c.key])
+        )
+        return self.sim_get(key, for_update=True)
+
+    def _upsert_insert(self) -> Any:
+        """``INSERT`` with ``ON CONFLICT`` for this database (PostgreSQL and SQLite both have it)."""
+        if self.conn.dialect.name == "postgresql":
+            return sa.dialects.postgresql.insert(t.sim_world)
+        return sa.dialects.sqlite.insert(t.sim_world)
 
     def sim_keys(self, prefix: str = "") -> list[str]:
         q = sa.select(t.sim_world.c.key).where(t.sim_world.c.key.startswith(prefix, autoescape=True))

@@ -147,10 +147,7 @@ class StoredWorld(SimWorld):
     def open(cls, store: Store, *, seed: int = 0) -> StoredWorld:
         """The store's world; the first process to open it fixes its seed (kept in ``sim_world``)."""
         with store.begin() as tx:
-            meta = tx.sim_get(META_KEY, for_update=True)
-            if meta is None:
-                meta = {"seed": seed}
-                tx.sim_put(META_KEY, meta)
+            meta = tx.sim_setdefault(META_KEY, {"seed": seed})  # two processes opening at once agree
         return cls(store, int(meta["seed"]))
 
     @classmethod

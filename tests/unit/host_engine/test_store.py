@@ -228,6 +228,41 @@ def test_store_sim_world_key_values(store: Store) -> None:
         assert tx.sim_keys() == ["world"]
 
 
+@pytest.mark.postgres
+def test_two_processes_writing_a_new_sim_key_at_once_both_succeed(
+    pg_server: pg.PostgresServer, clock: FakeClock
+) -> None:
+    """CI saw a second ``run --driver sim`` exit on "duplicate key ... sim_world_pkey": both found no row
+    and both inserted it. The later writer must wait for the first and replace (or keep) its value."""
+    url = pg_server.new_database()
+    first, second = Store.open(url, clock=clock), Store.open(url, clock=clock)
+    errors: list[BaseException] = []
+
+    def write_meanwhile() -> None:
+        try:
+            with second.begin() as tx:
+                assert tx.sim_get("meta", for_update=True) is None  # not committed yet: invisible
+                tx.sim_put("meta", {"seed": 2})  # blocks on the first's uncommitted row
+                assert tx.sim_setdefault("other", {"seed": 2}) == {"seed": 1}
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    try:
+        with first.begin() as tx:
+            tx.sim_put("meta", {"seed": 1})
+            assert tx.sim_setdefault("other", {"seed": 1}) == {"seed": 1}
+            writer = threading.Thread(target=write_meanwhile)
+            writer.start()
+            time.sleep(1.0)  # the second transaction reaches its write and waits on this one's row
+        writer.join(timeout=30)
+        assert not writer.is_alive() and errors == []
+        with first.begin(readonly=True) as tx:
+            assert tx.sim_get("meta") == {"seed": 2} and tx.sim_get("other") == {"seed": 1}
+    finally:
+        first.close()
+        second.close()
+
+
 def test_store_concurrent_claims_never_double(populated: Store) -> None:
     """Several threads (each its own connection) claim at once: every migration is claimed exactly once."""
     for i in range(8):
