@@ -99,15 +99,16 @@ def build_engine(
     """The engine of one process over ``store``, ``config`` and the hypervisor ``driver`` ("auto", "sim",
     "libvirt": see ``engine_steps.plan_drivers``); ``clock`` is the engine's (None: the store's).
 
-    ``clients`` builds the admin clients (default: :func:`client_factory`), ``observer`` hears each of their
-    requests; ``metrics`` counts the executor's outcomes; ``executor`` replaces the executor settings
+    ``clients`` builds the admin clients (default: :func:`client_factory`, waiting between retries in real
+    time whatever the loop's ``sleep``), ``observer`` hears each of their requests; ``metrics`` counts the
+    executor's outcomes; ``executor`` replaces the executor settings
     ``ExecutorConfig.for_engine`` derives from ``config`` (the demo's quicker retries); ``sim_speed`` and
     ``monotonic`` set how the simulated hosts follow the wall clock; ``only`` restricts the executor to those
     migrations (``migrate --now``). ``sleep``, ``threads`` and ``reconcile_every`` go to the loop, whose steps
     are ``before``, the executor, then ``after``. Refused (``InvalidInput``, one line) when ``driver`` cannot
     drive the store's hosts.
     """
-    sync = MetadataSync(store, clients or client_factory(config, sleep=sleep), observer=observer)
+    sync = MetadataSync(store, clients or client_factory(config), observer=observer)
     try:
         step = executor_step(
             store,
