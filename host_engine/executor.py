@@ -649,7 +649,7 @@ class Executor:
             return
         if run.begin():
             while run.step() is None:
-                self.clock.sleep(self.config.tick_s)
+                run.pause(self.config.tick_s)  # the job's end wakes it
         a.result = run.result
 
     def _advance_inline(self, a: _Active) -> None:

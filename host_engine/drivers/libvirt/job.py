@@ -138,6 +138,16 @@ class MigrationJob:
     def _running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def wait_ended(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for ``migrateToURI3`` to return (``attempt.MigrationRun.pause``: the
+        controller reads the outcome at once instead of a tick later). True once it has."""
+        thread = self._thread
+        if thread is None:
+            time.sleep(timeout_s)
+            return False
+        thread.join(timeout_s)
+        return not thread.is_alive()
+
     @contextlib.contextmanager
     def _unless_ended(self) -> Iterator[None]:
         """A control call on the source that fails because the job has just ended is not an error.
