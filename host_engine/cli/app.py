@@ -30,7 +30,7 @@ from host_engine.errors import (
     HostEngineError,
     InvalidInput,
 )
-from host_engine.metadata.reconcile import ClientFactory, default_client_factory
+from host_engine.metadata.reconcile import ClientFactory
 from host_engine.models import Droplet, Host, LogEntry, Migration
 from host_engine.store import DB_ENV, Store, StoreMissing, default_db_path, store_location
 from host_engine.timeparse import Clock, format_time, utc_now
@@ -266,13 +266,9 @@ def _migration_doc(m: Migration, now: datetime) -> dict[str, Any]:
 
 
 def _client_factory(deps: Deps) -> ClientFactory:
-    e = deps.config.engine
-    return default_client_factory(
-        timeout_s=e.notifier_timeout_s,
-        attempts=e.notifier_attempts,
-        sleep=deps.sleep,
-        ca_file=e.metadata_ca_file,
-    )
+    from host_engine.wiring import client_factory  # the engine's modules load only for commands that use them
+
+    return client_factory(deps.config, sleep=deps.sleep)
 
 
 def _entry_doc(e: LogEntry) -> dict[str, Any]:
