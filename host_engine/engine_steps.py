@@ -11,9 +11,10 @@ or on both at once (``RoutingHypervisor``, each migration to its hosts' driver).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from host_engine.attempt import RealClock
 from host_engine.config import EngineConfig
@@ -42,6 +43,11 @@ from host_engine.models import Host
 from host_engine.store import Store
 
 log = logging.getLogger(__name__)
+
+# A simulated tick stops simulating after this much wall time, and the world falls behind ``--sim-speed``
+# (logged) rather than the next tick growing without bound: with the sim slower than asked, each tick had
+# more to catch up than the last (ticks of 96 s in bench/fleet.py), and SIGTERM waited for them.
+MAX_SIM_TICK_S = 1.0
 
 #: ``--driver`` / ``[engine] driver``: "auto" drives each host by its URI; "sim"/"libvirt" insist on one.
 AUTO = "auto"
@@ -201,6 +207,14 @@ class SimTickStep:
     Each ``tick`` re-reads the simulated hosts, advances the world by the wall time since the last one (times
     ``speed``) in controller ticks, and writes back the rows that changed (``StoredWorld.persist``), where
     other processes, restarts and ``host-engine`` commands find them (DESIGN.md §9). Build it with ``open``.
+
+    The store sees a real worker's pace whatever the speed: the executor's store work (claims, renewals,
+    recovery) runs at the first controller tick of each ``tick``, again once ``tick_s`` x ``speed`` of
+    simulated time has passed or an attempt has ended, and the controller ticks in between only step the
+    attempts (``Executor.advance``); ``open`` makes progress records every ``progress_every_s`` of wall
+    time. A tick simulates for at most :data:`MAX_SIM_TICK_S` of wall time (beyond that the world falls
+    behind ``speed``), and ``shutdown`` (another thread) waits for the tick in progress, which stops at its
+    next controller tick: the two never drive the same attempts at once.
     """
 
     def __init__(
@@ -218,6 +232,10 @@ class SimTickStep:
         self.speed = speed
         self.monotonic = monotonic
         self._last = monotonic()
+        self._busy = threading.Lock()  # held by a tick, and by shutdown
+        self._stopping = threading.Event()
+        self.behind_s = 0.0  # simulated time dropped because the simulation could not keep up
+        self._behind_logged = False
 
     @classmethod
     def open(
@@ -233,7 +251,13 @@ class SimTickStep:
         seed: int = 0,
         route: Callable[[SimHypervisor], HypervisorDriver] | None = None,
     ) -> SimTickStep:
-        """``route`` wraps the sim hypervisor (``RoutingHypervisor`` when libvirt hosts are driven too)."""
+        """``route`` wraps the sim hypervisor (``RoutingHypervisor`` when libvirt hosts are driven too).
+
+        Progress is recorded every ``config.progress_every_s`` of wall time (``speed`` times as much
+        simulated time): at ``--sim-speed 100`` every 5 simulated seconds was 20 writes a second per
+        attempt, most of what a worker spent its time on."""
+        if speed > 1.0:
+            config = replace(config, progress_every_s=config.progress_every_s * speed)
         world = StoredWorld.open(store, seed=seed)
         sim = SimHypervisor(world)
         executor = Executor(
@@ -249,6 +273,12 @@ class SimTickStep:
         return cls(store, world, executor, speed=speed, monotonic=monotonic)
 
     def tick(self) -> list[Finished]:
+        with self._busy:
+            if self._stopping.is_set():
+                return []
+            return self._tick()
+
+    def _tick(self) -> list[Finished]:
         now = self.monotonic()
         due_s = (now - self._last) * self.speed
         self._last = now
@@ -257,13 +287,39 @@ class SimTickStep:
         self.world.refresh()
         done = self.executor.tick()
         tick_s = self.executor.config.tick_s
-        while due_s > 1e-9:
+        # The executor's store work runs again once ``tick_s`` of wall time has been simulated (every
+        # controller tick at speed 1), or at once after an attempt ended (its slot is claimed again).
+        store_every_s = tick_s * max(1.0, self.speed) - 1e-9
+        since_store_s = 0.0
+        ended = False
+        while due_s > 1e-9 and not self._stopping.is_set():
+            if self.monotonic() - now >= MAX_SIM_TICK_S:
+                self._fell_behind(due_s)
+                break
             step = min(tick_s, due_s)
             self.world.advance(step)
             due_s -= step
-            done += self.executor.tick()
+            since_store_s += step
+            if ended or since_store_s >= store_every_s:
+                finished = self.executor.tick()
+                since_store_s = 0.0
+            else:
+                finished = self.executor.advance()
+            ended = bool(finished)
+            done += finished
         self.world.persist()
         return done
+
+    def _fell_behind(self, due_s: float) -> None:
+        self.behind_s += due_s
+        if not self._behind_logged:
+            log.warning(
+                "sim: simulating is slower than --sim-speed %g here; the simulated world falls behind "
+                "(ticks are cut at %.0f s of wall time)",
+                self.speed,
+                MAX_SIM_TICK_S,
+            )
+            self._behind_logged = True
 
     def wait(self, timeout_s: float, sleep: Callable[[float], None] | None = None) -> None:
         """Pause between ticks (``Executor.wait``): the simulated attempts advance only in ``tick``, so
@@ -272,9 +328,12 @@ class SimTickStep:
 
     def shutdown(self) -> list[Finished]:
         """Stop driving: abort this worker's attempts (sources untouched, each handed to the retry path) and
-        write the world back, so nothing waits for the claim lease to expire."""
-        done = self.executor.shutdown()
-        self.world.persist()
+        write the world back, so nothing waits for the claim lease to expire. A tick in progress on another
+        thread stops at its next controller tick first; no tick runs after this."""
+        self._stopping.set()
+        with self._busy:
+            done = self.executor.shutdown()
+            self.world.persist()
         return done
 
 

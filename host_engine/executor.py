@@ -342,6 +342,16 @@ class Executor:
                     self._advance_inline(a)
         return self._drain_done()
 
+    def advance(self) -> list[Finished]:
+        """Inline (simulated clock): step every attempt once, recording those that end, without the store
+        work of :meth:`tick` (renewals, recovery, claims). A simulation running faster than real time calls
+        this between ticks, so the store sees claims at a real worker's pace, not at every simulated step."""
+        if not self.threaded:
+            for a in self._snapshot():
+                if a.result is None and a.run is not None:
+                    self._advance_inline(a)
+        return self._drain_done()
+
     def run_until_idle(self, *, max_s: float | None = None) -> list[Finished]:
         """Tick and sleep on the clock until nothing is running (or ``max_s`` passes)."""
         started = self.clock.now()

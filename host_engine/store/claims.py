@@ -291,13 +291,24 @@ class ClaimsTx(MigrationsTx):
         return [migration_from_row(r) for r in self.conn.execute(q).mappings()]
 
     def renew_claim(self, migration_id: str, worker: str) -> Migration:
-        m = self.get_migration(migration_id, for_update=True)
-        if m.claimed_by != worker:
-            raise StaleClaim(f"migration {migration_id} is claimed by {m.claimed_by!r}, not {worker!r}")
-        self.conn.execute(
-            t.migrations.update().where(t.migrations.c.id == migration_id).values(claimed_at=self.now)
+        """Renew ``worker``'s claim on one migration and return the row (one ``UPDATE ... RETURNING``: every
+        progress record of an attempt starts with it). ``StaleClaim`` if another worker holds it (or
+        nobody), ``NotFound`` if there is no such migration."""
+        m = t.migrations
+        row = (
+            self.conn.execute(
+                m.update()
+                .where(m.c.id == migration_id, m.c.claimed_by == worker)
+                .values(claimed_at=self.now)
+                .returning(*m.c)
+            )
+            .mappings()
+            .first()
         )
-        return self.get_migration(migration_id)
+        if row is not None:
+            return migration_from_row(row)
+        holder = self.get_migration(migration_id).claimed_by
+        raise StaleClaim(f"migration {migration_id} is claimed by {holder!r}, not {worker!r}")
 
     def release_claim(self, migration_id: str, worker: str) -> Migration:
         m = self.get_migration(migration_id, for_update=True)
