@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKLOAD = "web"
 # Keys in the store's ``sim_world`` key/value table.
 META_KEY = "meta"
+# The whole world as one JSON value: the format before the sim tables (schema step 3). Nothing reads it any
+# more; ``open`` deletes it (it held every image of the world, megabytes in a big one).
+LEGACY_WORLD_KEY = "world"
 FAULT_KEY_PREFIX = "fault/"
 _ACTIVE_PHASES = (Phase.DISK.value, Phase.MEMORY.value, Phase.SWITCHOVER.value)
 
@@ -141,6 +144,9 @@ class StoredWorld(SimWorld):
         self._saved: dict[tuple[str, ...], tuple[int | None, str]] = {}
         self._dropped: set[tuple[str, str]] = set()
         self._driving: set[str] = set()
+        # The store outage ``persist`` is riding out (its first error), None while writes go through: an
+        # outage is logged once when it starts and once when it ends, not at every tick.
+        self._outage: str | None = None
         self.refresh()
 
     @classmethod
@@ -148,6 +154,12 @@ class StoredWorld(SimWorld):
         """The store's world; the first process to open it fixes its seed (kept in ``sim_world``)."""
         with store.begin() as tx:
             meta = tx.sim_setdefault(META_KEY, {"seed": seed})  # two processes opening at once agree
+            if LEGACY_WORLD_KEY in tx.sim_keys(LEGACY_WORLD_KEY):
+                tx.sim_delete(LEGACY_WORLD_KEY)
+                log.info(
+                    "sim: deleted the pre-rows world row (sim_world key %r); the sim tables hold the world",
+                    LEGACY_WORLD_KEY,
+                )
         return cls(store, int(meta["seed"]))
 
     @classmethod
@@ -417,8 +429,13 @@ class StoredWorld(SimWorld):
                     counts.rows += gone.rowcount
                 counts.rows += self._delete_finished(tx)
         except StoreError as e:
-            log.warning("sim: state not saved yet (%s); kept for the next attempt", e)
+            if self._outage is None:
+                log.warning("sim: state not saved yet (%s); kept and retried every tick until it is", e)
+            self._outage = str(e)
             return
+        if self._outage is not None:
+            log.warning("sim: state saved again after the store outage (%s)", self._outage)
+            self._outage = None
         self._saved.update(saved)
         self.writes.rows += counts.rows
         self.writes.bytes += counts.bytes

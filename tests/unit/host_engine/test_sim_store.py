@@ -250,3 +250,53 @@ def test_sim_store_is_deterministic_from_its_seed(tmp_path: Path) -> None:
         return [p.disk_remaining_bytes + p.memory_remaining_bytes for p in result.trace]
 
     assert remaining(tmp_path / "one.db") == remaining(tmp_path / "two.db")
+
+
+class _Outage:
+    """The engine's store with an outage switch: ``begin`` fails as an unreachable database does."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.down = False
+
+    def begin(self, *, readonly: bool = False) -> Any:
+        from host_engine.errors import StoreError
+
+        if self.down:
+            raise StoreError("store error: connection refused")
+        return self._store.begin(readonly=readonly)
+
+
+def test_sim_store_an_outage_is_logged_once_and_its_end_once(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = StoredWorld.open(store)
+    outage = _Outage(store)
+    world.store = outage  # type: ignore[assignment]
+    world.set_workload("d1", WORKLOADS["database"]())  # a change to write
+    caplog.set_level("INFO", logger="host_engine.drivers.sim.stored")
+    outage.down = True
+    for _ in range(5):  # five ticks of the outage
+        world.persist()
+    outage.down = False
+    world.persist()
+    world.persist()
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("not saved yet" in line for line in lines) == 1, lines
+    assert sum("saved again" in line for line in lines) == 1, lines
+    assert load_world(store).droplets["d1"].workload == WORKLOADS["database"]()  # nothing lost
+    outage.down = True  # a new outage: logged again, once
+    world.persist()
+    world.persist()
+    assert sum("not saved yet" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_sim_store_the_pre_rows_world_row_is_deleted_on_open(store: Store) -> None:
+    with store.begin() as tx:
+        tx.sim_put("world", {"seed": 0, "hosts": {}, "droplets": {"x": "megabytes of images"}})
+        tx.sim_put("meta", {"seed": 7})
+    world = StoredWorld.open(store)
+    with store.begin(readonly=True) as tx:
+        assert tx.sim_keys() == ["meta"]
+    assert world.seed == 7
+    StoredWorld.open(store)  # and again: nothing to delete, nothing fails
