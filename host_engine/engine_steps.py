@@ -206,7 +206,7 @@ class SimTickStep:
 
     Each ``tick`` re-reads the simulated hosts, advances the world by the wall time since the last one (times
     ``speed``) in controller ticks, and writes back the rows that changed (``StoredWorld.persist``), where
-    other processes, restarts and ``host-engine`` commands find them (DESIGN.md §9). Build it with ``open``.
+    other processes, restarts and ``host-engine`` commands find them. Build it with ``open``.
 
     The store sees a real worker's pace whatever the speed: the executor's store work (claims, renewals,
     recovery) runs at the first controller tick of each ``tick``, again once ``tick_s`` x ``speed`` of
