@@ -21,6 +21,8 @@ DEFAULT_CLAIM_LEASE_S = 300.0
 RUNNING_VALUES = (MigrationState.RUNNING.value, MigrationState.OFFLINE_RUNNING.value)
 #: pg_advisory_xact_lock keys: 7412001 schema changes, 7412002 planners, 7412003 claims.
 CLAIM_LOCK_KEY = 7412003
+# Key of the database server's start time in a connection's ``info`` (see ``ClaimsTx.stale_before``).
+_POSTMASTER_START = "host_engine.postmaster_start"
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,12 @@ class ClaimsTx(MigrationsTx):
         it over (a store outage must not hand live attempts around)."""
         cutoff = self.now - timedelta(seconds=lease_s)
         if self.db_clock:
-            started = self.conn.execute(sa.text("SELECT pg_postmaster_start_time()")).scalar_one()
+            # Read once per database connection: a restarted server has closed every connection before it.
+            info = self.conn.connection.info
+            started = info.get(_POSTMASTER_START)
+            if started is None:
+                started = self.conn.execute(sa.text("SELECT pg_postmaster_start_time()")).scalar_one()
+                info[_POSTMASTER_START] = started
             if started > cutoff:
                 return None
         return cutoff

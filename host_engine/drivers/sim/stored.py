@@ -206,7 +206,9 @@ class StoredWorld(SimWorld):
 
     @staticmethod
     def _host_fp(h: Host) -> str:
-        return _fingerprint({"nic_bps": h.nic_bps, "alive": h.alive})
+        # Plain text, not a hash of JSON: every host of the fleet is fingerprinted twice a tick (1,000 hosts
+        # made it a sixth of a bench/fleet.py worker's executor thread).
+        return f"{h.nic_bps!r}|{h.alive!r}"
 
     def add_host(self, name: str, *, nic_bps: float = DEFAULT_NIC_BPS) -> Host:
         """Set a simulated host's NIC (the host itself comes from the store's inventory)."""
