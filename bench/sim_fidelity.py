@@ -7,12 +7,14 @@ Two steps, each re-runnable on its own:
    ``--reps`` times (default 2), are live-migrated hostA -> hostB by the engine (``LibvirtMigration`` under
    ``run_migration`` with the default controller), bounded at ``--timeout`` s. Every progress sample the
    engine saw is written to ``bench/results/sim_fidelity_runs.json``.
-2. (always) From those records, with no root: the sim is calibrated (``host_engine.prediction.calibrate``)
-   on the runs of repetition 1 and predicts every run of the other repetitions, which it never saw. Each
-   row's outcome, total time, downtime and bytes are compared; the targets (issue 14): outcome right,
-   total within 20 %, downtime within 50 ms, bytes within 20 %. A row that misses is reported as a miss.
+2. (always) From those records, with no root: leave one repetition out. For each repetition, the sim is
+   calibrated (``host_engine.prediction.calibrate``) on the runs of every OTHER repetition and predicts the
+   runs of this one, which it never saw; so every recorded run is predicted once, by a calibration made
+   without it. Each row's outcome, total time, downtime and bytes are compared; the targets (issue 14):
+   outcome right, total within 20 %, downtime within 50 ms, bytes within 20 %. A row that misses is
+   reported as a miss.
 
-    sudo .venv/bin/python bench/sim_fidelity.py --record [--reps 2] [--timeout 20]
+    sudo .venv/bin/python bench/sim_fidelity.py --record [--reps 3] [--timeout 20]
     .venv/bin/python bench/sim_fidelity.py            # re-compare from bench/results/sim_fidelity_runs.json
 """
 
@@ -119,6 +121,7 @@ def record(reps: int, timeout_s: float, path: Path) -> int:
     from tests.libvirt_harness.hosts import TwoHosts
 
     about = lm.machine()
+    code = _code_state()
     started_at = datetime.now(UTC)
     t0 = time.monotonic()
     driver_module._EventLoop.ensure()
@@ -161,6 +164,8 @@ def record(reps: int, timeout_s: float, path: Path) -> int:
             {
                 "started_at": started_at.isoformat(timespec="seconds"),
                 "machine": about,
+                # The controller and drivers that ran: the sim must predict with the same ones.
+                "code": code,
                 "wall_s": round(time.monotonic() - t0, 1),
                 "load_average_end": round(os.getloadavg()[0], 2),
                 "timeout_s": timeout_s,
@@ -174,6 +179,18 @@ def record(reps: int, timeout_s: float, path: Path) -> int:
     teardown = "clean" if not left else "LEFT " + ", ".join(left)
     print(f"# recorded {len(runs)} runs in {path}; teardown {teardown}")
     return 1 if left else 0
+
+
+def _code_state() -> dict[str, Any]:
+    """The commit the runs were recorded on and the tracked files that differed from it."""
+    import subprocess
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": changed}
 
 
 # --- the comparison (no root) -------------------------------------------------------------------------
@@ -203,93 +220,114 @@ def _pct(pred: float, real: float) -> float:
     return (pred - real) / real * 100.0 if real else 0.0
 
 
-def compare(runs_path: Path, json_path: Path) -> int:
-    from host_engine.prediction import calibrate, predict_migration
+def _real(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: r[k] for k in ("converged", "duration_s", "downtime_ms", "bytes_transferred")}
+
+
+def predict_row(
+    r: dict[str, Any], cal: Any, timeout_s: float, others: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One recorded run against the sim's prediction for it, with every error and which targets hold."""
+    from host_engine.prediction import predict_migration
+
+    p = predict_migration(
+        r["workload"],
+        memory_bytes=r["memory_bytes"],
+        disk_bytes=r["disk_bytes"],
+        workload=cal.workloads[r["workload"]],
+        link=cal.link(),
+        cap_mibps=r["cap_mibps"],
+        timeout_s=timeout_s,
+        tick_s=lm.TICK_S,
+        assess_risk=False,
+    )
+    outcome_ok = p.converges == r["converged"]
+    both = p.converges and r["converged"]
+    total_err = _pct(p.duration_s, r["duration_s"])
+    down_err = (
+        p.downtime_ms - r["downtime_ms"]
+        if both and p.downtime_ms is not None and r["downtime_ms"] is not None
+        else None
+    )
+    bytes_err = _pct(p.bytes_transferred, r["bytes_transferred"])
+    ok = {
+        "outcome": outcome_ok,
+        "total": outcome_ok and abs(total_err) <= TOTAL_TOLERANCE * 100,
+        "downtime": (down_err is None and outcome_ok)
+        or (down_err is not None and abs(down_err) <= DOWNTIME_TOLERANCE_MS),
+        "bytes": outcome_ok and abs(bytes_err) <= BYTES_TOLERANCE * 100,
+    }
+    return {
+        "workload": r["workload"],
+        "cap_mibps": r["cap_mibps"],
+        "rep": r["rep"],
+        "real": _real(r),
+        "predicted": {
+            "converged": p.converges,
+            "duration_s": round(p.duration_s, 2),
+            "downtime_ms": None if p.downtime_ms is None else round(p.downtime_ms, 1),
+            "bytes_transferred": p.bytes_transferred,
+        },
+        # The same case's runs in the calibration: how far real runs differ from each other.
+        "real_others": [_real(o) for o in others],
+        "total_err_pct": round(total_err, 1),
+        "downtime_err_ms": None if down_err is None else round(down_err, 1),
+        "bytes_err_pct": round(bytes_err, 1),
+        "within": ok,
+        "hit": all(ok.values()),
+    }
+
+
+def compare(runs_path: Path, json_path: Path, holdout: list[int] | None = None) -> int:
+    """Leave each repetition out in turn (``holdout``: only those), calibrate on the rest, predict it."""
+    from host_engine.prediction import calibrate
 
     data = json.loads(runs_path.read_text())
     runs = data["runs"]
-    train = [_recorded(r) for r in runs if r["rep"] == 1]
-    tested = [r for r in runs if r["rep"] != 1]
+    reps = sorted({r["rep"] for r in runs})
+    if len(reps) < 2:
+        print("sim_fidelity: needs at least two repetitions (one to calibrate on, one to predict)")
+        return 1
     t0 = time.monotonic()
-    cal = calibrate(train, tick_s=lm.TICK_S)
     rows: list[dict[str, Any]] = []
-    first = {(r["workload"], r["cap_mibps"]): r for r in runs if r["rep"] == 1}
-    for r in tested:
-        p = predict_migration(
-            r["workload"],
-            memory_bytes=r["memory_bytes"],
-            disk_bytes=r["disk_bytes"],
-            workload=cal.workloads[r["workload"]],
-            link=cal.link(),
-            cap_mibps=r["cap_mibps"],
-            timeout_s=data["timeout_s"],
-            tick_s=lm.TICK_S,
-            assess_risk=False,
-        )
-        outcome_ok = p.converges == r["converged"]
-        both = p.converges and r["converged"]
-        total_err = _pct(p.duration_s, r["duration_s"])
-        down_err = (
-            p.downtime_ms - r["downtime_ms"]
-            if both and p.downtime_ms is not None and r["downtime_ms"] is not None
-            else None
-        )
-        bytes_err = _pct(p.bytes_transferred, r["bytes_transferred"])
-        ok = {
-            "outcome": outcome_ok,
-            "total": outcome_ok and abs(total_err) <= TOTAL_TOLERANCE * 100,
-            "downtime": (down_err is None and outcome_ok)
-            or (down_err is not None and abs(down_err) <= DOWNTIME_TOLERANCE_MS),
-            "bytes": outcome_ok and abs(bytes_err) <= BYTES_TOLERANCE * 100,
-        }
-        rows.append(
-            {
-                "workload": r["workload"],
-                "cap_mibps": r["cap_mibps"],
-                "rep": r["rep"],
-                "real": {k: r[k] for k in ("converged", "duration_s", "downtime_ms", "bytes_transferred")},
-                "predicted": {
-                    "converged": p.converges,
-                    "duration_s": round(p.duration_s, 2),
-                    "downtime_ms": None if p.downtime_ms is None else round(p.downtime_ms, 1),
-                    "bytes_transferred": p.bytes_transferred,
-                },
-                # The same case's calibration run: how far real runs differ from each other.
-                "real_rep1": {
-                    k: first[(r["workload"], r["cap_mibps"])][k]
-                    for k in ("converged", "duration_s", "downtime_ms", "bytes_transferred")
-                }
-                if (r["workload"], r["cap_mibps"]) in first
-                else None,
-                "total_err_pct": round(total_err, 1),
-                "downtime_err_ms": None if down_err is None else round(down_err, 1),
-                "bytes_err_pct": round(bytes_err, 1),
-                "within": ok,
-                "hit": all(ok.values()),
-            }
-        )
+    calibrations: dict[str, Any] = {}
+    for rep in holdout or reps:
+        train = [r for r in runs if r["rep"] != rep]
+        cal = calibrate([_recorded(r) for r in train], tick_s=lm.TICK_S)
+        calibrations[f"without rep {rep}"] = cal.to_dict()
+        for r in (r for r in runs if r["rep"] == rep):
+            others = [o for o in train if (o["workload"], o["cap_mibps"]) == (r["workload"], r["cap_mibps"])]
+            rows.append(predict_row(r, cal, data["timeout_s"], others))
+    rows.sort(key=lambda row: (_CASE_ORDER.get(row["workload"], 99), row["cap_mibps"], row["rep"]))
     compare_s = time.monotonic() - t0
     print(markdown_table(rows))
     hits = sum(1 for row in rows if row["hit"])
+    counts = {
+        k: sum(1 for row in rows if row["within"][k]) for k in ("outcome", "total", "downtime", "bytes")
+    }
     print(
-        f"\n# {hits}/{len(rows)} rows within every target; calibration + predictions took {compare_s:.1f} s"
+        f"\n# {hits}/{len(rows)} rows within every target ({counts}); "
+        f"calibration + predictions took {compare_s:.1f} s"
     )
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(
         json.dumps(
             {
                 "recorded": {
-                    k: data[k] for k in ("started_at", "machine", "wall_s", "load_average_end", "timeout_s")
+                    k: data.get(k)
+                    for k in ("started_at", "machine", "code", "wall_s", "load_average_end", "timeout_s")
                 },
-                "calibrated_on": "rep 1",
-                "predicted": "every other rep",
-                "calibration": cal.to_dict(),
+                "calibrated_on": "every other repetition (leave one repetition out)",
+                "predicted": "each repetition, by the calibration made without it",
+                "calibrations": calibrations,
                 "targets": {
                     "total_pct": TOTAL_TOLERANCE * 100,
                     "downtime_ms": DOWNTIME_TOLERANCE_MS,
                     "bytes_pct": BYTES_TOLERANCE * 100,
                 },
                 "hits": hits,
+                "within": counts,
+                "compare_s": round(compare_s, 1),
                 "rows": rows,
             },
             indent=1,
@@ -299,22 +337,26 @@ def compare(runs_path: Path, json_path: Path) -> int:
     return 0
 
 
+_CASE_ORDER = {w.name: i for i, w in enumerate(lm.WORKLOADS)}
+
+
 def _mark(ok: bool) -> str:
     return "" if ok else " ✗"
 
 
-def _rep1(x: dict[str, Any] | None) -> str:
-    if x is None:
+def _others(xs: list[dict[str, Any]]) -> str:
+    if not xs:
         return "-"
-    down = "-" if x["downtime_ms"] is None else f"{x['downtime_ms']:.0f}"
-    return f"{x['duration_s']:.1f}, {down}"
+    totals = " / ".join(f"{x['duration_s']:.1f}" for x in xs)
+    downs = " / ".join("-" if x["downtime_ms"] is None else f"{x['downtime_ms']:.0f}" for x in xs)
+    return f"{totals}; {downs}"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| guest (cap) | real: outcome, total s, downtime ms, MiB | sim: outcome, total s, downtime ms, MiB "
         "| total err | downtime err | bytes err | all targets "
-        "| real rep 1 (calibration): total s, downtime ms |",
+        "| same case, other reps (calibration): total s; downtime ms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
@@ -328,11 +370,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         down = "-" if row["downtime_err_ms"] is None else f"{row['downtime_err_ms']:+.0f} ms"
         cap = f"{row['cap_mibps']} MiB/s" if row["cap_mibps"] else "uncapped"
         lines.append(
-            f"| {row['workload']} ({cap}) | {side(row['real'])} "
+            f"| {row['workload']} ({cap}) rep {row['rep']} | {side(row['real'])} "
             f"| {side(row['predicted'])}{_mark(w['outcome'])} "
             f"| {row['total_err_pct']:+.0f} %{_mark(w['total'])} | {down}{_mark(w['downtime'])} "
             f"| {row['bytes_err_pct']:+.0f} %{_mark(w['bytes'])} | {'hit' if row['hit'] else 'MISS'} "
-            f"| {_rep1(row['real_rep1'])} |"
+            f"| {_others(row['real_others'])} |"
         )
     return "\n".join(lines)
 
@@ -340,10 +382,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--record", action="store_true", help="run the real migrations first (root)")
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
     parser.add_argument("--runs", type=Path, default=RUNS_PATH, help="the recorded real runs")
     parser.add_argument("--json", type=Path, default=RESULT_PATH, help="where the comparison goes")
+    parser.add_argument(
+        "--holdout",
+        type=int,
+        action="append",
+        help="predict only this repetition (repeatable; default: each)",
+    )
     args = parser.parse_args(argv)
     if args.record:
         rc = record(args.reps, args.timeout, args.runs)
@@ -352,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.runs.exists():
         print(f"sim_fidelity: skipped (no recorded runs at {args.runs}; run with --record as root)")
         return 0
-    return compare(args.runs, args.json)
+    return compare(args.runs, args.json, args.holdout)
 
 
 if __name__ == "__main__":

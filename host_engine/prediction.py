@@ -36,6 +36,8 @@ DEFAULT_TICK_S = 0.25
 # In the calibration's loss, a downtime this far off weighs as much as a total time off by a factor e: real
 # downtimes of the same guest differ by up to ~100 ms on the harness, so it must not drown bytes and time.
 DOWNTIME_LOSS_SCALE_MS = 200.0
+# How many of the best workloads (by bytes and time) the calibration tries again with the downtime.
+REFIT_CANDIDATES = 6
 
 
 class Risk(enum.Enum):
@@ -386,12 +388,26 @@ def fit_workload(
     *,
     tick_s: float = DEFAULT_TICK_S,
     downtime: bool = False,
+    candidates: Sequence[Workload] | None = None,
 ) -> Workload:
-    """A droplet's workload: of the candidates its samples allow, the one whose simulation of its own runs
-    comes closest (outcome, bytes, total time, and with ``downtime`` the downtime too)."""
-    link = link or Link()
-    candidates = _candidates(name, runs)
-    return min(candidates, key=lambda w: _loss(runs, w, link, tick_s, downtime=downtime))
+    """A droplet's workload: of the candidates its samples allow (or ``candidates``), the one whose
+    simulation of its own runs comes closest (outcome, bytes, total time, and with ``downtime`` the downtime
+    too)."""
+    return _ranked(name, runs, link or Link(), tick_s, downtime, candidates)[0]
+
+
+def _ranked(
+    name: str,
+    runs: Sequence[RecordedRun],
+    link: Link,
+    tick_s: float,
+    downtime: bool,
+    candidates: Sequence[Workload] | None = None,
+) -> list[Workload]:
+    """The candidate workloads, best first."""
+    pool = list(candidates) if candidates is not None else _candidates(name, runs)
+    losses = [_loss(runs, w, link, tick_s, downtime=downtime) for w in pool]
+    return [w for _, _, w in sorted(zip(losses, range(len(pool)), pool, strict=True))]
 
 
 def fixed_costs(
@@ -455,10 +471,18 @@ def calibrate(runs: Sequence[RecordedRun], *, tick_s: float = DEFAULT_TICK_S) ->
     if not math.isfinite(link_bps) or link_bps <= 0:
         link_bps = DEFAULT_NIC_BPS
     first = Link(link_bps, HostModel(), HostModel())
-    workloads = {d: fit_workload(d, rs, first, tick_s=tick_s) for d, rs in by_droplet.items()}
+    ranked = {d: _ranked(d, rs, first, tick_s, False) for d, rs in by_droplet.items()}
+    workloads = {d: r[0] for d, r in ranked.items()}
     host = fixed_costs(runs, workloads, link_bps, tick_s=tick_s)
     fitted = Link(link_bps, host, host)
-    workloads = {d: fit_workload(d, rs, fitted, tick_s=tick_s, downtime=True) for d, rs in by_droplet.items()}
+    # Step 4 tries only the best few of step 2: the downtime decides between workloads that already fit the
+    # bytes and time, and trying every candidate again doubled the calibration's cost.
+    workloads = {
+        d: fit_workload(
+            d, by_droplet[d], fitted, tick_s=tick_s, downtime=True, candidates=r[:REFIT_CANDIDATES]
+        )
+        for d, r in ranked.items()
+    }
     host = fixed_costs(runs, workloads, link_bps, tick_s=tick_s)
     return Calibration(link_bps, host, workloads)
 
