@@ -33,9 +33,11 @@ from host_engine.controller import (
     ControllerState,
     Decision,
     SetDiskWriteLimit,
+    SetMaxDowntime,
     SetMemoryThrottle,
     Switchover,
     decide,
+    initial_downtime_ms,
 )
 from host_engine.drivers.base import (
     AlreadyCompleted,
@@ -165,7 +167,10 @@ class MigrationRun:
         """Prepare the target and start copying. False (with ``result`` set) if that already failed."""
         try:
             self.driver.prepare_target()
-            self.driver.set_max_downtime(self.config.max_downtime_ms)
+            # The controller starts QEMU at a small limit and raises it (controller.next_downtime); a
+            # replacement policy gets the whole budget from the start, as QEMU would.
+            first = initial_downtime_ms(self.config) if self.policy is None else self.config.max_downtime_ms
+            self.driver.set_max_downtime(first)
             self.driver.start()
         except DriverError as e:
             log.warning("migration could not start: %s", e)
@@ -258,8 +263,11 @@ class MigrationRun:
             return self._end(Outcome.FAILED, str(e), None, e.target_at_fault, p)
         return None
 
-    def _apply(self, action: SetDiskWriteLimit | SetMemoryThrottle | Switchover) -> None:
-        if isinstance(action, SetDiskWriteLimit):
+    def _apply(self, action: SetDiskWriteLimit | SetMemoryThrottle | SetMaxDowntime | Switchover) -> None:
+        if isinstance(action, SetMaxDowntime):
+            log.info("downtime limit -> %s ms", action.ms)
+            self.driver.set_max_downtime(action.ms)
+        elif isinstance(action, SetDiskWriteLimit):
             log.info("disk write limit -> %s B/s", action.bytes_per_s)
             self.driver.set_disk_write_limit(action.bytes_per_s)
         elif isinstance(action, SetMemoryThrottle):

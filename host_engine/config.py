@@ -46,6 +46,7 @@ Built once at the entry point into a frozen :class:`EngineConfig` and passed dow
 
     [controller]
     max_downtime_ms = 300                       # the downtime budget (sim and libvirt), 10..10000
+    initial_downtime_ms = 50                    # QEMU's first downtime limit, raised toward the budget
 
     [libvirt]                                   # only with driver = "libvirt"
     bandwidth_mibps = 0                         # migration bandwidth cap, MiB/s; 0: no cap
@@ -216,7 +217,7 @@ _KNOWN: dict[str, set[str]] = {
     },
     "notifier": {"timeout", "attempts"},
     "metadata": {"ca_file"},
-    "controller": {"max_downtime_ms"},
+    "controller": {"max_downtime_ms", "initial_downtime_ms"},
     "libvirt": {"bandwidth_mibps", "tls", "peer_uris"},
     "sim": set(SIM_KEYS),
 }
@@ -449,6 +450,15 @@ def _controller(doc: Mapping[str, Any]) -> ControllerConfig:
         if not low <= md <= high:
             raise ConfigError(f"config [controller] max_downtime_ms: must be within {low}..{high}, got {md}")
         ctl = replace(ctl, max_downtime_ms=md)
+    first = _get(doc, "controller", "initial_downtime_ms", int)
+    if first is not None:
+        low, high = MAX_DOWNTIME_MS_RANGE[0], ctl.max_downtime_ms
+        if not low <= first <= high:
+            raise ConfigError(
+                f"config [controller] initial_downtime_ms: must be within {low}..max_downtime_ms ({high}), "
+                f"got {first}"
+            )
+        ctl = replace(ctl, initial_downtime_ms=first)
     return ctl
 
 

@@ -9,8 +9,13 @@ The driver is the mechanism (copy disk, pre-copy memory, switch over); this modu
   is the last resort before calling a stall, for a guest that writes faster than its share of the link;
 - when memory pre-copy is not converging, a short, stepped vCPU throttle, bounded, never stepped down
   mid-migration and lifted at the end;
-- switch over when the remaining data fits the downtime budget at the measured bandwidth (copying on while
-  another tick still shrinks it, unless the guest is being slowed);
+- hand QEMU a *small* downtime limit first and raise it in steps toward the budget only when the rounds
+  stop shrinking the remainder (``next_downtime``, a state machine per attempt): QEMU switches over by
+  itself once the remainder fits its limit, so an easy guest switches with a small remainder, and a guest
+  whose remainder no longer shrinks gets the limit it needs at once instead of round after round;
+- switch over when the remaining data fits the limit QEMU has at the measured bandwidth (copying on while
+  another tick still shrinks it, unless the guest is being slowed), never at a remainder QEMU would not
+  have taken by itself;
 - give up as soon as the measured rates say memory cannot converge even at the highest throttle allowed
   (within two memory rounds of the first dirty-rate sample), rather than burn bytes and guest CPU until a
   stall timer fires;
@@ -40,6 +45,13 @@ GiB = 1024 * MiB
 # QEMU's own default downtime limit. Measured real switchovers: 42 ms (200 MiB/s, 300 ms limit),
 # 219 ms (TCG guest, default settings), 255 ms (48 MiB rewritten continuously + auto-converge); all fit.
 DEFAULT_MAX_DOWNTIME_MS = 300
+# The downtime limit QEMU gets first; each raise doubles it, up to the budget (50, 100, 200, 300 ms). QEMU
+# switches over by itself once the RAM left fits limit x its measured bandwidth, so with the budget as the
+# first limit it takes whatever the first pass left (measured on a guest streaming 64 MiB/s over 96 MiB,
+# unlimited bandwidth: 131-647 ms downtime at QEMU's 300 ms, 52-105 ms at 50 ms, a few rounds more). Not
+# lower: a switchover's fixed part (device state, resuming on the target) was 17-60 ms measured, so a
+# smaller limit buys rounds, not a shorter pause.
+DEFAULT_INITIAL_DOWNTIME_MS = 50
 # Within the budget, keep copying while each tick still shrinks the remainder by >= 20 %: an unthrottled
 # guest pays nothing for another round and the pause gets shorter; once the remainder stops shrinking (or is
 # gone), switch over. A throttled or disk-limited guest pays for every tick, so it goes as soon as the
@@ -104,6 +116,8 @@ class ControllerConfig:
     """The controller's tunables. Built once at the entry point and passed down."""
 
     max_downtime_ms: int = DEFAULT_MAX_DOWNTIME_MS
+    # The first downtime limit handed to QEMU (``next_downtime`` raises it); = max_downtime_ms: no ramp.
+    initial_downtime_ms: int = DEFAULT_INITIAL_DOWNTIME_MS
     switchover_safety: float = DEFAULT_SWITCHOVER_SAFETY
     switchover_min_shrink: float = DEFAULT_SWITCHOVER_MIN_SHRINK
     switchover_target_ms: int = DEFAULT_SWITCHOVER_TARGET_MS
@@ -129,6 +143,8 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         if self.max_downtime_ms <= 0:
             raise ValueError("max_downtime_ms must be positive")
+        if self.initial_downtime_ms <= 0:
+            raise ValueError("initial_downtime_ms must be positive")
         if not 0 <= self.throttle_max_pct <= 99:
             raise ValueError("throttle_max_pct must be within 0..99")
         if self.throttle_step_pct <= 0:
@@ -156,7 +172,14 @@ class SetMemoryThrottle:
 
 @dataclass(frozen=True)
 class Switchover:
-    """Pause the source and move the remainder: it now fits the downtime budget."""
+    """Pause the source and move the remainder: it now fits the downtime limit QEMU has."""
+
+
+@dataclass(frozen=True)
+class SetMaxDowntime:
+    """Hand the hypervisor a new downtime limit: it switches over by itself once the remainder fits."""
+
+    ms: int
 
 
 class AbortReason(enum.Enum):
@@ -180,7 +203,44 @@ class Abort:
     message: str
 
 
-Action = SetDiskWriteLimit | SetMemoryThrottle | Switchover | Abort
+Action = SetDiskWriteLimit | SetMemoryThrottle | SetMaxDowntime | Switchover | Abort
+
+
+class DowntimeStage(enum.Enum):
+    """Where an attempt's downtime limit stands (``next_downtime`` moves it, forward only)."""
+
+    INITIAL = "initial"  # the small first limit: QEMU switches by itself only on a small remainder
+    RAISED = "raised"  # a step between: the remainder stopped shrinking at a smaller limit
+    BUDGET = "budget"  # the whole budget: QEMU takes any remainder that fits it
+
+
+_DOWNTIME_TRANSITIONS: dict[DowntimeStage, frozenset[DowntimeStage]] = {
+    DowntimeStage.INITIAL: frozenset({DowntimeStage.RAISED, DowntimeStage.BUDGET}),
+    DowntimeStage.RAISED: frozenset({DowntimeStage.RAISED, DowntimeStage.BUDGET}),
+    DowntimeStage.BUDGET: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class DowntimeRamp:
+    """The downtime limit the hypervisor has, and the memory rounds it was judged on.
+
+    ``limit_ms`` None: the initial limit (``initial_downtime_ms``), set before the copy starts.
+    """
+
+    stage: DowntimeStage = DowntimeStage.INITIAL
+    limit_ms: int | None = None
+    round: int = -1
+    round_start_bytes: int | None = None
+
+    def limit(self, config: ControllerConfig) -> int:
+        return self.limit_ms if self.limit_ms is not None else initial_downtime_ms(config)
+
+    def raised_to(self, limit_ms: int, config: ControllerConfig) -> DowntimeRamp:
+        stage = DowntimeStage.BUDGET if limit_ms >= config.max_downtime_ms else DowntimeStage.RAISED
+        if stage not in _DOWNTIME_TRANSITIONS[self.stage]:
+            raise ValueError(f"illegal downtime transition {self.stage.value} -> {stage.value}")
+        return replace(self, stage=stage, limit_ms=min(limit_ms, config.max_downtime_ms))
 
 
 @dataclass(frozen=True)
@@ -199,6 +259,7 @@ class ControllerState:
     throttle_last_round_pct: int = 0
     switchover_requested_at_s: float | None = None
     previous_remaining_bytes: int | None = None
+    downtime: DowntimeRamp = DowntimeRamp()
 
 
 @dataclass(frozen=True)
@@ -281,8 +342,12 @@ def fits_downtime(progress: Progress, config: ControllerConfig, budget_ms: float
     return left <= progress.transfer_rate_bps * budget / 1000.0 * config.switchover_safety
 
 
-def should_switchover(progress: Progress, config: ControllerConfig, previous_remaining: int | None) -> bool:
-    """Switch over now? Only while copying, and only when the remainder fits the downtime budget.
+def should_switchover(
+    progress: Progress, config: ControllerConfig, previous_remaining: int | None, limit_ms: int | None = None
+) -> bool:
+    """Switch over now? Only while copying, and only when the remainder fits the downtime limit QEMU has
+    (``limit_ms``, default the whole budget): a pause never moves a remainder QEMU would not have taken by
+    itself at its next dirty sync, and moving it in a pause costs no more than QEMU's own switchover would.
 
     Within the budget: go when nothing is left, or when the last tick shrank the remainder by less than
     ``switchover_min_shrink`` (more rounds would not shorten the pause), or, for a throttled or disk-limited
@@ -304,18 +369,143 @@ def should_switchover(progress: Progress, config: ControllerConfig, previous_rem
     True
     >>> should_switchover(replace(p, memory_remaining_bytes=300 * MiB), cfg, previous_remaining=300 * MiB)
     False
+
+    Stuck around 100 MiB while QEMU's limit is still 50 ms (about 41 MiB planned): not yet; the limit is
+    raised first (``next_downtime``) and QEMU takes it.
+
+    >>> should_switchover(p, cfg, previous_remaining=110 * MiB, limit_ms=50)
+    False
     """
-    if progress.phase not in (Phase.DISK, Phase.MEMORY) or not fits_downtime(progress, config):
+    limit = config.max_downtime_ms if limit_ms is None else min(limit_ms, config.max_downtime_ms)
+    if progress.phase not in (Phase.DISK, Phase.MEMORY) or not fits_downtime(progress, config, limit):
         return False
     left = remaining_bytes(progress)
     if left == 0:
         return True
     slowed = progress.memory_throttle_pct > 0 or progress.disk_write_limit_bps is not None
-    if slowed and fits_downtime(progress, config, config.switchover_target_ms):
+    if slowed and fits_downtime(progress, config, min(limit, config.switchover_target_ms)):
         return True
     if previous_remaining is None:
         return False
     return left > previous_remaining * (1.0 - config.switchover_min_shrink)
+
+
+def initial_downtime_ms(config: ControllerConfig) -> int:
+    """The downtime limit handed to the hypervisor before the copy starts (never above the budget)."""
+    return min(config.initial_downtime_ms, config.max_downtime_ms)
+
+
+def downtime_steps(config: ControllerConfig) -> tuple[int, ...]:
+    """The limits the ramp may hand the hypervisor: the initial one, doubled until the budget.
+
+    >>> downtime_steps(ControllerConfig())
+    (50, 100, 200, 300)
+    >>> downtime_steps(ControllerConfig(max_downtime_ms=1000, initial_downtime_ms=100))
+    (100, 200, 400, 800, 1000)
+    >>> downtime_steps(ControllerConfig(initial_downtime_ms=300))   # no ramp
+    (300,)
+    """
+    steps = [initial_downtime_ms(config)]
+    while steps[-1] < config.max_downtime_ms:
+        steps.append(min(steps[-1] * 2, config.max_downtime_ms))
+    return tuple(steps)
+
+
+def next_downtime(progress: Progress, config: ControllerConfig, ramp: DowntimeRamp) -> DowntimeRamp:
+    """The downtime limit this snapshot calls for: held while the rounds still shrink, raised when not.
+
+    Judged once per memory round, on the remainder its first snapshot shows (the dirty set the round
+    started with). Round 1 is the first pass over all memory. From round 2 on, while the remainder does not
+    fit the limit in force, more rounds still pay when they shrink it: when this round started with less
+    than ``1 - switchover_min_shrink`` of what the one before started with, and the guest dirties less than
+    ``1 - switchover_min_shrink`` of what the link moves (so the next round will shrink it again; a guest
+    rewriting a hot set each round dirties about as fast as the link moves, and waiting a round to see it
+    would cost a round of bytes), the limit holds. Otherwise more rounds will not shorten the pause: the
+    limit goes to the smallest step that fits the remainder at the measured rate (with
+    ``switchover_safety``), and at least one step up, since the hypervisor did not take the remainder at the
+    limit it had. A throttled guest pays for every round in vCPU time: from round 2 on, at every tick, the
+    limit goes to the smallest step that fits the remainder, if that is above the one in force. (A disk
+    write limit costs less: it slows writes only, and ends with the mirror's tail; the rounds decide.)
+    Only ever raised.
+
+    Worked examples (link 1 GiB/s; steps 50, 100, 200, 300 ms):
+
+    A round that started with 64 MiB after one that started with 256 MiB: still shrinking, hold 50 ms.
+
+    >>> cfg = ControllerConfig()
+    >>> p = _example(phase=Phase.MEMORY, round=3, transfer_rate_bps=GiB, memory_remaining_bytes=64 * MiB)
+    >>> shrinking = DowntimeRamp(round=2, round_start_bytes=256 * MiB)
+    >>> next_downtime(p, cfg, shrinking).limit(cfg)
+    50
+
+    Stuck at 64 MiB (a hot set rewritten every round): 64 MiB takes 62.5 ms, 78 ms with the safety
+    margin: the 100 ms step.
+
+    >>> stuck = DowntimeRamp(round=2, round_start_bytes=70 * MiB)
+    >>> next_downtime(p, cfg, stuck).limit(cfg)
+    100
+
+    Shrinking so far, but QEMU measures the guest dirtying 900 MiB/s: the next round will not shrink it by
+    a fifth, so the limit goes up now rather than a round later.
+
+    >>> next_downtime(replace(p, memory_dirty_rate_bps=900 * MiB), cfg, shrinking).limit(cfg)
+    100
+
+    Already fits the 50 ms in force (10 MiB, about 12 ms): QEMU takes it by itself; hold. Unless the round
+    before fitted too and QEMU did not take it (it measures the link slower): one step up.
+
+    >>> small = replace(p, memory_remaining_bytes=10 * MiB)
+    >>> next_downtime(small, cfg, stuck).limit(cfg)
+    50
+    >>> next_downtime(small, cfg, replace(stuck, round_start_bytes=10 * MiB)).limit(cfg)
+    100
+
+    Stuck at 200 MiB (244 ms planned): the budget; the throttle rules take over if even that is short.
+
+    >>> big = replace(p, memory_remaining_bytes=200 * MiB)
+    >>> r = next_downtime(big, cfg, replace(stuck, round_start_bytes=200 * MiB))
+    >>> r.limit(cfg), r.stage.value
+    (300, 'budget')
+
+    Throttled: no round more than needed; 64 MiB needs the 100 ms step now.
+
+    >>> next_downtime(replace(p, memory_throttle_pct=30), cfg, shrinking).limit(cfg)
+    100
+    """
+    if progress.phase is not Phase.MEMORY or ramp.stage is DowntimeStage.BUDGET:
+        return ramp
+    current = ramp.limit(config)
+    if progress.memory_throttle_pct > 0 and progress.round >= 2:  # round 1's remainder: the first pass
+        fitting = _fitting_step(progress, config)
+        return ramp.raised_to(fitting, config) if fitting > current else ramp
+    if progress.round == ramp.round:
+        return ramp
+    before = ramp.round_start_bytes
+    ramp = replace(ramp, round=progress.round, round_start_bytes=remaining_bytes(progress))
+    if progress.round < 2 or before is None or _ramp_holds(progress, config, before, current):
+        return ramp
+    higher = [s for s in downtime_steps(config) if s > current] or [config.max_downtime_ms]
+    return ramp.raised_to(max(higher[0], _fitting_step(progress, config)), config)
+
+
+def _fitting_step(progress: Progress, config: ControllerConfig) -> int:
+    """The smallest downtime step the remainder fits at the measured rate (the budget if none does)."""
+    rate = progress.transfer_rate_bps
+    left = remaining_bytes(progress)
+    needed_ms = left / rate * 1000.0 / config.switchover_safety if rate > 0 else math.inf
+    return next((s for s in downtime_steps(config) if s >= needed_ms), config.max_downtime_ms)
+
+
+def _ramp_holds(progress: Progress, config: ControllerConfig, before: int, current_ms: int) -> bool:
+    """Whether the limit in force still serves (see ``next_downtime``): the remainder fits it (and did not
+    fit it when the round before started: a remainder that fitted then and was not taken means the
+    hypervisor measures the link slower than we do), or the rounds still shrink it by enough."""
+    rate = progress.transfer_rate_bps
+    if fits_downtime(progress, config, current_ms):
+        return before > rate * current_ms / 1000.0 * config.switchover_safety
+    keep = 1.0 - config.switchover_min_shrink
+    dirty = progress.memory_dirty_rate_bps + progress.disk_dirty_rate_bps
+    return remaining_bytes(progress) <= before * keep and dirty < rate * keep
 
 
 def disk_write_limit(progress: Progress, config: ControllerConfig) -> int | None:
@@ -576,8 +766,9 @@ def decide(progress: Progress, config: ControllerConfig, state: ControllerState)
     """One controller tick: the actions to take now and the state to remember.
 
     Order matters and is fixed: end-of-migration lifts first; then aborts (timeout, no transfer, stall,
-    switchover taking too long); then throttles; then switchover. The actions are idempotent requests
-    ("limit = X"), so re-sending one the driver already applied is harmless, but only changes are emitted.
+    switchover taking too long); then the downtime limit; then throttles; then switchover. The actions are
+    idempotent requests ("limit = X"), so re-sending one the driver already applied is harmless, but only
+    changes are emitted.
 
     Worked example: an idle droplet whose remainder fits the budget copies one more tick while that still
     shrinks it, then switches over.
@@ -623,6 +814,11 @@ def decide(progress: Progress, config: ControllerConfig, state: ControllerState)
     if progress.phase is Phase.SWITCHOVER:
         return Decision((), state)
 
+    ramp = next_downtime(progress, config, state.downtime)
+    if ramp.limit(config) != state.downtime.limit(config):
+        actions.append(SetMaxDowntime(ramp.limit(config)))
+    state = replace(state, downtime=ramp)
+
     limit = last_resort if last_resort is not None else disk_write_limit(progress, config)
     if limit != progress.disk_write_limit_bps:
         actions.append(SetDiskWriteLimit(limit))
@@ -633,7 +829,7 @@ def decide(progress: Progress, config: ControllerConfig, state: ControllerState)
             # A new step gets a fresh stall window to show its effect.
             state = replace(state, throttle_raised_round=progress.round, best_remaining_at_s=now)
 
-    if should_switchover(progress, config, state.previous_remaining_bytes):
+    if should_switchover(progress, config, state.previous_remaining_bytes, ramp.limit(config)):
         actions.append(Switchover())
         state = replace(state, switchover_requested_at_s=now)
     state = replace(state, previous_remaining_bytes=remaining_bytes(progress))

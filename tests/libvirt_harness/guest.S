@@ -3,8 +3,9 @@
  *   as --32 --defsym MEM_KIB=<n> --defsym DISK_SECTORS=<n> --defsym PACE=<0|1>
  *
  * Each pass of its loop:
- *   - writes the pass number into one dword of every 4 KiB page of [2 MiB, 2 MiB + MEM_KIB KiB): MEM_KIB KiB of
- *     guest memory dirtied per pass;
+ *   - writes the pass number into one dword of MEM_KIB KiB worth of 4 KiB pages: MEM_KIB KiB of guest memory
+ *     dirtied per pass, cycling through [2 MiB, 2 MiB + MEM_SPAN_KIB KiB) (default MEM_SPAN_KIB = MEM_KIB: the
+ *     same pages every pass, a hot set; a larger span makes a stream, each pass going on where the last ended);
  *   - writes DISK_SECTORS sectors of its boot disk (BIOS int 13h AH=43h, CHUNK sectors per call), cycling through
  *     sectors [DISK_LBA0, DISK_LBA0 + DISK_SPAN), each chunk stamped with the pass number so the data changes;
  *   - with PACE=1, makes at most one pass per BIOS timer tick (18.2 Hz) since boot, so the rates are the
@@ -29,6 +30,11 @@
         .ifndef DISK_SPAN
         .set DISK_SPAN, 32768
         .endif
+        .ifndef MEM_SPAN_KIB
+        .set MEM_SPAN_KIB, MEM_KIB
+        .endif
+        .set MEM_PAGES, (MEM_KIB + 3) / 4
+        .set MEM_SPAN_BYTES, ((MEM_SPAN_KIB + 3) / 4) * 4096
         .set BUF_SEG, 0x1000
 
 _start:
@@ -52,15 +58,19 @@ _start:
 
 pass:
         inc     %ebx
-        /* memory: one dword per 4 KiB page */
-        mov     $MEM_START, %edi
-        mov     $(MEM_START + MEM_KIB * 1024), %ecx
-2:      cmp     %ecx, %edi
-        jae     3f
-        movl    %ebx, %fs:(%edi)
+        /* memory: one dword per 4 KiB page, MEM_PAGES pages from where the last pass ended, wrapping */
+        movl    mem_off, %edi
+        mov     $MEM_PAGES, %ecx
+2:      test    %ecx, %ecx
+        jz      3f
+        movl    %ebx, %fs:MEM_START(%edi)
         add     $4096, %edi
+        cmp     $MEM_SPAN_BYTES, %edi
+        jb      1f
+        xor     %edi, %edi
+1:      dec     %ecx
         jmp     2b
-3:
+3:      movl    %edi, mem_off
         /* disk: DISK_SECTORS sectors, CHUNK per BIOS call */
         mov     $DISK_SECTORS, %esi
 4:      test    %esi, %esi
@@ -135,6 +145,8 @@ dap:    .byte   0x10, 0
 dap_lba:
         .quad   0
 tick0:  .long   0
+mem_off:
+        .long   0
 boot_drive:
         .byte   0x80
 

@@ -33,6 +33,9 @@ class GuestSpec:
     disk_mib: int = 64
     # The guest cycles its writes over this many sectors from 1 MiB on: the disk's hot set.
     disk_span_sectors: int = 32768
+    # The guest cycles its memory writes over this many KiB from 2 MiB on (None: ``mem_kib``, the same pages
+    # every pass, a hot set; larger: a stream, each pass going on where the last ended).
+    mem_span_kib: int | None = None
 
     @classmethod
     def at_rates(
@@ -66,6 +69,8 @@ def build_boot_sector(spec: GuestSpec, work_dir: Path) -> bytes:
         "PACE": int(spec.paced),
         "DISK_SPAN": spec.disk_span_sectors,
     }
+    if spec.mem_span_kib is not None:
+        defs["MEM_SPAN_KIB"] = spec.mem_span_kib
     argv = ["as", "--32"]
     for name, value in defs.items():
         argv += ["--defsym", f"{name}={value}"]

@@ -1,0 +1,189 @@
+"""The controller's downtime ramp: QEMU gets a small downtime limit first, raised toward the budget only when
+the memory rounds stop shrinking the remainder (host_engine.controller.next_downtime)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from host_engine.config import load_config
+from host_engine.controller import (
+    ControllerConfig,
+    ControllerState,
+    DowntimeStage,
+    GiB,
+    MiB,
+    SetMaxDowntime,
+    Switchover,
+    decide,
+    downtime_steps,
+    initial_downtime_ms,
+)
+from host_engine.drivers.base import Phase, Progress
+from host_engine.drivers.sim import WORKLOADS
+from host_engine.drivers.sim.model import SWITCHOVER_OVERHEAD_MS
+from host_engine.errors import ConfigError
+from tests.unit.host_engine.test_sim import make
+
+NO_RAMP = ControllerConfig(initial_downtime_ms=ControllerConfig().max_downtime_ms)
+
+
+def memory_round(round_: int, left: int, *, rate: float, dirty: float = 0.0, at_s: float = 10.0) -> Progress:
+    """A memory-phase snapshot: ``left`` bytes to copy in ``round_`` at ``rate``, the guest dirtying ``dirty``."""
+    return Progress(
+        phase=Phase.MEMORY,
+        elapsed_s=at_s,
+        round=round_,
+        disk_total_bytes=8 * GiB,
+        disk_processed_bytes=8 * GiB,
+        disk_remaining_bytes=0,
+        memory_total_bytes=4 * GiB,
+        memory_processed_bytes=4 * GiB - left,
+        memory_remaining_bytes=left,
+        disk_dirty_rate_bps=0.0,
+        memory_dirty_rate_bps=dirty,
+        transfer_rate_bps=rate,
+        bytes_transferred=int(at_s * rate),
+    )
+
+
+def limits_handed_out(snapshots: list[Progress], cfg: ControllerConfig) -> tuple[list[int], ControllerState]:
+    state = ControllerState()
+    limits = []
+    for p in snapshots:
+        d = decide(p, cfg, state)
+        state = d.state
+        limits += [a.ms for a in d.actions if isinstance(a, SetMaxDowntime)]
+    return limits, state
+
+
+# --- in the simulator: what the operator sees ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["idle", "web", "log_writer", "cache", "database"])
+def test_ramp_light_guest_switches_over_within_the_small_first_limit_not_the_budget(name: str) -> None:
+    """QEMU switches over by itself once the RAM left fits its limit: handed the whole budget at once it
+    takes whatever the first pass left (a pause near the budget); the ramp makes it wait for a remainder
+    that fits the first, small limit, for a few rounds more."""
+    cfg = ControllerConfig()
+    ramped, _ = make(WORKLOADS[name]()).run(cfg)
+    whole, _ = make(WORKLOADS[name]()).run(NO_RAMP)
+    assert ramped.converged and whole.converged
+    assert ramped.downtime_ms is not None and whole.downtime_ms is not None
+    assert ramped.downtime_ms <= initial_downtime_ms(cfg) + SWITCHOVER_OVERHEAD_MS + 50
+    assert ramped.downtime_ms < whole.downtime_ms / 2
+    # The price: a few more rounds, a few percent more bytes.
+    assert ramped.bytes_transferred <= whole.bytes_transferred * 1.1
+
+
+# --- the policy, snapshot by snapshot --------------------------------------------------------------------------
+
+
+def test_ramp_holds_the_first_limit_while_rounds_halve_the_remainder() -> None:
+    """4 GiB halving each round at 1 GiB/s, until it fits the 50 ms (40 MiB planned) in round 8."""
+    cfg = ControllerConfig()
+    rate = 1.0 * GiB
+    rounds = [memory_round(r, (4 * GiB) >> (r - 1), rate=rate, dirty=rate / 2, at_s=r) for r in range(1, 9)]
+    limits, state = limits_handed_out(rounds, cfg)
+    assert limits == []
+    assert state.downtime.stage is DowntimeStage.INITIAL
+
+
+def test_ramp_a_hot_set_rewritten_every_round_gets_the_limit_it_needs_at_once() -> None:
+    """A 64 MiB hot set at 1 GiB/s (QEMU reads it as dirtying about as fast as the link moves): the remainder
+    needs ~78 ms with the safety margin, so the 100 ms step, as soon as round 2 shows the dirty set."""
+    cfg = ControllerConfig()
+    rate = 1.0 * GiB
+    rounds = [memory_round(1, 4 * GiB, rate=rate)]
+    rounds += [memory_round(2, 64 * MiB, rate=rate, dirty=rate, at_s=10 + t / 4) for t in range(1, 4)]
+    limits, state = limits_handed_out(rounds, cfg)
+    assert limits == [100]
+    assert state.downtime.stage is DowntimeStage.RAISED
+    # Not taken at 100 ms either (QEMU measured the link slower): the next round goes one step up.
+    limits, state = limits_handed_out(
+        [*rounds, memory_round(3, 64 * MiB, rate=rate, dirty=rate, at_s=11)], cfg
+    )
+    assert limits == [100, 200]
+
+
+def test_ramp_without_a_dirty_rate_raises_once_a_round_fails_to_shrink() -> None:
+    cfg = ControllerConfig()
+    rate = 32.0 * MiB
+    rounds = [memory_round(1, 100 * MiB, rate=rate, at_s=1), memory_round(2, 8 * MiB, rate=rate, at_s=4)]
+    rounds += [memory_round(3, 8 * MiB, rate=rate, at_s=4.3)]
+    limits, state = limits_handed_out(rounds, cfg)
+    # 8 MiB at 32 MiB/s: 250 ms, 312 ms with the safety margin: beyond every step but the budget.
+    assert limits == [cfg.max_downtime_ms]
+    assert state.downtime.stage is DowntimeStage.BUDGET
+
+
+def test_ramp_raises_when_the_hypervisor_does_not_take_a_remainder_that_fits() -> None:
+    """Two rounds that each started within 50 ms by our measure, and no switchover: QEMU measures the link
+    slower; one step up, not the budget."""
+    cfg = ControllerConfig()
+    rate = 1.0 * GiB
+    rounds = [memory_round(1, 4 * GiB, rate=rate)]
+    rounds += [memory_round(r, 10 * MiB, rate=rate, at_s=10 + r) for r in (2, 3)]
+    limits, _ = limits_handed_out(rounds, cfg)
+    assert limits == [100]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=3),  # rounds advanced since the last snapshot
+            st.integers(min_value=0, max_value=8 * GiB),  # remainder
+            st.floats(min_value=0, max_value=4 * GiB, allow_nan=False),  # transfer rate
+            st.floats(min_value=0, max_value=4 * GiB, allow_nan=False),  # dirty rate
+            st.sampled_from([0, 0, 30, 80]),  # throttle
+        ),
+        max_size=40,
+    ),
+    st.integers(min_value=10, max_value=2000),
+    st.integers(min_value=10, max_value=2000),
+)
+def test_ramp_only_rises_stays_on_its_steps_and_never_switches_beyond_the_limit_in_force(
+    snaps: list[tuple[int, int, float, float, int]], budget: int, first: int
+) -> None:
+    cfg = ControllerConfig(max_downtime_ms=budget, initial_downtime_ms=first)
+    state = ControllerState()
+    limit = initial_downtime_ms(cfg)
+    round_ = 1
+    for i, (advance, left, rate, dirty, throttle) in enumerate(snaps):
+        round_ += advance
+        p = replace(
+            memory_round(round_, left, rate=rate, dirty=dirty, at_s=float(i)), memory_throttle_pct=throttle
+        )
+        d = decide(
+            p, replace(cfg, stall_timeout_s=1e9, timeout_floor_s=1e9, no_transfer_timeout_s=1e9), state
+        )
+        for action in d.actions:
+            if isinstance(action, SetMaxDowntime):
+                assert limit < action.ms <= budget
+                assert action.ms in downtime_steps(cfg)
+                limit = action.ms
+            if isinstance(action, Switchover):
+                # Never a remainder the hypervisor would not have taken by itself at the limit it has.
+                assert left == 0 or left <= rate * limit / 1000 * cfg.switchover_safety
+        state = d.state
+        assert state.downtime.limit(cfg) == limit
+
+
+# --- configuration -----------------------------------------------------------------------------------------------
+
+
+def test_ramp_first_limit_is_configurable_and_bounded_by_the_budget(tmp_path: Path) -> None:
+    path = tmp_path / "engine.toml"
+    path.write_text("[controller]\nmax_downtime_ms = 400\ninitial_downtime_ms = 80\n")
+    ctl = load_config(path).controller
+    assert (ctl.max_downtime_ms, ctl.initial_downtime_ms) == (400, 80)
+    assert downtime_steps(ctl) == (80, 160, 320, 400)
+    path.write_text("[controller]\nmax_downtime_ms = 100\ninitial_downtime_ms = 200\n")
+    with pytest.raises(
+        ConfigError, match=r"initial_downtime_ms: must be within 10\.\.max_downtime_ms \(100\)"
+    ):
+        load_config(path)
