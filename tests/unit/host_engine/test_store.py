@@ -244,7 +244,7 @@ def test_two_processes_writing_a_new_sim_key_at_once_both_succeed(
                 assert tx.sim_get("meta", for_update=True) is None  # not committed yet: invisible
                 tx.sim_put("meta", {"seed": 2})  # blocks on the first's uncommitted row
                 assert tx.sim_setdefault("other", {"seed": 2}) == {"seed": 1}
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:  # reported below
             errors.append(e)
 
     try:
