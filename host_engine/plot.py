@@ -5,8 +5,8 @@ matplotlib is the optional extra ``plot``; it is imported here only, lazily, and
 on a ``Figure`` of our own (no pyplot: no global figure state, no display needed). Without it the CLI
 prints one line saying what to install.
 
-The input is ``host_engine.executor.timeline``: one row per logged change (phase, round, throttle, disk
-limit), attempt by attempt, each with the attempt's ``elapsed_s``.
+The input is ``host_engine.timeline.timeline``: every kept progress sample and logged change (phase, round,
+throttle, disk limit), attempt by attempt, each with the attempt's ``elapsed_s``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Recorded migration progress, for people: one-line summaries (``status``, ``migrate --now``) and the rows of
 ``host-engine report``.
 
-The executor records progress as plain values (``host_engine.executor.progress_dict``) in the migration's
+The executor records progress as plain values (``progress_dict``, below) in the migration's
 ``stats["progress"]`` and in the log's ``progress`` entries; everything here reads those dicts, so the CLI
 needs neither a driver nor a live attempt to show where a migration is.
 """
@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
+from host_engine.controller import eta_s
+from host_engine.drivers.base import Phase, Progress
 from host_engine.timeparse import format_duration
 
 MIB = 1024 * 1024
@@ -145,7 +147,7 @@ def short(p: Mapping[str, object]) -> str:
 
 
 def timeline_row(row: Mapping[str, object]) -> Sequence[object]:
-    """One ``host_engine.executor.timeline`` row as the values of ``TIMELINE_HEADERS``."""
+    """One ``host_engine.timeline.timeline`` row as the values of ``TIMELINE_HEADERS``."""
     pct = percent_done(row)
     limit = _float(row, "disk_write_limit_bps")
     eta = _float(row, "eta_s")
@@ -194,3 +196,45 @@ def live_row(p: Mapping[str, object]) -> Sequence[object]:
         throttle,
         eta.removeprefix("ETA ").replace("no ETA (not converging yet)", "not converging"),
     )
+
+
+def progress_dict(p: Progress) -> dict[str, object]:
+    """A Progress as plain JSON values (stats, log data, ``--json``)."""
+    return {
+        "phase": p.phase.value,
+        "elapsed_s": round(p.elapsed_s, 2),
+        "round": p.round,
+        "disk_total_bytes": p.disk_total_bytes,
+        "disk_remaining_bytes": p.disk_remaining_bytes,
+        "memory_total_bytes": p.memory_total_bytes,
+        "memory_remaining_bytes": p.memory_remaining_bytes,
+        "disk_dirty_rate_bps": round(p.disk_dirty_rate_bps),
+        "memory_dirty_rate_bps": round(p.memory_dirty_rate_bps),
+        "transfer_rate_bps": round(p.transfer_rate_bps),
+        "disk_write_limit_bps": p.disk_write_limit_bps,
+        "memory_throttle_pct": p.memory_throttle_pct,
+        "downtime_ms": p.downtime_ms,
+        "bytes_transferred": p.bytes_transferred,
+        "eta_s": None if (eta := eta_s(p)) is None else round(eta, 1),
+    }
+
+
+def describe(p: Progress) -> str:
+    """One line a person can follow."""
+    left_mib = (p.disk_remaining_bytes + p.memory_remaining_bytes) / (1024 * 1024)
+    parts = [
+        f"{p.phase.value}",
+        f"round {p.round}",
+        f"{left_mib:.0f} MiB left",
+        f"{p.transfer_rate_bps / (1024 * 1024):.0f} MiB/s",
+    ]
+    if p.memory_throttle_pct:
+        parts.append(f"throttle {p.memory_throttle_pct} %")
+    if p.disk_write_limit_bps is not None:
+        parts.append(f"disk limit {p.disk_write_limit_bps / (1024 * 1024):.0f} MiB/s")
+    if p.downtime_ms is not None:
+        parts.append(f"downtime {p.downtime_ms:.0f} ms")
+    elif p.phase in (Phase.DISK, Phase.MEMORY):
+        eta = eta_s(p)
+        parts.append("not converging yet" if eta is None else f"ETA {eta:.0f} s")
+    return ", ".join(parts)

@@ -1,18 +1,24 @@
-"""What ``host-engine report`` marks on a migration's timeline, read from its log: where each attempt
-started, switched over (and with what downtime), and how it ended (and why, when it failed).
+"""A migration's timeline for ``host-engine report``: its progress rows, and what is marked on them.
 
-``host_engine.executor.timeline`` gives the progress rows; this gives the events between them, so the plot
-and the table can say "switchover, downtime 74 ms" or "attempt 1 failed: stalled" at the right place
-without the reader digging through the log.
+``timeline`` gives the progress rows (every kept sample, ``host_engine.samples``, with the logged changes);
+``attempt_marks`` reads from the log where each attempt started, switched over (and with what downtime), and
+how it ended (and why, when it failed), so the plot and the table can say "switchover, downtime 74 ms" or
+"attempt 1 failed: stalled" at the right place without the reader digging through the log.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from host_engine.models import LogEntry
-from host_engine.states import MigrationState
+from host_engine.samples import sample_rows
+from host_engine.states import LogKind, MigrationState
+
+if TYPE_CHECKING:
+    from host_engine.store import Store
 
 #: Phases that mean the source was paused for the last copy (``done``: the attempt completed).
 SWITCHOVER_PHASES = frozenset({"switchover", "done"})
@@ -62,7 +68,7 @@ def attempt_marks(
     last_attempt: Mapping[str, object] | None,
 ) -> list[AttemptMark]:
     """The marks of every attempt, from the migration's log ``entries``, its progress ``rows`` (from
-    ``executor.timeline``) and ``stats["last_attempt"]`` (the completed attempt's figures)."""
+    ``timeline``) and ``stats["last_attempt"]`` (the completed attempt's figures)."""
     ends: dict[int, tuple[bool, Mapping[str, object], str]] = {}
     attempt = 0
     for e in entries:
@@ -95,3 +101,39 @@ def attempt_marks(
             )
         )
     return marks
+
+
+def timeline(store: Store, migration_id: str, *, dense: bool = True) -> list[dict[str, object]]:
+    """The recorded progress of a migration, oldest first, for ``host-engine report`` (rounds, remaining
+    bytes, rate, throttle and disk limit over time), attempt by attempt: every kept sample
+    (``host_engine.samples``) merged with the logged changes, or with ``dense=False`` the logged changes
+    only (one row per change of phase, round, throttle or disk limit). A sample's ``at`` is its attempt's
+    start plus its ``elapsed_s``; migrations recorded before samples were kept have the changes only."""
+    entries = store.migration_log(migration_id)
+    changes: dict[int, list[dict[str, object]]] = {}
+    started: dict[int, datetime] = {}
+    attempt = 0
+    for e in entries:
+        if e.to_state in (MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING):
+            attempt += 1
+            started[attempt] = e.at
+        if e.kind == LogKind.PROGRESS:
+            changes.setdefault(attempt, []).append({"at": e.at.isoformat(), "attempt": attempt, **e.data})
+    samples = sample_rows(store.get_migration(migration_id).stats) if dense else {}
+    rows: list[dict[str, object]] = []
+    for n in sorted(changes.keys() | (samples.keys() & started.keys())):
+        logged = changes.get(n, [])
+        seen = {r.get("elapsed_s") for r in logged}
+        start = started.get(n)
+        extra = [
+            {"at": (start + timedelta(seconds=_seconds(s))).isoformat(), "attempt": n, **s}
+            for s in samples.get(n, [])
+            if start is not None and s.get("elapsed_s") not in seen
+        ]
+        rows += sorted(logged + extra, key=_seconds)
+    return rows
+
+
+def _seconds(row: dict[str, object]) -> float:
+    value = row.get("elapsed_s")
+    return float(value) if isinstance(value, int | float) else 0.0

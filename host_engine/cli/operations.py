@@ -40,7 +40,6 @@ from host_engine.executor import (
     LAST_ATTEMPT_KEY,
     PROGRESS_KEY,
     request_abort,
-    timeline,
 )
 from host_engine.executor_metrics import ExecutorMetrics
 from host_engine.lab.demo import demo as demo_command
@@ -51,7 +50,7 @@ from host_engine.models import LogEntry, Migration
 from host_engine.plot import plot_timeline
 from host_engine.states import ACTIVE_STATES, MigrationState
 from host_engine.store import Store
-from host_engine.timeline import attempt_marks
+from host_engine.timeline import attempt_marks, timeline
 from host_engine.timeparse import format_duration, format_time, parse_duration
 from host_engine.wiring import build_engine
 from host_engine.workers import WorkerName
