@@ -1,4 +1,4 @@
-"""The convergence controller: the policy of a live migration, as small pure functions (DESIGN.md §7).
+"""The convergence controller: the policy of a live migration, as small pure functions.
 
 The driver is the mechanism (copy disk, pre-copy memory, switch over); this module decides, from one
 ``Progress`` snapshot plus a little remembered state, what to do next:

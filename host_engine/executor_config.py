@@ -118,7 +118,7 @@ TargetChooser = Callable[[Migration, frozenset[str]], str | None]
 
 
 def placement_chooser(store: Store, config: PlacementConfig) -> TargetChooser:
-    """A ``TargetChooser`` from the placement filters and weighers (DESIGN.md §6): the best host for the
+    """A ``TargetChooser`` from the placement filters and weighers: the best host for the
     droplet that is not to be avoided, among the chosen one and its runners-up; None when none fits."""
 
     def choose(m: Migration, avoid: frozenset[str]) -> str | None:

@@ -1,4 +1,4 @@
-"""Taking over attempts nobody supervises (DESIGN.md §9): their worker died, was restarted, or released them.
+"""Taking over attempts nobody supervises: their worker died, was restarted, or released them.
 
 An orphan is a running migration that is unclaimed (released at a shutdown), this worker's own from before a
 restart (its name is held by one live process), or another worker's whose lease expired by the store's clock

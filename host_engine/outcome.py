@@ -1,4 +1,4 @@
-"""How an attempt's end is recorded: the migration completes, or goes down the failure path of DESIGN.md §3.
+"""How an attempt's end is recorded: the migration completes, or goes down the failure path.
 
 ``OutcomeRecorder.finish`` is the executor's last word on an attempt. A completed one moves the droplet and
 completes the migration in one transaction; a failed one becomes ``failed`` and, in the same transaction,
