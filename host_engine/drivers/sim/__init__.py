@@ -5,8 +5,11 @@ tests, the demo, the benchmarks and capacity planning. One module per concern:
 
 - ``workloads``: how droplets dirty disk and memory (``web``, ``database``, ``diabolical``, ...);
 - ``faults``: link drops and flaps, target crashes, source errors, injected at any phase;
-- ``model``: the world (``SimWorld``): hosts, droplets, per-block/per-page versions, the copy, in simulated
-  time (``advance``), deterministic from a seed;
+- ``entities``: what the world is made of: hosts and their ``HostModel``, droplets with per-block/per-page
+  versions, images, migrations in flight;
+- ``passes``: how a copy walks blocks and pages (mirror passes, memory rounds) and a workload dirties them;
+- ``model``: the world (``SimWorld``): the copy and QEMU's switchover in simulated time (``advance``),
+  deterministic from a seed;
 - ``driver``: ``SimHypervisor`` / ``SimMigrationDriver`` / ``SimClock`` over any world;
 - ``codec``: compact plain-value forms (store rows, whole-world JSON);
 - ``stored``: ``StoredWorld``, the world as rows of the engine's store, shared by every process
