@@ -335,6 +335,8 @@ def _track_throttle(progress: Progress, state: ControllerState) -> ControllerSta
             throttle_round=progress.round,
             throttle_this_round_pct=now_pct,
             throttle_last_round_pct=last,
+            round_start_bytes=remaining_bytes(progress) if progress.round >= 2 else None,
+            previous_round_start_bytes=state.round_start_bytes,
         )
     if known is not None and known < state.throttle_this_round_pct:
         return replace(state, throttle_this_round_pct=known)

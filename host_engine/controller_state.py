@@ -60,6 +60,10 @@ class ControllerState:
     throttle_round: int = -1
     throttle_this_round_pct: int = 0
     throttle_last_round_pct: int = 0
+    # The remainder at the first snapshot of the current memory round and of the one before (the dirty sets
+    # the rounds started with; None for round 1, the first pass, and before).
+    round_start_bytes: int | None = None
+    previous_round_start_bytes: int | None = None
     switchover_requested_at_s: float | None = None
     previous_remaining_bytes: int | None = None
     downtime: DowntimeRamp = DowntimeRamp()
