@@ -39,6 +39,7 @@ Load average at the start and end of every run is in the results. Targets: every
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -66,7 +67,7 @@ import psycopg  # noqa: E402
 from bench._procs import cpu_seconds, tree  # noqa: E402
 from bench._stats import machine, percentile  # noqa: E402
 from host_engine import planner  # noqa: E402
-from host_engine.config import config_from_dict  # noqa: E402
+from host_engine.config import DEFAULT_MAX_CONCURRENT, config_from_dict  # noqa: E402
 from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS  # noqa: E402
 from host_engine.lab.launch import MetadataServerProcess, free_port  # noqa: E402
 from host_engine.metadata.reconcile import MetadataSync, default_client_factory  # noqa: E402
@@ -76,7 +77,8 @@ from host_engine.store import Store  # noqa: E402
 from tests import pg  # noqa: E402
 from tests.fleet import attempt_intervals, max_overlap  # noqa: E402
 
-BIN = Path(sys.executable).parent / "host-engine"
+# The worker command (FLEET_BENCH_ENGINE: another one, e.g. a wrapper that profiles the workers).
+BIN = Path(os.environ.get("FLEET_BENCH_ENGINE") or Path(sys.executable).parent / "host-engine")
 GIB = 1024**3
 HOST_SKU = (64, 512 * GIB, 8000 * GIB)
 SIZES = [(1, 1 * GIB, 25 * GIB), (2, 2 * GIB, 50 * GIB), (2, 4 * GIB, 80 * GIB), (4, 8 * GIB, 160 * GIB)]
@@ -231,6 +233,11 @@ def plan_run(url: str, args: argparse.Namespace, limits: dict[str, int]) -> tupl
             unsafe_short_notice=True,
         )
         for i in range(args.evacuate):
+            # On a loaded machine planning the hosts may outlast the lead: a host planned too late for the
+            # common start starts as soon as its notice allows.
+            soonest = store.now() + timedelta(seconds=args.notice_s + 1)
+            if request.start < soonest:
+                request = dataclasses.replace(request, start=soonest)
             _schedule, written = planner.evacuate(store, source_name(i), request, config)
             planned.update({m.id: m.not_before for m in written})
         return planned, time.monotonic() - started
@@ -279,6 +286,7 @@ def one_run(  # noqa: PLR0912 - one run, measured in one place
                 ]  # fmt: skip
                 procs.append(subprocess.Popen(argv, stdout=out, stderr=out, cwd=ROOT, start_new_session=True))
         conns: list[int] = []
+        loads: list[float] = []  # /proc/loadavg's 1-minute figure, every second of the run
         done = 0
         ticks: dict[float, float] = {}
         cpu_s: list[float] = []
@@ -296,6 +304,7 @@ def one_run(  # noqa: PLR0912 - one run, measured in one place
                         (db,),
                     ).fetchone()
                     conns.append(int(row[0]) if row else 0)
+                    loads.append(os.getloadavg()[0])
                     row = conn.execute(
                         "SELECT count(*) FROM migrations WHERE state = ANY(%s)", (TERMINAL,)
                     ).fetchone()
@@ -320,6 +329,9 @@ def one_run(  # noqa: PLR0912 - one run, measured in one place
                     p.wait(10)
         after = {role: admin_requests(ms) for role, ms in servers.items()}
     load_end = os.getloadavg()
+    if args.logs:
+        Path(args.logs).mkdir(parents=True, exist_ok=True)
+        shutil.copy(log_path, Path(args.logs) / f"{db}.log")
 
     with Store.open(url) as store:
         migrations = {m.id: m for m in store.list_migrations()}
@@ -349,6 +361,17 @@ def one_run(  # noqa: PLR0912 - one run, measured in one place
     last_end = max(ends) if ends else datetime.now(UTC)
     span_s = max(1e-9, (last_end - first_window).total_seconds())
     overlap = max_overlap(intervals)
+    # What one completed attempt took: wall time (the store's log) and simulated time (the attempt's record),
+    # and how many ran at once on average over the run (Little's law: rate = running / duration).
+    attempt_wall = [
+        (iv.end - iv.start).total_seconds()
+        for iv in intervals
+        if iv.end is not None and migrations[iv.migration_id].state is MigrationState.COMPLETED
+    ]
+    attempt_sim = [float(m.stats.get("last_attempt", {}).get("duration_s", 0.0)) for m in completed]
+    busy_s = sum(
+        ((iv.end or run_end) - iv.start).total_seconds() for iv in intervals if iv.start >= first_window
+    )
     requests = Counter[str]()
     for role in servers:
         requests.update(after[role] - before[role])
@@ -358,6 +381,10 @@ def one_run(  # noqa: PLR0912 - one run, measured in one place
         "database": db,
         "load_average_start": list(load_start),
         "load_average_end": list(load_end),
+        "load_average_1m_during": {
+            "mean": round(statistics.mean(loads), 2) if loads else None,
+            "max": round(max(loads), 2) if loads else None,
+        },
         "migrations": total,
         "states": dict(states),
         "completed": len(completed),
@@ -395,6 +422,9 @@ def one_run(  # noqa: PLR0912 - one run, measured in one place
             "completion": round(requests[DROPLET] / max(1, len(completed)), 2),
             "reconcile_listings": requests[LISTING],
         },
+        "completed_attempt_wall_s": _spread(attempt_wall),
+        "completed_attempt_sim_s": _spread(attempt_sim),
+        "mean_running": round(busy_s / max(1e-9, (run_end - first_window).total_seconds()), 1),
         "pg_connections": {"max": max(conns, default=0), "median": statistics.median(conns) if conns else 0},
         "limits": limits,
         "max_concurrent_per_worker": args.max_concurrent,
@@ -419,6 +449,17 @@ def warnings(log_path: Path) -> dict[str, int]:
                 counts[re.sub(r"[0-9a-f]{6,}|\d+(\.\d+)?", "#", msg)[:160]] += 1
                 break
     return dict(counts.most_common(12))
+
+
+def _spread(xs: list[float]) -> dict[str, float | None]:
+    """p50/p90/max of a list of seconds (None when empty)."""
+    if not xs:
+        return {"p50": None, "p90": None, "max": None}
+    return {
+        "p50": round(percentile(xs, 50), 1),
+        "p90": round(percentile(xs, 90), 1),
+        "max": round(max(xs), 1),
+    }
 
 
 def _round(x: float | None) -> float | None:
@@ -487,8 +528,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-parallel", type=int, default=24)
     p.add_argument("--max-per-source", type=int, default=3)
     p.add_argument("--max-per-target", type=int, default=2)
-    p.add_argument("--max-concurrent", type=int, default=12, help="[engine] max_concurrent of each worker")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENT,
+        help="[engine] max_concurrent of each worker (default: the engine's)",
+    )
     p.add_argument("--max-minutes", type=float, default=2.5, help="bound of each run")
+    p.add_argument("--logs", default=None, help="keep each run's worker log in this directory")
     p.add_argument("--small", action="store_true", help="a quick check: 60 hosts, 2 evacuated, 1,3")
     p.add_argument(
         "--json", default=None, help="results file (default bench/results/fleet.json; --small: none)"
@@ -586,6 +633,16 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_pct_per_worker": statistics.median(c for r in rs for c in r["cpu_pct_of_a_core_per_worker"]),
             "admin_requests_per_migration": statistics.median(r["admin_requests_per_migration"] for r in rs),
             "pg_connections_max": max(r["pg_connections"]["max"] for r in rs),
+            "mean_running": statistics.median(r["mean_running"] for r in rs),
+            "completed_attempt_wall_p50_s": statistics.median(
+                r["completed_attempt_wall_s"]["p50"] or 0 for r in rs
+            ),
+            "completed_attempt_sim_p50_s": statistics.median(
+                r["completed_attempt_sim_s"]["p50"] or 0 for r in rs
+            ),
+            "load_average_1m_during_mean": statistics.median(
+                r["load_average_1m_during"]["mean"] or 0 for r in rs
+            ),
         }
         for n, rs in sorted(by.items())
     }
