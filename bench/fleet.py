@@ -2,7 +2,10 @@
 """Fleet benchmark: the engine as a fleet control plane on PostgreSQL (issue 12).
 
     .venv/bin/python bench/fleet.py [--hosts 1000] [--droplets 20000] [--evacuate 10] [--per-source 150]
-        [--order 1,3,1,3] [--sim-speed 20] [--max-minutes 2.5] [--small] [--json PATH]
+        [--order 1,3,1,3] [--sim-speed 100] [--max-concurrent 4] [--max-minutes 2.5] [--small] [--json PATH]
+        [--logs DIR]
+
+``FLEET_BENCH_ENGINE`` names another worker command (e.g. a wrapper that profiles the workers).
 
 A throwaway PostgreSQL (``tests/pg.py``) gets one generated fleet, built once with the store API and copied
 for every run (``CREATE DATABASE ... TEMPLATE``): ``--hosts`` simulated hosts (``sim://``), ``--evacuate`` of
