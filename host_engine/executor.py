@@ -1,7 +1,7 @@
 """The executor: migrations from the store, driven one attempt at a time (``host_engine.attempt``).
 
 - ``Executor`` claims due migrations and drives them, records progress and the log, and takes each failure
-  down the path of DESIGN.md §3 (retry, another target, ``offline_required``, the offline copy); it also
+  down the failure path (retry, another target, ``offline_required``, the offline copy); it also
   recovers migrations whose worker died. ``tick()`` is one engine-loop step.
 - ``request_abort`` is ``host-engine abort``.
 
@@ -11,7 +11,7 @@ offline, cancelled), ``executor_recovery`` (taking over orphans), this module (t
 its outages, claiming and starting); ``executor_metrics`` is the Prometheus side, ``samples`` the progress
 samples, ``engine_steps`` builds an executor for ``host-engine run`` (sim or libvirt).
 
-Many workers, one store (DESIGN.md §9; docs/host-engine.md "Running several workers"):
+Many workers, one store (docs/host-engine.md "Running several workers"):
 
 - A claim is taken under the fleet's limits (``[concurrency]``: fleet-wide, per source, per target), counted
   in the database under one lock, in the same transaction that starts the attempt (``Tx.claim_start``).
