@@ -8,7 +8,7 @@ Two steps, each re-runnable on its own:
    ``run_migration`` with the default controller), bounded at ``--timeout`` s. Every progress sample the
    engine saw is written to ``bench/results/sim_fidelity_runs.json``.
 2. (always) From those records, with no root: leave one repetition out. For each repetition, the sim is
-   calibrated (``host_engine.prediction.calibrate``) on the runs of every OTHER repetition and predicts the
+   calibrated (``host_engine.calibration.calibrate``) on the runs of every OTHER repetition and predicts the
    runs of this one, which it never saw; so every recorded run is predicted once, by a calibration made
    without it. Each row's outcome, total time, downtime and bytes are compared; the targets (issue 14):
    outcome right, total within 20 %, downtime within 50 ms, bytes within 20 %. A row that misses is
@@ -201,7 +201,7 @@ BYTES_TOLERANCE = 0.20
 
 
 def _recorded(r: dict[str, Any]) -> Any:
-    from host_engine.prediction import RecordedRun
+    from host_engine.calibration import RecordedRun
 
     return RecordedRun(
         droplet_id=r["workload"],
@@ -280,7 +280,7 @@ def predict_row(
 
 def compare(runs_path: Path, json_path: Path, holdout: list[int] | None = None) -> int:
     """Leave each repetition out in turn (``holdout``: only those), calibrate on the rest, predict it."""
-    from host_engine.prediction import calibrate
+    from host_engine.calibration import calibrate
 
     data = json.loads(runs_path.read_text())
     runs = data["runs"]

@@ -1,7 +1,7 @@
 """``host-engine sim calibrate``: fit the simulator to the fleet's own real migrations.
 
 It reads, for every finished migration between hypervisors that are not simulated, the progress entries the
-executor logged and the attempt's numbers, fits ``[sim]`` (``host_engine.prediction.calibrate``) and prints
+executor logged and the attempt's numbers, fits ``[sim]`` (``host_engine.calibration.calibrate``) and prints
 it as a TOML section to paste into the config (or ``--json``). Nothing is written.
 """
 
@@ -12,11 +12,11 @@ from typing import Any
 
 import click
 
+from host_engine.calibration import Calibration, RecordedRun, calibrate
 from host_engine.cli.app import Deps, _json, cli, pass_deps
 from host_engine.errors import InvalidInput
 from host_engine.inventory import DriverKind, driver_kind
 from host_engine.models import LogEntry, Migration
-from host_engine.prediction import Calibration, RecordedRun, calibrate
 from host_engine.states import LogKind, MigrationState
 
 LAST_ATTEMPT_KEY = "last_attempt"

@@ -7,16 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from host_engine.calibration import RecordedRun, calibrate, fit_workload
 from host_engine.config import config_from_dict
 from host_engine.drivers.sim import HostModel, MiB, Workload, database, idle
 from host_engine.drivers.sim.settings import SimSettings, sim_settings
 from host_engine.errors import ConfigError
 from host_engine.prediction import (
     Link,
-    RecordedRun,
     Risk,
-    calibrate,
-    fit_workload,
     forecast,
     predict_migration,
     window,

@@ -1,0 +1,264 @@
+"""Calibrating the simulator from real migrations (issue 14).
+
+``calibrate``: a host model (link throughput, fixed costs, switchover cost) and per-droplet workloads (dirty
+rates, hot sets, resident memory, allocated disk) fitted from the progress samples the engine records for real
+migrations (``RecordedRun``), so a fleet's sim learns from that fleet. Each candidate is scored by predicting
+the recorded run with ``host_engine.prediction.predict_migration``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from host_engine.drivers.sim.model import DEFAULT_STEP_S, HostModel
+from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, Pattern, Workload
+from host_engine.prediction import DEFAULT_TICK_S, Link, predict_migration
+
+# In the calibration's loss, a downtime this far off weighs as much as a total time off by a factor e: real
+# downtimes of the same guest differ by up to ~100 ms on the harness, so it must not drown bytes and time.
+DOWNTIME_LOSS_SCALE_MS = 200.0
+# How many of the best workloads (by bytes and time) the calibration tries again with the downtime.
+REFIT_CANDIDATES = 6
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """A real migration as the engine recorded it: its numbers and every progress sample (plain dicts with
+    ``Progress``'s field names, ``phase`` as its value and ``t`` in seconds since the start)."""
+
+    droplet_id: str
+    memory_bytes: int
+    disk_bytes: int
+    cap_mibps: int
+    converged: bool
+    duration_s: float
+    downtime_ms: float | None
+    bytes_transferred: int
+    samples: tuple[Mapping[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    link_bps: float
+    host: HostModel
+    workloads: dict[str, Workload]
+
+    def link(self) -> Link:
+        return Link(self.link_bps, self.host, self.host)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "link_bps": round(self.link_bps),
+            "setup_s": round(self.host.setup_s, 3),
+            "switchover_ms": round(self.host.switchover_ms, 1),
+            "workloads": {k: w.to_dict() for k, w in sorted(self.workloads.items())},
+        }
+
+
+def _values(samples: Iterable[Mapping[str, Any]], key: str) -> list[float]:
+    return [float(s[key]) for s in samples if s.get(key) is not None]
+
+
+def _sample_rates(r: RecordedRun) -> list[float]:
+    out = []
+    for a, b in zip(r.samples, r.samples[1:], strict=False):
+        dt = float(b.get("t", 0)) - float(a.get("t", 0))
+        moved = sum(float(b.get(k, 0) or 0) - float(a.get(k, 0) or 0) for k in _PROCESSED)
+        if dt > 0.05 and moved > 0:
+            out.append(moved / dt)
+    return out
+
+
+_PROCESSED = ("disk_processed_bytes", "memory_processed_bytes")
+
+
+def _final(r: RecordedRun, key: str) -> float:
+    return float(r.samples[-1].get(key, 0) or 0) if r.samples else 0.0
+
+
+def _rounds(r: RecordedRun) -> int:
+    return max((int(s.get("round", 0) or 0) for s in r.samples), default=0)
+
+
+def _candidates(name: str, runs: Sequence[RecordedRun]) -> list[Workload]:
+    """Workloads consistent with a droplet's samples, one per hot-set size tried.
+
+    What the samples pin down: the allocated disk (the mirror's bytes of the run that rewrote least), the
+    disk write rate (libvirt's dirty rate of the mirror), the hot memory (what was left after round 1, when
+    seen). What they leave open (QEMU reports no dirty rate for a guest paced below its sync period) is
+    tried: hot sets from 256 KiB to the RAM, each swept every step (the harness's guests rewrite theirs
+    18x/s), with the resident memory that the run's bytes then imply.
+    """
+    samples = [s for r in runs for s in r.samples]
+    disk_rates = [v for v in _values(samples, "disk_dirty_rate_bps") if v > 0]
+    disk_rate = statistics.median(disk_rates) if disk_rates else 0.0
+    allocated = int(min(_final(r, "disk_processed_bytes") for r in runs))
+    memory = max(r.memory_bytes for r in runs)
+    disk = max(r.disk_bytes for r in runs)
+    later = [s for s in samples if int(s.get("round", 0) or 0) >= 2]
+    seen_hot = max(_values(later, "memory_remaining_bytes"), default=0.0)
+    hots = {int(seen_hot)} if seen_hot > 0 else set()
+    h = 256 * 1024
+    while h <= memory:
+        hots.add(h)
+        h = int(h * 1.41)
+    out = []
+    for hot in sorted(x for x in hots if x > 0):
+        resident = max(
+            hot, min(int(_final(r, "memory_processed_bytes")) - hot * max(0, _rounds(r) - 2) for r in runs)
+        )
+        out.append(
+            Workload(
+                name,
+                disk_rate_bps=disk_rate,
+                disk_hot_bytes=min(disk, max(64 * 1024, int(disk_rate * 4.0))),
+                memory_rate_bps=2.0 * hot / DEFAULT_STEP_S,
+                memory_hot_bytes=hot,
+                memory_pattern=Pattern.SEQUENTIAL,
+                memory_resident_bytes=min(memory, resident),
+                disk_allocated_bytes=allocated,
+            )
+        )
+    return out
+
+
+def _loss(
+    runs: Sequence[RecordedRun], workload: Workload, link: Link, tick_s: float, *, downtime: bool = False
+) -> float:
+    """How far the sim with ``workload`` lands from ``runs``: a wrong outcome costs 10, bytes and total time
+    their log ratio, and with ``downtime`` (once the switchover cost is known) the downtime error in units of
+    ``DOWNTIME_LOSS_SCALE_MS``. The downtime is what pins the hot set of a guest QEMU switches over by
+    itself: the pause moves what the guest rewrites between two dirty syncs."""
+    total = 0.0
+    for r in runs:
+        p = predict_migration(
+            r.droplet_id,
+            memory_bytes=r.memory_bytes,
+            disk_bytes=r.disk_bytes,
+            workload=workload,
+            link=link,
+            cap_mibps=r.cap_mibps,
+            tick_s=tick_s,
+            timeout_s=max(20.0, r.duration_s * 2),
+            assess_risk=False,
+        )
+        if p.converges != r.converged:
+            total += 10.0
+        total += abs(math.log(max(p.bytes_transferred, 1) / max(r.bytes_transferred, 1)))
+        total += abs(math.log(max(p.duration_s, 0.05) / max(r.duration_s, 0.05)))
+        if downtime and p.downtime_ms is not None and r.downtime_ms is not None:
+            total += abs(p.downtime_ms - r.downtime_ms) / DOWNTIME_LOSS_SCALE_MS
+    return total
+
+
+def fit_workload(
+    name: str,
+    runs: Sequence[RecordedRun],
+    link: Link | None = None,
+    *,
+    tick_s: float = DEFAULT_TICK_S,
+    downtime: bool = False,
+    candidates: Sequence[Workload] | None = None,
+) -> Workload:
+    """A droplet's workload: of the candidates its samples allow (or ``candidates``), the one whose
+    simulation of its own runs comes closest (outcome, bytes, total time, and with ``downtime`` the downtime
+    too)."""
+    return _ranked(name, runs, link or Link(), tick_s, downtime, candidates)[0]
+
+
+def _ranked(
+    name: str,
+    runs: Sequence[RecordedRun],
+    link: Link,
+    tick_s: float,
+    downtime: bool,
+    candidates: Sequence[Workload] | None = None,
+) -> list[Workload]:
+    """The candidate workloads, best first."""
+    pool = list(candidates) if candidates is not None else _candidates(name, runs)
+    losses = [_loss(runs, w, link, tick_s, downtime=downtime) for w in pool]
+    return [w for _, _, w in sorted(zip(losses, range(len(pool)), pool, strict=True))]
+
+
+def fixed_costs(
+    runs: Sequence[RecordedRun],
+    workloads: Mapping[str, Workload],
+    link_bps: float,
+    *,
+    tick_s: float = DEFAULT_TICK_S,
+) -> HostModel:
+    """The fixed costs: the median of what each converged run took beyond what the sim with no fixed cost
+    predicts for it (total time: ``setup_s``; downtime: ``switchover_ms``). Medians, because the real runs
+    scatter around them (on the loaded two-core harness: ±0.5 s and ±60 ms for the same guest)."""
+    bare = Link(
+        link_bps, HostModel(setup_s=0.0, switchover_ms=0.0), HostModel(setup_s=0.0, switchover_ms=0.0)
+    )
+    extra_s: list[float] = []
+    extra_ms: list[float] = []
+    for r in runs:
+        if not r.converged:
+            continue
+        p = predict_migration(
+            r.droplet_id,
+            memory_bytes=r.memory_bytes,
+            disk_bytes=r.disk_bytes,
+            workload=workloads[r.droplet_id],
+            link=bare,
+            cap_mibps=r.cap_mibps,
+            tick_s=tick_s,
+            timeout_s=max(60.0, r.duration_s * 3),
+            assess_risk=False,
+        )
+        if p.converges:
+            extra_s.append(r.duration_s - p.duration_s)
+            if r.downtime_ms is not None and p.downtime_ms is not None:
+                extra_ms.append(r.downtime_ms - p.downtime_ms)
+    setup_s = min(3600.0, max(0.0, statistics.median(extra_s))) if extra_s else HostModel().setup_s
+    switchover_ms = (
+        min(60_000.0, max(0.0, statistics.median(extra_ms))) if extra_ms else HostModel().switchover_ms
+    )
+    return HostModel(setup_s=setup_s, switchover_ms=switchover_ms)
+
+
+def calibrate(runs: Sequence[RecordedRun], *, tick_s: float = DEFAULT_TICK_S) -> Calibration:
+    """Fit the sim to real runs, in four steps:
+
+    1. the link: the fastest the uncapped runs' bytes grew between two samples (libvirt's own rate is an
+       average that includes the setup, when nothing moves);
+    2. per droplet, the workload whose simulation of its runs matches their outcome, bytes and total time;
+    3. the fixed costs (``fixed_costs``) with those workloads;
+    4. per droplet again, now with the costs known, matching the downtime too (it tells how much QEMU moved
+       in the pause, i.e. the hot set), and the fixed costs once more with the final workloads.
+    """
+    if not runs:
+        raise ValueError("no recorded migrations to calibrate from")
+    by_droplet: dict[str, list[RecordedRun]] = {}
+    for r in runs:
+        by_droplet.setdefault(r.droplet_id, []).append(r)
+    uncapped = [r for r in runs if not r.cap_mibps] or list(runs)
+    rates = [rate for r in uncapped for rate in _sample_rates(r)]
+    link_bps = max(rates) if rates else DEFAULT_NIC_BPS
+    if not math.isfinite(link_bps) or link_bps <= 0:
+        link_bps = DEFAULT_NIC_BPS
+    first = Link(link_bps, HostModel(), HostModel())
+    ranked = {d: _ranked(d, rs, first, tick_s, False) for d, rs in by_droplet.items()}
+    workloads = {d: r[0] for d, r in ranked.items()}
+    host = fixed_costs(runs, workloads, link_bps, tick_s=tick_s)
+    fitted = Link(link_bps, host, host)
+    # Step 4 tries only the best few of step 2: the downtime decides between workloads that already fit the
+    # bytes and time, and trying every candidate again doubled the calibration's cost.
+    workloads = {
+        d: fit_workload(
+            d, by_droplet[d], fitted, tick_s=tick_s, downtime=True, candidates=r[:REFIT_CANDIDATES]
+        )
+        for d, r in ranked.items()
+    }
+    host = fixed_costs(runs, workloads, link_bps, tick_s=tick_s)
+    return Calibration(link_bps, host, workloads)
+
+
+# ---- an evacuation's forecast ------------------------------------------------------------------------------
