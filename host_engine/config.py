@@ -28,6 +28,8 @@ Built once at the entry point into a frozen :class:`EngineConfig` and passed dow
     [schedule]
     bandwidth = "1GiB"                          # per second, to estimate how long a migration holds a slot
     slot_overhead = "2m"                        # added to each estimate (setup, switchover, slack)
+    retry_backoff = "2m"                        # a failed attempt is retried after this, doubling ...
+    retry_backoff_max = "30m"                   # ... up to this (migrate --now: seconds apart)
 
     [engine]
     poll_interval = "1s"
@@ -134,6 +136,10 @@ class ScheduleConfig:
     bandwidth_bps: int = 1024**3
     slot_overhead: timedelta = timedelta(minutes=2)
     max_attempts: int = 3
+    # After a failed attempt ``host-engine run`` retries after retry_backoff, doubling up to retry_backoff_max
+    # (+-20 % jitter); ``migrate --now`` retries seconds apart whatever these say.
+    retry_backoff: timedelta = timedelta(minutes=2)
+    retry_backoff_max: timedelta = timedelta(minutes=30)
 
 
 # [engine] lease / renew_every: a worker renews its claims every 10 s; one not renewed for 60 s (by the
@@ -205,7 +211,7 @@ _KNOWN: dict[str, set[str]] = {
     "placement": {"anti_affinity", "weights", "runners_up"},
     "notice": {"default", "minimum"},
     "concurrency": {"max_parallel", "max_per_target", "max_per_source"},
-    "schedule": {"bandwidth", "slot_overhead", "max_attempts"},
+    "schedule": {"bandwidth", "slot_overhead", "max_attempts", "retry_backoff", "retry_backoff_max"},
     "engine": {
         "poll_interval",
         "late_notice_grace",
@@ -254,6 +260,13 @@ def _duration(doc: Mapping[str, Any], section: str, key: str) -> timedelta | Non
         return parse_duration(str(raw), field=f"[{section}] {key}")
     except InvalidInput as e:
         raise ConfigError(f"config {e}") from e
+
+
+def _positive_duration(doc: Mapping[str, Any], section: str, key: str) -> timedelta | None:
+    value = _duration(doc, section, key)
+    if value is not None and value <= timedelta(0):
+        raise ConfigError(f"config [{section}] {key}: must be positive, got {value}")
+    return value
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -387,6 +400,17 @@ def _schedule(doc: Mapping[str, Any]) -> ScheduleConfig:
     ma = _get(doc, "schedule", "max_attempts", int)
     if ma is not None:
         sched = replace(sched, max_attempts=int(_positive("schedule", "max_attempts", ma)))
+    backoff = _positive_duration(doc, "schedule", "retry_backoff")
+    if backoff is not None:
+        sched = replace(sched, retry_backoff=backoff)
+    backoff_max = _positive_duration(doc, "schedule", "retry_backoff_max")
+    if backoff_max is not None:
+        sched = replace(sched, retry_backoff_max=backoff_max)
+    if sched.retry_backoff > sched.retry_backoff_max:
+        raise ConfigError(
+            f"config [schedule] retry_backoff ({sched.retry_backoff}) is longer than retry_backoff_max "
+            f"({sched.retry_backoff_max})"
+        )
     return sched
 
 

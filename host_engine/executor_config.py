@@ -70,7 +70,12 @@ class ExecutorConfig:
         worker = config.worker_id if only is None else f"{config.worker_id}/migrate-{os.getpid()}"
         return cls(
             # ``migrate --now``: the operator waits at the terminal, so a retry comes seconds later.
-            retry=RetryConfig() if only is None else RetryConfig.right_away(),
+            retry=RetryConfig(
+                backoff_s=sched.retry_backoff.total_seconds(),
+                backoff_max_s=sched.retry_backoff_max.total_seconds(),
+            )
+            if only is None
+            else RetryConfig.right_away(),
             worker=worker,
             max_concurrent=e.max_concurrent,
             tick_s=e.poll_interval_s if tick_s is None else tick_s,

@@ -100,6 +100,17 @@ def test_config_defaults_and_file(tmp_path: Path) -> None:
         ({"placement": {"weights": {"least_allocated": -1}}}, "expected a number >= 0"),
         ({"placement": {"anti_affinity": "yes"}}, "expected bool"),
         ({"schedule": {"bandwidth": "fast"}}, "malformed size"),
+        ({"schedule": {"retry_backoff": "0s"}}, r"\[schedule\] retry_backoff: must be positive"),
+        ({"schedule": {"retry_backoff": "soon"}}, r"\[schedule\] retry_backoff"),
+        ({"schedule": {"retry_backoff_max": True}}, r"\[schedule\] retry_backoff_max: expected"),
+        (
+            {"schedule": {"retry_backoff": "1h"}},
+            r"retry_backoff \(1:00:00\) is longer than retry_backoff_max",
+        ),
+        (
+            {"schedule": {"retry_backoff": "10s", "retry_backoff_max": "5s"}},
+            r"retry_backoff \(0:00:10\) is longer than retry_backoff_max \(0:00:05\)",
+        ),
         ({"overcommit": 3}, "must be a table"),
         (
             {"controller": {"max_downtime_ms": 5}},
@@ -186,3 +197,18 @@ def test_config_reference_in_the_docs_is_a_valid_config() -> None:
     c = config_from_dict(tomllib.loads(block.group(1)))
     assert c.controller.max_downtime_ms == 300 and c.libvirt.bandwidth_mibps == 0 and not c.libvirt.tls
     assert c.engine.metadata_ca_file and "hv2" in c.libvirt.peer_uris
+
+
+def test_config_retry_backoff_reaches_the_engines_retries() -> None:
+    """``[schedule] retry_backoff`` / ``retry_backoff_max`` set when ``host-engine run`` retries a failed
+    attempt; ``migrate --now`` keeps its seconds-apart retries whatever they say."""
+    from host_engine.executor_config import ExecutorConfig
+    from host_engine.retry import backoff_s
+
+    config = config_from_dict({"schedule": {"retry_backoff": "15s", "retry_backoff_max": "1m"}})
+    run = ExecutorConfig.for_engine(config).retry
+    assert [backoff_s(n, run, rand=lambda: 0.5) for n in (1, 2, 3, 4)] == [15.0, 30.0, 60.0, 60.0]
+    now = ExecutorConfig.for_engine(config, only=frozenset({"m1"})).retry
+    assert backoff_s(1, now, rand=lambda: 0.5) == 5.0
+    default = ExecutorConfig.for_engine(EngineConfig()).retry
+    assert backoff_s(1, default, rand=lambda: 0.5) == 120.0
