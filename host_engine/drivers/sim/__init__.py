@@ -38,7 +38,8 @@ from host_engine.drivers.sim.model import (
     Migration,
     SimWorld,
 )
-from host_engine.drivers.sim.stored import DEFAULT_WORKLOAD, StoredWorld, WriteCounts, load_world
+from host_engine.drivers.sim.rows import WriteCounts
+from host_engine.drivers.sim.stored import DEFAULT_WORKLOAD, StoredWorld, load_world
 from host_engine.drivers.sim.workloads import (
     DEFAULT_NIC_BPS,
     WORKLOADS,

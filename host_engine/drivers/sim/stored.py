@@ -32,12 +32,9 @@ copy dropped (its migration then sees the other process's state).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -54,6 +51,16 @@ from host_engine.drivers.sim.model import (
     SimWorld,
     new_droplet,
     pristine_image,
+)
+from host_engine.drivers.sim.rows import (
+    Lazy,
+    WriteCounts,
+    fingerprint,
+    image_fingerprint,
+    insert_if_absent,
+    key_values,
+    payload_bytes,
+    row_of,
 )
 from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, WORKLOADS, Workload
 from host_engine.errors import StoreError
@@ -73,52 +80,6 @@ LEGACY_WORLD_KEY = "world"
 FAULT_KEY_PREFIX = "fault/"
 _ACTIVE_PHASES = (Phase.DISK.value, Phase.MEMORY.value, Phase.SWITCHOVER.value)
 
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class _Lazy(dict[K, V]):
-    """A dict that loads a missing key on ``d[key]`` (``get`` too); ``in`` only says what is loaded."""
-
-    def __init__(self, load: Callable[[K], V | None]) -> None:
-        super().__init__()
-        self._load = load
-
-    def __missing__(self, key: K) -> V:
-        value = self._load(key)
-        if value is None:
-            raise KeyError(key)
-        self[key] = value
-        return value
-
-    def get(self, key: K, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-
-@dataclass
-class WriteCounts:
-    """What ``persist`` wrote so far: rows (inserted, updated or deleted) and payload bytes."""
-
-    rows: int = 0
-    bytes: int = 0
-    conflicts: int = 0
-
-
-def _fingerprint(value: Any) -> str:
-    raw = value if isinstance(value, bytes) else json.dumps(value, sort_keys=True).encode()
-    return hashlib.blake2b(raw, digest_size=16).hexdigest()
-
-
-def _image_fingerprint(image: Image) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(image.disk.tobytes())
-    h.update(b"|")
-    h.update(image.memory.tobytes())
-    return h.hexdigest()
-
 
 def _power(value: str) -> DomainState:
     """How the sim starts a droplet the store records with power state ``value``: shut off stays shut off,
@@ -137,8 +98,8 @@ class StoredWorld(SimWorld):
         # link until it has one; None: the defaults.
         self.workload_of: Callable[[str], Workload] | None = None
         self.link_of: Callable[[str], float] | None = None
-        self.droplets: _Lazy[str, Droplet] = _Lazy(self._load_droplet)
-        self.migrations: _Lazy[str, Migration] = _Lazy(self._load_migration)
+        self.droplets: Lazy[str, Droplet] = Lazy(self._load_droplet)
+        self.migrations: Lazy[str, Migration] = Lazy(self._load_migration)
         self.writes = WriteCounts()
         # Row key -> (revision loaded, fingerprint loaded); revision None: no row yet.
         self._saved: dict[tuple[str, ...], tuple[int | None, str]] = {}
@@ -264,7 +225,7 @@ class StoredWorld(SimWorld):
             self._forget_recorded(recorded)
         if sim is not None:
             d = codec.droplet_from_dict(droplet_id, host, sim["doc"])
-            self._saved[("droplet", droplet_id)] = (sim["rev"], _fingerprint(sim["doc"]))
+            self._saved[("droplet", droplet_id)] = (sim["rev"], fingerprint(sim["doc"]))
             return d
         d = new_droplet(
             self.seed,
@@ -280,7 +241,7 @@ class StoredWorld(SimWorld):
             ),
             state=_power(row["power_state"]),
         )
-        self._saved[("droplet", droplet_id)] = (None, _fingerprint(codec.droplet_to_dict(d)))
+        self._saved[("droplet", droplet_id)] = (None, fingerprint(codec.droplet_to_dict(d)))
         return d
 
     def _forget_recorded(self, migration_ids: list[str]) -> None:
@@ -321,13 +282,13 @@ class StoredWorld(SimWorld):
             )
         if row is not None:
             image = codec.image_from_bytes(row["disk"], row["memory"])
-            self._saved[("image", droplet_id, host)] = (row["rev"], _image_fingerprint(image))
+            self._saved[("image", droplet_id, host)] = (row["rev"], image_fingerprint(image))
         else:
             d = self.find_droplet(droplet_id)
             if d is None or d.host != host:
                 return None
             image = pristine_image(d)  # never written since it appeared: no row needed
-            self._saved[("image", droplet_id, host)] = (None, _image_fingerprint(image))
+            self._saved[("image", droplet_id, host)] = (None, image_fingerprint(image))
         self.images[key] = image
         return image
 
@@ -366,7 +327,7 @@ class StoredWorld(SimWorld):
             )
         if row is None:
             return None
-        self._saved[("migration", migration_id)] = (row["rev"], _fingerprint(row["doc"]))
+        self._saved[("migration", migration_id)] = (row["rev"], fingerprint(row["doc"]))
         return codec.migration_from_dict(row["doc"])
 
     def migration(self, migration_id: str) -> Migration | None:
@@ -422,7 +383,7 @@ class StoredWorld(SimWorld):
                         continue
                     saved[key] = (rev, self._fingerprint_of(key, values))
                     counts.rows += 1
-                    counts.bytes += _payload_bytes(values)
+                    counts.bytes += payload_bytes(values)
                 si = t.sim_images
                 for droplet_id, host in sorted(self._dropped):
                     gone = tx.conn.execute(
@@ -470,17 +431,17 @@ class StoredWorld(SimWorld):
                 yield ("host", name), {"nic_bps": h.nic_bps, "alive": h.alive}
         for droplet_id, d in list(self.droplets.items()):
             doc = codec.droplet_to_dict(d)
-            if self._changed(("droplet", droplet_id), _fingerprint(doc)):
+            if self._changed(("droplet", droplet_id), fingerprint(doc)):
                 yield ("droplet", droplet_id), {"power_state": d.state.value, "doc": doc}
         for (droplet_id, host), image in list(self.images.items()):
-            if self._changed(("image", droplet_id, host), _image_fingerprint(image)):
+            if self._changed(("image", droplet_id, host), image_fingerprint(image)):
                 disk, memory = codec.image_to_bytes(image)
                 yield ("image", droplet_id, host), {"disk": disk, "memory": memory}
         for mid, m in list(self.migrations.items()):
             if m.finalized and m.phase is Phase.FAILED:
                 continue  # deleted instead (_delete_finished)
             doc = codec.migration_to_dict(m)
-            if self._changed(("migration", mid), _fingerprint(doc)):
+            if self._changed(("migration", mid), fingerprint(doc)):
                 values = {
                     "droplet_id": m.spec.droplet_id,
                     "source_host": m.spec.source_host,
@@ -497,7 +458,7 @@ class StoredWorld(SimWorld):
 
     def _write_row(self, tx: Tx, key: tuple[str, ...], values: dict[str, Any]) -> int | None:
         """Insert or update one row if it is still the revision loaded: its new revision, else None."""
-        table, where = _row(key)
+        table, where = row_of(key)
         saved = self._saved.get(key)
         if saved is not None and saved[0] is not None:
             rev = saved[0] + 1
@@ -514,8 +475,8 @@ class StoredWorld(SimWorld):
         if existing is None:
             # Another process may be inserting the same row right now (not visible yet): losing that race is
             # a conflict like any other, not a failed transaction.
-            insert = _insert_if_absent(tx, table).values(
-                **_key_values(key), **values, rev=rev, updated_at=tx.now
+            insert = insert_if_absent(tx, table).values(
+                **key_values(key), **values, rev=rev, updated_at=tx.now
             )
             inserted = tx.conn.execute(insert.returning(table.c.rev)).first()
             return rev if inserted is not None else None
@@ -528,8 +489,8 @@ class StoredWorld(SimWorld):
         if kind == "host":
             return self._host_fp(self.hosts[key[1]])
         if kind == "image":
-            return _image_fingerprint(self.images[(key[1], key[2])])
-        return _fingerprint(values["doc"])
+            return image_fingerprint(self.images[(key[1], key[2])])
+        return fingerprint(values["doc"])
 
     def _conflict(self, key: tuple[str, ...]) -> None:
         """Another process changed this row since it was loaded: drop our copy and the migration using it."""
@@ -571,44 +532,6 @@ class StoredWorld(SimWorld):
         for key in [k for k in self.images if k not in images]:
             del self.images[key]
             self._saved.pop(("image", *key), None)
-
-
-def _payload_bytes(values: dict[str, Any]) -> int:
-    blobs = sum(len(v) for v in values.values() if isinstance(v, bytes))
-    return blobs + (len(json.dumps(values["doc"])) if "doc" in values else 0)
-
-
-def _row(key: tuple[str, ...]) -> tuple[sa.Table, list[sa.ColumnElement[bool]]]:
-    kind = key[0]
-    if kind == "host":
-        return t.sim_hosts, [t.sim_hosts.c.name == key[1]]
-    if kind == "droplet":
-        return t.sim_droplets, [t.sim_droplets.c.droplet_id == key[1]]
-    if kind == "image":
-        return t.sim_images, [t.sim_images.c.droplet_id == key[1], t.sim_images.c.host == key[2]]
-    return t.sim_migrations, [t.sim_migrations.c.id == key[1]]
-
-
-def _insert_if_absent(tx: Tx, table: sa.Table) -> Any:
-    """``INSERT ... ON CONFLICT DO NOTHING`` in the store's dialect (PostgreSQL or SQLite)."""
-    if tx.conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(table).on_conflict_do_nothing()
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    return sqlite_insert(table).on_conflict_do_nothing()
-
-
-def _key_values(key: tuple[str, ...]) -> dict[str, str]:
-    kind = key[0]
-    if kind == "host":
-        return {"name": key[1]}
-    if kind == "droplet":
-        return {"droplet_id": key[1]}
-    if kind == "image":
-        return {"droplet_id": key[1], "host": key[2]}
-    return {"id": key[1]}
 
 
 def load_world(store: Store) -> StoredWorld:
