@@ -22,6 +22,7 @@ from host_engine.errors import MigrationIncomplete, TransientError
 from host_engine.executor import LAST_ATTEMPT_KEY, PROGRESS_KEY, timeline
 from host_engine.models import LogEntry, Migration
 from host_engine.states import LogKind, MigrationState
+from host_engine.store import Store
 from host_engine.timeparse import Clock, format_time
 from host_engine.wiring import WiredEngine, build_engine
 
@@ -48,8 +49,7 @@ def run_now(deps: Deps, planned: Migration, driver: str, sim_speed: float, as_js
         only=[mid],
         sleep=sleep,
     ) as wired:
-        _sent, errors = wired.engine.send_due_notices()
-        m = store.get_migration(mid)
+        m, errors = _notify(wired, store, mid, deps.monotonic or time.monotonic, sleep)
         if m.state is MigrationState.PLANNED:
             why = next((e for e in errors if e.startswith(f"{mid}:")), "not due yet")
             raise TransientError(
@@ -80,6 +80,36 @@ def run_now(deps: Deps, planned: Migration, driver: str, sim_speed: float, as_js
         + (f" after attempt {m.attempt}: {m.last_error}" if m.last_error else "")
         + ("; an offline migration is scheduled" if m.state is MigrationState.OFFLINE_REQUIRED else "")
     )
+
+
+# A ``host-engine run`` worker may claim the new migration's notice before this process does (it is due at
+# once): its send is given this long (wall seconds) to end, then this process follows the migration.
+NOTICE_HANDOFF_S = 15.0
+_HANDOFF_POLL_S = 0.1
+
+
+def _notify(
+    wired: WiredEngine, store: Store, mid: str, wall: Callable[[], float], sleep: Callable[[float], None]
+) -> tuple[Migration, list[str]]:
+    """Send ``mid``'s notice here, or let a worker that claimed it first finish sending it.
+
+    Returns the migration as it then is (still ``planned`` only if no one could send it) and this process's
+    errors for it."""
+    until = wall() + NOTICE_HANDOFF_S
+    polls = int(NOTICE_HANDOFF_S / _HANDOFF_POLL_S)  # a bound in count too, whatever the clock does
+    while True:
+        _sent, errors = wired.engine.send_due_notices()
+        errors = [e for e in errors if e.startswith(f"{mid}:")]
+        m = store.get_migration(mid)
+        if m.state is not MigrationState.PLANNED or errors or wall() >= until or polls <= 0:
+            return m, errors
+        while m.state is MigrationState.PLANNED and m.claimed_by is not None and wall() < until and polls > 0:
+            sleep(_HANDOFF_POLL_S)  # another worker is sending it (or gives its claim back on failure)
+            polls -= 1
+            m = store.get_migration(mid)
+        if m.state is not MigrationState.PLANNED:
+            return m, []
+        polls -= 1
 
 
 # ``migrate --now`` prints every logged change (phase, round, throttle) and, between them, the latest recorded
