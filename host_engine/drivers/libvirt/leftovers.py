@@ -29,6 +29,9 @@ class LeftoverSweeper:
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str], tuple[LibvirtMigration, float]] = {}
         self._thread: threading.Thread | None = None
+        # The key whose clean-up runs now; ``forget`` waits for it (see there).
+        self._busy: tuple[str, str] | None = None
+        self._idle = threading.Condition(self._lock)
 
     def add(self, mig: LibvirtMigration) -> None:
         key = (mig.spec.target_host, mig.spec.droplet_id)
@@ -45,8 +48,17 @@ class LeftoverSweeper:
         )
 
     def forget(self, target_host: str, droplet_id: str) -> None:
+        """Drop the pending clean-up of (target, droplet), waiting for one that runs right now to end.
+
+        The next attempt on that target uses the same domain UUID and volume paths: a clean-up of the old
+        attempt running while the new one prepares would destroy its incoming domain or delete its volume
+        mid-copy (the retry then fails with an I/O error). So a new attempt starts only after it.
+        """
+        key = (target_host, droplet_id)
         with self._lock:
-            self._pending.pop((target_host, droplet_id), None)
+            self._pending.pop(key, None)
+            while self._busy == key:
+                self._idle.wait()
 
     def pending(self) -> list[tuple[str, str]]:
         with self._lock:
@@ -64,6 +76,18 @@ class LeftoverSweeper:
             time.sleep(LEFTOVER_RETRY_S)
 
     def _try(self, key: tuple[str, str], mig: LibvirtMigration, since: float) -> None:
+        with self._lock:
+            if self._pending.get(key, (None, 0.0))[0] is not mig:
+                return  # forgotten meanwhile: a new attempt on that target owns its paths now
+            self._busy = key
+        try:
+            self._clean(key, mig, since)
+        finally:
+            with self._lock:
+                self._busy = None
+                self._idle.notify_all()
+
+    def _clean(self, key: tuple[str, str], mig: LibvirtMigration, since: float) -> None:
         try:
             mig.cleanup_target()
         except DriverError as e:
