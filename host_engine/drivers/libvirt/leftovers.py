@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 # A target that could not be cleaned (its daemon down) is tried again this often, for up to a day.
 LEFTOVER_RETRY_S = 2.0
 LEFTOVER_GIVE_UP_S = 86400.0
+# How long a new attempt on a target waits for a clean-up of the same droplet there that is running.
+FORGET_WAIT_S = 120.0
 
 
 class LeftoverSweeper:
@@ -55,10 +57,18 @@ class LeftoverSweeper:
         mid-copy (the retry then fails with an I/O error). So a new attempt starts only after it.
         """
         key = (target_host, droplet_id)
+        deadline = time.monotonic() + FORGET_WAIT_S
         with self._lock:
             self._pending.pop(key, None)
             while self._busy == key:
-                self._idle.wait()
+                left = deadline - time.monotonic()
+                if left <= 0:  # a clean-up stuck in a libvirt call must not hold the new attempt forever
+                    log.warning(
+                        "clean-up of %s on %s still running after %.0f s; the new attempt starts anyway",
+                        droplet_id, target_host, FORGET_WAIT_S,
+                    )  # fmt: skip
+                    break
+                self._idle.wait(left)
 
     def pending(self) -> list[tuple[str, str]]:
         with self._lock:
