@@ -16,7 +16,7 @@ from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
 from tests.unit.host_engine.fake_admin import FakeAdmin
-from tests.unit.host_engine.test_cli_retry_now import invoke
+from tests.unit.host_engine.test_cli_executor import invoke
 
 from .conftest import FakeClock
 

@@ -4,30 +4,15 @@ simulated hypervisor; the fake clock the sim follows says how long the operator 
 
 from __future__ import annotations
 
-from click.testing import CliRunner, Result
-
-from host_engine.cli import Deps, cli
 from host_engine.drivers.sim import StoredWorld
-from host_engine.metadata.reconcile import default_client_factory
 from host_engine.retry import NOW_BACKOFF_MAX_S
 from host_engine.states import MigrationState
 from host_engine.store import Store
 from tests.unit.host_engine.conftest import FakeClock, wall
 from tests.unit.host_engine.fake_admin import FakeAdmin
+from tests.unit.host_engine.test_cli_executor import invoke
 
 S = MigrationState
-
-
-def invoke(db: str, clock: FakeClock, *args: str) -> Result:
-    deps = Deps(
-        clock=clock,
-        user="tester",
-        install_signals=False,
-        sleep=clock.sleep,
-        monotonic=lambda: wall(clock),
-        client_factory=default_client_factory(attempts=1, sleep=lambda s: None),
-    )
-    return CliRunner().invoke(cli, ["--db", db, *args], obj=deps, catch_exceptions=False)
 
 
 def crash(db: str, *hosts: str) -> None:
