@@ -108,15 +108,17 @@ def next_downtime(progress: Progress, config: ControllerConfig, ramp: DowntimeRa
     Judged once per memory round, on the remainder its first snapshot shows (the dirty set the round
     started with). Round 1 is the first pass over all memory. From round 2 on, while the remainder does not
     fit the limit in force, more rounds still pay when they shrink it: when this round started with less
-    than ``1 - switchover_min_shrink`` of what the one before started with, and the guest dirties less than
+    than ``1 - switchover_min_shrink`` of what the one before started with, the limit holds. Against the
+    first pass (round 2) that shrink says nothing, so there the guest must also dirty less than
     ``1 - switchover_min_shrink`` of what the link moves (so the next round will shrink it again; a guest
     rewriting a hot set each round dirties about as fast as the link moves, and waiting a round to see it
-    would cost a round of bytes), the limit holds. Otherwise more rounds will not shorten the pause: the
-    limit goes to the smallest step that fits the remainder at the measured rate (with
-    ``switchover_safety``), and at least one step up, since the hypervisor did not take the remainder at the
-    limit it had. A throttled guest pays for every round in vCPU time: from round 2 on, at every tick, the
-    limit goes to the smallest step that fits the remainder, if that is above the one in force. (A disk
-    write limit costs less: it slows writes only, and ends with the mirror's tail; the rounds decide.)
+    would cost a round of bytes); from round 3 on the observed shrink is trusted over the rates. Otherwise
+    more rounds will not shorten the pause: the limit goes to the smallest step that fits the remainder at
+    the measured rate (with ``switchover_safety``), and at least one step up, since the hypervisor did not
+    take the remainder at the limit it had. A throttled guest pays for every round in vCPU time: from round
+    2 on, at every tick, the limit goes to the smallest step that fits the remainder, if that is above the
+    one in force. (A disk write limit costs less: it slows writes only, and ends with the mirror's tail; the
+    rounds decide.)
     Only ever raised.
 
     Worked examples (link 1 GiB/s; steps 50, 100, 200, 300 ms):
@@ -136,11 +138,18 @@ def next_downtime(progress: Progress, config: ControllerConfig, ramp: DowntimeRa
     >>> next_downtime(p, cfg, stuck).limit(cfg)
     100
 
-    Shrinking so far, but QEMU measures the guest dirtying 900 MiB/s: the next round will not shrink it by
-    a fifth, so the limit goes up now rather than a round later.
+    Round 2 against the first pass (which carried all memory), and QEMU measures the guest dirtying
+    900 MiB/s: the next round will not shrink it by a fifth, so the limit goes up now rather than a round
+    later.
+
+    >>> second = replace(p, round=2, memory_dirty_rate_bps=900 * MiB)
+    >>> next_downtime(second, cfg, DowntimeRamp(round=1, round_start_bytes=4 * GiB)).limit(cfg)
+    100
+
+    Rounds after the first pass that shrink by a fifth or more are trusted over the rates: hold.
 
     >>> next_downtime(replace(p, memory_dirty_rate_bps=900 * MiB), cfg, shrinking).limit(cfg)
-    100
+    50
 
     Already fits the 50 ms in force (10 MiB, about 12 ms): QEMU takes it by itself; hold. Unless the round
     before fitted too and QEMU did not take it (it measures the link slower): one step up.
@@ -171,9 +180,11 @@ def next_downtime(progress: Progress, config: ControllerConfig, ramp: DowntimeRa
         return ramp.raised_to(fitting, config) if fitting > current else ramp
     if progress.round == ramp.round:
         return ramp
-    before = ramp.round_start_bytes
+    before, before_round = ramp.round_start_bytes, ramp.round
     ramp = replace(ramp, round=progress.round, round_start_bytes=remaining_bytes(progress))
-    if progress.round < 2 or before is None or _ramp_holds(progress, config, before, current):
+    if progress.round < 2 or before is None:
+        return ramp
+    if _ramp_holds(progress, config, before, current, trust_shrink=before_round >= 2):
         return ramp
     higher = [s for s in downtime_steps(config) if s > current] or [config.max_downtime_ms]
     return ramp.raised_to(max(higher[0], _fitting_step(progress, config)), config)
@@ -187,13 +198,24 @@ def _fitting_step(progress: Progress, config: ControllerConfig) -> int:
     return next((s for s in downtime_steps(config) if s >= needed_ms), config.max_downtime_ms)
 
 
-def _ramp_holds(progress: Progress, config: ControllerConfig, before: int, current_ms: int) -> bool:
+def _ramp_holds(
+    progress: Progress, config: ControllerConfig, before: int, current_ms: int, *, trust_shrink: bool
+) -> bool:
     """Whether the limit in force still serves (see ``next_downtime``): the remainder fits it (and did not
     fit it when the round before started: a remainder that fitted then and was not taken means the
-    hypervisor measures the link slower than we do), or the rounds still shrink it by enough."""
+    hypervisor measures the link slower than we do), or the rounds still shrink it by enough.
+
+    ``trust_shrink``: the round before was itself after the first pass, so the shrink between the two is
+    observed convergence and holds the limit whatever the rates predict (as the throttle does,
+    ``rounds_still_shrink``). The rates can read otherwise when the transfer rate, averaged over a window
+    that began before the memory phase, reads low: a guest streaming 32 MiB/s at a 48 MiB/s cap, its rounds
+    shrinking by a third each, got the whole budget (measured). Against the first pass (all memory) every
+    round shrinks, so there the dirty rate decides whether the next round will."""
     rate = progress.transfer_rate_bps
     if fits_downtime(progress, config, current_ms):
         return before > rate * current_ms / 1000.0 * config.switchover_safety
     keep = 1.0 - config.switchover_min_shrink
+    if remaining_bytes(progress) > before * keep:
+        return False
     dirty = progress.memory_dirty_rate_bps + progress.disk_dirty_rate_bps
-    return remaining_bytes(progress) <= before * keep and dirty < rate * keep
+    return trust_shrink or dirty < rate * keep
