@@ -8,11 +8,17 @@ path but a list append.
 
 Bounded: an attempt keeps every sample until it has ``MAX_SAMPLES_PER_ATTEMPT``; then every other one goes and
 from then on only every 2nd sample is kept (then every 4th, ...), so an attempt of any length keeps between
-half the cap and the cap, evenly spread over it, plus the first sample of each phase and its latest sample.
+half the cap and the cap, evenly spread over it, plus the first and the last sample of each phase.
 At a 1 s tick, attempts up to ~7 minutes keep every sample; a one-hour attempt one every ~10 s.
 
 Stored per attempt as columns of numbers (``FIELDS`` in order), small enough to be rewritten with the rest of
 the migration's stats (about 40 KB at the cap).
+
+Every completed attempt has a sample in the ``switchover`` phase, at the time the guest was paused: a
+hypervisor may pause and complete between two ticks (the simulator always does; libvirt's completion can
+arrive before any tick saw the pause), and then ``switchover_sample`` derives it from the completed job's own
+figures (it ended at ``elapsed_s`` after a pause of ``downtime_ms``), so the report can mark the switchover
+where it happened.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from host_engine.drivers.base import Phase
 
 #: Where the samples live in ``migrations.stats``: ``[{"attempt": n, "fields": [...], "rows": [...]}, ...]``.
 SAMPLES_KEY = "samples"
@@ -43,6 +51,9 @@ FIELDS = (
     "bytes_transferred",
     "eta_s",
 )
+_ELAPSED, _PHASE = FIELDS.index("elapsed_s"), FIELDS.index("phase")
+#: Counters read off the straight line between the last reading and the end for a derived switchover sample.
+_INTERPOLATED = ("disk_remaining_bytes", "memory_remaining_bytes", "bytes_transferred")
 
 
 @dataclass
@@ -60,8 +71,20 @@ class SampleBuffer:
     _tail: tuple[object, ...] | None = None
 
     def add(self, sample: Mapping[str, object]) -> None:
-        """Keep ``sample`` (every ``stride``-th one; always the first of a new phase)."""
-        row = tuple(sample.get(f) for f in FIELDS)
+        """Keep ``sample`` (every ``stride``-th one; always the first of a new phase). A completed attempt's
+        last sample (``done``) comes after a ``switchover`` one: derived (``switchover_sample``) when no
+        tick saw the switchover."""
+        if sample.get("phase") == Phase.DONE.value and not self._saw(Phase.SWITCHOVER.value):
+            latest = self._tail or (self.rows[-1] if self.rows else None)
+            before = None if latest is None else dict(zip(FIELDS, latest, strict=True))
+            self._add_row(_row(switchover_sample(before, sample)))
+        self._add_row(_row(sample))
+
+    def _saw(self, phase: str) -> bool:
+        # The first sample of each phase is never thinned away, nor skipped (a new phase is always kept).
+        return any(self.rows[i][_PHASE] == phase for i in self._firsts)
+
+    def _add_row(self, row: tuple[object, ...]) -> None:
         if self.rows and self._tail is None and row[:2] == self.rows[-1][:2]:
             self.rows[-1] = row  # read again at the same instant (a tick that did not advance): the fresher
             return
@@ -70,6 +93,8 @@ class SampleBuffer:
             self._skipped += 1
             self._tail = row
             return
+        if new_phase and self._tail is not None:
+            self.rows.append(self._tail)  # the previous phase's last reading: where its line ends
         self._skipped, self._tail = 0, None
         if new_phase:
             self._firsts.add(len(self.rows))
@@ -96,6 +121,50 @@ class SampleBuffer:
 
     def __len__(self) -> int:
         return len(self.rows) + (self._tail is not None)
+
+
+def _row(sample: Mapping[str, object]) -> tuple[object, ...]:
+    return tuple(sample.get(f) for f in FIELDS)
+
+
+def _number(sample: Mapping[str, object] | None, key: str) -> float | None:
+    value = None if sample is None else sample.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def switchover_sample(latest: Mapping[str, object] | None, done: Mapping[str, object]) -> dict[str, object]:
+    """The switchover a completed attempt went through, as a sample, when no tick saw it: ``done`` is the
+    completed job's sample (it ended at ``elapsed_s``, the guest paused for ``downtime_ms`` before that),
+    ``latest`` the last sample before it (the guest still running).
+
+    The pause began at ``elapsed_s - downtime_ms``, never before ``latest`` (a tick saw the guest running
+    then); without a downtime, at the end. Remaining and sent bytes are read off the straight line from
+    ``latest`` to ``done`` (nothing more is known between them); throttle, limit and rates are ``latest``'s
+    (in force until the pause).
+
+    >>> s = switchover_sample({"elapsed_s": 14.0, "phase": "memory", "memory_remaining_bytes": 200},
+    ...                       {"elapsed_s": 14.5, "phase": "done", "memory_remaining_bytes": 0,
+    ...                        "downtime_ms": 250.0})
+    >>> s["phase"], s["elapsed_s"], s["memory_remaining_bytes"], s["downtime_ms"]
+    ('switchover', 14.25, 100, 250.0)
+    """
+    end_s = _number(done, "elapsed_s") or 0.0
+    downtime_ms = _number(done, "downtime_ms")
+    at_s = end_s if downtime_ms is None else end_s - downtime_ms / 1000
+    start_s = _number(latest, "elapsed_s")
+    if start_s is not None:
+        at_s = min(end_s, max(at_s, start_s))
+    sample = {**(latest or done), "phase": Phase.SWITCHOVER.value, "elapsed_s": round(at_s, 2)}
+    sample.update(
+        round=done.get("round", sample.get("round")), downtime_ms=done.get("downtime_ms"), eta_s=None
+    )
+    for key in _INTERPOLATED:
+        before, after = _number(latest, key), _number(done, key)
+        if before is None or after is None or start_s is None or end_s <= start_s:
+            sample[key] = done.get(key) if latest is None else sample.get(key)
+            continue
+        sample[key] = round(before + (after - before) * (at_s - start_s) / (end_s - start_s))
+    return sample
 
 
 def with_samples(stats: Mapping[str, Any], buffer: SampleBuffer) -> list[dict[str, Any]]:

@@ -123,12 +123,14 @@ def timeline(store: Store, migration_id: str, *, dense: bool = True) -> list[dic
     rows: list[dict[str, object]] = []
     for n in sorted(changes.keys() | (samples.keys() & started.keys())):
         logged = changes.get(n, [])
-        seen = {r.get("elapsed_s") for r in logged}
+        # A sample is a logged change when both say the same instant and phase; a switchover ordered at a
+        # tick shares that tick's time with the last copying sample and is kept beside it.
+        seen = {(r.get("elapsed_s"), r.get("phase")) for r in logged}
         start = started.get(n)
         extra = [
             {"at": (start + timedelta(seconds=_seconds(s))).isoformat(), "attempt": n, **s}
             for s in samples.get(n, [])
-            if start is not None and s.get("elapsed_s") not in seen
+            if start is not None and (s.get("elapsed_s"), s.get("phase")) not in seen
         ]
         rows += sorted(logged + extra, key=_seconds)
     return rows

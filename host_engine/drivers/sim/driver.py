@@ -167,9 +167,11 @@ class SimMigrationDriver:
         disk_left = len(mig.disk_pending) * d.disk_block_bytes if started else disk_total
         memory_left = len(mig.memory_pending) * d.memory_page_bytes if started else memory_total
         on_source = d.host == self.spec.source_host
+        # A completed job's elapsed time is when it ended (as libvirt's completed stats say), not when read.
+        now_s = mig.phase_since_s if mig.phase is Phase.DONE else self.world.time_s
         return Progress(
             phase=mig.phase,
-            elapsed_s=self.world.time_s - mig.started_at_s,
+            elapsed_s=now_s - mig.started_at_s,
             round=mig.round,
             disk_total_bytes=disk_total,
             disk_processed_bytes=mig.disk_sent_bytes,

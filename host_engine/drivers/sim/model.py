@@ -484,6 +484,9 @@ class SimWorld:
         else:
             d.state = DomainState.RUNNING
         self.set_phase(mig, Phase.DONE)
+        # The job ends when the target resumes: the pause's start plus its downtime (libvirt's completed
+        # job reports its elapsed time so), which lets a report place the switchover no tick saw.
+        mig.phase_since_s = started_s + mig.downtime_ms / 1000.0
 
     def _account(self, mig: Migration, dt: float) -> None:
         d = self.droplet(mig.spec.droplet_id)
