@@ -9,6 +9,10 @@ aborted). Every switchover is recorded, so a test can say that a droplet ran its
 name held, the executor with an attempt per thread, the fleet's limits from ``[concurrency]``) on that fake
 hypervisor, since the simulated datacenter is per process here. ``max_overlap`` counts, from the store's
 ``migration_log``, how many attempts ran at once.
+
+What every fleet test starts from is here too: ``pg_server`` (a real PostgreSQL per test module; a module uses
+it as ``pg_server = fleet.pg_server``), ``add_hosts``, ``notified_migration`` (a backlog row, due now, its guest told) and
+``start_run`` (``host-engine run`` as shipped, for the tests that run the real CLI instead of ``worker_main``).
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from host_engine.attempt import RealClock
 from host_engine.config import config_from_dict
@@ -42,15 +48,71 @@ from host_engine.drivers.base import (
 from host_engine.engine import Engine
 from host_engine.executor import Executor, ExecutorConfig
 from host_engine.metadata.reconcile import MetadataSync
-from host_engine.models import LogEntry
+from host_engine.models import Droplet, Host, LogEntry, Migration, NewMigration
 from host_engine.states import MigrationState
-from host_engine.store import Store
+from host_engine.store import Store, Tx
 from host_engine.workers import WorkerName
+from tests import pg
+from tests.support import require
 
 GIB = 1024**3
 # A hung hypervisor call returns after this at the latest (tests never wait that long).
 HANG_LIMIT_S = 600.0
 RUNNING = (MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING)
+HOST_ENGINE_BIN = Path(sys.executable).parent / "host-engine"
+# How long a backlog row's maintenance window stays open (nothing in these tests waits for its end).
+WINDOW = timedelta(hours=1)
+
+
+# ---- what a fleet test starts from ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[pg.PostgresServer]:
+    """A real PostgreSQL server of the test module's own (a test may stop and start it); each test takes a
+    fresh database of it with ``new_database()``. Skipped without PostgreSQL, failed under CI=true."""
+    reason = pg.missing_reason()
+    require(reason is None, reason or "")
+    with pg.postgres_server() as server:
+        yield server
+
+
+def add_hosts(store: Store, names: Iterable[str], *, scheme: str = "fake", metadata: Any = None) -> None:
+    """Add hosts ``names`` to ``store``, in one datacenter, each with ``hypervisor_uri`` ``SCHEME://NAME``
+    (``fake``: a ``FileHypervisor``; ``sim``: the simulated datacenter) and, given ``metadata`` (a
+    ``tests.servers.MetadataServer``), that server for their droplets. Roomy (256 vCPUs, 1 TiB of memory,
+    100,000 GiB of disk): capacity never limits these tests."""
+    for name in names:
+        store.add_host(
+            Host(
+                name,
+                "nyc1",
+                vcpus=256,
+                memory_bytes=1024 * GIB,
+                disk_bytes=100_000 * GIB,
+                hypervisor_uri=f"{scheme}://{name}",
+                metadata_url=metadata.admin_url if metadata is not None else "",
+                metadata_token_file=str(metadata.token_file) if metadata is not None else "",
+            )
+        )
+
+
+def notified_migration(tx: Tx, droplet: Droplet, target: str, now: datetime) -> Migration:
+    """Add ``droplet`` (on its ``host``) and a migration of it to ``target``, due at ``now``, its guest told at
+    ``now``: a row any worker may claim at once."""
+    tx.add_droplet(droplet)
+    m = tx.create_migration(NewMigration(droplet.id, droplet.host, target, now, now, now + WINDOW))
+    return tx.transition(m.id, MigrationState.NOTIFIED, notified_at=now)
+
+
+def start_run(
+    url: str, worker: str, log: Path, *run_options: str, settings: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """``host-engine --db URL SETTINGS run --worker WORKER RUN_OPTIONS``, the CLI as shipped, its output
+    appended to ``log``. ``settings`` are the global options before ``run`` (``--set key=value`` pairs)."""
+    argv = [str(HOST_ENGINE_BIN), "--db", url, *settings, "run", "--worker", worker, *run_options]
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=out)
 
 
 class FileHypervisor:

@@ -9,41 +9,34 @@ from what the workers believe.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from host_engine.models import Droplet, Host, NewMigration
+from host_engine.models import Droplet
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
-from tests import pg
+from tests import fleet, pg
 from tests.fleet import (
     GIB,
     FileHypervisor,
     WorkerSpec,
+    add_hosts,
     attempt_intervals,
     max_overlap,
+    notified_migration,
     start_worker,
     stop,
 )
-from tests.support import require
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+pg_server = fleet.pg_server
 
 SOURCES = ("a", "b", "c")
 TARGETS = ("x", "y", "z")
 PER_SOURCE = 6
 WALL_LIMIT_S = 180.0
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[pg.PostgresServer]:
-    reason = pg.missing_reason()
-    require(reason is None, reason or "")
-    with pg.postgres_server() as server:
-        yield server
 
 
 def test_fleet_workers_with_a_backlog_never_exceed_any_limit(
@@ -52,20 +45,15 @@ def test_fleet_workers_with_a_backlog_never_exceed_any_limit(
     url = pg_server.new_database()
     hv = FileHypervisor(tmp_path / "hv")
     with Store.open(url) as store:
-        for h in SOURCES + TARGETS:
-            store.add_host(Host(h, "nyc1", 256, 1024 * GIB, 10_000 * GIB, hypervisor_uri=f"fake://{h}"))
+        add_hosts(store, SOURCES + TARGETS)
         now = store.clock()
         with store.begin() as tx:
             for si, source in enumerate(SOURCES):
                 for i in range(PER_SOURCE):
                     did = f"{source}{i}"
-                    tx.add_droplet(Droplet(did, source, 1, GIB, 4 * GIB, addresses=(f"10.{si}.0.{i + 1}",)))
+                    droplet = Droplet(did, source, 1, GIB, 4 * GIB, addresses=(f"10.{si}.0.{i + 1}",))
+                    notified_migration(tx, droplet, TARGETS[(si + i) % len(TARGETS)], now)
                     hv.add_droplet(did, source)
-                    target = TARGETS[(si + i) % len(TARGETS)]
-                    m = tx.create_migration(
-                        NewMigration(did, source, target, now, now, now + timedelta(hours=1))
-                    )
-                    tx.transition(m.id, S.NOTIFIED, notified_at=now)
 
         log = tmp_path / "workers.log"
         specs = [

@@ -13,32 +13,22 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from host_engine.models import Droplet, Host, NewMigration
+from host_engine.models import Droplet
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
-from tests import pg
-from tests.fleet import GIB, FileHypervisor, WorkerSpec, start_worker, stop
-from tests.support import require
+from tests import fleet, pg
+from tests.fleet import GIB, FileHypervisor, WorkerSpec, add_hosts, notified_migration, start_worker, stop
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
+pg_server = fleet.pg_server  # the module's own server: the test stops and starts it
+
 OUTAGE_S = float(os.environ.get("FLEET_OUTAGE_S", "20"))
 WAIT_S = 120.0
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[pg.PostgresServer]:
-    """A server of this module's own: the test stops and starts it."""
-    reason = pg.missing_reason()
-    require(reason is None, reason or "")
-    with pg.postgres_server() as server:
-        yield server
 
 
 def _pg_ctl(server: pg.PostgresServer, *args: str) -> None:
@@ -70,17 +60,14 @@ def test_fleet_store_outage_loses_nothing_and_no_worker_exits(
     store = Store.open(url)
     mids = []
     try:
-        for h in ("a", "b", "x", "y"):
-            store.add_host(Host(h, "nyc1", 64, 256 * GIB, 4000 * GIB, hypervisor_uri=f"fake://{h}"))
+        add_hosts(store, ("a", "b", "x", "y"))
         now = store.now()
         with store.begin() as tx:
             for i in range(8):
-                did, source, target = f"d{i}", "ab"[i % 2], "xy"[(i // 2) % 2]
-                tx.add_droplet(Droplet(did, source, 1, GIB, 4 * GIB, addresses=(f"10.0.0.{i + 2}",)))
+                did, source = f"d{i}", "ab"[i % 2]
+                droplet = Droplet(did, source, 1, GIB, 4 * GIB, addresses=(f"10.0.0.{i + 2}",))
+                mids.append(notified_migration(tx, droplet, "xy"[(i // 2) % 2], now).id)
                 hv.add_droplet(did, source)
-                m = tx.create_migration(NewMigration(did, source, target, now, now, now + timedelta(hours=1)))
-                tx.transition(m.id, S.NOTIFIED, notified_at=now)
-                mids.append(m.id)
     finally:
         store.close()
 

@@ -6,36 +6,24 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from host_engine.models import Droplet, Host, NewMigration
+from host_engine.models import Droplet
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
-from tests import pg
-from tests.fleet import GIB, attempt_intervals, max_overlap
-from tests.support import require
+from tests import fleet, pg
+from tests.fleet import GIB, add_hosts, attempt_intervals, max_overlap, notified_migration, start_run
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-BIN = Path(sys.executable).parent / "host-engine"
+pg_server = fleet.pg_server
+
 N = 12
 LIMITS = {"max_parallel": 3, "max_per_source": 3, "max_per_target": 2}
 WAIT_S = 180.0
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[pg.PostgresServer]:
-    reason = pg.missing_reason()
-    require(reason is None, reason or "")
-    with pg.postgres_server() as server:
-        yield server
 
 
 def test_fleet_of_host_engine_run_processes_keeps_the_limits(
@@ -43,41 +31,19 @@ def test_fleet_of_host_engine_run_processes_keeps_the_limits(
 ) -> None:
     url = pg_server.new_database()
     with Store.open(url) as store:
-        for h in ("hv1", "hv2", "hv3", "hv4"):
-            store.add_host(Host(h, "nyc1", 256, 1024 * GIB, 10_000 * GIB, hypervisor_uri=f"sim://{h}"))
+        add_hosts(store, ("hv1", "hv2", "hv3", "hv4"), scheme="sim")
         now = store.now()
         with store.begin() as tx:
             for i in range(N):
-                did = f"d{i:02d}"
-                tx.add_droplet(Droplet(did, "hv1", 1, GIB, 8 * GIB, addresses=(f"10.2.0.{i + 1}",)))
-                target = ("hv2", "hv3", "hv4")[i % 3]
-                m = tx.create_migration(NewMigration(did, "hv1", target, now, now, now + timedelta(hours=1)))
-                tx.transition(m.id, S.NOTIFIED, notified_at=now)
+                droplet = Droplet(f"d{i:02d}", "hv1", 1, GIB, 8 * GIB, addresses=(f"10.2.0.{i + 1}",))
+                notified_migration(tx, droplet, ("hv2", "hv3", "hv4")[i % 3], now)
 
-    settings = [arg for k, v in LIMITS.items() for arg in ("--set", f"concurrency.{k}={v}")]
+    settings = tuple(arg for k, v in LIMITS.items() for arg in ("--set", f"concurrency.{k}={v}"))
     log = tmp_path / "workers.log"
-    procs = []
-    with log.open("ab") as out:
-        for n in (1, 2, 3):
-            procs.append(
-                subprocess.Popen(
-                    [
-                        str(BIN),
-                        "--db",
-                        url,
-                        *settings,
-                        "run",
-                        "--worker",
-                        f"w{n}",
-                        "--sim-speed",
-                        "4",
-                        "--poll-interval",
-                        "100ms",
-                    ],
-                    stdout=out,
-                    stderr=out,
-                )
-            )
+    procs = [
+        start_run(url, f"w{n}", log, "--sim-speed", "4", "--poll-interval", "100ms", settings=settings)
+        for n in (1, 2, 3)
+    ]
     stop_s = []
     try:
         with Store.open(url) as store:

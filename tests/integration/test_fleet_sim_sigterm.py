@@ -11,27 +11,23 @@ them as "aborted" or "was not prepared", and made the worker conflict with its o
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from host_engine.drivers.sim import load_world
-from host_engine.models import Droplet, Host, NewMigration
+from host_engine.models import Droplet
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
-from tests import pg
+from tests import fleet, pg
+from tests.fleet import GIB, add_hosts, notified_migration, start_run
 from tests.servers import MetadataServer
-from tests.support import require
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-BIN = Path(sys.executable).parent / "host-engine"
-GIB = 1024**3
+pg_server = fleet.pg_server
+
 DROPLETS = 8
 WAIT_S = 60.0
 SIGTERM_BOUND_S = 10.0
@@ -43,40 +39,22 @@ BAD = ("outcome not recorded", "claimed by None", "was not prepared", "failed: a
        "changed in another process", "Traceback")  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[pg.PostgresServer]:
-    reason = pg.missing_reason()
-    require(reason is None, reason or "")
-    with pg.postgres_server() as server:
-        yield server
-
-
 def test_sigterm_during_a_long_sim_tick_stops_each_attempt_once(
     pg_server: pg.PostgresServer, tmp_path: Path
 ) -> None:
     url = pg_server.new_database()
     log = tmp_path / "worker.log"
     with MetadataServer.start(tmp_path / "ms") as ms, Store.open(url) as store:
-        for name in ("hv1", "hv2", "hv3"):
-            store.add_host(
-                Host(name, "lo", 256, 1024 * GIB, 100_000 * GIB, hypervisor_uri=f"sim://{name}",
-                     metadata_url=ms.admin_url, metadata_token_file=str(ms.token_file))
-            )  # fmt: skip
+        add_hosts(store, ("hv1", "hv2", "hv3"), scheme="sim", metadata=ms)
         now = store.now()
         with store.begin() as tx:
             for i in range(DROPLETS):
                 # 2 TiB each: minutes of copying even at the simulator's top speed, so all are still
                 # running when the signal comes.
-                did = f"big{i}"
-                tx.add_droplet(Droplet(did, "hv1", 2, 2 * GIB, 2048 * GIB, addresses=(f"127.0.9.{i + 1}",)))
-                m = tx.create_migration(
-                    NewMigration(did, "hv1", f"hv{2 + i % 2}", now, now, now + timedelta(hours=1))
-                )
-                tx.transition(m.id, S.NOTIFIED, notified_at=now)
-        argv = [str(BIN), "--db", url, *SETS, "run", "--worker", "w1", "--driver", "sim",
-                "--sim-speed", "2000", "--poll-interval", "100ms"]  # fmt: skip
-        with log.open("w") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=out)
+                droplet = Droplet(f"big{i}", "hv1", 2, 2 * GIB, 2048 * GIB, addresses=(f"127.0.9.{i + 1}",))
+                notified_migration(tx, droplet, f"hv{2 + i % 2}", now)
+        proc = start_run(url, "w1", log, "--driver", "sim", "--sim-speed", "2000", "--poll-interval", "100ms",
+                         settings=SETS)  # fmt: skip
         try:
             deadline = time.monotonic() + WAIT_S
             while sum(m.state is S.RUNNING for m in store.list_migrations()) < DROPLETS:

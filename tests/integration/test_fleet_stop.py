@@ -9,35 +9,26 @@ refused at start, in one line.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from host_engine.models import Droplet, Host, Migration, NewMigration
+from host_engine.models import Droplet, Migration, NewMigration
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
-from tests import pg
-from tests.fleet import GIB, FileHypervisor, WorkerSpec, start_worker, stop
+from tests import fleet, pg
+from tests.fleet import GIB, HOST_ENGINE_BIN, FileHypervisor, WorkerSpec, add_hosts, start_worker, stop
 from tests.servers import MetadataServer
-from tests.support import require
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-BIN = Path(sys.executable).parent / "host-engine"
+pg_server = fleet.pg_server
+
 WAIT_S = 60.0
 SIGTERM_BOUND_S = 10.0  # the bound
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[pg.PostgresServer]:
-    reason = pg.missing_reason()
-    require(reason is None, reason or "")
-    with pg.postgres_server() as server:
-        yield server
 
 
 def wait(store: Store, mid: str, what: str, check: Callable[[Migration], bool], log: Path) -> Migration:
@@ -57,11 +48,7 @@ def test_fleet_hung_hypervisor_call_stalls_nothing_else_and_sigterm_hands_it_ove
     hv = FileHypervisor(tmp_path / "hv")
     log = tmp_path / "workers.log"
     with MetadataServer.start(tmp_path / "ms") as ms, Store.open(url) as store:
-        for h in ("a", "x"):
-            store.add_host(
-                Host(h, "nyc1", 64, 256 * GIB, 4000 * GIB, hypervisor_uri=f"fake://{h}",
-                     metadata_url=ms.admin_url, metadata_token_file=str(ms.token_file))
-            )  # fmt: skip
+        add_hosts(store, ("a", "x"), metadata=ms)
         now = store.now()
         ids = {}
         for i, did in enumerate(("stuck", "other", "later")):
@@ -126,7 +113,7 @@ def test_fleet_second_process_under_a_held_worker_name_is_refused(
     w1 = start_worker(WorkerSpec(db=url, hv_dir=str(tmp_path / "hv"), name="hv-a"), log)
     try:
         r = subprocess.run(
-            [str(BIN), "--db", url, "run", "--worker", "hv-a", "--poll-interval", "200ms"],
+            [str(HOST_ENGINE_BIN), "--db", url, "run", "--worker", "hv-a", "--poll-interval", "200ms"],
             capture_output=True,
             text=True,
             timeout=60,

@@ -13,32 +13,24 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from host_engine.models import Droplet, Host, Migration, NewMigration
+from host_engine.models import Droplet, Migration
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
-from tests import pg
-from tests.fleet import GIB, FileHypervisor, WorkerSpec, start_worker, stop
-from tests.support import require
+from tests import fleet, pg
+from tests.fleet import GIB, FileHypervisor, WorkerSpec, add_hosts, notified_migration, start_worker, stop
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+pg_server = fleet.pg_server
 
 LEASE_S = 8
 WAIT_S = 90.0
 # The bound for a dead worker's attempts to be taken over.
 TAKEOVER_BOUND_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[pg.PostgresServer]:
-    reason = pg.missing_reason()
-    require(reason is None, reason or "")
-    with pg.postgres_server() as server:
-        yield server
 
 
 class Fleet:
@@ -47,18 +39,14 @@ class Fleet:
         self.store = Store.open(url)
         self.hv = FileHypervisor(tmp_path / "hv")
         self.log = tmp_path / "workers.log"
-        for h in ("a", "b"):
-            self.store.add_host(Host(h, "nyc1", 64, 256 * GIB, 4000 * GIB, hypervisor_uri=f"fake://{h}"))
+        add_hosts(self.store, ("a", "b"))
 
     def migration(self, droplet_id: str) -> str:
-        self.store.add_droplet(Droplet(droplet_id, "a", 1, GIB, 4 * GIB, addresses=("10.0.0.2",)))
         self.hv.add_droplet(droplet_id, "a")
         now = self.store.now()
-        (m,) = self.store.create_migrations(
-            [NewMigration(droplet_id, "a", "b", now, now, now + timedelta(hours=1))]
-        )
-        self.store.transition(m.id, S.NOTIFIED, notified_at=now)
-        return m.id
+        with self.store.begin() as tx:
+            droplet = Droplet(droplet_id, "a", 1, GIB, 4 * GIB, addresses=("10.0.0.2",))
+            return notified_migration(tx, droplet, "b", now).id
 
     def worker(self, name: str, *, duration_s: float, lease: str = f"{LEASE_S}s") -> WorkerSpec:
         return WorkerSpec(
