@@ -239,7 +239,7 @@ class _DryRunHook:
 @click.option(
     "--event",
     "kind",
-    type=click.Choice(["live_migrate", "offline_migrate"]),
+    type=click.Choice([NoticeKind.LIVE_MIGRATE.value, NoticeKind.OFFLINE_MIGRATE.value]),
     required=True,
     help="The kind of event to rehearse.",
 )

@@ -18,6 +18,8 @@ from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from guest_agent.states import HookOutcome
+
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -41,13 +43,13 @@ class Metrics:
             if lead_time_s is not None:
                 self._lead_time_s = lead_time_s
 
-    def hook_done(self, phase: str, hook: str, duration_s: float, outcome: str) -> None:
+    def hook_done(self, phase: str, hook: str, duration_s: float, outcome: HookOutcome) -> None:
         with self._lock:
             acc = self._duration[(phase, hook)]
             acc[0] += duration_s
             acc[1] += 1
-            self._runs[(phase, hook, outcome)] += 1
-            if outcome != "ok":
+            self._runs[(phase, hook, outcome.value)] += 1
+            if not outcome.success:
                 self._failures[(phase, hook)] += 1
 
     def metadata_up(self, up: bool) -> None:

@@ -91,7 +91,7 @@ class PhaseRunner:
                     detail = "left running by the previous agent; ended at its timeout"
                     log.error("%s: %s (process group %d)", where, detail, ident.pgid)
                     self.journal.hook_finished(rec.event_id, hook.phase, hook.name, HookOutcome.CUT, detail)
-                    self.metrics.hook_done(hook.phase.value, hook.name, 0.0, HookOutcome.CUT.value)
+                    self.metrics.hook_done(hook.phase.value, hook.name, 0.0, HookOutcome.CUT)
                     continue
                 log.warning(
                     "%s: the copy left from before the restart has ended; its result is unknown", where
@@ -145,7 +145,7 @@ class PhaseRunner:
                     self.journal.hook_finished(
                         rec.event_id, phase, spec.name, HookOutcome.INTERRUPTED, detail
                     )
-                    self.metrics.hook_done(phase.value, spec.name, 0.0, HookOutcome.INTERRUPTED.value)
+                    self.metrics.hook_done(phase.value, spec.name, 0.0, HookOutcome.INTERRUPTED)
                     report.results.append((spec.name, HookOutcome.INTERRUPTED, detail))
                     stop_rest = spec.stop_on_failure
                     continue
@@ -171,7 +171,7 @@ class PhaseRunner:
     def _skip(self, rec: EventRecord, phase: Phase, spec: HookSpec, why: str, report: PhaseReport) -> None:
         log.error("event_id=%s phase=%s hook=%s skipped: %s", rec.event_id, phase.value, spec.name, why)
         self.journal.hook_finished(rec.event_id, phase, spec.name, HookOutcome.SKIPPED, why)
-        self.metrics.hook_done(phase.value, spec.name, 0.0, HookOutcome.SKIPPED.value)
+        self.metrics.hook_done(phase.value, spec.name, 0.0, HookOutcome.SKIPPED)
         report.results.append((spec.name, HookOutcome.SKIPPED, why))
 
     def _run_hook(
@@ -226,7 +226,7 @@ class PhaseRunner:
             for key, value in result.data.items():
                 self.journal.put_data(rec.event_id, key, value)
         self.journal.hook_finished(rec.event_id, phase, spec.name, result.outcome, result.detail)
-        self.metrics.hook_done(phase.value, spec.name, duration_s, result.outcome.value)
+        self.metrics.hook_done(phase.value, spec.name, duration_s, result.outcome)
         level = logging.INFO if result.outcome.success else logging.ERROR
         log.log(
             level,

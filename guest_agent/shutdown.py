@@ -20,6 +20,7 @@ from guest_agent.hooks.process import run_program
 from guest_agent.journal import EventRecord, Journal
 from guest_agent.source import EventSource
 from guest_agent.states import HookOutcome
+from guest_sdk import AckAction
 from guest_sdk.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class ShutdownSteps:
             before_sleep=log_retry,
         )
         try:
-            retrying(source.acknowledge, rec.server_id, "offline", power_on_after=power_on_after)
+            retrying(source.acknowledge, rec.server_id, AckAction.OFFLINE, power_on_after=power_on_after)
         except AckRejected as e:
             self._finish_step(rec, ACK_OFFLINE_STEP, HookResult.failed(f"refused: {e}"))
             return AckOutcome.REFUSED
@@ -166,11 +167,12 @@ class ShutdownSteps:
             return
         self.journal.hook_started(rec.event_id, Phase.ON_NOTICE, ACK_READY_STEP)
         try:
-            source.acknowledge(rec.server_id, "ready", power_on_after=self._config().agent.power_on_after)
+            power_on_after = self._config().agent.power_on_after
+            source.acknowledge(rec.server_id, AckAction.READY, power_on_after=power_on_after)
         except (AckRejected, MetadataUnreachable) as e:
             self._finish_step(rec, ACK_READY_STEP, HookResult.failed(str(e)))
         else:
-            self._finish_step(rec, ACK_READY_STEP, HookResult.ok("ready"))
+            self._finish_step(rec, ACK_READY_STEP, HookResult.ok(AckAction.READY.value))
 
     def _record_step(self, rec: EventRecord, name: str, result: HookResult) -> None:
         self.journal.hook_started(rec.event_id, Phase.BEFORE_OFFLINE, name)

@@ -22,6 +22,7 @@ from guest_agent.config import MetadataConfig
 from guest_agent.errors import AckRejected, MetadataUnreachable
 from guest_agent.states import MigrationKind
 from guest_sdk import (
+    AckAction,
     EventConflict,
     EventKind,
     GuestSDKError,
@@ -109,7 +110,7 @@ class EventSource(Protocol):
         """One reading now; raises :class:`MetadataUnreachable`."""
         ...
 
-    def acknowledge(self, event_id: str, action: str, *, power_on_after: bool) -> None:
+    def acknowledge(self, event_id: str, action: AckAction, *, power_on_after: bool) -> None:
         """Raises :class:`AckRejected` (not current / cannot ack) or :class:`MetadataUnreachable`."""
         ...
 
@@ -155,7 +156,7 @@ class SDKSource:
         finally:
             self._forget(client)
 
-    def acknowledge(self, event_id: str, action: str, *, power_on_after: bool) -> None:
+    def acknowledge(self, event_id: str, action: AckAction, *, power_on_after: bool) -> None:
         client = self._client()
         try:
             client.acknowledge(event_id, action, power_on_after=power_on_after)

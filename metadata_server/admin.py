@@ -170,8 +170,8 @@ def create_admin_app(store: Store, token: str, metrics: Metrics | None = None) -
         doc = body()
         validate.no_unknown_fields(doc, _EVENT_FIELDS)
         event_id = validate.event_id(doc)
-        kind = EventKind(validate.required_choice(doc, "event", ("live_migrate", "offline_migrate")))
-        state = EventState(validate.required_choice(doc, "state", ("scheduled", "in_progress")))
+        kind = validate.required_member(doc, "event", EventKind)
+        state = validate.required_member(doc, "state", EventState)
         not_before = validate.optional_time(doc, "not_before")
         deadline = validate.optional_time(doc, "deadline") or not_before
         validate.deadline_not_before(not_before, deadline)

@@ -230,7 +230,7 @@ def create_guest_flask(guest: GuestApp) -> Flask:
             body = validate.json_object(request.get_data(cache=False))
             validate.no_unknown_fields(body, {"id", "action", "power_on_after"})
             event_id = validate.event_id(body)
-            action = AckAction(validate.required_choice(body, "action", ("ready", "offline")))
+            action = validate.required_member(body, "action", AckAction)
             power_on_after = validate.optional_bool(body, "power_on_after", True)
             guest.store.acknowledge(view.droplet.id, event_id, action, power_on_after, guest.now())
         except ValidationError as e:

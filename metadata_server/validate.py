@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import json
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ValidationError
 from .timefmt import format_rfc3339, parse_rfc3339
@@ -18,6 +19,8 @@ MAX_ADDRESSES = 64
 MAX_TEXT_FIELD = 253  # a DNS name's limit; plenty for a region too
 MAX_EXPECTED_DOWNTIME_MS = 3_600_000.0  # an hour: beyond that it is not a live migration's pause
 MAX_EXPECTED_DURATION_S = 7 * 24 * 3600.0
+
+E = TypeVar("E", bound=enum.Enum)
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
@@ -93,11 +96,13 @@ def optional_text(body: dict[str, Any], name: str) -> str | None:
     return value
 
 
-def required_choice(body: dict[str, Any], name: str, choices: tuple[str, ...]) -> str:
+def required_member(body: dict[str, Any], name: str, cls: type[E]) -> E:
+    """``body[name]`` as the member of ``cls`` with that value; else an error naming every value."""
+    choices = tuple(str(member.value) for member in cls)
     value = body.get(name)
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValidationError(f"{name} must be one of {', '.join(choices)}", field=name)
-    return str(value)
+    return cls(value)
 
 
 def event_id(body: dict[str, Any]) -> str:

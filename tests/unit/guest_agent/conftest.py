@@ -16,6 +16,7 @@ from guest_agent.errors import MetadataUnreachable
 from guest_agent.hooks.base import HookContext, HookResult
 from guest_agent.journal import Journal
 from guest_agent.source import Notice, NoticeKind
+from guest_sdk import AckAction
 
 T0 = 1_800_000_000.0
 
@@ -107,10 +108,10 @@ class FakeSource:
     def current(self) -> Notice:  # pragma: no cover
         raise MetadataUnreachable("fake")
 
-    def acknowledge(self, event_id: str, action: str, *, power_on_after: bool) -> None:
+    def acknowledge(self, event_id: str, action: AckAction, *, power_on_after: bool) -> None:
         if self.ack_errors:
             raise self.ack_errors.pop(0)
-        self.acks.append((event_id, action, power_on_after))
+        self.acks.append((event_id, action.value, power_on_after))  # the agent passes the SDK's enum
 
     def close(self) -> None:
         pass

@@ -12,6 +12,7 @@ from guest_agent.config import Phase, parse_config
 from guest_agent.errors import AckRejected, MetadataUnreachable
 from guest_agent.journal import HookOutcome
 from guest_agent.shutdown import ACK_RETRY
+from guest_sdk import AckAction
 
 from .conftest import CONFIG, FakeClock, FakeSource, Recorder, World, make_agent, offline
 
@@ -23,7 +24,7 @@ class DownSource(FakeSource):
     clock: FakeClock = field(default_factory=FakeClock)
     attempts_at: list[float] = field(default_factory=list)
 
-    def acknowledge(self, event_id: str, action: str, *, power_on_after: bool) -> None:
+    def acknowledge(self, event_id: str, action: AckAction, *, power_on_after: bool) -> None:
         self.attempts_at.append(self.clock.monotonic())
         super().acknowledge(event_id, action, power_on_after=power_on_after)
 

@@ -9,13 +9,14 @@ import requests
 
 from guest_agent.cli import setup_logging
 from guest_agent.metrics import Metrics, serve
+from guest_agent.states import HookOutcome
 
 
 def test_metrics_render_prometheus_text() -> None:
     m = Metrics()
     m.event_seen("live_migrate", 612.5)
-    m.hook_done("on_notice", "drain", 2.5, "ok")
-    m.hook_done("on_notice", "drain", 1.5, "failed")
+    m.hook_done("on_notice", "drain", 2.5, HookOutcome.OK)
+    m.hook_done("on_notice", "drain", 1.5, HookOutcome.FAILED)
     m.metadata_up(True)
     text = m.render()
     assert 'guest_agent_events_seen_total{kind="live_migrate"} 1' in text

@@ -12,7 +12,7 @@ import pytest
 
 from guest_agent.errors import MetadataUnreachable
 from guest_agent.source import CLEAR, Backoff, Notice, NoticeKind, Watcher
-from guest_sdk import EventKind, MaintenanceEvent
+from guest_sdk import AckAction, EventKind, MaintenanceEvent
 
 from .conftest import live
 
@@ -39,7 +39,7 @@ class ScriptedSource:
     def current(self) -> Notice:
         raise NotImplementedError
 
-    def acknowledge(self, event_id: str, action: str, *, power_on_after: bool) -> None:
+    def acknowledge(self, event_id: str, action: AckAction, *, power_on_after: bool) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
