@@ -112,7 +112,7 @@ def test_an_event_set_without_a_prediction_reads_as_before(
     db: str, clock: FakeClock, server: MetadataServer
 ) -> None:
     server.register("d3", [ADDR["d3"]], hostname="d3")
-    # What an engine from before predictions sends: the §11 fields only.
+    # What an engine from before predictions sends: id, event, state, not_before and deadline only.
     server.set_event("d3", "ev-old", not_before="2026-12-01T02:00:00Z")
     doc = guest_json(server, "d3")
     assert {k: doc[k] for k in ("event", "id", "state", "not_before", "deadline")} == {

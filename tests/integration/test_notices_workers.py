@@ -1,5 +1,5 @@
 """Notices, acks and reconciliation with several engine workers on one real PostgreSQL, against real metadata
-servers on loopback (DESIGN.md §9):
+servers on loopback (docs/host-engine.md, "Running several workers"):
 
 * three workers (each its own Store and connections, ticking concurrently on threads) send each notice exactly
   once, counted at the metadata server (its request metrics);

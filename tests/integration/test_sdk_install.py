@@ -1,6 +1,6 @@
 """`pip install .` into a fresh venv pulls in only requests, tenacity and click (and their own dependencies).
 
-DESIGN.md §1: the guest install must carry nothing of Flask, SQL or libvirt. This builds the project from a copy
+docs/sdk.md: the guest install must carry nothing of Flask, SQL or libvirt. This builds the project from a copy
 of its sources (so the build leaves nothing in the work tree) and installs it into a new venv with the machine's
 ordinary pip configuration.
 """

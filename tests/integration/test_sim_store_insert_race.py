@@ -3,7 +3,7 @@ bench/fleet.py: ``engine step SimTickStep failed: store refused the change: dupl
 unique constraint "sim_droplets_pkey"``, which threw away that worker's whole tick).
 
 The worker that loses the race must take it as what it is, another process changed the row first: its tick
-goes on, its copy is dropped and read again, the row keeps the winner's state (DESIGN.md §9)."""
+goes on, its copy is dropped and read again, the row keeps the winner's state (docs/host-engine.md, "The simulated datacenter")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Several ``host-engine`` processes on one simulated datacenter (its rows in one SQLite store): two ``run``
 workers evacuate a host together, and ``migrate --now`` runs beside a ``run``. Every process keeps working,
-every migration runs once, and the simulator and the store agree at the end (DESIGN.md §9)."""
+every migration runs once, and the simulator and the store agree at the end (docs/host-engine.md, "Running several workers")."""
 
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ def event_json(
     acknowledged: str | None = None,
     not_before: str | None = "2026-12-01T02:00:00Z",
 ) -> dict[str, object]:
-    """A maintenance_event.json document as our server sends it (DESIGN.md §4)."""
+    """A maintenance_event.json document as our server sends it (docs/metadata-server.md, "Guest API")."""
     if event == "":
         return {
             "event": "",

@@ -1,4 +1,4 @@
-"""The guest SDK imports only requests, tenacity, click and the standard library (DESIGN.md §1)."""
+"""The guest SDK imports only requests, tenacity, click and the standard library (docs/sdk.md: the guest install pulls in nothing else)."""
 
 from __future__ import annotations
 

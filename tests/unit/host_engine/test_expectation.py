@@ -18,7 +18,7 @@ from tests.unit.host_engine.fake_admin import FakeAdmin
 from tests.unit.host_engine.test_cli_executor import ok, only_migration
 
 URL = "http://127.0.0.1:8002"
-OLD_SERVER_FIELDS = {"id", "event", "state", "not_before", "deadline"}  # DESIGN §11 before predictions
+OLD_SERVER_FIELDS = {"id", "event", "state", "not_before", "deadline"}  # an event before predictions
 
 
 def test_expected_reads_garbage_as_absent() -> None:
@@ -79,7 +79,7 @@ def test_report_shows_predicted_vs_actual(db: str, clock: FakeClock, admin: Fake
 
 
 class OldServer(FakeAdmin):
-    """A metadata server from before predictions: it refuses the event fields it does not know (§11)."""
+    """A metadata server from before predictions: it refuses the event fields it does not know (docs/metadata-server.md, "Admin API")."""
 
     def _handle(self, request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
         if (request.method, (request.url or "").endswith("/maintenance")) == ("PUT", True):

@@ -1,5 +1,5 @@
 """Reconciliation decides on the store's word at the moment it changes a server, not on the snapshot it took
-at the start of its pass: other workers send notices and complete migrations while it runs (DESIGN.md §9).
+at the start of its pass: other workers send notices and complete migrations while it runs (docs/host-engine.md, "Running several workers").
 A notice in flight is not cleared; a droplet that moved mid-pass is neither registered back on its old
 server nor removed from its new one. The admin API is faked at the transport; the race is staged by running
 the other worker's step just before the server answers reconciliation's list.

@@ -1,4 +1,4 @@
-"""The simulated datacenter kept in the store as rows, shared by every process (DESIGN.md §9)."""
+"""The simulated datacenter kept in the store as rows, shared by every process (docs/host-engine.md, "The simulated datacenter")."""
 
 from __future__ import annotations
 

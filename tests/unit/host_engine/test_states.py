@@ -22,8 +22,8 @@ from host_engine.states import (
 
 S = MigrationState
 
-# DESIGN.md §3, written out again on purpose: the code's table must equal the design's.
-DESIGN_TABLE = {
+# docs/host-engine.md, "The migration state machine", written out again on purpose: the code's table must equal it.
+DOCUMENTED_TABLE = {
     ("planned", "notified"),
     ("planned", "cancelled"),
     ("notified", "running"),
@@ -43,13 +43,13 @@ DESIGN_TABLE = {
 
 def test_states_transition_table_matches_design() -> None:
     table = {(a.value, b.value) for a, nxt in TRANSITIONS.items() for b in nxt}
-    assert table == DESIGN_TABLE
+    assert table == DOCUMENTED_TABLE
     assert set(TRANSITIONS) == set(MigrationState)
 
 
 @given(st.sampled_from(list(S)), st.sampled_from(list(S)))
 def test_states_illegal_transition_raises(a: MigrationState, b: MigrationState) -> None:
-    if (a.value, b.value) in DESIGN_TABLE:
+    if (a.value, b.value) in DOCUMENTED_TABLE:
         check_transition("m-x", a, b)
         assert can_transition(a, b)
     else:
