@@ -42,6 +42,7 @@ from host_engine.controller import (
 from host_engine.drivers.base import (
     AlreadyCompleted,
     DriverError,
+    ExplainsAbort,
     MigrationDriver,
     Phase,
     Progress,
@@ -303,6 +304,10 @@ class MigrationRun:
         p: Progress | None = None,
     ) -> MigrationResult:
         if outcome is not Outcome.COMPLETED:
+            if outcome is Outcome.ABORTED and isinstance(self.driver, ExplainsAbort):
+                who = "the controller" if abort_reason is not None else "the engine"
+                why = f"{abort_reason.value}: {reason}" if abort_reason is not None else reason
+                self.driver.note_abort_reason(f"aborted by {who}: {why}")
             completed, target_unclean = self._clean_up_failure()
             if completed:
                 log.warning(

@@ -157,6 +157,15 @@ class MigrationDriver(Protocol):
 
 
 @runtime_checkable
+class ExplainsAbort(Protocol):
+    """A driver that can be told why the engine aborts before ``abort()`` is called: its logs and its
+    failure's error then name the engine's reason, not only the hypervisor's text (optional)."""
+
+    def note_abort_reason(self, reason: str) -> None:
+        """The engine's reason for the abort that follows (e.g. ``aborted by the controller: ...``)."""
+
+
+@runtime_checkable
 class HypervisorDriver(Protocol):
     """A hypervisor back end (libvirt, sim): hands out one ``MigrationDriver`` per migration."""
 

@@ -97,6 +97,10 @@ class MigrationJob:
         self._events = MigrationEvents(spec.migration_id)
         self._started_offline_copy = False
         self._target_at_fault = False
+        # The engine's reason when it aborts (``note_abort_reason``): libvirt's error after an abortJob says
+        # only what QEMU saw ("operation failed: ... Input/output error"), never why the job was stopped.
+        self._abort_reason: str | None = None
+        self._failed_before_abort = False
 
     # -- connections ------------------------------------------------------------------------------------
 
@@ -197,7 +201,7 @@ class MigrationJob:
         if self._error is None:
             self._advance(Phase.DONE)
         else:
-            self._fail(str(self._error))
+            self._fail(self._error_text())
 
     def _target_runs_droplet(self) -> bool:
         """Whether the target holds the live copy: its domain runs (or, when asked to stay paused, is defined
@@ -222,19 +226,34 @@ class MigrationJob:
             # stopped for good.
             return True
 
+    def note_abort_reason(self, reason: str) -> None:
+        """The engine's reason for the abort that follows (``drivers.base.ExplainsAbort``): the failure's
+        logged and reported error says it first, libvirt's text after it."""
+        self._abort_reason = reason
+        log.info("migration %s: %s", self.spec.migration_id, reason)
+
     def _migrate(self, dom: Any, params: dict[str, Any], flags: int) -> None:
         try:
             dom.migrateToURI3(self.peer_uri, params, flags)
         except BaseException as e:
             self._error = e
-            log.warning("migration %s: migrateToURI3 failed: %s", self.spec.migration_id, e)
+            self._failed_before_abort = self._abort_reason is None
+            log.warning("migration %s: migrateToURI3 failed: %s", self.spec.migration_id, self._error_text())
         else:
             log.info("migration %s: migrateToURI3 returned", self.spec.migration_id)
 
     # -- progress -----------------------------------------------------------------------------------------
 
     def _error_text(self) -> str:
-        return str(self._error) if self._error is not None else "aborted"
+        """Why the job failed: the engine's abort reason when it aborted (libvirt's text in brackets),
+        else libvirt's error."""
+        if self._abort_reason is None:
+            return str(self._error) if self._error is not None else "aborted"
+        if self._error is None:
+            return self._abort_reason
+        if self._failed_before_abort:  # libvirt's own failure, before the engine decided to abort
+            return f"{self._error} (then {self._abort_reason})"
+        return f"{self._abort_reason} (libvirt: {self._error})"
 
     def _fail(self, why: str) -> None:
         if self._phase is Phase.FAILED:

@@ -330,7 +330,7 @@ class LibvirtMigration(ProgressReporter, MigrationDriver):
         if self._succeeded():
             raise AlreadyCompleted("cannot abort: the migration completed and the target runs the droplet")
         if self._phase is not Phase.FAILED:
-            self._fail("aborted")
+            self._fail(self._error_text())
         self._clean_after_failure()
 
     def _finalize_success(self) -> None:
