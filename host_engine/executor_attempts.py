@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from host_engine import requests as operator_requests
 from host_engine.attempt import Clock, MigrationResult, MigrationRun, RealClock
-from host_engine.drivers.base import HypervisorDriver, MigrationSpec, Progress
+from host_engine.drivers.base import HypervisorDriver, MigrationSpec, Phase, Progress
 from host_engine.errors import HostEngineError, StaleClaim, StoreError
 from host_engine.executor_config import ExecutorConfig, ExecutorHooks, TargetChooser
 from host_engine.executor_metrics import ExecutorMetrics
@@ -255,6 +255,11 @@ class AttemptsExecutor:
         if result is None:
             return False
         mid = a.migration.id
+        final = result.trace[-1] if result.trace else None
+        if a.samples is not None and final is not None and final.phase is Phase.DONE and result.converged:
+            # A job found completed while being aborted: its last snapshot passed no tick (read at the
+            # same instant as a sample already kept, it replaces it).
+            a.samples.add(progress_dict(final))
         if a.lost_claim:
             # Another worker took over (our lease expired): it owns the store row and recovery.
             self._drop(a, Finished(mid, a.migration.attempt, result, a.migration.state))

@@ -13,15 +13,16 @@ import pytest
 
 from host_engine.attempt import Outcome, run_migration
 from host_engine.controller import Action, ControllerConfig, Switchover
-from host_engine.drivers.base import MigrationSpec, Phase, Progress
-from host_engine.drivers.sim import MiB, SimClock, SimHypervisor, SimWorld, Workload
+from host_engine.drivers.base import AlreadyCompleted, MigrationSpec, Phase, Progress
+from host_engine.drivers.sim import MiB, SimClock, SimHypervisor, SimMigrationDriver, SimWorld, Workload
+from host_engine.executor import Executor, ExecutorConfig, request_abort
 from host_engine.models import NewMigration
 from host_engine.progress import progress_dict
 from host_engine.samples import SampleBuffer, sample_rows
 from host_engine.states import LogKind, MigrationState
 from host_engine.store import Store
 from host_engine.timeline import attempt_marks, timeline
-from tests.unit.host_engine.conftest import GIB, FakeClock, make_droplet, make_host
+from tests.unit.host_engine.conftest import GIB, T0, FakeClock, make_droplet, make_host
 from tests.unit.host_engine.fake_admin import FakeAdmin
 from tests.unit.host_engine.test_report_samples import invoke
 
@@ -182,3 +183,67 @@ def test_a_long_attempt_keeps_the_last_copying_sample_before_the_switchover() ->
     buf.add({"elapsed_s": 45.1, "phase": "done"})
     times = [r[0] for r in buf.to_json()["rows"]]
     assert times[-3:] == [44.0, 45.0, 45.1], times
+
+
+class CompletesWhenAborted:
+    """The sim's migration driver, except that the job completes while the engine asks it to abort (as
+    libvirt's can: the abort finds the job done), so the completed snapshot never passes a controller tick."""
+
+    def __init__(self, inner: SimMigrationDriver, world: SimWorld) -> None:
+        self.inner, self.world = inner, world
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def abort(self) -> None:
+        self.inner.switchover()
+        for _ in range(10_000):
+            if self.inner.progress().phase is Phase.DONE:
+                raise AlreadyCompleted("the job completed before the abort")
+            self.world.advance(0.01)
+        raise AssertionError("the sim did not complete the switchover")
+
+
+class RacingHypervisor:
+    def __init__(self, world: SimWorld) -> None:
+        self.inner, self.world = SimHypervisor(world), world
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def migration(self, spec: MigrationSpec) -> CompletesWhenAborted:
+        return CompletesWhenAborted(self.inner.migration(spec), self.world)
+
+
+def test_an_abort_that_finds_the_job_completed_records_its_switchover(tmp_path: Path) -> None:
+    world = SimWorld(5)
+    store = Store.open(tmp_path / "engine.db", clock=lambda: T0 + timedelta(seconds=world.time_s))
+    for name in ("a", "b"):
+        world.add_host(name)
+        store.add_host(make_host(name, hypervisor_uri=f"sim://{name}", metadata_url="http://x/"))
+    # Memory rewritten faster than the link carries it: only the switchover in abort() ends the copy.
+    hot = Workload("hot", disk_rate_bps=MiB, memory_rate_bps=2 * 1250 * MiB, memory_hot_bytes=256 * MiB)
+    world.add_droplet("d1", "a", memory_bytes=256 * MiB, disk_bytes=GIB, workload=hot)
+    store.add_droplet(make_droplet("d1", "a", memory_bytes=256 * MiB, disk_bytes=GIB))
+    now = store.clock()
+    [m] = store.create_migrations([NewMigration("d1", "a", "b", now, now, now + timedelta(hours=1))])
+    store.transition(m.id, MigrationState.NOTIFIED, notified_at=now)
+    clock = SimClock(world)
+    ex = Executor(store, RacingHypervisor(world), ExecutorConfig(worker="w1"), clock, rand=lambda: 0.5)  # type: ignore[arg-type]
+    for _ in range(600):
+        ex.tick()
+        clock.sleep(ex.config.tick_s)
+        if store.get_migration(m.id).stats.get("progress", {}).get("phase") == "memory":
+            break
+    request_abort(store, m.id, by="alice")
+    for _ in range(600):
+        if store.get_migration(m.id).state.is_terminal:
+            break
+        ex.tick()
+        clock.sleep(ex.config.tick_s)
+    assert store.get_migration(m.id).state is MigrationState.COMPLETED
+    rows = timeline(store, m.id)
+    assert [r["phase"] for r in rows[-2:]] == ["switchover", "done"], [r["phase"] for r in rows]
+    [mark] = attempt_marks(store.migration_log(m.id), rows, store.get_migration(m.id).stats["last_attempt"])
+    assert mark.completed and mark.switchover_s == rows[-2]["elapsed_s"]
+    store.close()
