@@ -26,7 +26,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MiB = 1024 * 1024
 GUEST: dict[str, Any] = {"mem_kib": 8 * 1024, "disk_sectors": 0, "paced": True}
 RUN_TIMEOUT_S = 180.0
 PHASES = ("startup", "notice", "claim", "attempt", "end")
@@ -75,36 +74,6 @@ def run_cli(src_dir: Path, db: Path, droplet: str, to: str, pycache: Path) -> di
     }
 
 
-def make_store(db: Path, hosts: Any, server: Any, droplet: str) -> None:
-    from host_engine.models import Droplet, Host
-    from host_engine.store import Store
-
-    with Store.open(db) as store:
-        for h in hosts.hosts:
-            store.add_host(
-                Host(
-                    h.name,
-                    "dc1",
-                    vcpus=8,
-                    memory_bytes=8192 * MiB,
-                    disk_bytes=100_000 * MiB,
-                    hypervisor_uri=h.uri,
-                    metadata_url=server.admin_url,
-                    metadata_token_file=str(server.token_file),
-                )
-            )
-        store.add_droplet(
-            Droplet(
-                droplet,
-                hosts.source.name,
-                vcpus=1,
-                memory_bytes=128 * MiB,
-                disk_bytes=64 * MiB,
-                addresses=("127.0.0.77",),
-            )
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=4, help="migrations per checkout (alternating direction)")
@@ -114,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import libvirt
 
+    from tests.libvirt_harness.engine_store import harness_store
     from tests.libvirt_harness.guest import GuestSpec, build_disk, domain_xml
     from tests.libvirt_harness.hosts import TwoHosts
     from tests.servers import MetadataServer
@@ -129,7 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         src.defineXML(domain_xml(name, image, GuestSpec(**GUEST))).create()
         src.close()
         db = hosts.root / "engine.db"
-        make_store(db, hosts, server, name)
+        harness_store(
+            db,
+            hosts,
+            name,
+            metadata_url=server.admin_url,
+            metadata_token_file=server.token_file,
+            addresses=("127.0.0.77",),
+        ).close()
         pycache = hosts.root / "pycache"
         where = 0
         # Warm-up, not counted: QEMU's first probe on each host, each checkout's bytecode cached.

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from tests.libvirt_harness import support
+from tests.libvirt_harness.engine_store import harness_store
+from tests.libvirt_harness.jobs import wait_until_memory_moves
 from tests.libvirt_harness.support import (
     TICK_S,
     Conns,
@@ -63,25 +65,10 @@ def slow_hypervisor(hosts: Any) -> Any:
 
 def engine_store(tmp_path: Path, hosts: Any, droplet: str) -> Any:
     """A store holding both harness hosts and ``droplet`` on the source, with one migration due now."""
-    from host_engine.models import Droplet, Host, NewMigration
+    from host_engine.models import NewMigration
     from host_engine.states import MigrationState
-    from host_engine.store import Store
 
-    store = Store.open(tmp_path / f"{droplet}.db")
-    for h in hosts.hosts:
-        store.add_host(
-            Host(
-                h.name,
-                "dc1",
-                vcpus=8,
-                memory_bytes=8192 * MiB,
-                disk_bytes=100_000 * MiB,
-                hypervisor_uri=h.uri,
-            )
-        )
-    store.add_droplet(
-        Droplet(droplet, hosts.source.name, vcpus=1, memory_bytes=128 * MiB, disk_bytes=64 * MiB)
-    )
+    store = harness_store(tmp_path / f"{droplet}.db", hosts, droplet)
     now = datetime.now(UTC)
     [m] = store.create_migrations(
         [NewMigration(droplet, hosts.source.name, hosts.target.name, now, now, now + timedelta(hours=1))]
@@ -161,8 +148,6 @@ def test_target_killed_retry_goes_elsewhere_and_leftovers_go_when_it_returns(
 ) -> None:
     import threading
 
-    import libvirt
-
     from host_engine.attempt import RealClock
     from host_engine.config import PlacementConfig
     from host_engine.drivers.libvirt import LibvirtHypervisor
@@ -192,14 +177,7 @@ def test_target_killed_retry_goes_elsewhere_and_leftovers_go_when_it_returns(
     )
 
     def kill_target_once_memory_moves() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if int(src_dom.jobStats().get("memory_processed", 0)) > 0:
-                    break
-            except libvirt.libvirtError as e:  # the job may not exist yet
-                print(f"waiting for the job: {e}")
-            time.sleep(0.1)
+        wait_until_memory_moves(src_dom)
         hosts.target.kill_daemon()
 
     killer = threading.Thread(target=kill_target_once_memory_moves, daemon=True)
