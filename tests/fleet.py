@@ -10,9 +10,9 @@ name held, the executor with an attempt per thread, the fleet's limits from ``[c
 hypervisor, since the simulated datacenter is per process here. ``max_overlap`` counts, from the store's
 ``migration_log``, how many attempts ran at once.
 
-What every fleet test starts from is here too: ``pg_server`` (a real PostgreSQL per test module; a module uses
-it as ``pg_server = fleet.pg_server``), ``add_hosts``, ``notified_migration`` (a backlog row, due now, its guest told) and
-``start_run`` (``host-engine run`` as shipped, for the tests that run the real CLI instead of ``worker_main``).
+What every fleet test starts from is here too (its PostgreSQL server is the fixture ``tests.pg.pg_server``):
+``add_hosts``, ``notified_migration`` (a backlog row, due now, its guest told) and ``start_run`` (``host-engine
+run`` as shipped, for the tests that run the real CLI instead of ``worker_main``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from host_engine.attempt import RealClock
 from host_engine.config import config_from_dict
 from host_engine.drivers.base import (
@@ -52,8 +50,6 @@ from host_engine.models import Droplet, Host, LogEntry, Migration, NewMigration
 from host_engine.states import MigrationState
 from host_engine.store import Store, Tx
 from host_engine.workers import WorkerName
-from tests import pg
-from tests.support import require
 
 GIB = 1024**3
 # A hung hypervisor call returns after this at the latest (tests never wait that long).
@@ -65,16 +61,6 @@ WINDOW = timedelta(hours=1)
 
 
 # ---- what a fleet test starts from ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[pg.PostgresServer]:
-    """A real PostgreSQL server of the test module's own (a test may stop and start it); each test takes a
-    fresh database of it with ``new_database()``. Skipped without PostgreSQL, failed under CI=true."""
-    reason = pg.missing_reason()
-    require(reason is None, reason or "")
-    with pg.postgres_server() as server:
-        yield server
 
 
 def add_hosts(store: Store, names: Iterable[str], *, scheme: str = "fake", metadata: Any = None) -> None:

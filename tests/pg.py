@@ -1,9 +1,13 @@
 """A throwaway PostgreSQL server for tests: its own cluster in a temporary directory, on a loopback port.
 
 Debian's PostgreSQL refuses to run as root, so as root the cluster belongs to the ``postgres`` user and every
-server command runs through ``runuser -u postgres --``; as anyone else it runs as that user. Use
-:func:`postgres_server` (a context manager) from a session-scoped fixture, and
-:meth:`PostgresServer.new_database` for a fresh, empty database per test::
+server command runs through ``runuser -u postgres --``; as anyone else it runs as that user.
+
+A test module takes the server as the fixture :data:`pg_server` (one server per module, so a test may stop and
+start it) by naming it at module level, ``pg_server = pg.pg_server``; a conftest whose tests share one server for
+the whole run names :data:`session_pg_server` the same way (``pg_server = pg.session_pg_server``). Both skip
+with the reason when PostgreSQL is missing, and fail under CI=true. Each test takes a fresh, empty database
+with :meth:`PostgresServer.new_database`. Outside pytest (bench) use :func:`postgres_server`::
 
     with postgres_server() as pg:
         url = pg.new_database()       # postgresql://postgres@127.0.0.1:PORT/test_3
@@ -23,6 +27,10 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
+
+from tests.support import require
 
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 START_TIMEOUT_S = 60
@@ -169,3 +177,19 @@ def postgres_server() -> Iterator[PostgresServer]:
                 timeout=60,
             )
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _required_server() -> Iterator[PostgresServer]:
+    """A running server for the fixtures below: skipped with the reason when PostgreSQL cannot start here,
+    failed under CI=true (``tests.support.require``)."""
+    reason = missing_reason()
+    require(reason is None, reason or "")
+    with postgres_server() as server:
+        yield server
+
+
+pg_server = pytest.fixture(_required_server, scope="module", name="pg_server")
+"""The test module's own PostgreSQL server (a test may stop and start it): ``pg_server = pg.pg_server``."""
+
+session_pg_server = pytest.fixture(_required_server, scope="session", name="pg_server")
+"""One PostgreSQL server for the whole run, for a conftest: ``pg_server = pg.session_pg_server``."""

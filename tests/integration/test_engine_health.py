@@ -24,7 +24,6 @@ from host_engine.store import Store
 from tests import pg
 from tests.integration.test_fleet_outage import start_server, stop_server
 from tests.servers import MetadataServer, free_port
-from tests.support import require
 
 BIN = Path(sys.executable).parent / "host-engine"
 GIB = 1024**3
@@ -207,13 +206,7 @@ def test_run_serves_probes_tick_and_up_gauges_and_a_stopped_server_goes_down(tmp
             stop(proc, log)
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[pg.PostgresServer]:
-    """A server of this module's own: the test stops and starts it."""
-    reason = pg.missing_reason()
-    require(reason is None, reason or "")
-    with pg.postgres_server() as server:
-        yield server
+pg_server = pg.pg_server  # the module's own server: the test stops and starts it
 
 
 @pytest.mark.postgres

@@ -9,7 +9,6 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -21,7 +20,6 @@ from host_engine.models import Droplet, Host, NewMigration
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
 from tests import pg
-from tests.support import require
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -60,12 +58,7 @@ def run_worker(url: str, worker: str) -> None:
         store.close()
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[pg.PostgresServer]:
-    reason = pg.missing_reason()
-    require(reason is None, reason or "")
-    with pg.postgres_server() as server:
-        yield server
+pg_server = pg.pg_server
 
 
 def test_executor_two_workers_on_postgres_run_each_of_50_migrations_exactly_once(

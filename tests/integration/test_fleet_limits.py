@@ -16,7 +16,7 @@ import pytest
 from host_engine.models import Droplet
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
-from tests import fleet, pg
+from tests import pg
 from tests.fleet import (
     GIB,
     FileHypervisor,
@@ -31,7 +31,7 @@ from tests.fleet import (
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-pg_server = fleet.pg_server
+pg_server = pg.pg_server
 
 SOURCES = ("a", "b", "c")
 TARGETS = ("x", "y", "z")

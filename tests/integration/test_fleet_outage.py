@@ -20,12 +20,12 @@ import pytest
 from host_engine.models import Droplet
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
-from tests import fleet, pg
+from tests import pg
 from tests.fleet import GIB, FileHypervisor, WorkerSpec, add_hosts, notified_migration, start_worker, stop
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-pg_server = fleet.pg_server  # the module's own server: the test stops and starts it
+pg_server = pg.pg_server  # the module's own server: the test stops and starts it
 
 OUTAGE_S = float(os.environ.get("FLEET_OUTAGE_S", "20"))
 WAIT_S = 120.0

@@ -14,12 +14,12 @@ import pytest
 from host_engine.models import Droplet
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
-from tests import fleet, pg
+from tests import pg
 from tests.fleet import GIB, add_hosts, attempt_intervals, max_overlap, notified_migration, start_run
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-pg_server = fleet.pg_server
+pg_server = pg.pg_server
 
 N = 12
 LIMITS = {"max_parallel": 3, "max_per_source": 3, "max_per_target": 2}

@@ -20,13 +20,13 @@ from host_engine.drivers.sim import load_world
 from host_engine.models import Droplet
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
-from tests import fleet, pg
+from tests import pg
 from tests.fleet import GIB, add_hosts, notified_migration, start_run
 from tests.servers import MetadataServer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-pg_server = fleet.pg_server
+pg_server = pg.pg_server
 
 DROPLETS = 8
 WAIT_S = 60.0

@@ -19,13 +19,13 @@ import pytest
 from host_engine.models import Droplet, Migration, NewMigration
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
-from tests import fleet, pg
+from tests import pg
 from tests.fleet import GIB, HOST_ENGINE_BIN, FileHypervisor, WorkerSpec, add_hosts, start_worker, stop
 from tests.servers import MetadataServer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-pg_server = fleet.pg_server
+pg_server = pg.pg_server
 
 WAIT_S = 60.0
 SIGTERM_BOUND_S = 10.0  # the bound

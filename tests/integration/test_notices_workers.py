@@ -38,7 +38,6 @@ from host_engine.timeparse import format_time
 from tests import pg
 from tests.fleet import FileHypervisor
 from tests.servers import MetadataServer
-from tests.support import require
 
 pytestmark = [pytest.mark.postgres]
 
@@ -48,12 +47,7 @@ MAINTENANCE = "/admin/v1/droplets/<droplet_id>/maintenance"
 _SAMPLE = re.compile(r"^metadata_server_requests_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[pg.PostgresServer]:
-    reason = pg.missing_reason()
-    require(reason is None, reason or "")
-    with pg.postgres_server() as server:
-        yield server
+pg_server = pg.pg_server
 
 
 def admin_requests(ms: MetadataServer) -> Counter[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -19,19 +18,13 @@ from host_engine.drivers.sim import StoredWorld, codec, load_world
 from host_engine.models import Droplet, Host
 from host_engine.store import Store
 from tests import pg
-from tests.support import require
 
 pytestmark = [pytest.mark.postgres]
 
 GIB = 1024**3
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[pg.PostgresServer]:
-    reason = pg.missing_reason()
-    require(reason is None, reason or "")
-    with pg.postgres_server() as server:
-        yield server
+pg_server = pg.pg_server
 
 
 def test_sim_store_two_workers_creating_the_same_row_at_once_is_a_conflict_not_a_failed_tick(

@@ -18,7 +18,6 @@ from host_engine.models import Droplet, Host, Migration
 from host_engine.store import Store
 from tests import pg
 from tests.servers import MetadataServer
-from tests.support import require
 
 BIN = Path(sys.executable).parent / "host-engine"
 WAIT_S = 60.0
@@ -109,12 +108,7 @@ def attempts_started(db: Path | str, migration_id: str) -> list[str]:
         store.close()
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[pg.PostgresServer]:
-    reason = pg.missing_reason()
-    require(reason is None, reason or "")
-    with pg.postgres_server() as server:
-        yield server
+pg_server = pg.pg_server
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
