@@ -68,6 +68,8 @@ def as_toml(cal: Calibration) -> str:
             f"memory_hot_mib = {w.memory_hot_bytes / MiB:.2f}",
             f"disk_rate_mibps = {w.disk_rate_bps / MiB:.2f}",
             f"disk_hot_mib = {w.disk_hot_bytes / MiB:.2f}",
+            f'memory_pattern = "{w.memory_pattern.value}"',
+            f'disk_pattern = "{w.disk_pattern.value}"',
         ]
         if w.memory_resident_bytes is not None:
             lines.append(f"memory_resident_mib = {w.memory_resident_bytes / MiB:.2f}")

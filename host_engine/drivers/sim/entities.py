@@ -272,6 +272,8 @@ class Migration:
     memory_sent_bytes: int = 0
     max_downtime_ms: int | None = None
     switchover_at_s: float | None = None
+    # When the switchover ended (within its step): the job's end, which a real driver reports at once.
+    ended_at_s: float | None = None
     downtime_ms: float | None = None
     error: str | None = None
     target_at_fault: bool = False

@@ -36,6 +36,34 @@ def whole_units(x: float) -> tuple[int, float]:
     return n, x - n
 
 
+def periodic_writes(units: float, hot: int) -> tuple[int, float]:
+    """A ``PERIODIC`` writer's writes in one step: ``units`` (blocks/pages its rate adds, with the carry)
+    become whole passes over the ``hot`` set, written at once; the rest is carried until it makes a pass.
+
+    >>> periodic_writes(130.5, 100)  # one pass, 30.5 carried
+    (100, 30.5)
+    >>> periodic_writes(99.0, 100)  # not a whole pass yet: nothing written
+    (0, 99.0)
+    """
+    passes = math.floor(units / hot + 1e-9)
+    return passes * hot, max(0.0, units - passes * hot)
+
+
+def burst_offset_s(carry: float, units_per_s: float, hot: int, dt: float) -> float | None:
+    """When, within a step of ``dt`` seconds, a ``PERIODIC`` writer's next pass comes (its carry reaching a
+    whole hot set at ``units_per_s``), or None if not in this step.
+
+    >>> burst_offset_s(80.0, 1000.0, 100, 0.05)  # 20 units to go at 1000/s: 20 ms in
+    0.02
+    >>> burst_offset_s(10.0, 1000.0, 100, 0.05) is None  # 90 to go: 90 ms, after this step
+    True
+    """
+    if units_per_s <= 0:
+        return None
+    at = max(0.0, hot - carry) / units_per_s
+    return round(at, 9) if at < dt else None
+
+
 def dirty(
     d: Droplet,
     versions: array.array[int],
@@ -47,14 +75,16 @@ def dirty(
     cursor: int,
 ) -> int:
     """Write ``n`` blocks of the hot set ``[start, start + hot)``; returns the new sequential cursor."""
-    if pattern is Pattern.SEQUENTIAL and n >= hot:
-        # A sweep over the whole hot set (the diabolical guest): every block at once, at C speed.
+    if pattern is Pattern.PERIODIC:
+        n = hot if n >= hot else 0  # whole passes only (``periodic_writes``); one pass dirties them all
+    if pattern is not Pattern.RANDOM and n >= hot:
+        # A sweep over the whole hot set (the diabolical guest, a periodic burst): every block at once.
         versions[start : start + hot] = array.array("q", range(d.version + 1, d.version + hot + 1))
         d.version += hot
         pending.update(range(start, start + hot))
         return start + (cursor - start + n) % hot
     for _ in range(n):
-        if pattern is Pattern.SEQUENTIAL:
+        if pattern is not Pattern.RANDOM:
             i = cursor
             cursor = start + (i - start + 1) % hot
         else:

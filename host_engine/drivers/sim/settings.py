@@ -20,6 +20,7 @@
     disk_rate_mibps = 40
     disk_hot_mib = 4096
     disk_allocated_mib = 30000
+    memory_pattern = "periodic"  # random | sequential | periodic (whole hot set in bursts, rate/hot a second)
 
 ``host-engine sim calibrate`` prints such a section fitted from the store's records of real migrations.
 Every value is checked; a bad one is a ``ValueError`` naming the key (the config loader turns it into one
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from host_engine.drivers.sim.model import HostModel, SimWorld
-from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, WORKLOADS, MiB, Workload
+from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, WORKLOADS, MiB, Pattern, Workload
 
 SIM_KEYS = frozenset(
     {"link_mibps", "setup_s", "switchover_ms", "memory_page_bytes", "disk_block_bytes", "default_workload"}
@@ -50,7 +51,8 @@ _DROPLET_NUMBERS: dict[str, tuple[str, int]] = {
     "disk_hot_mib": ("disk_hot_bytes", MiB),
     "disk_allocated_mib": ("disk_allocated_bytes", MiB),
 }
-_DROPLET_KEYS = frozenset({"workload", *_DROPLET_NUMBERS})
+_DROPLET_PATTERNS = ("memory_pattern", "disk_pattern")
+_DROPLET_KEYS = frozenset({"workload", *_DROPLET_NUMBERS, *_DROPLET_PATTERNS})
 MAX_LINK_MIBPS = 1 << 20  # 1 TiB/s
 MAX_MIB = 1 << 30  # 1 PiB
 
@@ -125,6 +127,12 @@ def _droplet(where: str, value: Any, default: str) -> Workload:
         if key in value:
             number = _number(where, key, value[key], 0, MAX_MIB) * unit
             changes[attr] = number if attr.endswith("_bps") else int(number)
+    for key in _DROPLET_PATTERNS:
+        if key in value:
+            known = [p.value for p in Pattern]
+            if value[key] not in known:
+                raise ValueError(f"{where} {key}: expected one of {', '.join(known)}, got {value[key]!r}")
+            changes[key] = Pattern(value[key])
     return replace(workload, **changes)
 
 

@@ -18,8 +18,19 @@ DEFAULT_NIC_BPS = 1_250_000_000
 
 
 class Pattern(enum.Enum):
+    """Where and when a workload's writes land in its hot set.
+
+    - ``RANDOM``: spread over the hot set, all the time;
+    - ``SEQUENTIAL``: a sweep through the hot set, all the time;
+    - ``PERIODIC``: the whole hot set at once, ``rate / hot`` times a second, and nothing in between: a
+      timer-driven job (the libvirt harness's guests rewrite theirs once per BIOS tick, 18.2 times a second,
+      each pass taking about a millisecond). QEMU can switch such a guest over between two bursts with a
+      hot set larger than its downtime limit allows, which a guest writing all the time never lets it do.
+    """
+
     RANDOM = "random"
     SEQUENTIAL = "sequential"
+    PERIODIC = "periodic"
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ def test_forecast_uses_each_droplets_workload_and_each_hosts_link() -> None:
         ({"droplets": {"d": {"memory_rate_mibps": -5}}}, "memory_rate_mibps"),
         ({"droplets": {"d": {"memory_rate_mibps": True}}}, "memory_rate_mibps"),
         ({"droplets": {"d": 7}}, "workload name or a table"),
+        ({"droplets": {"d": {"memory_pattern": "bursty"}}}, "memory_pattern: expected one of"),
         ({"whatever": 1}, "whatever"),
     ],
 )
@@ -98,6 +99,16 @@ def test_bad_sim_settings_are_one_clear_config_error(doc: dict[str, object], mes
 
 def test_default_sim_settings() -> None:
     assert config_from_dict({}).sim == SimSettings()
+
+
+def test_a_droplet_configured_as_a_burst_writer_is_simulated_as_one() -> None:
+    from host_engine.drivers.sim import Pattern
+
+    doc = {
+        "droplets": {"d": {"memory_hot_mib": 48, "memory_rate_mibps": 873.6, "memory_pattern": "periodic"}}
+    }
+    w = config_from_dict({"sim": doc}).sim.workload("d")
+    assert w.memory_pattern is Pattern.PERIODIC and w.memory_hot_bytes == 48 * MiB
 
 
 def _run_from_sim(droplet_id: str, workload: Workload, setup_s: float, cap: int) -> RecordedRun:
@@ -231,3 +242,21 @@ def test_moves_that_overlap_share_the_link_in_the_shared_forecast() -> None:
     assert all(p.converges for _d, _s, _t, p in shared.predictions)
     serial = forecast_shared(moves, settings, max_parallel=1, max_per_host=2)
     assert [s.start_s > 0 for s in serial.schedule] == [False, True]
+
+
+def test_a_predicted_duration_is_when_the_job_ends_not_when_the_controller_next_looks() -> None:
+    # The engine reads a real job's end as it happens (the libvirt driver wakes the loop), so a prediction
+    # must not round the end up to the controller's next tick: at 0.25 s ticks that added up to 0.25 s to
+    # every ~2.2 s migration of the harness (and to the setup time fitted from them).
+    w = Workload("w", memory_rate_bps=8 * MiB, memory_hot_bytes=8 * MiB, memory_resident_bytes=9 * MiB)
+    link = Link(450 * MiB, HostModel(setup_s=1.93), HostModel(setup_s=1.93))
+    ends = [
+        predict_migration(
+            "d", memory_bytes=128 * MiB, disk_bytes=64 * MiB, workload=w, link=link, tick_s=tick,
+            assess_risk=False,
+        ).duration_s
+        for tick in (0.25, 1.0)
+    ]  # fmt: skip
+    assert ends[0] == pytest.approx(ends[1], abs=0.06), ends
+    # 1.93 s of fixed costs, ~73 MiB at 450 MiB/s and the pause: not the 2.25 or 3.0 s of the next tick.
+    assert 1.93 + 0.1 < ends[0] < 2.2, ends

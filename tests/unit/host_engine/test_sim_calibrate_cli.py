@@ -64,6 +64,10 @@ def test_sim_calibrate_fits_sim_settings_from_recorded_real_runs(tmp_path: Path,
     text = ok(db, clock, "sim", "calibrate").output
     settings = config_from_dict(tomllib.loads(text)).sim
     assert settings.workload("g0").disk_allocated_bytes is not None
+    # ... with how the fitted workload writes (it used to come back as the default workload's pattern).
+    fitted = doc["workloads"]["g0"]
+    assert settings.workload("g0").memory_pattern.value == fitted["memory_pattern"]
+    assert settings.workload("g0").disk_pattern.value == fitted["disk_pattern"]
 
 
 def test_sim_calibrate_with_nothing_to_learn_from_is_one_line(tmp_path: Path, clock: FakeClock) -> None:
