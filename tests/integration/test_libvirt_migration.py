@@ -12,13 +12,14 @@ import contextlib
 import dataclasses
 import subprocess
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.libvirt_harness import support
+from tests.libvirt_harness.engine_store import add_due_migration, harness_store
+from tests.libvirt_harness.guest import BUSY_GUEST, NONCONVERGING_GUEST
 from tests.libvirt_harness.support import (
     TICK_S,
     Conns,
@@ -51,36 +52,15 @@ def test_live_migration_of_writing_guest_completes(hosts: Any, conns: Conns, tmp
     from host_engine.attempt import RealClock
     from host_engine.drivers.libvirt import LibvirtHypervisor
     from host_engine.executor import Executor, ExecutorConfig
-    from host_engine.models import Droplet, Host, NewMigration
     from host_engine.states import MigrationState
-    from host_engine.store import Store
     from tests.libvirt_harness.guest import GuestSpec, read_counters
 
     name = "live1"
     guest = GuestSpec.at_rates(memory_dirty_bps=8 * MiB, disk_write_bps=1 * MiB)
     start_guest(hosts, conns, name, guest)
 
-    with Store.open(tmp_path / "engine.db") as store:
-        for h in hosts.hosts:
-            store.add_host(
-                Host(
-                    h.name,
-                    "dc1",
-                    vcpus=2,
-                    memory_bytes=4096 * MiB,
-                    disk_bytes=100_000 * MiB,
-                    hypervisor_uri=h.uri,
-                )
-            )
-        store.add_droplet(
-            Droplet(name, hosts.source.name, vcpus=1, memory_bytes=128 * MiB, disk_bytes=64 * MiB)
-        )
-        now = datetime.now(UTC)
-        [m] = store.create_migrations(
-            [NewMigration(name, hosts.source.name, hosts.target.name, now, now, now + timedelta(hours=1))]
-        )
-        store.transition(m.id, MigrationState.NOTIFIED)
-
+    with harness_store(tmp_path / "engine.db", hosts, name) as store:
+        mid = add_due_migration(store, hosts, name)
         hv = LibvirtHypervisor(
             {h.name: h.uri for h in hosts.hosts}, peer_uris={h.name: h.peer_uri for h in hosts.hosts}
         )
@@ -88,7 +68,7 @@ def test_live_migration_of_writing_guest_completes(hosts: Any, conns: Conns, tmp
         t0 = time.monotonic()
         executor.run_until_idle(max_s=180)
         wall_s = time.monotonic() - t0
-        done = store.get_migration(m.id)
+        done = store.get_migration(mid)
         print(f"\nlive migration: {wall_s:.2f} s wall, state {done.state.value}, stats {done.stats}")
         assert done.state is MigrationState.COMPLETED
         # The store shows the new host.
@@ -241,11 +221,11 @@ def test_nonconverging_memory_is_aborted_then_moved_offline(hosts: Any, conns: C
     from host_engine.attempt import Outcome
     from host_engine.controller import AbortReason, ControllerConfig
     from host_engine.drivers.libvirt import LibvirtMigration
-    from tests.libvirt_harness.guest import GuestSpec, read_counters
+    from tests.libvirt_harness.guest import read_counters
 
     name = "dirty48"
     # 48 MiB rewritten continuously (every page, 18 times a second) against a 32 MiB/s cap.
-    src_dom = start_guest(hosts, conns, name, GuestSpec(mem_kib=48 * 1024, disk_sectors=32, paced=True))
+    src_dom = start_guest(hosts, conns, name, NONCONVERGING_GUEST)
     xml_before = stable_xml(src_dom)
     rounds: list[int] = []
     qemu_throttle: list[int] = []
@@ -338,18 +318,14 @@ def test_offline_migration_leaves_the_guest_shut_off_when_asked(hosts: Any, conn
 # --- 4. abort mid-migration; a target libvirtd killed mid-migration ------------------------------------------
 
 
-BUSY_GUEST = {"mem_kib": 16 * 1024, "disk_sectors": 64, "paced": True}
-
-
 def test_abort_mid_migration_leaves_the_source_untouched(hosts: Any, conns: Conns) -> None:
     import libvirt
 
     from host_engine.drivers.base import Phase
     from host_engine.drivers.libvirt import LibvirtMigration
-    from tests.libvirt_harness.guest import GuestSpec
 
     name = "abort4"
-    src_dom = start_guest(hosts, conns, name, GuestSpec(**BUSY_GUEST))
+    src_dom = start_guest(hosts, conns, name, BUSY_GUEST)
     xml_before = stable_xml(src_dom)
     drv = LibvirtMigration(spec_for(hosts, name, bandwidth_mibps="8"))
     drv.prepare_target()
@@ -381,10 +357,9 @@ def test_target_daemon_killed_mid_migration_then_cleaned_and_retried(hosts: Any,
     from host_engine.attempt import Outcome
     from host_engine.drivers.base import DriverError, Phase
     from host_engine.drivers.libvirt import LibvirtMigration
-    from tests.libvirt_harness.guest import GuestSpec
 
     name = "kill4"
-    src_dom = start_guest(hosts, conns, name, GuestSpec(**BUSY_GUEST))
+    src_dom = start_guest(hosts, conns, name, BUSY_GUEST)
     xml_before = stable_xml(src_dom)
     drv = LibvirtMigration(spec_for(hosts, name, bandwidth_mibps="8"))
     drv.prepare_target()

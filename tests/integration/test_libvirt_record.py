@@ -7,14 +7,14 @@ compares what the store says with what the hosts hold: which host runs the guest
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.libvirt_harness import support
-from tests.libvirt_harness.engine_store import harness_store
+from tests.libvirt_harness.engine_store import add_due_migration, harness_store
+from tests.libvirt_harness.guest import BUSY_GUEST, NONCONVERGING_GUEST
 from tests.libvirt_harness.jobs import wait_until_memory_moves
 from tests.libvirt_harness.support import (
     TICK_S,
@@ -64,17 +64,10 @@ def slow_hypervisor(hosts: Any) -> Any:
 
 
 def engine_store(tmp_path: Path, hosts: Any, droplet: str) -> Any:
-    """A store holding both harness hosts and ``droplet`` on the source, with one migration due now."""
-    from host_engine.models import NewMigration
-    from host_engine.states import MigrationState
-
+    """A store (``tmp_path/DROPLET.db``) holding both harness hosts and ``droplet`` on the source, with one
+    migration due now; returns the store and the migration's id."""
     store = harness_store(tmp_path / f"{droplet}.db", hosts, droplet)
-    now = datetime.now(UTC)
-    [m] = store.create_migrations(
-        [NewMigration(droplet, hosts.source.name, hosts.target.name, now, now, now + timedelta(hours=1))]
-    )
-    store.transition(m.id, MigrationState.NOTIFIED)
-    return store, m.id
+    return store, add_due_migration(store, hosts, droplet)
 
 
 def assert_record_matches_hosts(store: Any, migration_id: str, name: str, hosts: Any, conns: Conns) -> str:
@@ -139,7 +132,6 @@ def test_record_follows_libvirt_when_it_answers_late(hosts: Any, conns: Conns, t
 
 # --- 11.3: the target's daemon dies mid-migration: the retry goes elsewhere; its leftovers go when it is back --
 
-BUSY_GUEST = {"mem_kib": 16 * 1024, "disk_sectors": 64, "paced": True}
 LEFTOVER_WAIT_S = 60.0
 
 
@@ -154,10 +146,9 @@ def test_target_killed_retry_goes_elsewhere_and_leftovers_go_when_it_returns(
     from host_engine.executor import Executor, ExecutorConfig, placement_chooser
     from host_engine.models import Host
     from host_engine.states import MigrationState
-    from tests.libvirt_harness.guest import GuestSpec
 
     name = "tkill"
-    src_dom = start_guest(hosts, conns, name, GuestSpec(**BUSY_GUEST))
+    src_dom = start_guest(hosts, conns, name, BUSY_GUEST)
     store, mid = engine_store(tmp_path, hosts, name)
     # A third host the placement may choose for the retry (never contacted in this test).
     store.add_host(
@@ -327,11 +318,10 @@ def test_engine_killed_with_the_guest_throttled_aborts_the_orphan_at_restart(
     import libvirt
 
     from host_engine.states import MigrationState
-    from tests.libvirt_harness.guest import GuestSpec
     from tests.libvirt_harness.support import qmp, write_limits
 
     name = "orphan2"
-    src_dom = start_guest(hosts, conns, name, GuestSpec(mem_kib=48 * 1024, disk_sectors=32, paced=True))
+    src_dom = start_guest(hosts, conns, name, NONCONVERGING_GUEST)
 
     def qemu_throttle() -> int:
         try:

@@ -60,6 +60,15 @@ class GuestSpec:
         )
 
 
+# Guests more than one test migrates (their rates at 18.2 passes a second).
+# 16 MiB of memory and 32 KiB of disk rewritten every pass: at an 8 MiB/s cap its migration copies memory
+# long enough for a test to abort it or kill a daemon while it does.
+BUSY_GUEST = GuestSpec(mem_kib=16 * 1024, disk_sectors=64, paced=True)
+# 48 MiB of memory rewritten continuously (every page, every pass): it does not converge against a 32 MiB/s
+# cap, so the controller aborts it as not converging unless an operator forces it.
+NONCONVERGING_GUEST = GuestSpec(mem_kib=48 * 1024, disk_sectors=32, paced=True)
+
+
 def build_boot_sector(spec: GuestSpec, work_dir: Path) -> bytes:
     """Assemble and link the boot sector for ``spec``; returns its 512 bytes."""
     obj, binary = work_dir / "guest.o", work_dir / "guest.bin"
