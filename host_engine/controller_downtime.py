@@ -109,7 +109,7 @@ def next_downtime(progress: Progress, config: ControllerConfig, ramp: DowntimeRa
     started with). Round 1 is the first pass over all memory. From round 2 on, while the remainder does not
     fit the limit in force, more rounds still pay when they shrink it: when this round started with less
     than ``1 - switchover_min_shrink`` of what the one before started with, the limit holds. Against the
-    first pass (round 2) that shrink says nothing, so there the guest must also dirty less than
+    first pass (round 2) that shrink says nothing, so there the guest must instead dirty less than
     ``1 - switchover_min_shrink`` of what the link moves (so the next round will shrink it again; a guest
     rewriting a hot set each round dirties about as fast as the link moves, and waiting a round to see it
     would cost a round of bytes); from round 3 on the observed shrink is trusted over the rates. Otherwise
@@ -207,15 +207,17 @@ def _ramp_holds(
 
     ``trust_shrink``: the round before was itself after the first pass, so the shrink between the two is
     observed convergence and holds the limit whatever the rates predict (as the throttle does,
-    ``rounds_still_shrink``). The rates can read otherwise when the transfer rate, averaged over a window
-    that began before the memory phase, reads low: a guest streaming 32 MiB/s at a 48 MiB/s cap, its rounds
-    shrinking by a third each, got the whole budget (measured). Against the first pass (all memory) every
-    round shrinks, so there the dirty rate decides whether the next round will."""
+    ``rounds_still_shrink``). The rates can read otherwise when the transfer rate reads low: a guest
+    streaming 32 MiB/s at a 48 MiB/s cap, its rounds shrinking by a third each, got the whole budget
+    (measured). Against the first pass (all memory) the remainder says nothing, so in round 2 the dirty
+    rate alone decides whether the next round will shrink it."""
     rate = progress.transfer_rate_bps
     if fits_downtime(progress, config, current_ms):
         return before > rate * current_ms / 1000.0 * config.switchover_safety
     keep = 1.0 - config.switchover_min_shrink
-    if remaining_bytes(progress) > before * keep:
-        return False
     dirty = progress.memory_dirty_rate_bps + progress.disk_dirty_rate_bps
-    return trust_shrink or dirty < rate * keep
+    if not trust_shrink:
+        # Against the first pass the remainder says nothing: a driver's bound on it (libvirt's takes the
+        # larger of this round's and the last round's first samples) reads round 2 as the first pass.
+        return dirty < rate * keep
+    return remaining_bytes(progress) <= before * keep

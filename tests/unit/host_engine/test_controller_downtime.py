@@ -242,3 +242,41 @@ def test_ramp_still_raises_when_a_later_round_stops_shrinking() -> None:
     assert limits == [cfg.max_downtime_ms]
     early, _ = limits_handed_out(rounds[:3], cfg)
     assert early == []
+
+
+# The memory-stream guest at its 48 MiB/s cap on the real harness (14:21 UTC run), memory phase, tick by tick:
+# (elapsed s, QEMU's round, the driver's memory-left bound MiB, transfer rate MiB/s as the driver now reads it
+# (the set-up before the first byte left out), QEMU's dirty rate MiB/s). The bound reads round 2 as the first
+# pass (it is the larger of this round's and the last round's first samples).
+STREAM_AT_CAP = [
+    (6.48, 1, 116.9, 48.0, 0.0),
+    (7.51, 1, 116.9, 49.4, 0.0),
+    (8.27, 1, 116.9, 48.2, 0.0),
+    (8.53, 2, 116.9, 48.7, 32.2),
+    (8.80, 2, 116.9, 47.8, 32.2),
+    (9.31, 2, 116.9, 47.7, 32.2),
+    (9.56, 3, 51.3, 48.2, 31.7),
+    (10.09, 3, 51.3, 47.9, 31.7),
+    (10.35, 4, 38.6, 48.3, 31.7),
+    (10.86, 5, 26.6, 48.2, 32.4),
+    (11.11, 6, 18.5, 47.8, 32.4),
+    (11.37, 7, 17.7, 48.2, 32.4),
+]
+
+
+def test_real_capped_stream_is_not_throttled_and_keeps_the_first_limit_while_its_rounds_shrink() -> None:
+    """Measured before: QEMU's limit raised to 300 ms at round 2's first sample, in every traced run, although
+    the rounds then shrank by a third each and the guest converged alone. (Round 7's bound, 17.7 against
+    18.5 MiB, shows no shrink: the limit may rise there; the bound lags a round, see docs/libvirt.md.)"""
+    cfg = ControllerConfig()
+    state = ControllerState()
+    raised_in: list[int] = []
+    throttles: list[int] = []
+    for at_s, round_, left_mib, rate_mib, dirty_mib in STREAM_AT_CAP:
+        p = memory_round(round_, int(left_mib * MiB), rate=rate_mib * MiB, dirty=dirty_mib * MiB, at_s=at_s)
+        d = decide(p, cfg, state)
+        state = d.state
+        raised_in += [round_ for a in d.actions if isinstance(a, SetMaxDowntime)]
+        throttles += [a.percent for a in d.actions if isinstance(a, SetMemoryThrottle)]
+    assert throttles == []
+    assert all(r >= 7 for r in raised_in), raised_in
