@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import responses
 
 from host_engine.models import Droplet, Host
 from host_engine.store import Store
 from tests import pg
-from tests.support import require
-from tests.unit.host_engine.fake_admin import FakeAdmin
+from tests.unit.host_engine.fake_admin import TOKEN, FakeAdmin, answering
 
 T0 = datetime(2026, 12, 1, 0, 0, tzinfo=UTC)
 GIB = 1024**3
@@ -44,12 +42,7 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[pg.PostgresServer]:
-    reason = pg.missing_reason()
-    require(reason is None, reason or "")
-    with pg.postgres_server() as server:
-        yield server
+pg_server = pg.session_pg_server
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -99,27 +92,44 @@ def make_droplet(droplet_id: str, host: str, **kw: object) -> Droplet:
     return Droplet(id=droplet_id, host=host, **fields)  # type: ignore[arg-type]
 
 
+def add_hosts_served_by(store: Store, servers: Mapping[str, str], token_dir: Path) -> None:
+    """Add a host for each ``servers`` item, host name → the admin URL of its metadata server (a
+    ``FakeAdmin``), with a token file in ``token_dir`` holding the token the fake accepts."""
+    token = token_dir / "token"
+    token.write_text(TOKEN)
+    for name, url in servers.items():
+        store.add_host(make_host(name, metadata_url=url, metadata_token_file=str(token)))
+
+
 FAKE_ADMIN_URL = "http://127.0.0.1:8111"  # answered by ``responses``: nothing listens there
+# The two metadata servers of the ``servers`` fixture (answered by ``responses`` too).
+ADMIN_URL_A = "http://127.0.0.1:8101"
+ADMIN_URL_B = "http://127.0.0.1:8102"
 
 
 @pytest.fixture
 def admin() -> Iterator[FakeAdmin]:
     """A fake metadata-server admin API (for CLI tests of the executor; test_cli.py has its own)."""
     server = FakeAdmin(FAKE_ADMIN_URL)
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        server.install(rsps)
+    with answering(server):
         yield server
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[FakeAdmin, FakeAdmin]]:
+    """Two fake metadata servers, A at ``ADMIN_URL_A`` and B at ``ADMIN_URL_B``, for the engine's tests of
+    fleets that span servers."""
+    a, b = FakeAdmin(ADMIN_URL_A), FakeAdmin(ADMIN_URL_B)
+    with answering(a, b):
+        yield a, b
 
 
 @pytest.fixture
 def db(tmp_path: Path) -> str:
     """An SQLite store: hv1 holds web1 (5 GiB: seconds to copy) and big (204 GiB: minutes); hv2, hv3 empty."""
     path = str(tmp_path / "engine.db")
-    token = tmp_path / "token"
-    token.write_text("s3cret")
     store = Store.open(path)
-    for name in ("hv1", "hv2", "hv3"):
-        store.add_host(make_host(name, metadata_url=FAKE_ADMIN_URL, metadata_token_file=str(token)))
+    add_hosts_served_by(store, dict.fromkeys(("hv1", "hv2", "hv3"), FAKE_ADMIN_URL), tmp_path)
     store.add_droplet(make_droplet("web1", "hv1", memory_bytes=1 * GIB, disk_bytes=4 * GIB))
     store.add_droplet(make_droplet("big", "hv1", memory_bytes=4 * GIB, disk_bytes=200 * GIB))
     store.close()

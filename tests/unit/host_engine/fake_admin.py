@@ -2,12 +2,15 @@
 
 It keeps just what the engine needs (droplets, their one event) and can be told to fail, so engine and
 reconciliation tests run without a real server. The real server is exercised in tests/integration.
+:func:`answering` makes any number of them answer for a block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +19,14 @@ import responses
 
 _DROPLET = re.compile(r".*/admin/v1/droplets/(?P<id>[^/]+)$")
 _EVENT = re.compile(r".*/admin/v1/droplets/(?P<id>[^/]+)/maintenance$")
+# The admin token a FakeAdmin accepts unless told otherwise (what the hosts' token files hold).
+TOKEN = "s3cret"
 
 
 @dataclass
 class FakeAdmin:
     base_url: str
-    token: str = "s3cret"
+    token: str = TOKEN
     droplets: dict[str, dict[str, Any]] = field(default_factory=dict)
     fail_next: list[int] = field(default_factory=list)  # status codes to answer before serving normally
     down: bool = False
@@ -116,3 +121,18 @@ class FakeAdmin:
     def _doc(self, did: str) -> dict[str, Any]:
         d = self.droplets[did]
         return {"id": did, **d, "ack": d.get("ack")}
+
+
+@contextlib.contextmanager
+def answering(
+    *admins: FakeAdmin, before: Callable[[responses.RequestsMock], None] | None = None
+) -> Iterator[responses.RequestsMock]:
+    """``admins`` answer every request to their base URLs for the block (a request to any other URL fails, as
+    ``responses`` makes it); yields the mock (its ``calls``). ``before`` registers callbacks first, so they are
+    matched before the admins' own (a probe the fake does not serve)."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        if before is not None:
+            before(rsps)
+        for admin in admins:
+            admin.install(rsps)
+        yield rsps

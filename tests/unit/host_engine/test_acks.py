@@ -6,12 +6,10 @@ logged once and does not stop the others. The admin API is faked at the transpor
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import responses
 
 from host_engine import planner
 from host_engine.config import EngineConfig
@@ -21,30 +19,26 @@ from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.models import Migration
 from host_engine.states import MigrationState
 from host_engine.store import Store
-from tests.unit.host_engine.conftest import FakeClock, make_droplet, make_host
+from tests.unit.host_engine.conftest import (
+    ADMIN_URL_A,
+    ADMIN_URL_B,
+    FakeClock,
+    add_hosts_served_by,
+    make_droplet,
+)
 from tests.unit.host_engine.fake_admin import FakeAdmin
 
 S = MigrationState
-URL_A = "http://127.0.0.1:8111"
-URL_B = "http://127.0.0.1:8112"
-
-
-@pytest.fixture
-def servers() -> Iterator[tuple[FakeAdmin, FakeAdmin]]:
-    a, b = FakeAdmin(URL_A), FakeAdmin(URL_B)
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        a.install(rsps)
-        b.install(rsps)
-        yield a, b
 
 
 @pytest.fixture
 def world(sqlite_store: Store, tmp_path: Path) -> Store:
     """hv1, hv2 on server A; hv3, hv4 on server B. d0, d1 on hv1; e0 on hv3."""
-    token = tmp_path / "token"
-    token.write_text("s3cret")
-    for name, url in (("hv1", URL_A), ("hv2", URL_A), ("hv3", URL_B), ("hv4", URL_B)):
-        sqlite_store.add_host(make_host(name, metadata_url=url, metadata_token_file=str(token)))
+    add_hosts_served_by(
+        sqlite_store,
+        {"hv1": ADMIN_URL_A, "hv2": ADMIN_URL_A, "hv3": ADMIN_URL_B, "hv4": ADMIN_URL_B},
+        tmp_path,
+    )
     sqlite_store.add_droplet(make_droplet("d0", "hv1", addresses=("10.0.0.1",)))
     sqlite_store.add_droplet(make_droplet("d1", "hv1", addresses=("10.0.0.2",)))
     sqlite_store.add_droplet(make_droplet("e0", "hv3", addresses=("10.0.1.1",)))
@@ -201,9 +195,9 @@ def test_acks_unreachable_server_is_logged_once_and_the_others_are_still_read(
         second = engine.tick()
     assert [m.droplet_id for m in first.acked] == ["e0"]
     assert world.get_migration(ms["e0"].id).ack == "ready"
-    assert any("reading acks from " + URL_A in e for e in first.errors + second.errors)
+    assert any("reading acks from " + ADMIN_URL_A in e for e in first.errors + second.errors)
     warnings = [r for r in caplog.records if r.name == "host_engine.metadata.acks"]
-    assert len(warnings) == 1 and URL_A in warnings[0].getMessage()
+    assert len(warnings) == 1 and ADMIN_URL_A in warnings[0].getMessage()
     # One list tried per tick (2 attempts each): a dead server costs one timeout per tick.
     assert lists(a) == 2 * 2 and single_gets(a) == []
     a.down = False

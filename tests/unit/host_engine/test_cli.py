@@ -7,12 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from host_engine import schema
 from host_engine.cli import Deps, cli
-from host_engine.store import Store
+from tests.unit.host_engine.cli_run import snapshot
 from tests.unit.host_engine.conftest import FakeClock
 
 
@@ -35,22 +33,6 @@ def ok(db: str, clock: FakeClock, *args: str, **deps: Any) -> Result:
     r = invoke(db, clock, *args, **deps)
     assert r.exit_code == 0, (args, r.output, r.stderr)
     return r
-
-
-def snapshot(db: str) -> dict[str, list[tuple[Any, ...]]]:
-    store = Store.open(db)
-    out = {}
-    with store.engine.connect() as conn:
-        for table in (
-            schema.hosts,
-            schema.droplets,
-            schema.migrations,
-            schema.migration_log,
-            schema.sim_world,
-        ):
-            out[table.name] = [tuple(r) for r in conn.execute(sa.select(table))]
-    store.close()
-    return out
 
 
 @pytest.fixture

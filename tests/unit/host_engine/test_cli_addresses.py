@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 
+from tests.unit.host_engine.cli_run import snapshot
 from tests.unit.host_engine.conftest import FakeClock
-from tests.unit.host_engine.test_cli import db, fleet, invoke, ok, snapshot
+from tests.unit.host_engine.test_cli import db, fleet, invoke, ok
 
 __all__ = ["db", "fleet"]  # fixtures, used by name
 

@@ -9,11 +9,7 @@ import re
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
-from click.testing import CliRunner, Result
 
-from host_engine import schema
-from host_engine.cli import Deps, cli
 from host_engine.config import EngineConfig
 from host_engine.drivers.base import DomainState
 from host_engine.drivers.sim import load_world
@@ -21,60 +17,11 @@ from host_engine.engine_steps import SimTickStep, executor_step
 from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
+from tests.unit.host_engine.cli_run import invoke, ok, one_error, only_migration, snapshot
 from tests.unit.host_engine.conftest import FakeClock, wall
 from tests.unit.host_engine.fake_admin import FakeAdmin
 
 S = MigrationState
-
-
-def invoke(db: str, clock: FakeClock, *args: str) -> Result:
-    deps = Deps(
-        clock=clock,
-        user="tester",
-        install_signals=False,
-        sleep=clock.sleep,
-        monotonic=lambda: wall(clock),
-        client_factory=default_client_factory(attempts=1, sleep=lambda s: None),
-    )
-    return CliRunner().invoke(cli, ["--db", db, *args], obj=deps, catch_exceptions=False)
-
-
-def ok(db: str, clock: FakeClock, *args: str) -> Result:
-    r = invoke(db, clock, *args)
-    assert r.exit_code == 0, (args, r.output, r.stderr)
-    return r
-
-
-def one_error(r: Result, code: int, message: str) -> None:
-    assert r.exit_code == code, (r.output, r.stderr)
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("host-engine: error: ") and message in lines[0], lines[0]
-
-
-def snapshot(db: str) -> dict[str, list[tuple[Any, ...]]]:
-    store = Store.open(db)
-    out = {}
-    with store.engine.connect() as conn:
-        for table in (
-            schema.hosts,
-            schema.droplets,
-            schema.migrations,
-            schema.migration_log,
-            schema.sim_world,
-        ):
-            out[table.name] = [tuple(r) for r in conn.execute(sa.select(table))]
-    store.close()
-    return out
-
-
-def only_migration(db: str) -> Any:
-    store = Store.open(db)
-    try:
-        [m] = store.list_migrations()
-        return m
-    finally:
-        store.close()
 
 
 # ---- migrate --now -----------------------------------------------------------------------------------------

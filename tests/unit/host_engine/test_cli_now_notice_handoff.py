@@ -15,8 +15,8 @@ from host_engine.metadata.notices import NoticeSender
 from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
 from host_engine.store import Store
+from tests.unit.host_engine.cli_run import invoke
 from tests.unit.host_engine.fake_admin import FakeAdmin
-from tests.unit.host_engine.test_cli_executor import invoke
 
 from .conftest import FakeClock
 

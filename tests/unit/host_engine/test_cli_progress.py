@@ -13,12 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 from hypothesis import given
 from hypothesis import strategies as st
 
 from host_engine import progress as progress_text
-from host_engine.cli import Deps, cli
 from host_engine.config import EngineConfig
 from host_engine.engine_steps import SimTickStep, executor_step
 from host_engine.executor import PROGRESS_KEY
@@ -26,43 +24,12 @@ from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.plot import plot_timeline, time_axis_s
 from host_engine.states import LogKind, MigrationState
 from host_engine.store import Store
+from tests.unit.host_engine.cli_run import invoke, ok, one_error
 from tests.unit.host_engine.conftest import GIB, T0, FakeClock, wall
 from tests.unit.host_engine.fake_admin import FakeAdmin
 
 CLEAR = "\033[H\033[2J"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def invoke(
-    db: str,
-    clock: FakeClock,
-    *args: str,
-    sleep: Callable[[float], None] | None = None,
-    tty: bool | None = False,
-) -> Result:
-    deps = Deps(
-        clock=clock,
-        user="tester",
-        install_signals=False,
-        sleep=sleep or clock.sleep,
-        monotonic=lambda: wall(clock),
-        client_factory=default_client_factory(attempts=1, sleep=lambda s: None),
-        tty=tty,
-    )
-    return CliRunner().invoke(cli, ["--db", db, *args], obj=deps, catch_exceptions=False)
-
-
-def ok(db: str, clock: FakeClock, *args: str, **kw: object) -> Result:
-    r = invoke(db, clock, *args, **kw)  # type: ignore[arg-type]
-    assert r.exit_code == 0, (args, r.output, r.stderr)
-    return r
-
-
-def one_error(r: Result, code: int, message: str) -> None:
-    assert r.exit_code == code, (r.output, r.stderr)
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("host-engine: error: ") and message in lines[0], lines[0]
 
 
 class Worker:

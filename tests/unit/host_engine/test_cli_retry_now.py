@@ -8,9 +8,9 @@ from host_engine.drivers.sim import StoredWorld
 from host_engine.retry import NOW_BACKOFF_MAX_S
 from host_engine.states import MigrationState
 from host_engine.store import Store
+from tests.unit.host_engine.cli_run import invoke
 from tests.unit.host_engine.conftest import FakeClock, wall
 from tests.unit.host_engine.fake_admin import FakeAdmin
-from tests.unit.host_engine.test_cli_executor import invoke
 
 S = MigrationState
 

@@ -11,7 +11,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import responses
 
 from host_engine import planner
 from host_engine.config import EngineConfig, EngineLoopConfig
@@ -22,34 +21,31 @@ from host_engine.states import MigrationState
 from host_engine.store import Store
 from host_engine.timeparse import format_time
 from tests import pg
-from tests.unit.host_engine.conftest import T0, FakeClock, make_droplet, make_host
+from tests.unit.host_engine.conftest import (
+    ADMIN_URL_A,
+    ADMIN_URL_B,
+    T0,
+    FakeClock,
+    add_hosts_served_by,
+    make_droplet,
+)
 from tests.unit.host_engine.fake_admin import FakeAdmin
 
 S = MigrationState
-URL_A = "http://127.0.0.1:8101"
-URL_B = "http://127.0.0.1:8102"
 
 
-@pytest.fixture
-def servers() -> Iterator[tuple[FakeAdmin, FakeAdmin]]:
-    a, b = FakeAdmin(URL_A), FakeAdmin(URL_B)
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        a.install(rsps)
-        b.install(rsps)
-        yield a, b
+def populate(store: Store, tmp_path: Path) -> Store:
+    """hv1 and hv2 served by server A, hv3 by server B; d0, d1, d2 on hv1, ``other`` on hv2."""
+    add_hosts_served_by(store, {"hv1": ADMIN_URL_A, "hv2": ADMIN_URL_A, "hv3": ADMIN_URL_B}, tmp_path)
+    for i in range(3):
+        store.add_droplet(make_droplet(f"d{i}", "hv1", addresses=(f"10.0.0.{i + 1}",)))
+    store.add_droplet(make_droplet("other", "hv2", addresses=("10.0.9.9",)))
+    return store
 
 
 @pytest.fixture
 def world(sqlite_store: Store, tmp_path: Path) -> Store:
-    token = tmp_path / "token"
-    token.write_text("s3cret")
-    # hv1 and hv2 are served by server A, hv3 by server B.
-    for name, url in (("hv1", URL_A), ("hv2", URL_A), ("hv3", URL_B)):
-        sqlite_store.add_host(make_host(name, metadata_url=url, metadata_token_file=str(token)))
-    for i in range(3):
-        sqlite_store.add_droplet(make_droplet(f"d{i}", "hv1", addresses=(f"10.0.0.{i + 1}",)))
-    sqlite_store.add_droplet(make_droplet("other", "hv2", addresses=("10.0.9.9",)))
-    return sqlite_store
+    return populate(sqlite_store, tmp_path)
 
 
 def make_engine(store: Store, clock: FakeClock) -> Engine:
@@ -267,13 +263,7 @@ def pg_world(pg_server: pg.PostgresServer, clock: FakeClock, tmp_path: Path) -> 
     """The world of these tests on a fresh PostgreSQL database; each worker opens its own Store on it."""
     url = pg_server.new_database()
     with Store.open(url, clock=clock) as store:
-        token = tmp_path / "token"
-        token.write_text("s3cret")
-        for name, host_url in (("hv1", URL_A), ("hv2", URL_A), ("hv3", URL_B)):
-            store.add_host(make_host(name, metadata_url=host_url, metadata_token_file=str(token)))
-        for i in range(3):
-            store.add_droplet(make_droplet(f"d{i}", "hv1", addresses=(f"10.0.0.{i + 1}",)))
-        store.add_droplet(make_droplet("other", "hv2", addresses=("10.0.9.9",)))
+        populate(store, tmp_path)
     return url
 
 

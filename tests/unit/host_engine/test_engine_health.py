@@ -28,8 +28,8 @@ from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.metrics_http import serve_metrics
 from host_engine.store import Store, create_db_engine, database_url
 from host_engine.workers import WorkerName
-from tests.unit.host_engine.conftest import make_droplet, make_host
-from tests.unit.host_engine.fake_admin import FakeAdmin
+from tests.unit.host_engine.conftest import add_hosts_served_by, make_droplet, make_host
+from tests.unit.host_engine.fake_admin import FakeAdmin, answering
 
 URL_A = "http://127.0.0.1:8121"
 URL_B = "http://127.0.0.1:8122"
@@ -71,20 +71,18 @@ def healthz(server: FakeAdmin) -> Callable[[requests.PreparedRequest], tuple[int
 @pytest.fixture
 def servers() -> Iterator[tuple[FakeAdmin, FakeAdmin]]:
     a, b = FakeAdmin(URL_A), FakeAdmin(URL_B)
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+
+    def probes(rsps: responses.RequestsMock) -> None:
         for server in (a, b):  # registered first: matched before FakeAdmin's catch-all
             rsps.add_callback("GET", server.base_url + "/healthz", callback=healthz(server))
-        a.install(rsps)
-        b.install(rsps)
+
+    with answering(a, b, before=probes):
         yield a, b
 
 
 @pytest.fixture
 def world(sqlite_store: Store, tmp_path: Path) -> Store:
-    token = tmp_path / "token"
-    token.write_text("s3cret")
-    sqlite_store.add_host(make_host("hv1", metadata_url=URL_A + "/", metadata_token_file=str(token)))
-    sqlite_store.add_host(make_host("hv2", metadata_url=URL_B, metadata_token_file=str(token)))
+    add_hosts_served_by(sqlite_store, {"hv1": URL_A + "/", "hv2": URL_B}, tmp_path)
     sqlite_store.add_droplet(make_droplet("d1", "hv1", addresses=("10.0.0.1",)))
     return sqlite_store
 

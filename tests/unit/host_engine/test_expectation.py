@@ -8,14 +8,13 @@ import time
 from datetime import UTC, datetime
 
 import requests
-import responses
 
 from host_engine.expectation import Expected, actual, predicted, with_prediction
 from host_engine.metadata.client import AdminClient
 from host_engine.store import Store
+from tests.unit.host_engine.cli_run import ok, only_migration
 from tests.unit.host_engine.conftest import FakeClock
-from tests.unit.host_engine.fake_admin import FakeAdmin
-from tests.unit.host_engine.test_cli_executor import ok, only_migration
+from tests.unit.host_engine.fake_admin import FakeAdmin, answering
 
 URL = "http://127.0.0.1:8002"
 OLD_SERVER_FIELDS = {"id", "event", "state", "not_before", "deadline"}  # an event before predictions
@@ -97,18 +96,16 @@ class OldServer(FakeAdmin):
 def test_notice_put_carries_the_prediction_and_an_old_server_still_gets_the_event() -> None:
     nb = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)
     expected = {"expected_downtime_ms": 250.0, "expected_duration_s": 12.3}
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        fake = FakeAdmin(URL)
-        fake.install(rsps)
-        with AdminClient(URL, "s3cret", attempts=1, sleep=time.sleep) as client:
-            client.put_droplet("d1", ["10.0.0.1"])
-            client.set_event("d1", "m-1-live", "live_migrate", "scheduled", not_before=nb, expected=expected)
-            sent = json.loads(rsps.calls[-1].request.body or b"{}")
-            assert {k: sent[k] for k in expected} == expected
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        old = OldServer(URL)
-        old.install(rsps)
-        with AdminClient(URL, "s3cret", attempts=1, sleep=time.sleep) as client:
-            client.put_droplet("d1", ["10.0.0.1"])
-            client.set_event("d1", "m-1-live", "live_migrate", "scheduled", not_before=nb, expected=expected)
-        assert old.event("d1") is not None and old.event("d1")["id"] == "m-1-live"  # type: ignore[index]
+    with (
+        answering(FakeAdmin(URL)) as rsps,
+        AdminClient(URL, "s3cret", attempts=1, sleep=time.sleep) as client,
+    ):
+        client.put_droplet("d1", ["10.0.0.1"])
+        client.set_event("d1", "m-1-live", "live_migrate", "scheduled", not_before=nb, expected=expected)
+        sent = json.loads(rsps.calls[-1].request.body or b"{}")
+        assert {k: sent[k] for k in expected} == expected
+    old = OldServer(URL)
+    with answering(old), AdminClient(URL, "s3cret", attempts=1, sleep=time.sleep) as client:
+        client.put_droplet("d1", ["10.0.0.1"])
+        client.set_event("d1", "m-1-live", "live_migrate", "scheduled", not_before=nb, expected=expected)
+    assert old.event("d1") is not None and old.event("d1")["id"] == "m-1-live"  # type: ignore[index]

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 from host_engine.config import EngineConfig
 from host_engine.controller import DEFAULT_DISK_LIMIT_FLOOR_BPS, DEFAULT_MAX_DOWNTIME_MS, GiB, MiB
@@ -23,6 +22,7 @@ from host_engine.models import Droplet, Host, NewMigration
 from host_engine.requests import request_force_complete, with_bandwidth
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
+from tests.unit.host_engine.cli_run import invoke, ok, one_error, only_migration
 from tests.unit.host_engine.conftest import FakeClock, wall
 from tests.unit.host_engine.fake_admin import FakeAdmin
 
@@ -142,42 +142,6 @@ def test_a_bandwidth_stored_with_the_migration_caps_its_copy(env: Env) -> None:
 
 
 # ---- through the CLI -----------------------------------------------------------------------------------
-
-
-def invoke(db: str, clock: FakeClock, *args: str) -> Result:
-    from host_engine.cli import Deps, cli
-
-    deps = Deps(
-        clock=clock,
-        user="tester",
-        install_signals=False,
-        sleep=clock.sleep,
-        monotonic=lambda: wall(clock),
-        client_factory=default_client_factory(attempts=1, sleep=lambda s: None),
-    )
-    return CliRunner().invoke(cli, ["--db", db, *args], obj=deps, catch_exceptions=False)
-
-
-def ok(db: str, clock: FakeClock, *args: str) -> Result:
-    r = invoke(db, clock, *args)
-    assert r.exit_code == 0, (args, r.output, r.stderr)
-    return r
-
-
-def one_error(r: Result, code: int, message: str) -> None:
-    assert r.exit_code == code, (r.output, r.stderr)
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("host-engine: error: ") and message in lines[0], lines[0]
-
-
-def only_migration(db: str) -> object:
-    store = Store.open(db)
-    try:
-        [m] = store.list_migrations()
-        return m
-    finally:
-        store.close()
 
 
 def running_worker(db: str, clock: FakeClock) -> tuple[Store, SimTickStep]:

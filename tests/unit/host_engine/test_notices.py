@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import responses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,8 +28,8 @@ from host_engine.states import MigrationState
 from host_engine.store import Store
 from host_engine.timeparse import format_time
 from tests import pg
-from tests.unit.host_engine.conftest import T0, FakeClock, make_droplet, make_host
-from tests.unit.host_engine.fake_admin import FakeAdmin
+from tests.unit.host_engine.conftest import T0, FakeClock, add_hosts_served_by, make_droplet
+from tests.unit.host_engine.fake_admin import FakeAdmin, answering
 
 S = MigrationState
 URL = "http://127.0.0.1:8131"
@@ -87,20 +86,16 @@ cases = st.builds(
 
 @contextmanager
 def rig(url: str, clock: FakeClock, case: Case, tmp: Path) -> Iterator[tuple[Store, Engine, SlowAdmin]]:
-    token = tmp / "token"
-    token.write_text("s3cret")
     store = Store.open(url, clock=clock)
     admin = SlowAdmin(URL, clock=clock, delays=list(case.delays), fail=case.fail)
     try:
-        store.add_host(make_host("hv1", metadata_url=URL, metadata_token_file=str(token)))
-        store.add_host(make_host("hv2", metadata_url=URL, metadata_token_file=str(token)))
+        add_hosts_served_by(store, {"hv1": URL, "hv2": URL}, tmp)
         for i in range(case.droplets):
             store.add_droplet(make_droplet(f"d{i}", "hv1", addresses=(f"10.0.0.{i + 1}",)))
         config = EngineConfig(engine=EngineLoopConfig(poll_interval_s=case.poll_s, worker="w1"))
         sync = MetadataSync(store, default_client_factory(attempts=1, sleep=lambda s: None))
         engine = Engine(store, config, sync, clock=clock, sleep=clock.sleep)
-        with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-            admin.install(rsps)
+        with answering(admin):
             yield store, engine, admin
         engine.close()
         sync.close()

@@ -7,11 +7,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import responses
 
 from host_engine.errors import AdminAPIUnavailable, ConfigError, NotifierError, TransientError
 from host_engine.metadata.client import AdminClient, read_token_file
-from tests.unit.host_engine.fake_admin import FakeAdmin
+from tests.unit.host_engine.fake_admin import FakeAdmin, answering
 
 URL = "http://127.0.0.1:8001"
 
@@ -19,8 +18,7 @@ URL = "http://127.0.0.1:8001"
 @pytest.fixture
 def fake() -> Iterator[FakeAdmin]:
     f = FakeAdmin(URL)
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        f.install(rsps)
+    with answering(f):
         yield f
 
 

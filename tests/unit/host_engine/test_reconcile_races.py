@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import responses
 
 from host_engine.config import EngineConfig
 from host_engine.engine import Engine
@@ -23,8 +22,8 @@ from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.models import Migration, NewMigration
 from host_engine.states import MigrationState
 from host_engine.store import Store
-from tests.unit.host_engine.conftest import FakeClock, make_droplet, make_host
-from tests.unit.host_engine.fake_admin import FakeAdmin
+from tests.unit.host_engine.conftest import FakeClock, add_hosts_served_by, make_droplet
+from tests.unit.host_engine.fake_admin import FakeAdmin, answering
 
 S = MigrationState
 URL_A = "http://127.0.0.1:8141"
@@ -50,19 +49,14 @@ class RacingAdmin(FakeAdmin):
 @pytest.fixture
 def servers() -> Iterator[tuple[RacingAdmin, RacingAdmin]]:
     a, b = RacingAdmin(URL_A), RacingAdmin(URL_B)
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        a.install(rsps)
-        b.install(rsps)
+    with answering(a, b):
         yield a, b
 
 
 @pytest.fixture
 def world(sqlite_store: Store, tmp_path: Path) -> Store:
     """hv1, hv2 on server A; hv3 on server B; d0, d1 on hv1."""
-    token = tmp_path / "token"
-    token.write_text("s3cret")
-    for name, url in (("hv1", URL_A), ("hv2", URL_A), ("hv3", URL_B)):
-        sqlite_store.add_host(make_host(name, metadata_url=url, metadata_token_file=str(token)))
+    add_hosts_served_by(sqlite_store, {"hv1": URL_A, "hv2": URL_A, "hv3": URL_B}, tmp_path)
     sqlite_store.add_droplet(make_droplet("d0", "hv1", addresses=("10.0.0.1",)))
     sqlite_store.add_droplet(make_droplet("d1", "hv1", addresses=("10.0.0.2",)))
     return sqlite_store

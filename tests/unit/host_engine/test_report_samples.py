@@ -6,31 +6,14 @@ from __future__ import annotations
 import json
 from itertools import pairwise
 
-from click.testing import CliRunner, Result
-
-from host_engine.cli import Deps, cli
-from host_engine.metadata.reconcile import default_client_factory
 from host_engine.samples import MAX_SAMPLES_PER_ATTEMPT, SampleBuffer
 from host_engine.store import Store
-from tests.unit.host_engine.conftest import GIB, FakeClock, make_droplet, wall
+from tests.unit.host_engine.cli_run import ok
+from tests.unit.host_engine.conftest import GIB, FakeClock, make_droplet
 from tests.unit.host_engine.fake_admin import FakeAdmin
 
 # ``host-engine migrate --now`` ticks the controller once per engine poll (1 s by default).
 TICK_S = 1.0
-
-
-def invoke(db: str, clock: FakeClock, *args: str) -> Result:
-    deps = Deps(
-        clock=clock,
-        user="tester",
-        install_signals=False,
-        sleep=clock.sleep,
-        monotonic=lambda: wall(clock),
-        client_factory=default_client_factory(attempts=1, sleep=lambda s: None),
-    )
-    r = CliRunner().invoke(cli, ["--db", db, *args], obj=deps, catch_exceptions=False)
-    assert r.exit_code == 0, (args, r.output, r.stderr)
-    return r
 
 
 def test_report_timeline_has_a_sample_every_tick_of_every_phase(
@@ -40,11 +23,11 @@ def test_report_timeline_has_a_sample_every_tick_of_every_phase(
     # A disk copy of ~20 s and a memory copy of a few seconds on the simulated 10 Gbit/s link.
     store.add_droplet(make_droplet("db1", "hv1", memory_bytes=4 * GIB, disk_bytes=24 * GIB))
     store.close()
-    invoke(db, clock, "migrate", "db1", "--to", "hv2", "--now", "--unsafe-short-notice")
+    ok(db, clock, "migrate", "db1", "--to", "hv2", "--now", "--unsafe-short-notice")
     store = Store.open(db)
     [m] = store.list_migrations()
     store.close()
-    doc = json.loads(invoke(db, clock, "report", m.id, "--json").output)
+    doc = json.loads(ok(db, clock, "report", m.id, "--json").output)
     rows = doc["timeline"]
     phases = [r["phase"] for r in rows]
     assert phases[0] == "disk" and phases[-1] == "done" and "memory" in phases, phases
@@ -62,7 +45,7 @@ def test_report_timeline_has_a_sample_every_tick_of_every_phase(
     # Every row carries what the plot and the table draw from.
     assert all({"at", "attempt", "disk_remaining_bytes", "memory_remaining_bytes"} <= r.keys() for r in rows)
 
-    text = invoke(db, clock, "report", m.id).output
+    text = ok(db, clock, "report", m.id).output
     assert f"{len(rows)} samples in all" in text  # the table lists the changes, and says there is more
 
 

@@ -22,9 +22,9 @@ from host_engine.samples import SampleBuffer, sample_rows
 from host_engine.states import LogKind, MigrationState
 from host_engine.store import Store
 from host_engine.timeline import attempt_marks, timeline
+from tests.unit.host_engine.cli_run import ok
 from tests.unit.host_engine.conftest import GIB, T0, FakeClock, make_droplet, make_host
 from tests.unit.host_engine.fake_admin import FakeAdmin
-from tests.unit.host_engine.test_report_samples import invoke
 
 # progress_dict rounds elapsed_s to 10 ms.
 ROUNDING_S = 0.011
@@ -34,11 +34,11 @@ def _migrate_and_report(db: str, clock: FakeClock, *extra: str) -> dict[str, obj
     store = Store.open(db)
     store.add_droplet(make_droplet("db1", "hv1", memory_bytes=4 * GIB, disk_bytes=8 * GIB))
     store.close()
-    invoke(db, clock, "migrate", "db1", "--to", "hv2", "--now", "--unsafe-short-notice", "--driver", "sim")
+    ok(db, clock, "migrate", "db1", "--to", "hv2", "--now", "--unsafe-short-notice", "--driver", "sim")
     store = Store.open(db)
     [m] = store.list_migrations()
     store.close()
-    doc: dict[str, object] = json.loads(invoke(db, clock, "report", m.id, "--json", *extra).stdout)
+    doc: dict[str, object] = json.loads(ok(db, clock, "report", m.id, "--json", *extra).stdout)
     return doc
 
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from click.testing import CliRunner, Result
 
-from host_engine.cli import Deps, cli
 from host_engine.config import EngineConfig
 from host_engine.drivers.base import DomainState, DriverError, MigrationSpec
 from host_engine.drivers.libvirt import LibvirtHypervisor
@@ -18,24 +16,12 @@ from host_engine.engine_steps import RoutingHypervisor, SimTickStep, executor_st
 from host_engine.errors import InvalidInput
 from host_engine.executor import Executor
 from host_engine.inventory import DriverKind, driver_kind, sync_host
-from host_engine.metadata.reconcile import default_client_factory
 from host_engine.store import Store
-from tests.unit.host_engine.conftest import FakeClock, make_host, wall
+from tests.unit.host_engine.cli_run import invoke
+from tests.unit.host_engine.conftest import FakeClock, make_host
 from tests.unit.host_engine.fake_admin import FakeAdmin
 
 LIBVIRT = {"hv1": "qemu+tls://hv1.example/system", "hv2": "qemu+tls://hv2.example/system"}
-
-
-def invoke(db: str, clock: FakeClock, *args: str) -> Result:
-    deps = Deps(
-        clock=clock,
-        user="tester",
-        install_signals=False,
-        sleep=clock.sleep,
-        monotonic=lambda: wall(clock),
-        client_factory=default_client_factory(attempts=1, sleep=lambda s: None),
-    )
-    return CliRunner().invoke(cli, ["--db", db, *args], obj=deps, catch_exceptions=False)
 
 
 def set_uris(db: str, uris: dict[str, str]) -> None:
