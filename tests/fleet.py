@@ -11,8 +11,9 @@ hypervisor, since the simulated datacenter is per process here. ``max_overlap`` 
 ``migration_log``, how many attempts ran at once.
 
 What every fleet test starts from is here too (its PostgreSQL server is the fixture ``tests.pg.pg_server``):
-``add_hosts``, ``notified_migration`` (a backlog row, due now, its guest told) and ``start_run`` (``host-engine
-run`` as shipped, for the tests that run the real CLI instead of ``worker_main``).
+``add_hosts``, ``notified_migration`` (a backlog row, due now, its guest told), ``start_run`` (``host-engine
+run`` as shipped, for the tests that run the real CLI instead of ``worker_main``) and ``engine_run`` (the same
+for the length of a ``with`` block, for any test that runs the engine as a process).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ GIB = 1024**3
 HANG_LIMIT_S = 600.0
 RUNNING = (MigrationState.RUNNING, MigrationState.OFFLINE_RUNNING)
 HOST_ENGINE_BIN = Path(sys.executable).parent / "host-engine"
+# How long engine_run waits for a SIGTERMed engine before it kills it.
+STOP_WAIT_S = 15.0
 # How long a backlog row's maintenance window stays open (nothing in these tests waits for its end).
 WINDOW = timedelta(hours=1)
 
@@ -91,14 +94,41 @@ def notified_migration(tx: Tx, droplet: Droplet, target: str, now: datetime) -> 
     return tx.transition(m.id, MigrationState.NOTIFIED, notified_at=now)
 
 
+def _host_engine_run(
+    db: str | os.PathLike[str], log: Path, settings: Iterable[str], run_options: Iterable[str]
+) -> subprocess.Popen[bytes]:
+    argv = [str(HOST_ENGINE_BIN), "--db", str(db), *settings, "run", *run_options]
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=out)
+
+
 def start_run(
     url: str, worker: str, log: Path, *run_options: str, settings: tuple[str, ...] = ()
 ) -> subprocess.Popen[bytes]:
     """``host-engine --db URL SETTINGS run --worker WORKER RUN_OPTIONS``, the CLI as shipped, its output
     appended to ``log``. ``settings`` are the global options before ``run`` (``--set key=value`` pairs)."""
-    argv = [str(HOST_ENGINE_BIN), "--db", url, *settings, "run", "--worker", worker, *run_options]
-    with log.open("ab") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=out)
+    return _host_engine_run(url, log, settings, ("--worker", worker, *run_options))
+
+
+@contextlib.contextmanager
+def engine_run(
+    db: str | os.PathLike[str], log: Path, *run_options: str, settings: Iterable[str] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``host-engine --db DB SETTINGS run RUN_OPTIONS`` for the block, its output in ``log`` (emptied first).
+    Still running when the block ends (the test failed before it stopped it), it gets SIGTERM as from an
+    operator, and SIGKILL if it has not stopped ``STOP_WAIT_S`` later."""
+    log.write_bytes(b"")
+    proc = _host_engine_run(db, log, settings, run_options)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 class FileHypervisor:

@@ -9,20 +9,15 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 
 from guest_sdk import EventKind, MaintenanceClient
-from host_engine.cli import Deps, cli
-from host_engine.config import EngineConfig
-from host_engine.engine import Engine
 from host_engine.expectation import predicted
-from host_engine.metadata.reconcile import MetadataSync, default_client_factory
-from host_engine.store import Store
+from tests.integration import engine_cli
+from tests.integration.engine_cli import add_fleet, cli_ok, engine_for
 from tests.servers import MetadataServer, curl
 from tests.support import require, require_binary
 from tests.unit.host_engine.conftest import FakeClock
@@ -39,32 +34,14 @@ def server(tmp_path: Path) -> Iterator[MetadataServer]:
         yield ms
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(datetime.now(UTC).replace(microsecond=0))
-
-
-def cli_ok(db: str, clock: FakeClock, *args: str) -> Result:
-    r = CliRunner().invoke(
-        cli,
-        ["--db", db, *args],
-        obj=Deps(clock=clock, user="ops", install_signals=False, sleep=clock.sleep),
-        catch_exceptions=False,
-    )
-    assert r.exit_code == 0, (args, r.output, r.stderr)
-    return r
+clock = engine_cli.clock
 
 
 @pytest.fixture
 def db(tmp_path: Path, clock: FakeClock, server: MetadataServer) -> str:
     path = str(tmp_path / "engine.db")
-    for name in ("hv1", "hv2", "hv3"):
-        cli_ok(path, clock, "host", "add", name, "--datacenter", "lo1", "--vcpus", "8", "--memory", "16GiB",
-               "--disk", "200GiB", "--metadata-url", server.admin_url,
-               "--metadata-token-file", str(server.token_file))  # fmt: skip
-    for did, host in (("d1", "hv1"), ("d2", "hv1"), ("d3", "hv2")):
-        cli_ok(path, clock, "droplet", "add", did, "--host", host, "--vcpus", "1", "--memory", "1GiB", "--disk",
-               "10GiB", "--address", ADDR[did])  # fmt: skip
+    hosts = dict.fromkeys(("hv1", "hv2", "hv3"), server)
+    add_fleet(path, clock, hosts, {d: (h, ADDR[d]) for d, h in (("d1", "hv1"), ("d2", "hv1"), ("d3", "hv2"))})
     return path
 
 
@@ -80,9 +57,7 @@ def test_engine_prediction_reaches_the_guest_json_and_the_sdk(
 ) -> None:
     cli_ok(db, clock, "evacuate", "hv1", "--start", "+60s", "--notice", "30s", "--unsafe-short-notice",
            "--predict")  # fmt: skip
-    store = Store.open(db, clock=clock)
-    sync = MetadataSync(store, default_client_factory(timeout_s=5, attempts=3, sleep=lambda s: None))
-    engine = Engine(store, EngineConfig(), sync, clock=clock, sleep=clock.sleep)
+    store, engine = engine_for(db, clock)
     try:
         clock.advance(30)
         notified = engine.tick().notified

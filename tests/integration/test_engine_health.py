@@ -10,10 +10,8 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,10 +20,10 @@ import requests
 from host_engine.models import Droplet, Host
 from host_engine.store import Store
 from tests import pg
+from tests.fleet import engine_run
 from tests.integration.test_fleet_outage import start_server, stop_server
 from tests.servers import MetadataServer, free_port
 
-BIN = Path(sys.executable).parent / "host-engine"
 GIB = 1024**3
 WAIT_S = 20.0
 # A stopped metadata server shows as down within: the probe's period (10 s) and half of it, one request's
@@ -83,18 +81,10 @@ def setup_fleet(db: str, ms: MetadataServer) -> None:
         store.close()
 
 
-@contextmanager
-def engine(db: str, log: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    argv = [str(BIN), "--db", db, "run", "--driver", "sim", "--poll-interval", "200ms",
-            "--metrics-listen", f"127.0.0.1:{port}", "--worker", "w-health"]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=out)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+def run_options(port: int) -> tuple[str, ...]:
+    """``run`` on the simulated hypervisor, polling every 200 ms, its metrics on ``port``."""
+    return ("--driver", "sim", "--poll-interval", "200ms", "--metrics-listen", f"127.0.0.1:{port}",
+            "--worker", "w-health")  # fmt: skip
 
 
 def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -120,7 +110,7 @@ def test_run_serves_probes_tick_and_up_gauges_and_a_stopped_server_goes_down(tmp
     s = http()
     with MetadataServer.start(tmp_path / "ms") as ms:
         setup_fleet(db, ms)
-        with engine(db, log, port) as proc:
+        with engine_run(db, log, *run_options(port)) as proc:
 
             def metrics() -> str:
                 return s.get(base + "/metrics", timeout=5).text
@@ -225,7 +215,7 @@ def test_readyz_is_503_while_the_store_is_away_and_livez_stays_ok(
             return 0, ""
         return r.status_code, r.text
 
-    with engine(url, log, port) as proc:
+    with engine_run(url, log, *run_options(port)) as proc:
         wait_for("/readyz", lambda: status("/readyz") == (200, "ok\n"), log)
         stop_server(pg_server)
         try:

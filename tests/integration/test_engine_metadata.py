@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 
-from host_engine.cli import Deps, cli
-from host_engine.config import EngineConfig
-from host_engine.engine import Engine
-from host_engine.metadata.reconcile import MetadataSync, default_client_factory
 from host_engine.states import MigrationState
-from host_engine.store import Store
+from tests.integration import engine_cli
+from tests.integration.engine_cli import add_fleet, cli_ok, engine_for
 from tests.servers import MetadataServer, curl
 from tests.support import require_binary
 from tests.unit.host_engine.conftest import FakeClock
@@ -36,32 +31,15 @@ def servers(tmp_path: Path) -> Iterator[tuple[MetadataServer, MetadataServer]]:
         yield a, b
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(datetime.now(UTC).replace(microsecond=0))
-
-
-def cli_ok(db: str, clock: FakeClock, *args: str) -> Result:
-    r = CliRunner().invoke(
-        cli,
-        ["--db", db, *args],
-        obj=Deps(clock=clock, user="ops", install_signals=False, sleep=clock.sleep),
-        catch_exceptions=False,
-    )
-    assert r.exit_code == 0, (args, r.output, r.stderr)
-    return r
+clock = engine_cli.clock
 
 
 @pytest.fixture
 def db(tmp_path: Path, clock: FakeClock, servers: tuple[MetadataServer, MetadataServer]) -> str:
     a, b = servers
     path = str(tmp_path / "engine.db")
-    for name, ms in (("hv1", a), ("hv2", b), ("hv3", b)):
-        cli_ok(path, clock, "host", "add", name, "--datacenter", "lo1", "--vcpus", "8", "--memory", "16GiB",
-               "--disk", "200GiB", "--metadata-url", ms.admin_url, "--metadata-token-file", str(ms.token_file))  # fmt: skip
-    for did, host in (("d1", "hv1"), ("d2", "hv1"), ("d3", "hv2")):
-        cli_ok(path, clock, "droplet", "add", did, "--host", host, "--vcpus", "1", "--memory", "1GiB", "--disk",
-               "10GiB", "--address", ADDR[did])  # fmt: skip
+    hosts = {"hv1": a, "hv2": b, "hv3": b}
+    add_fleet(path, clock, hosts, {d: (h, ADDR[d]) for d, h in (("d1", "hv1"), ("d2", "hv1"), ("d3", "hv2"))})
     return path
 
 
@@ -77,12 +55,6 @@ def admin_event(ms: MetadataServer, droplet: str) -> dict[str, Any] | None:
         return None
     event: dict[str, Any] | None = r.json()["event"]
     return event if event and event.get("id") else None
-
-
-def engine_for(db: str, clock: FakeClock) -> tuple[Store, Engine]:
-    store = Store.open(db, clock=clock)
-    sync = MetadataSync(store, default_client_factory(timeout_s=5, attempts=3, sleep=lambda s: None))
-    return store, Engine(store, EngineConfig(), sync, clock=clock, sleep=clock.sleep)
 
 
 def test_engine_evacuate_notifies_exactly_that_hosts_droplets_at_notice_time(

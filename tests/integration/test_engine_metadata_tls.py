@@ -17,19 +17,8 @@ from host_engine.cli import Deps, cli
 from host_engine.errors import NotifierError
 from host_engine.metadata.client import AdminClient
 from tests.servers import MetadataServer, free_port
-from tests.support import require_binary
+from tests.tls import self_signed
 from tests.unit.host_engine.conftest import FakeClock
-
-
-def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    openssl = require_binary("openssl")
-    cert, key = tmp_path / f"{name}-cert.pem", tmp_path / f"{name}-key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 @pytest.fixture

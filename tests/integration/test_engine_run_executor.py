@@ -10,8 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from host_engine.drivers.base import DomainState
 from host_engine.drivers.sim import SimWorld, load_world
 from host_engine.models import Droplet, Host
 from host_engine.store import Store
+from tests.fleet import engine_run
 from tests.servers import MetadataServer, free_port
 
 BIN = Path(sys.executable).parent / "host-engine"
@@ -84,20 +84,6 @@ def fleet(db: Path, ms: MetadataServer, droplets: dict[str, tuple[int, int]]) ->
         store.close()
 
 
-@contextmanager
-def engine(db: Path, log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [str(BIN), "--db", str(db), "run", "--poll-interval", "100ms", *args], stdout=out, stderr=out
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
 def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=10) == 0, log.read_text()
@@ -132,7 +118,9 @@ def test_run_evacuates_a_host_store_and_metadata_server_agree_metrics_served(tmp
     with MetadataServer.start(tmp_path / "ms") as ms:
         fleet(db, ms, {"web1": (1, 4), "web2": (1, 6)})
         he(db, "evacuate", "hv1", "--start", "+1s", "--notice", "1s", "--unsafe-short-notice")
-        with engine(db, log, "--sim-speed", "10", "--metrics-listen", f"127.0.0.1:{port}") as proc:
+        with engine_run(
+            db, log, "--poll-interval", "100ms", "--sim-speed", "10", "--metrics-listen", f"127.0.0.1:{port}"
+        ) as proc:
             wait_for(
                 "the evacuation to complete",
                 lambda: {m["state"] for m in migrations(db).values()} == {"completed"},
@@ -163,7 +151,7 @@ def test_abort_of_a_running_migration_and_sigterm_leave_the_sources_untouched(tm
         # 200 GiB disks sharing hv1's NIC: a minute of copying at sim speed 5, so both still run when we act.
         fleet(db, ms, {"big1": (2, 200), "big2": (2, 200)})
         he(db, "evacuate", "hv1", "--start", "+1s", "--notice", "1s", "--unsafe-short-notice")
-        with engine(db, log, "--sim-speed", "5") as proc:
+        with engine_run(db, log, "--poll-interval", "100ms", "--sim-speed", "5") as proc:
             wait_for(
                 "both migrations to run",
                 lambda: all(

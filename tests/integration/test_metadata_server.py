@@ -14,6 +14,7 @@ import requests
 
 from tests.servers import BIN, MetadataServer, curl, free_port
 from tests.support import require_binary
+from tests.tls import self_signed
 
 DROPLETS = {f"d{n}": f"127.0.0.{n}" for n in range(2, 7)}
 
@@ -191,13 +192,7 @@ def test_server_sigterm_is_a_clean_fast_shutdown_even_with_held_long_polls(serve
 
 
 def test_server_tls_admin_listener(tmp_path: Path) -> None:
-    openssl = require_binary("openssl")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed(tmp_path)
     with MetadataServer.start(
         tmp_path / "ms", "--admin-tls-cert", str(cert), "--admin-tls-key", str(key)
     ) as ms:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import select
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from metadata_server.admin_worker import CONNECTIONS_PER_SOURCE, REQUEST_HEAD_TI
 from metadata_server.gevent_worker import CONNECTIONS_PER_SOURCE as GUEST_CONNECTIONS_PER_SOURCE
 from tests.servers import MetadataServer, curl
 from tests.support import require_binary
+from tests.tls import self_signed
 
 SLOW_CONNECTIONS = 200
 SLOW_SOURCES = [f"127.0.3.{n}" for n in range(1, 5)]  # 50 each: under the per-source cap
@@ -32,17 +32,6 @@ HTTP_HEAD = (
 )
 # A TLS record header announcing a 512-byte ClientHello, then its first bytes: the server waits for the rest.
 TLS_HEAD = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64
-
-
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    openssl = require_binary("openssl")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 @pytest.fixture(params=["http", "https"])

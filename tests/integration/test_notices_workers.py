@@ -31,12 +31,12 @@ from host_engine.config import EngineConfig, EngineLoopConfig
 from host_engine.engine import Engine, TickStep
 from host_engine.executor import Executor, ExecutorConfig
 from host_engine.metadata.reconcile import MetadataSync, default_client_factory
-from host_engine.models import Droplet, Host, NewMigration
+from host_engine.models import Droplet, NewMigration
 from host_engine.states import MigrationState as S
 from host_engine.store import Store
 from host_engine.timeparse import format_time
 from tests import pg
-from tests.fleet import FileHypervisor
+from tests.fleet import FileHypervisor, add_hosts
 from tests.servers import MetadataServer
 
 pytestmark = [pytest.mark.postgres]
@@ -67,11 +67,7 @@ def admin_requests(ms: MetadataServer) -> Counter[str]:
 def add_world(store: Store, servers: dict[str, MetadataServer], droplets: dict[str, str]) -> None:
     """Hosts (name -> the server that serves it), droplets (id -> host), each droplet its own address."""
     for name, ms in servers.items():
-        store.add_host(
-            Host(name=name, datacenter="lo", vcpus=64, memory_bytes=512 * GIB, disk_bytes=8192 * GIB,
-                 hypervisor_uri=f"file://{name}", metadata_url=ms.admin_url,
-                 metadata_token_file=str(ms.token_file))
-        )  # fmt: skip
+        add_hosts(store, [name], scheme="file", metadata=ms)
     for i, (did, host) in enumerate(sorted(droplets.items())):
         store.add_droplet(
             Droplet(id=did, host=host, vcpus=1, memory_bytes=GIB, disk_bytes=4 * GIB,

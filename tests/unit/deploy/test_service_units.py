@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from host_engine.cli import cli as engine_cli
 from metadata_server.cli import main as server_cli
-from tests.integration.test_engine_metadata_tls import self_signed
 from tests.support import require_binary
+from tests.tls import self_signed
 
 # `systemd-analyze security` scores 0 (locked down) to 10 (unsafe); both services must stay "OK" (< 2.5).
 MAX_EXPOSURE = 2.5
