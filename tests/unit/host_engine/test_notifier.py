@@ -10,16 +10,10 @@ import pytest
 
 from host_engine.errors import AdminAPIUnavailable, ConfigError, NotifierError, TransientError
 from host_engine.metadata.client import AdminClient, read_token_file
-from tests.unit.host_engine.fake_admin import FakeAdmin, answering
+from tests.unit.host_engine.conftest import FAKE_ADMIN_URL
+from tests.unit.host_engine.fake_admin import FakeAdmin
 
-URL = "http://127.0.0.1:8001"
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAdmin]:
-    f = FakeAdmin(URL)
-    with answering(f):
-        yield f
+URL = FAKE_ADMIN_URL  # the conftest's ``admin`` fake answers there
 
 
 @pytest.fixture
@@ -33,47 +27,47 @@ def client(sleeps: list[float]) -> Iterator[AdminClient]:
         yield c
 
 
-def test_notifier_sets_and_clears_event(fake: FakeAdmin, client: AdminClient) -> None:
+def test_notifier_sets_and_clears_event(admin: FakeAdmin, client: AdminClient) -> None:
     client.put_droplet("d1", ["10.0.0.1"], hostname="web1", region="nyc1")
     nb = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)
     doc = client.set_event("d1", "m-1-live", "live_migrate", "scheduled", not_before=nb, deadline=nb)
     assert doc["event"]["not_before"] == "2026-12-01T02:00:00Z"
     # Idempotent: the same PUT again changes nothing.
     client.set_event("d1", "m-1-live", "live_migrate", "scheduled", not_before=nb, deadline=nb)
-    assert fake.event("d1") is not None and fake.event("d1")["id"] == "m-1-live"  # type: ignore[index]
+    assert admin.event("d1") is not None and admin.event("d1")["id"] == "m-1-live"  # type: ignore[index]
     client.clear_event("d1")
     client.clear_event("d1")
     client.clear_event("unknown")  # nothing to clear is success
-    assert fake.event("d1") is None
+    assert admin.event("d1") is None
     assert [d["id"] for d in client.list_droplets()] == ["d1"]
 
 
 def test_notifier_retries_transient_then_succeeds(
-    fake: FakeAdmin, client: AdminClient, sleeps: list[float]
+    admin: FakeAdmin, client: AdminClient, sleeps: list[float]
 ) -> None:
-    fake.fail_next = [503, 429]
+    admin.fail_next = [503, 429]
     client.put_droplet("d1", ["10.0.0.1"])
     assert len(sleeps) == 2 and all(0 <= s <= 5 for s in sleeps)
-    assert "d1" in fake.droplets
+    assert "d1" in admin.droplets
 
 
-def test_notifier_gives_up_as_transient(fake: FakeAdmin, client: AdminClient, sleeps: list[float]) -> None:
-    fake.down = True
+def test_notifier_gives_up_as_transient(admin: FakeAdmin, client: AdminClient, sleeps: list[float]) -> None:
+    admin.down = True
     with pytest.raises(AdminAPIUnavailable, match="after 4 attempts") as e:
         client.list_droplets()
     assert isinstance(e.value, TransientError)
-    assert len(fake.calls) == 4 and len(sleeps) == 3
+    assert len(admin.calls) == 4 and len(sleeps) == 3
 
 
-def test_notifier_does_not_retry_client_errors(fake: FakeAdmin, sleeps: list[float]) -> None:
+def test_notifier_does_not_retry_client_errors(admin: FakeAdmin, sleeps: list[float]) -> None:
     with AdminClient(URL, "wrong", sleep=sleeps.append) as c, pytest.raises(NotifierError) as e:
         c.put_droplet("d1", ["10.0.0.1"])
     assert e.value.status == 401 and e.value.code == "unauthorized"
     assert not isinstance(e.value, TransientError)
-    assert len(fake.calls) == 1 and sleeps == []
+    assert len(admin.calls) == 1 and sleeps == []
 
 
-def test_notifier_unknown_droplet_event_is_404(fake: FakeAdmin, client: AdminClient) -> None:
+def test_notifier_unknown_droplet_event_is_404(admin: FakeAdmin, client: AdminClient) -> None:
     with pytest.raises(NotifierError) as e:
         client.set_event("nope", "m-1-live", "live_migrate", "scheduled")
     assert e.value.status == 404
