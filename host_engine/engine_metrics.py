@@ -92,6 +92,7 @@ class EngineMetrics:
         started = monotonic()
         self._beats = dict.fromkeys(loops, started)  # a loop that never beat counts from the start
         self._answered_at: dict[str, float] = {}
+        self._ticked = False
         self.last_tick = Gauge(
             "host_engine_last_successful_tick_timestamp_seconds",
             "Unix time the engine's tick last ran through without a store failure",
@@ -122,7 +123,13 @@ class EngineMetrics:
         self.beat(Loop.ENGINE)
         self.tick_duration.observe(duration_s)
         if ok:
+            self._ticked = True
             self.last_tick.labels(self.worker).set(self._wall())
+
+    def has_ticked(self) -> bool:
+        """Whether the engine loop has run a tick through without a store failure: start-up (wiring the
+        driver, taking back this worker's own attempts) is over and the loop rides out outages from now on."""
+        return self._ticked
 
     def beat_step(self, loop: Loop = Loop.EXECUTOR) -> _Beat:
         """An engine step that records a heartbeat of the loop it runs on (put it last in the steps)."""
@@ -180,13 +187,22 @@ class _Beat:
 
 
 class Readiness:
-    """``/readyz``: the store answers (a read of this worker's row) and ``holds_name()`` says this process
-    still holds its worker name. One check at a time (see :data:`READINESS_WAIT_S`)."""
+    """``/readyz``: ``started()`` says the engine loop is running (start-up is not outage-proof: a store
+    lost then ends the process), the store answers (a read of this worker's row) and ``holds_name()`` says
+    this process still holds its worker name. One check at a time (see :data:`READINESS_WAIT_S`)."""
 
-    def __init__(self, store: Store, worker: str, holds_name: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        worker: str,
+        holds_name: Callable[[], bool],
+        *,
+        started: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.store = store
         self.worker = worker
         self.holds_name = holds_name
+        self.started = started
         self._busy = threading.Lock()
 
     def __call__(self) -> bool:
@@ -194,6 +210,9 @@ class Readiness:
             log.warning("readiness: the previous check of the store is still waiting for it")
             return False
         try:
+            if not self.started():
+                log.info("readiness: worker %s is still starting", self.worker)
+                return False
             if not self.holds_name():
                 log.warning("readiness: worker %s does not hold its name", self.worker)
                 return False

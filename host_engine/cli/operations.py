@@ -420,7 +420,7 @@ def run(
         clients = deps.client_factory or _client_factory(deps)
         metrics = ExecutorMetrics(store, registry=health.registry)
         if listen is not None:
-            ready = Readiness(store, config.worker_id, lambda: name.held)
+            ready = Readiness(store, config.worker_id, lambda: name.held, started=health.has_ticked)
             stack.enter_context(serve_metrics(*listen, metrics.exposition, live=health.live, ready=ready))
             stack.enter_context(ServerProbe(store, clients, health))
         # On threads (executor, notices, a main thread that only waits for signals) unless a test drives

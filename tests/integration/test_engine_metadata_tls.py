@@ -43,7 +43,7 @@ def tls_server(tmp_path: Path) -> Iterator[tuple[MetadataServer, str, Path]]:
                 auth = {"Authorization": f"Bearer {ms.token}"}
                 if requests.get(url + "/healthz", headers=auth, verify=str(cert), timeout=1).ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet; a busy machine
                 pass
             assert time.monotonic() < deadline, (tmp_path / "ms.log").read_text()
             time.sleep(0.05)

@@ -232,6 +232,20 @@ def test_ready_while_the_store_answers_and_the_name_is_held(sqlite_store: Store)
     assert not ready()
 
 
+def test_not_ready_until_the_engine_loop_has_ticked(sqlite_store: Store) -> None:
+    """Start-up (wiring the driver, taking back this worker's attempts) does not ride out a store outage:
+    a probe that said ready then would let an orchestrator count on a process about to exit."""
+    name = WorkerName(sqlite_store, "w1").acquire()
+    health = EngineMetrics("w1", poll_interval_s=1.0)
+    ready = Readiness(sqlite_store, "w1", lambda: name.held, started=health.has_ticked)
+    assert not ready()
+    health.tick_finished(False, 0.1)  # a tick that met a store failure: the loop is not known to work yet
+    assert not ready()
+    health.tick_finished(True, 0.1)
+    assert ready()
+    name.release()
+
+
 def test_not_ready_when_the_store_does_not_answer() -> None:
     unreachable = Store(create_db_engine(database_url("postgresql://nobody@127.0.0.1:1/none")))
     try:
