@@ -284,7 +284,8 @@ def decide(progress: Progress, config: ControllerConfig, state: ControllerState)
         return Decision((), state)
 
     ramp = next_downtime(progress, config, state.downtime)
-    if ramp.limit(config) != state.downtime.limit(config):
+    raised = ramp.limit(config) != state.downtime.limit(config)
+    if raised:
         actions.append(SetMaxDowntime(ramp.limit(config)))
     state = replace(state, downtime=ramp)
 
@@ -298,7 +299,10 @@ def decide(progress: Progress, config: ControllerConfig, state: ControllerState)
             # A new step gets a fresh stall window to show its effect.
             state = replace(state, throttle_raised_round=progress.round, best_remaining_at_s=now)
 
-    if should_switchover(progress, config, state.previous_remaining_bytes, ramp.limit(config)):
+    # Not in the tick that raised the limit: QEMU gets a tick to switch by itself, sending the remainder at
+    # line rate; paused by us, it still sends at the bandwidth cap until its next check (measured: 4.8 MiB
+    # at 32 MiB/s, 131-178 ms downtime against 28-43 for the baselines).
+    if not raised and should_switchover(progress, config, state.previous_remaining_bytes, ramp.limit(config)):
         actions.append(Switchover())
         state = replace(state, switchover_requested_at_s=now)
     state = replace(state, previous_remaining_bytes=remaining_bytes(progress))

@@ -280,3 +280,24 @@ def test_real_capped_stream_is_not_throttled_and_keeps_the_first_limit_while_its
         throttles += [a.percent for a in d.actions if isinstance(a, SetMemoryThrottle)]
     assert throttles == []
     assert all(r >= 7 for r in raised_in), raised_in
+
+
+def test_no_pause_in_the_tick_that_raises_the_limit() -> None:
+    """The 8 MiB hot set at a 32 MiB/s cap on the real harness: round 4 started with what round 3 did (4.8 MiB),
+    so the limit goes to 200 ms. Paused by the controller in that same tick, QEMU sent the remainder at the cap
+    (131-178 ms downtime against 28-43 ms for the baselines, which QEMU switched by itself at line rate)."""
+    cfg = ControllerConfig()
+    rounds = [
+        memory_round(1, int(123.3 * MiB), rate=29.4 * MiB, at_s=6.85),
+        memory_round(2, int(123.3 * MiB), rate=30.2 * MiB, at_s=7.10),
+        memory_round(3, int(4.8 * MiB), rate=29.7 * MiB, at_s=7.36),
+        memory_round(4, int(4.8 * MiB), rate=30.4 * MiB, at_s=7.61),
+    ]
+    state = ControllerState()
+    for p in rounds:
+        d = decide(p, cfg, state)
+        state = d.state
+    assert [type(a) for a in d.actions] == [SetMaxDowntime]
+    # The next tick, if QEMU has not switched by then, the controller may pause (within the new limit).
+    later = decide(memory_round(4, int(4.8 * MiB), rate=30.4 * MiB, at_s=7.86), cfg, state)
+    assert any(isinstance(a, Switchover) for a in later.actions)
