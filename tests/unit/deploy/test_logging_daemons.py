@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
+from tests.fleet import engine_run as engine
 from tests.integration.test_agent_harness import AGENT_BIN, AgentProcess, append_hook, render_config
-from tests.integration.test_engine_run_executor import engine, fleet, migrations, stop, wait_for
+from tests.integration.test_engine_run_executor import fleet, migrations, stop, wait_for
 from tests.servers import BIN as SERVER_BIN
 from tests.servers import MetadataServer, free_port
 
