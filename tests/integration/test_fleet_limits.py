@@ -88,4 +88,7 @@ def test_fleet_workers_with_a_backlog_never_exceed_any_limit(
             assert state["droplets"][m.droplet_id]["host"] == m.target_host
             assert len(state["droplets"][m.droplet_id]["switchovers"]) == 1
             claimed_by |= {e.data.get("worker") for e in store.migration_log(m.id) if e.kind == "claim"}
-        assert claimed_by == {"w1", "w2", "w3"}  # all three took part
+        # Several processes claimed, so the limits held across workers, not within one. Not necessarily all
+        # three: a worker whose attempt ends refills its slot at once, so with the fleet at its limit a worker
+        # that started late may find no free slot before the backlog is done (seen once in CI).
+        assert len(claimed_by) >= 2 and claimed_by <= {"w1", "w2", "w3"}, claimed_by
