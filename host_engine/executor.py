@@ -41,6 +41,7 @@ from host_engine.executor_attempts import (
     STORE_RETRY_MAX_S,
     STORE_RETRY_MIN_S,
     ActiveAttempt,
+    SpecParts,
     attempt_id,
 )
 from host_engine.executor_config import (
@@ -315,6 +316,10 @@ class Executor(RecoveringExecutor):
             if power is None:
                 continue
             offline = self._wants_offline(m, power)
+            # Read before the claim: a store lost between claiming and launching would leave a claimed,
+            # running row this process does not supervise, which its own recovery then throws away as an
+            # orphan once the store is back (seen in the store-outage test).
+            parts = self._spec_parts(m)
             with self.store.begin() as tx:
                 started = tx.claim_start(
                     m.id,
@@ -327,7 +332,7 @@ class Executor(RecoveringExecutor):
                 continue
             free -= 1
             log.info("migration_id=%s droplet_id=%s attempt %s started", m.id, m.droplet_id, started.attempt)
-            self._launch(started, offline)
+            self._launch(started, offline, parts)
 
     @staticmethod
     def _wants_offline(m: Migration, power: DomainState) -> bool:
@@ -366,8 +371,10 @@ class Executor(RecoveringExecutor):
             self._waiting_logged.add(m.id)
         return None
 
-    def _launch(self, m: Migration, offline: bool) -> None:
-        run = MigrationRun(self.hypervisor.migration(self._spec(m)), self.config.controller, self.clock)
+    def _launch(self, m: Migration, offline: bool, parts: SpecParts | None = None) -> None:
+        run = MigrationRun(
+            self.hypervisor.migration(self._spec(m, parts)), self.config.controller, self.clock
+        )
         a = ActiveAttempt(m, run, offline, self.clock.now(), samples=SampleBuffer(m.attempt))
         run.on_progress = lambda p: self._on_progress(a, p)
         run.should_abort = lambda: a.lost_claim or a.abort_requested

@@ -23,7 +23,7 @@ from host_engine.drivers.base import HypervisorDriver, MigrationSpec, Phase, Pro
 from host_engine.errors import HostEngineError, StaleClaim, StoreError
 from host_engine.executor_config import ExecutorConfig, ExecutorHooks, TargetChooser
 from host_engine.executor_metrics import ExecutorMetrics
-from host_engine.models import Migration
+from host_engine.models import Droplet, Host, Migration
 from host_engine.outcome import ABORT_REQUEST_KEY, Finished, OutcomeRecorder
 from host_engine.progress import describe, progress_dict
 from host_engine.samples import SAMPLES_KEY, SampleBuffer, with_samples
@@ -31,6 +31,9 @@ from host_engine.states import LogKind
 from host_engine.store import Store
 
 log = logging.getLogger(__name__)
+
+#: A migration's droplet, source host and target host, as a spec needs them.
+SpecParts = tuple[Droplet, Host, Host]
 
 # Store retries after a failure: 1 s, doubling, at most this (and never longer than a renewal period).
 STORE_RETRY_MIN_S = 1.0
@@ -143,11 +146,21 @@ class AttemptsExecutor:
         a.thread = threading.Thread(target=self._thread_main, args=(a, target), name=name, daemon=True)
         a.thread.start()
 
-    def _spec(self, m: Migration) -> MigrationSpec:
+    def _spec_parts(self, m: Migration) -> SpecParts:
+        """What a hypervisor spec needs from the store besides the migration row (one read)."""
         with self.store.begin(readonly=True) as tx:
-            droplet = tx.get_droplet(m.droplet_id)
-            source = tx.get_host(m.source_host)
-            target = tx.get_host(m.target_host)
+            return tx.get_droplet(m.droplet_id), tx.get_host(m.source_host), tx.get_host(m.target_host)
+
+    def _spec(self, m: Migration, parts: SpecParts | None = None) -> MigrationSpec:
+        """The hypervisor's spec of ``m``'s attempt; ``parts``: read before the claim (see ``_claim_due``),
+        used when they are still ``m``'s droplet and hosts."""
+        if parts is None or (parts[0].id, parts[1].name, parts[2].name) != (
+            m.droplet_id,
+            m.source_host,
+            m.target_host,
+        ):
+            parts = self._spec_parts(m)
+        droplet, source, target = parts
         return MigrationSpec(
             migration_id=attempt_id(m.id, m.attempt),
             droplet_id=m.droplet_id,

@@ -514,6 +514,55 @@ def test_executor_store_outage_at_the_end_records_the_outcome_when_the_store_ans
     assert [c[0] for c in env.hooks.calls] == ["completed"]
 
 
+def test_executor_store_lost_right_after_a_claim_keeps_the_attempt(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store goes away in the instant after a claim commits. The claimed attempt must still be this
+    process's to supervise: before the fix it read the hypervisor spec after the claim, failed, never
+    launched, and its own recovery threw attempt 1 away as an orphan once the store was back (seen on real
+    PostgreSQL in the fleet's store-outage test)."""
+    from host_engine.store.claims import ClaimsTx
+
+    env.droplet("d1")
+    mid = env.migration("d1")
+    claimed = [False]
+    failed = [False]
+    real_claim_start = ClaimsTx.claim_start
+    real_begin = env.store.begin
+
+    def claim_start(self: ClaimsTx, *args: object, **kw: object) -> Migration | None:
+        started = real_claim_start(self, *args, **kw)  # type: ignore[arg-type]
+        claimed[0] = claimed[0] or started is not None
+        return started
+
+    def begin(*, readonly: bool = False) -> object:
+        if claimed[0] and not failed[0]:
+            failed[0] = True
+            raise StoreError("store error: connection refused")
+        return real_begin(readonly=readonly)
+
+    monkeypatch.setattr(ClaimsTx, "claim_start", claim_start)
+    monkeypatch.setattr(env.store, "begin", begin)
+    wall = [0.0]
+    ex = Executor(
+        env.store,
+        SimHypervisor(env.world),
+        ExecutorConfig(worker="w1"),
+        env.clock,
+        hooks=env.hooks,
+        rand=lambda: 0.5,
+        monotonic=lambda: wall[0],
+    )
+    for _ in range(5):  # the outage, then store work (recovery included) again
+        ex.tick()
+        wall[0] += 60.0
+        env.clock.sleep(0.5)
+    assert failed[0]
+    env.drive(ex, lambda: env.state(mid) is S.COMPLETED, max_s=300)
+    env.assert_on_exactly("d1", "b")
+    assert env.store.get_migration(mid).attempt == 1  # not recovered and retried
+
+
 def test_executor_droplet_found_shut_off_at_start_gets_an_offline_copy(env: Env) -> None:
     env.droplet("d1")
     mid = env.migration("d1", power_on_after=False)
