@@ -473,6 +473,19 @@ def test_executor_metrics_and_timeline_describe_what_happened(env: Env) -> None:
     assert rows[-1]["disk_write_limit_bps"] is None
 
 
+def wall_clock_executor(env: Env, wall: list[float]) -> Executor:
+    """An executor of worker w1 whose store work follows ``wall[0]`` (seconds), for outage tests."""
+    return Executor(
+        env.store,
+        SimHypervisor(env.world),
+        ExecutorConfig(worker="w1"),
+        env.clock,
+        hooks=env.hooks,
+        rand=lambda: 0.5,
+        monotonic=lambda: wall[0],
+    )
+
+
 def test_executor_store_outage_at_the_end_records_the_outcome_when_the_store_answers(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -488,15 +501,7 @@ def test_executor_store_outage_at_the_end_records_the_outcome_when_the_store_ans
 
     monkeypatch.setattr(env.store, "complete", flaky_complete)
     wall = [0.0]
-    ex = Executor(
-        env.store,
-        SimHypervisor(env.world),
-        ExecutorConfig(worker="w1"),
-        env.clock,
-        hooks=env.hooks,
-        rand=lambda: 0.5,
-        monotonic=lambda: wall[0],
-    )
+    ex = wall_clock_executor(env, wall)
     while env.world.droplets["d1"].host != "b":
         ex.tick()
         env.clock.sleep(0.5)
@@ -544,15 +549,7 @@ def test_executor_store_lost_right_after_a_claim_keeps_the_attempt(
     monkeypatch.setattr(ClaimsTx, "claim_start", claim_start)
     monkeypatch.setattr(env.store, "begin", begin)
     wall = [0.0]
-    ex = Executor(
-        env.store,
-        SimHypervisor(env.world),
-        ExecutorConfig(worker="w1"),
-        env.clock,
-        hooks=env.hooks,
-        rand=lambda: 0.5,
-        monotonic=lambda: wall[0],
-    )
+    ex = wall_clock_executor(env, wall)
     for _ in range(5):  # the outage, then store work (recovery included) again
         ex.tick()
         wall[0] += 60.0
