@@ -59,7 +59,13 @@ def should_switchover(
 ) -> bool:
     """Switch over now? Only while copying, and only when the remainder fits the downtime limit QEMU has
     (``limit_ms``, default the whole budget): a pause never moves a remainder QEMU would not have taken by
-    itself at its next dirty sync, and moving it in a pause costs no more than QEMU's own switchover would.
+    itself at its next dirty sync. The pause is the fallback, not the rule: QEMU checks its remainder every
+    ~50 ms against ``bandwidth x limit``, a looser test than this one (``switchover_safety``), so it
+    normally switches first, and its own final pass goes at line rate, whereas a source paused by the
+    controller goes on sending at the bandwidth cap until QEMU's next check (under a cap a pause can cost up
+    to the limit where QEMU's own switchover costs the remainder at line rate; hence none in the tick that
+    raises the limit, see ``controller.decide``). It matters where QEMU measures the link slower than the
+    engine does and leaves a fitting remainder untaken.
 
     Within the budget: go when nothing is left, or when the last tick shrank the remainder by less than
     ``switchover_min_shrink`` (more rounds would not shorten the pause), or, for a throttled or disk-limited
