@@ -51,6 +51,7 @@ from host_engine.models import Droplet, Host, LogEntry, Migration, NewMigration
 from host_engine.states import MigrationState
 from host_engine.store import Store, Tx
 from host_engine.workers import WorkerName
+from tests.fake_drivers import NoOpMigration
 
 GIB = 1024**3
 # A hung hypervisor call returns after this at the latest (tests never wait that long).
@@ -208,25 +209,14 @@ def _switch(state: dict[str, Any], spec: MigrationSpec, job: dict[str, Any]) -> 
     job["status"] = "done"
 
 
-class FileMigration:
-    """One attempt: a job that completes after ``duration_s`` of wall time (the copy shrinks steadily)."""
+class FileMigration(NoOpMigration):
+    """One attempt: a job that completes after ``duration_s`` of wall time (the copy shrinks steadily) and
+    switches over by itself then (``switchover`` is a no-op, as are the throttles and ``finalize``)."""
 
     def __init__(self, hv: FileHypervisor, spec: MigrationSpec) -> None:
         self.hv = hv
         self.spec = spec
         self.total = spec.memory_bytes + spec.disk_bytes
-
-    def prepare_target(self) -> None:
-        pass
-
-    def set_max_downtime(self, ms: int) -> None:
-        pass
-
-    def set_disk_write_limit(self, bytes_per_s: int | None) -> None:
-        pass
-
-    def set_memory_throttle(self, percent: int) -> None:
-        pass
 
     def start(self) -> None:
         with self.hv._state() as state:
@@ -238,9 +228,6 @@ class FileMigration:
                 "status": "running",
                 "pid": os.getpid(),
             }
-
-    def switchover(self) -> None:
-        pass  # the job switches over by itself when its time is up
 
     def progress(self) -> Progress:
         # A hypervisor that stops answering: while ``hang-<droplet>`` exists, the call blocks (bounded).
@@ -294,9 +281,6 @@ class FileMigration:
             if job is not None and job["status"] == "running":
                 job["status"] = "aborted"
                 job["aborted_by"] = os.getpid()
-
-    def finalize(self, success: bool) -> None:
-        pass
 
 
 # ---- a worker process ----------------------------------------------------------------------------------

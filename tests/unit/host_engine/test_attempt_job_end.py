@@ -14,22 +14,20 @@ import time
 from host_engine.attempt import MigrationRun, Outcome, RealClock, run_migration
 from host_engine.controller import ControllerConfig
 from host_engine.drivers.base import Phase, Progress
+from tests.fake_drivers import NoOpMigration
 
 MiB = 1024 * 1024
 JOB_S = 1.0
 TICK_S = 4.0
 
 
-class ThreadedJob:
-    """A migration job on its own thread that completes by itself after ``JOB_S``."""
+class ThreadedJob(NoOpMigration):
+    """A migration job on its own thread that completes by itself after ``JOB_S`` (its controls do nothing)."""
 
     def __init__(self) -> None:
         self.started_at: float | None = None
         self.ended = threading.Event()
         self._thread: threading.Thread | None = None
-
-    def prepare_target(self) -> None:
-        pass
 
     def start(self) -> None:
         self.started_at = time.monotonic()
@@ -61,24 +59,6 @@ class ThreadedJob:
             transfer_rate_bps=64 * MiB,
             downtime_ms=40.0 if done else None,
         )
-
-    def set_disk_write_limit(self, bytes_per_s: int | None) -> None:
-        pass
-
-    def set_memory_throttle(self, percent: int) -> None:
-        pass
-
-    def set_max_downtime(self, ms: int) -> None:
-        pass
-
-    def switchover(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-    def finalize(self, success: bool) -> None:
-        pass
 
 
 def test_an_attempt_ends_when_its_job_does_not_a_tick_later() -> None:

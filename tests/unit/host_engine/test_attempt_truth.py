@@ -12,6 +12,7 @@ from dataclasses import replace
 from host_engine.attempt import MigrationResult, MigrationRun, Outcome
 from host_engine.controller import AbortReason, ControllerConfig
 from host_engine.drivers.base import AlreadyCompleted, DriverError, Phase, Progress
+from tests.fake_drivers import NoOpMigration, StepClock
 
 MiB = 1024 * 1024
 
@@ -32,18 +33,7 @@ SWITCHING = Progress(
 )
 
 
-class StepClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += seconds
-
-
-class ScriptedDriver:
+class ScriptedDriver(NoOpMigration):
     """Reports a switchover that outlasts the controller's deadline; ``abort`` finds the job completed."""
 
     def __init__(self, clock: StepClock, *, completes: bool, target_reachable: bool = True) -> None:
@@ -53,28 +43,10 @@ class ScriptedDriver:
         self.finalized: list[bool] = []
         self.done = False
 
-    def prepare_target(self) -> None:
-        pass
-
-    def start(self) -> None:
-        pass
-
     def progress(self) -> Progress:
         if self.done:
             return replace(SWITCHING, phase=Phase.DONE, memory_remaining_bytes=0, downtime_ms=87.0)
         return replace(SWITCHING, elapsed_s=self.clock.now())
-
-    def set_disk_write_limit(self, bytes_per_s: int | None) -> None:
-        pass
-
-    def set_memory_throttle(self, percent: int) -> None:
-        pass
-
-    def set_max_downtime(self, ms: int) -> None:
-        pass
-
-    def switchover(self) -> None:
-        pass
 
     def abort(self) -> None:
         if self.completes:

@@ -49,6 +49,7 @@ from host_engine.store import (
     live_event_id,
     offline_event_id,
 )
+from tests.fake_drivers import StepClock
 from tests.fleet import FileHypervisor
 
 T0 = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)
@@ -663,19 +664,6 @@ def test_executor_step_builds_the_engine_loop_step_for_each_driver(env: Env) -> 
     assert libvirt_step.hypervisor.peer_uris == {"b": "qemu+tls://b.mig/system"}
     with pytest.raises(InvalidInput, match="driver"):
         executor_step(env.store, config, driver="xen")
-
-
-class StepClock:
-    """The executor's clock, moved by hand (one tick a second)."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += seconds
 
 
 class SlowHypervisor(FileHypervisor):
