@@ -1,67 +1,35 @@
 """The ``host-engine`` console script: it checks for the ``host`` extra before importing the CLI.
 
-A droplet owner's ``pip install droplet-live-migration`` (the base install) puts ``host-engine``
-on the PATH too, without SQLAlchemy. Importing :mod:`host_engine.cli` there dies with a traceback
-(``No module named 'sqlalchemy'``), so this module uses only the standard library until it knows the extra's
-modules are importable: without them it says in one line which extra to install and exits 2.
-``host-engine --version`` answers either way.
+A base install (``pip install droplet-live-migration``) has ``host-engine`` on the PATH without SQLAlchemy;
+there it says in one line to install ``droplet-live-migration[host]`` and exits 2 instead of a traceback, and
+``host-engine --version`` answers either way (:mod:`guest_sdk.console_script`).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 
-PROG = "host-engine"
-DISTRIBUTION = "droplet-live-migration"
-EXTRA = "host"
-#: Top-level modules from the extra (not the base install) that the CLI imports when it starts.
-EXTRA_MODULES = ("sqlalchemy", "prometheus_client")
-#: A missing extra is a usage mistake (the CLI's exit code for a bad flag or value).
-EXIT_MISSING_EXTRA = 2
+from guest_sdk.console_script import Cli, ConsoleScript
 
 
-def missing_modules(names: Sequence[str] = EXTRA_MODULES) -> list[str]:
-    """Which of ``names`` cannot be imported here."""
-    return [name for name in names if importlib.util.find_spec(name) is None]
+def _load_cli() -> Cli:
+    from host_engine.cli import main as cli_main
+
+    return cli_main
 
 
-def missing_extra_message(missing: Sequence[str]) -> str:
-    """The one line a user sees without the extra."""
-    return (
-        f"{PROG}: error: the host engine needs the '{EXTRA}' extra (no module {', '.join(missing)}): "
-        f"pip install '{DISTRIBUTION}[{EXTRA}]'"
-    )
-
-
-def version_line() -> str:
-    """What ``--version`` prints (the same words as click's version option)."""
-    try:
-        return f"{PROG}, version {version(DISTRIBUTION)}"
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return f"{PROG}, version unknown (not installed)"
-
-
-def _refuse(missing: Sequence[str]) -> None:
-    sys.stderr.write(missing_extra_message(missing) + "\n")
-    sys.exit(EXIT_MISSING_EXTRA)
+SCRIPT = ConsoleScript(
+    prog="host-engine",
+    extra="host",
+    what="the host engine",
+    extra_modules=("sqlalchemy", "prometheus_client"),
+    package="host_engine",
+    load_cli=_load_cli,
+)
+PROG = SCRIPT.prog
+EXTRA_MODULES = SCRIPT.extra_modules
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    missing = missing_modules()
-    if missing:
-        if args == ["--version"]:
-            print(version_line())
-            return
-        _refuse(missing)
-    try:
-        from host_engine.cli import main as cli_main
-    except ModuleNotFoundError as e:  # an extra module this list does not name yet
-        if e.name is None or e.name.split(".")[0] in ("host_engine", "__main__"):
-            raise
-        _refuse([e.name])
-    cli_main(args)
+    SCRIPT.main(argv)
