@@ -42,7 +42,6 @@ import itertools
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -56,12 +55,25 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# The harness helpers live in bench/libvirt_bench_harness.py; all of them stay importable from here (F401: the
+# ones this script does not use itself are re-exported for scripts built on it, such as bench/probes/).
+from bench.libvirt_bench_harness import (  # noqa: E402, F401
+    COUNTER_WAIT_S,
+    NEEDED_BINARIES,
+    bench_harness,
+    counter_advances,
+    holds,
+    missing_prerequisites,
+    namespace_pids,
+    remove_everywhere,
+    start_guest,
+    teardown_check,
+)
+
 MiB = 1024 * 1024
 TICK_S = 0.25
 DEFAULT_TIMEOUT_S = 60.0
 QUICK_TIMEOUT_S = 30.0
-COUNTER_WAIT_S = 20.0
-NEEDED_BINARIES = ("libvirtd", "qemu-system-x86_64", "qemu-img", "as", "ld", "ip", "unshare", "nsenter")
 
 
 @dataclass(frozen=True)
@@ -157,84 +169,6 @@ class RunResult:
     source_untouched: bool | None  # for runs that did not complete: running, same definition, no job
     target_clean: bool  # no leftover domain or disk on the host that does not hold the droplet
     notes: list[str] = field(default_factory=list)
-
-
-# --- prerequisites ------------------------------------------------------------------------------------------
-
-
-def missing_prerequisites() -> list[str]:
-    missing = []
-    if os.geteuid() != 0:
-        missing.append("root")
-    missing += [b for b in NEEDED_BINARIES if shutil.which(b) is None]
-    try:
-        import libvirt  # noqa: F401
-    except ImportError:
-        missing.append("libvirt-python (pip install -e '.[libvirt]')")
-    return missing
-
-
-# --- guest handling -----------------------------------------------------------------------------------------
-
-
-def _counters(dom: Any) -> Any:
-    from tests.libvirt_harness.guest import read_counters
-
-    return read_counters(dom)
-
-
-def counter_advances(dom: Any, passes: int = 3, wait_s: float = COUNTER_WAIT_S) -> bool:
-    import libvirt
-
-    try:
-        first = _counters(dom).passes
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            if _counters(dom).passes >= first + passes:
-                return True
-            time.sleep(0.1)
-    except (libvirt.libvirtError, RuntimeError):
-        return False
-    return False
-
-
-def start_guest(host: Any, conn: Any, name: str, guest: Any) -> Any:
-    from tests.libvirt_harness.guest import build_disk, domain_xml
-
-    image = host.image_path(f"{name}.qcow2")
-    build_disk(guest, host.path(image))
-    dom = conn.defineXML(domain_xml(name, image, guest))
-    dom.create()
-    if not counter_advances(dom):
-        raise RuntimeError(f"guest {name} does not run on {host.name}")
-    return dom
-
-
-def remove_everywhere(hosts: Any, conns: dict[str, Any], name: str) -> None:
-    import libvirt
-
-    for host in hosts.hosts:
-        conn = conns[host.name]
-        with contextlib.suppress(libvirt.libvirtError):
-            dom = conn.lookupByName(name)
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.destroy()
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.undefine()
-        with contextlib.suppress(FileNotFoundError):
-            host.path(host.image_path(f"{name}.qcow2")).unlink()
-
-
-def holds(host: Any, conn: Any, name: str) -> tuple[bool, bool]:
-    """(domain defined, disk image present) on ``host``."""
-    import libvirt
-
-    try:
-        conn.lookupByName(name)
-        has_dom = True
-    except libvirt.libvirtError:
-        has_dom = False
-    return has_dom, host.path(host.image_path(f"{name}.qcow2")).exists()
 
 
 # --- one run ------------------------------------------------------------------------------------------------
@@ -484,26 +418,6 @@ def machine() -> str:
     )
 
 
-def namespace_pids(netns: list[str]) -> list[int]:
-    """Every process in the harness's network namespaces (libvirtd, QEMU)."""
-    pids: list[int] = []
-    for ns in netns:
-        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout
-        pids += [int(p) for p in out.split() if p.isdigit()]
-    return pids
-
-
-def teardown_check(netns: list[str], root: Path | None, pids: list[int]) -> list[str]:
-    """What the harness left behind: its namespaces, its directory, or a process that ran in them."""
-    left = []
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
-    left += [ns for ns in netns if any(line.split()[:1] == [ns] for line in listed.splitlines())]
-    if root is not None and root.exists():
-        left.append(str(root))
-    left += [f"pid {pid}" for pid in pids if Path(f"/proc/{pid}").exists()]
-    return left
-
-
 # --- main ---------------------------------------------------------------------------------------------------
 
 
@@ -537,58 +451,35 @@ def main(argv: list[str] | None = None) -> int:
     timeout_s = args.timeout or (QUICK_TIMEOUT_S if args.quick else DEFAULT_TIMEOUT_S)
     workloads = [w for w in ALL_WORKLOADS if not args.workload or w.name in args.workload]
 
-    import libvirt
-
-    from host_engine.drivers import libvirt as driver_module
-    from tests.libvirt_harness.guest import GuestSpec
-    from tests.libvirt_harness.hosts import TwoHosts
-
     about = machine()
     load_start = loadavg()
     started_at = datetime.now(UTC)
     t0 = time.monotonic()
-    driver_module._EventLoop.ensure()  # libvirt's event loop must exist before the first connection
-    libvirt.registerErrorHandler(lambda _c, _e: None, None)
     results: list[RunResult] = []
-    netns: list[str] = []
-    root: Path | None = None
-    pids: list[int] = []
-    with TwoHosts() as hosts:
-        netns = [h.netns for h in hosts.hosts]
-        root = hosts.root
-        conns = {h.name: libvirt.open(h.uri) for h in hosts.hosts}
-        try:
-            # Warm-up: the first QEMU start on each host probes capabilities (seconds); not in any run.
-            warm = GuestSpec(mem_kib=0, disk_sectors=0, paced=True, disk_mib=8)
-            for host in hosts.hosts:
-                start_guest(host, conns[host.name], "b-warmup", warm)
-                remove_everywhere(hosts, conns, "b-warmup")
-            print(f"# {about}; harness up in {time.monotonic() - t0:.1f} s", flush=True)
-            cases = [(w, cap) for w in workloads for cap in (0, w.cap_mibps)]
-            for rep in range(args.reps):
-                for (workload, cap), pol in itertools.product(cases, POLICIES):
-                    r = migrate_once(hosts, conns, workload, cap, pol, timeout_s)
-                    results.append(r)
-                    print(
-                        f"{rep + 1}: {workload.name:>14} {_cap(cap):>9} | {pol.name:<19} | {r.outcome}, "
-                        f"downtime "
-                        f"{_fmt(r.downtime_ms, '.0f')} ms, {r.duration_s:.1f} s, "
-                        f"{r.bytes_transferred / MiB:,.0f} MiB, {r.rounds} rounds, {_throttle(r)}, "
-                        f"disk limit {r.disk_limit_s:.1f} s; {_after(r)} {'; '.join(r.notes)}",
-                        flush=True,
-                    )
-        finally:
-            pids = namespace_pids(netns)
-            for conn in conns.values():
-                with contextlib.suppress(libvirt.libvirtError):
-                    conn.close()
-    left = teardown_check(netns, root, pids)
+    # The warm-up (the first QEMU start on each host probes capabilities, seconds) is not in any run.
+    with bench_harness("b-warmup") as harness:
+        hosts, conns = harness.hosts, harness.conns
+        print(f"# {about}; harness up in {time.monotonic() - t0:.1f} s", flush=True)
+        cases = [(w, cap) for w in workloads for cap in (0, w.cap_mibps)]
+        for rep in range(args.reps):
+            for (workload, cap), pol in itertools.product(cases, POLICIES):
+                r = migrate_once(hosts, conns, workload, cap, pol, timeout_s)
+                results.append(r)
+                print(
+                    f"{rep + 1}: {workload.name:>14} {_cap(cap):>9} | {pol.name:<19} | {r.outcome}, "
+                    f"downtime "
+                    f"{_fmt(r.downtime_ms, '.0f')} ms, {r.duration_s:.1f} s, "
+                    f"{r.bytes_transferred / MiB:,.0f} MiB, {r.rounds} rounds, {_throttle(r)}, "
+                    f"disk limit {r.disk_limit_s:.1f} s; {_after(r)} {'; '.join(r.notes)}",
+                    flush=True,
+                )
+    teardown = harness.torn_down()
     wall_s = time.monotonic() - t0
     print()
     print(
         f"# {started_at:%Y-%m-%d %H:%M} UTC, {wall_s:.0f} s wall, per-migration bound {timeout_s:.0f} s; "
         f"load average {loadavg()} (1/5/15 min) at the end; "
-        f"teardown: {'clean' if not left else 'LEFT ' + ', '.join(left)} ({len(pids)} processes stopped)"
+        f"teardown: {teardown.describe()} ({len(teardown.pids)} processes stopped)"
     )
     print(summary(results))
     print()
@@ -605,14 +496,14 @@ def main(argv: list[str] | None = None) -> int:
                     "loadavg_end": loadavg(),
                     "timeout_s": timeout_s,
                     "reps": args.reps,
-                    "teardown_clean": not left,
+                    "teardown_clean": teardown.clean,
                     "runs": [asdict(r) for r in results],
                 },
                 indent=2,
             )
             + "\n"
         )
-    return 1 if left else 0
+    return 0 if teardown.clean else 1
 
 
 if __name__ == "__main__":

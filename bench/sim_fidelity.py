@@ -21,7 +21,6 @@ Two steps, each re-runnable on its own:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -35,6 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import libvirt_migration as lm  # noqa: E402
+from bench.libvirt_bench_harness import (  # noqa: E402
+    bench_harness,
+    missing_prerequisites,
+    remove_everywhere,
+    start_guest,
+)
 
 RUNS_PATH = ROOT / "bench" / "results" / "sim_fidelity_runs.json"
 RESULT_PATH = ROOT / "bench" / "results" / "sim_fidelity.json"
@@ -61,8 +66,8 @@ def record_one(
     src, dst = hosts.source, hosts.target
     guest = GuestSpec(**workload.guest)
     name = "f-" + "".join(c for c in f"{workload.name}-{cap}" if c.isalnum() or c == "-")[:40]
-    lm.remove_everywhere(hosts, conns, name)
-    lm.start_guest(src, conns[src.name], name, guest)
+    remove_everywhere(hosts, conns, name)
+    start_guest(src, conns[src.name], name, guest)
     spec = MigrationSpec(
         migration_id=f"fidelity-{name}",
         droplet_id=name,
@@ -91,7 +96,7 @@ def record_one(
         )
     finally:
         driver.close()
-    lm.remove_everywhere(hosts, conns, name)
+    remove_everywhere(hosts, conns, name)
     return {
         "workload": workload.name,
         "guest": workload.guest,
@@ -110,54 +115,31 @@ def record_one(
 
 
 def record(reps: int, timeout_s: float, path: Path) -> int:
-    missing = lm.missing_prerequisites()
+    missing = missing_prerequisites()
     if missing:
         print(f"sim_fidelity --record: skipped (needs {', '.join(missing)})")
         return 0
-    import libvirt
-
-    from host_engine.drivers import libvirt as driver_module
-    from tests.libvirt_harness.guest import GuestSpec
-    from tests.libvirt_harness.hosts import TwoHosts
-
     about = lm.machine()
     code = _code_state()
     started_at = datetime.now(UTC)
     t0 = time.monotonic()
-    driver_module._EventLoop.ensure()
-    libvirt.registerErrorHandler(lambda _c, _e: None, None)
     runs: list[dict[str, Any]] = []
-    netns: list[str] = []
-    root: Path | None = None
-    pids: list[int] = []
-    with TwoHosts() as hosts:
-        netns = [h.netns for h in hosts.hosts]
-        root = hosts.root
-        conns = {h.name: libvirt.open(h.uri) for h in hosts.hosts}
-        try:
-            warm = GuestSpec(mem_kib=0, disk_sectors=0, paced=True, disk_mib=8)
-            for host in hosts.hosts:
-                lm.start_guest(host, conns[host.name], "f-warmup", warm)
-                lm.remove_everywhere(hosts, conns, "f-warmup")
-            print(f"# {about}; harness up in {time.monotonic() - t0:.1f} s", flush=True)
-            for rep in range(reps):
-                for w in lm.WORKLOADS:
-                    for cap in (0, w.cap_mibps):
-                        r = record_one(hosts, conns, w, cap, timeout_s)
-                        r["rep"] = rep + 1
-                        runs.append(r)
-                        print(
-                            f"{rep + 1}: {w.name:>14} cap {cap or '-':>3} | {r['outcome']}, "
-                            f"{r['duration_s']:.1f} s, downtime {r['downtime_ms']} ms, "
-                            f"{r['bytes_transferred'] / MiB:.1f} MiB, {r['rounds']} rounds",
-                            flush=True,
-                        )
-        finally:
-            pids = lm.namespace_pids(netns)
-            for conn in conns.values():
-                with contextlib.suppress(libvirt.libvirtError):
-                    conn.close()
-    left = lm.teardown_check(netns, root, pids)
+    with bench_harness("f-warmup") as harness:
+        hosts, conns = harness.hosts, harness.conns
+        print(f"# {about}; harness up in {time.monotonic() - t0:.1f} s", flush=True)
+        for rep in range(reps):
+            for w in lm.WORKLOADS:
+                for cap in (0, w.cap_mibps):
+                    r = record_one(hosts, conns, w, cap, timeout_s)
+                    r["rep"] = rep + 1
+                    runs.append(r)
+                    print(
+                        f"{rep + 1}: {w.name:>14} cap {cap or '-':>3} | {r['outcome']}, "
+                        f"{r['duration_s']:.1f} s, downtime {r['downtime_ms']} ms, "
+                        f"{r['bytes_transferred'] / MiB:.1f} MiB, {r['rounds']} rounds",
+                        flush=True,
+                    )
+    teardown = harness.torn_down()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         json.dumps(
@@ -169,16 +151,15 @@ def record(reps: int, timeout_s: float, path: Path) -> int:
                 "wall_s": round(time.monotonic() - t0, 1),
                 "load_average_end": round(os.getloadavg()[0], 2),
                 "timeout_s": timeout_s,
-                "teardown_clean": not left,
+                "teardown_clean": teardown.clean,
                 "runs": runs,
             },
             indent=1,
         )
         + "\n"
     )
-    teardown = "clean" if not left else "LEFT " + ", ".join(left)
-    print(f"# recorded {len(runs)} runs in {path}; teardown {teardown}")
-    return 1 if left else 0
+    print(f"# recorded {len(runs)} runs in {path}; teardown {teardown.describe()}")
+    return 0 if teardown.clean else 1
 
 
 def _code_state() -> dict[str, Any]:
