@@ -7,6 +7,10 @@
 - ``window``: the length of a maintenance window that runs predicted migrations under concurrency limits
   (list scheduling in plan order, as the executor starts them; links are not shared in the prediction, so
   it is a lower bound when many migrations share one NIC).
+- ``forecast_shared``: the whole evacuation in one simulated world, as the executor runs it: the same
+  ``[concurrency]`` limits (``Limits``: at once, out of one source, into one target, each on its own), the
+  same controller tick, moves started in plan order as soon as they fit, overlapping moves sharing each
+  host's link.
 
 Calibrating the simulator from real migrations is ``host_engine.calibration``.
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from host_engine.attempt import MigrationRun, Outcome, run_migration
 from host_engine.controller import ControllerConfig
@@ -24,6 +28,9 @@ from host_engine.drivers.base import MigrationSpec
 from host_engine.drivers.sim.driver import SimClock, SimHypervisor
 from host_engine.drivers.sim.model import DEFAULT_STEP_S, HostModel, SimWorld
 from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, Workload
+
+if TYPE_CHECKING:
+    from host_engine.config import EngineConfig
 
 # A migration still running after this much simulated time is predicted not to converge (the bench bound).
 DEFAULT_PREDICT_TIMEOUT_S = 600.0
@@ -45,6 +52,55 @@ class Link:
     link_bps: float = DEFAULT_NIC_BPS
     source: HostModel = field(default_factory=HostModel)
     target: HostModel = field(default_factory=HostModel)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How many migrations run at once, as the executor's claims allow (``[concurrency]``, and what one
+    worker drives, ``[engine] max_concurrent``): fleet-wide, out of one source, into one target.
+
+    An evacuation moves everything out of one host, so ``max_per_source`` is what shares that host's link:
+    a forecast that held the source to ``max_per_target`` (as the demo's did, 2 where the executor ran 3)
+    gave each copy half the NIC where it got a third, and predicted every duration about a third short."""
+
+    max_parallel: int = 4
+    max_per_source: int = 2
+    max_per_target: int = 2
+
+    def __post_init__(self) -> None:
+        if min(self.max_parallel, self.max_per_source, self.max_per_target) < 1:
+            raise ValueError("limits must be at least 1")
+
+    @classmethod
+    def of(cls, config: EngineConfig, *, workers: int | None = None) -> Limits:
+        """``config``'s (``EngineConfig``) limits; ``workers``: how many ``host-engine run`` share them (each
+        drives at most ``[engine] max_concurrent``); None: as many as it takes to reach ``max_parallel``."""
+        sched = config.schedule
+        parallel = sched.max_parallel
+        if workers is not None:
+            parallel = min(parallel, workers * config.engine.max_concurrent)
+        return cls(max(1, parallel), max(1, sched.max_per_source), max(1, sched.max_per_target))
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "max_parallel": self.max_parallel,
+            "max_per_source": self.max_per_source,
+            "max_per_target": self.max_per_target,
+        }
+
+    def describe(self) -> str:
+        return (
+            f"at most {self.max_parallel} at once, {self.max_per_source} out of a host, "
+            f"{self.max_per_target} into a host"
+        )
+
+    def admits(self, running: Sequence[tuple[str, str]], source: str, target: str) -> bool:
+        """Whether a move ``source`` -> ``target`` may start beside ``running`` (their source, target)."""
+        if len(running) >= self.max_parallel:
+            return False
+        out = sum(1 for s, _t in running if s == source)
+        into = sum(1 for _s, t in running if t == target)
+        return out < self.max_per_source and into < self.max_per_target
 
 
 @dataclass(frozen=True)
@@ -209,45 +265,33 @@ class Scheduled:
     end_s: float
 
 
-def window(
-    moves: Sequence[tuple[str, str, str, float]],
-    *,
-    max_concurrent: int,
-    max_per_host: int,
-) -> tuple[float, list[Scheduled]]:
-    """The window's length when ``moves`` (droplet, source, target, predicted duration) start in order as
-    soon as the limits allow (at most ``max_concurrent`` at once, ``max_per_host`` per host).
+def window(moves: Sequence[tuple[str, str, str, float]], *, limits: Limits) -> tuple[float, list[Scheduled]]:
+    """The window's length when ``moves`` (droplet, source, target, predicted duration) start in plan order
+    as soon as ``limits`` allow; a move that does not fit yet does not hold back a later one that does (the
+    executor's claims skip it too).
 
-    >>> window([("a", "h1", "h2", 10.0), ("b", "h1", "h3", 5.0)], max_concurrent=4, max_per_host=1)[0]
+    >>> window([("a", "h1", "h2", 10.0), ("b", "h1", "h3", 5.0)], limits=Limits(4, 1, 1))[0]
     15.0
     """
-    if max_concurrent < 1 or max_per_host < 1:
-        raise ValueError("limits must be at least 1")
+    pending = list(moves)
     running: list[Scheduled] = []
     done: list[Scheduled] = []
     now = 0.0
-    for droplet_id, source, target, duration_s in moves:
-        while True:
-            busy = [s for s in running if s.end_s > now]
-            per_host: dict[str, int] = {}
-            for s in busy:
-                for h in (s.source_host, s.target_host):
-                    per_host[h] = per_host.get(h, 0) + 1
-            if (
-                len(busy) < max_concurrent
-                and per_host.get(source, 0) < max_per_host
-                and per_host.get(target, 0) < max_per_host
-            ):
-                break
-            now = min(s.end_s for s in busy)
+    while pending:
         running = [s for s in running if s.end_s > now]
-        item = Scheduled(droplet_id, source, target, now, now + max(0.0, duration_s))
-        running.append(item)
-        done.append(item)
+        for move in list(pending):
+            droplet_id, source, target, duration_s = move
+            if limits.admits([(s.source_host, s.target_host) for s in running], source, target):
+                item = Scheduled(droplet_id, source, target, now, now + max(0.0, duration_s))
+                running.append(item)
+                done.append(item)
+                pending.remove(move)
+        if pending:  # something runs: with nothing running, every limit (>= 1) admits a move
+            now = min(s.end_s for s in running)
     return max((s.end_s for s in done), default=0.0), done
 
 
-# ---- calibration -------------------------------------------------------------------------------------------
+# ---- forecasts ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -257,14 +301,13 @@ class Forecast:
     predictions: tuple[tuple[str, str, str, Prediction], ...]  # (droplet, source, target, prediction)
     schedule: tuple[Scheduled, ...]
     window_s: float
-    max_parallel: int
-    max_per_host: int
+    limits: Limits
 
     def to_dict(self) -> dict[str, Any]:
         starts = {s.droplet_id: s for s in self.schedule}
         return {
             "window_s": round(self.window_s, 1),
-            "limits": {"max_parallel": self.max_parallel, "max_per_host": self.max_per_host},
+            "limits": self.limits.to_dict(),
             "droplets": [
                 {
                     **p.to_dict(),
@@ -283,11 +326,13 @@ def forecast(
     *,
     config: ControllerConfig | None = None,
     cap_mibps: int = 0,
-    max_parallel: int = 4,
-    max_per_host: int = 2,
+    limits: Limits | None = None,
+    tick_s: float = DEFAULT_TICK_S,
 ) -> Forecast:
-    """Predict each move (droplet, source, target, memory bytes, disk bytes) with ``settings``
-    (``SimSettings``: each droplet's workload, each host's link and costs) and lay them in a window."""
+    """Predict each move (droplet, source, target, memory bytes, disk bytes) on its own with ``settings``
+    (``SimSettings``: each droplet's workload, each host's link and costs), the controller ticking every
+    ``tick_s``, and lay them in a window under ``limits`` (links not shared: see ``forecast_shared``)."""
+    limits = limits or Limits()
     predictions = []
     for droplet_id, source, target, memory_bytes, disk_bytes in moves:
         src, dst = settings.host(source), settings.host(target)
@@ -300,14 +345,25 @@ def forecast(
             link=link,
             cap_mibps=cap_mibps,
             config=config,
+            tick_s=tick_s,
         )
         predictions.append((droplet_id, source, target, p))
-    length, schedule = window(
-        [(d, s, t, p.duration_s) for d, s, t, p in predictions],
-        max_concurrent=max_parallel,
-        max_per_host=max_per_host,
-    )
-    return Forecast(tuple(predictions), tuple(schedule), length, max_parallel, max_per_host)
+    length, schedule = window([(d, s, t, p.duration_s) for d, s, t, p in predictions], limits=limits)
+    return Forecast(tuple(predictions), tuple(schedule), length, limits)
+
+
+@dataclass
+class _Shared:
+    """One move of a shared forecast while it runs: its attempt, when it began, how it was throttled."""
+
+    run: MigrationRun
+    source: str
+    target: str
+    began: float
+    throttled_s: float = 0.0
+    max_throttle_pct: int = 0
+    last_at: float = 0.0
+    last_pct: int = 0
 
 
 def forecast_shared(
@@ -316,35 +372,47 @@ def forecast_shared(
     *,
     config: ControllerConfig | None = None,
     cap_mibps: int = 0,
-    max_parallel: int = 4,
-    max_per_host: int = 2,
+    limits: Limits | None = None,
     tick_s: float = DEFAULT_TICK_S,
     timeout_s: float = DEFAULT_PREDICT_TIMEOUT_S,
+    seed: int = 0,
 ) -> Forecast:
-    """The whole evacuation in one simulated world: moves start in order as the limits allow and share each
-    host's link while they overlap (what ``forecast`` leaves out). Risk is ``HIGH`` for a move predicted not
-    to converge and ``MEDIUM`` for one that needs the throttle."""
-    if max_parallel < 1 or max_per_host < 1:
-        raise ValueError("limits must be at least 1")
+    """The whole evacuation in one simulated world, as the executor runs it: every controller tick
+    (``tick_s``, the executor's) each running move is stepped, and the moves not started yet start in plan
+    order as soon as ``limits`` admit them (a blocked one does not hold back a later one that fits; a freed
+    slot is taken at the next tick), sharing each host's link while they overlap (what ``forecast`` leaves
+    out). A move's duration is from its start to the end of its job (the sim's executor records it at its
+    next tick, up to ``tick_s`` later; libvirt's as it happens). Risk is ``HIGH`` for a move predicted not
+    to converge and ``MEDIUM`` for one that needs the throttle.
+
+    ``seed`` is the simulated world's: where each droplet's hot sets lie and which pages a random writer
+    hits next come from it (one stream per droplet). A guest rewriting a random hot set pauses for a
+    remainder that varies with the stream (the demo's ``web`` guests: 42 to 77 ms over three seeds, the
+    duration within 1 %), so a forecast of simulated hosts uses their world's seed; for real hosts that
+    spread is part of the prediction's error."""
+    limits = limits or Limits()
     config = config or ControllerConfig()
-    world = _world_for(moves, settings)
+    world = _world_for(moves, settings, seed)
     clock = SimClock(world)
     start = clock.now()
     hv = SimHypervisor(world)
     pending = list(moves)
-    running: dict[str, tuple[Any, str, str, float]] = {}
-    ended: dict[str, tuple[Any, float, float]] = {}  # droplet -> (result, start, end)
+    running: dict[str, _Shared] = {}
+    ended: dict[str, tuple[Any, _Shared, float]] = {}  # droplet -> (result, its move, job end)
     limit_s = timeout_s * max(1, len(moves))
+
+    def finish(d: str, m: _Shared, result: Any) -> None:
+        mig = world.migration(f"predict-{d}")
+        job_end = mig.ended_at_s if mig is not None and mig.ended_at_s is not None else clock.now()
+        ended[d] = (result, m, job_end if result.outcome is Outcome.COMPLETED else clock.now())
+        del running[d]
+
     while (pending or running) and clock.now() - start < limit_s:
-        busy: dict[str, int] = {}
-        for _run, s, t, _at in running.values():
-            busy[s] = busy.get(s, 0) + 1
-            busy[t] = busy.get(t, 0) + 1
-        while pending and len(running) < max_parallel:
-            d, s, t, memory_bytes, disk_bytes = pending[0]
-            if busy.get(s, 0) >= max_per_host or busy.get(t, 0) >= max_per_host:
-                break
-            pending.pop(0)
+        for move in list(pending):
+            d, s, t, memory_bytes, disk_bytes = move
+            if not limits.admits([(m.source, m.target) for m in running.values()], s, t):
+                continue
+            pending.remove(move)
             spec = MigrationSpec(
                 f"predict-{d}", d, s, t, f"sim://{s}", f"sim://{t}", 1, memory_bytes, disk_bytes,
                 options={"bandwidth_mibps": str(cap_mibps)} if cap_mibps else {},
@@ -355,33 +423,37 @@ def forecast_shared(
                 return f"still running after {timeout_s:.0f} s" if clock.now() - began >= timeout_s else None
 
             run = MigrationRun(hv.migration(spec), config, clock, should_abort=bound, keep_trace=False)
-            running[d] = (run, s, t, began)
-            busy[s] = busy.get(s, 0) + 1
-            busy[t] = busy.get(t, 0) + 1
+            m = running[d] = _Shared(run, s, t, began, last_at=began)
+            run.on_progress = lambda p, m=m: _watch(m, p, clock.now())
             if not run.begin() and run.result is not None:
-                ended[d] = (run.result, began, clock.now())
-                del running[d]
-        for d, (run, _s, _t, began) in list(running.items()):
-            r = run.step()
+                finish(d, m, run.result)
+        for d, m in list(running.items()):
+            r = m.run.step()
             if r is not None:
-                ended[d] = (r, began, clock.now())
-                del running[d]
-        if running:
+                finish(d, m, r)
+        if pending or running:
             clock.sleep(tick_s)
     predictions = []
     schedule = []
     for d, s, t, _m, _k in moves:
         if d not in ended:
             continue
-        r, began, end = ended[d]
-        predictions.append((d, s, t, _prediction_of(d, r)))
-        schedule.append(Scheduled(d, s, t, began - start, end - start))
+        r, m, end = ended[d]
+        predictions.append((d, s, t, _prediction_of(d, r, m, end - m.began)))
+        schedule.append(Scheduled(d, s, t, m.began - start, end - start))
     length = max((x.end_s for x in schedule), default=0.0)
-    return Forecast(tuple(predictions), tuple(schedule), length, max_parallel, max_per_host)
+    return Forecast(tuple(predictions), tuple(schedule), length, limits)
 
 
-def _world_for(moves: Sequence[tuple[str, str, str, int, int]], settings: Any) -> SimWorld:
-    world = SimWorld(0, step_s=DEFAULT_STEP_S)
+def _watch(m: _Shared, p: Any, now: float) -> None:
+    if m.last_pct > 0:
+        m.throttled_s += now - m.last_at
+    m.last_at, m.last_pct = now, int(p.memory_throttle_pct)
+    m.max_throttle_pct = max(m.max_throttle_pct, m.last_pct)
+
+
+def _world_for(moves: Sequence[tuple[str, str, str, int, int]], settings: Any, seed: int = 0) -> SimWorld:
+    world = SimWorld(seed, step_s=DEFAULT_STEP_S)
     for host in sorted({h for _d, s, t, _m, _k in moves for h in (s, t)}):
         world.add_host(host, nic_bps=settings.host(host).link_bps)
         world.host_models[host] = settings.host(host).model
@@ -396,18 +468,18 @@ def _world_for(moves: Sequence[tuple[str, str, str, int, int]], settings: Any) -
     return world
 
 
-def _prediction_of(droplet_id: str, r: Any) -> Prediction:
+def _prediction_of(droplet_id: str, r: Any, m: _Shared, duration_s: float) -> Prediction:
     converges = r.outcome is Outcome.COMPLETED
     risk = Risk.LOW if converges and r.throttle_pct_s == 0 else Risk.MEDIUM if converges else Risk.HIGH
     return Prediction(
         droplet_id=droplet_id,
         converges=converges,
-        duration_s=r.duration_s,
+        duration_s=duration_s,
         downtime_ms=r.downtime_ms,
         bytes_transferred=r.bytes_transferred,
         throttle_pct_s=r.throttle_pct_s,
-        throttled_s=0.0,
-        max_throttle_pct=0,
+        throttled_s=m.throttled_s,
+        max_throttle_pct=m.max_throttle_pct,
         disk_limit_s=r.disk_limit_s,
         risk=risk,
         outcome="completed" if converges else f"{r.outcome.value}: {r.reason}",

@@ -132,15 +132,18 @@ def _forecast(deps: Deps, result: Plan, host_name: str) -> prediction.Forecast:
         for c in result.choices
         if c.target is not None and c.droplet_id in sizes
     ]
-    limits = {
-        "config": cfg.controller,
-        "cap_mibps": cfg.libvirt.bandwidth_mibps,
-        "max_parallel": cfg.schedule.max_parallel,
-        "max_per_host": max(1, min(cfg.schedule.max_per_target, cfg.schedule.max_per_source)),
-    }
-    alone = prediction.forecast(moves, cfg.sim, **limits)  # type: ignore[arg-type]
+    # As `host-engine run` runs them: [concurrency]'s limits (out of the source and into each target each
+    # on its own), the controller ticking once per [engine] poll_interval.
+    limits = prediction.Limits.of(cfg)
+    tick_s = cfg.engine.poll_interval_s
+    cap = cfg.libvirt.bandwidth_mibps
+    alone = prediction.forecast(
+        moves, cfg.sim, config=cfg.controller, cap_mibps=cap, limits=limits, tick_s=tick_s
+    )
     # The window with the moves sharing each host's link while they overlap.
-    shared = prediction.forecast_shared(moves, cfg.sim, **limits)  # type: ignore[arg-type]
+    shared = prediction.forecast_shared(
+        moves, cfg.sim, config=cfg.controller, cap_mibps=cap, limits=limits, tick_s=tick_s
+    )
     return replace(alone, window_s=shared.window_s, schedule=shared.schedule)
 
 
@@ -168,7 +171,7 @@ def _store_predictions(deps: Deps, written: list[Migration]) -> list[Migration]:
     predictions = {
         d: p
         for d, _s, _t, p in prediction.forecast(
-            moves, cfg.sim, config=cfg.controller, cap_mibps=cap
+            moves, cfg.sim, config=cfg.controller, cap_mibps=cap, tick_s=cfg.engine.poll_interval_s
         ).predictions
     }
     out = []
@@ -197,10 +200,7 @@ def print_forecast(forecast: prediction.Forecast) -> None:
         )
     click.echo("\npredicted (simulated with [sim]: each droplet's workload, each host's link and costs)")
     click.echo(_table(["DROPLET", "TARGET", "DURATION_S", "DOWNTIME_MS", "GIB", "THROTTLED_S", "RISK"], rows))
-    click.echo(
-        f"window: {forecast.window_s:.0f} s with at most {forecast.max_parallel} at once, "
-        f"{forecast.max_per_host} per host"
-    )
+    click.echo(f"window: {forecast.window_s:.0f} s with {forecast.limits.describe()}")
 
 
 def _with_anti_affinity(config: EngineConfig, anti_affinity: bool | None) -> EngineConfig:

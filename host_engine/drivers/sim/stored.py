@@ -227,6 +227,8 @@ class StoredWorld(SimWorld):
             d = codec.droplet_from_dict(droplet_id, host, sim["doc"])
             self._saved[("droplet", droplet_id)] = (sim["rev"], fingerprint(sim["doc"]))
             return d
+        # The granularity of the host it appears on, as ``SimWorld.add_droplet`` (and so a forecast) gives it.
+        model = self.host_model(host)
         d = new_droplet(
             self.seed,
             droplet_id,
@@ -240,6 +242,8 @@ class StoredWorld(SimWorld):
                 else WORKLOADS[self.default_workload]()
             ),
             state=_power(row["power_state"]),
+            disk_block_bytes=model.disk_block_bytes,
+            memory_page_bytes=model.memory_page_bytes,
         )
         self._saved[("droplet", droplet_id)] = (None, fingerprint(codec.droplet_to_dict(d)))
         return d

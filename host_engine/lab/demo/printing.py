@@ -4,7 +4,7 @@ one host-by-host verdict, then the news of each engine tick (state changes, prog
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -12,8 +12,8 @@ from host_engine import planner, prediction
 from host_engine.config import EngineConfig
 from host_engine.drivers.sim import GiB
 from host_engine.lab.demo.agents import ScenarioAgent
-from host_engine.lab.demo.scenario import EVACUATE, DemoOptions, sim_settings
-from host_engine.models import LogEntry
+from host_engine.lab.demo.scenario import EVACUATE, DemoOptions, executor_config, sim_settings
+from host_engine.models import LogEntry, Migration
 from host_engine.placement import Plan
 from host_engine.prediction import Prediction
 from host_engine.states import LogKind, MigrationState
@@ -50,22 +50,30 @@ def print_plan(echo: Echo, schedule: planner.Schedule, now: datetime) -> None:
 
 
 def print_forecast(
-    echo: Echo, schedule: planner.Schedule, config: EngineConfig, options: DemoOptions
+    echo: Echo,
+    schedule: planner.Schedule,
+    config: EngineConfig,
+    options: DemoOptions,
+    written: Sequence[Migration] = (),
 ) -> dict[str, Prediction]:
-    """What the simulator predicts for each move (each droplet's own workload, the hosts' NICs, the same
-    limits, the NICs shared); the predictions by droplet."""
+    """What the simulator predicts for each move, run as the demo's executor runs them: each droplet's own
+    workload, the hosts' NICs shared, the executor's limits (the demo's one worker, at most 3 out of hv-1,
+    2 into a host) and controller tick, the moves in the order its claims take them (``written``: by window,
+    then migration id; else the plan's); the predictions by droplet."""
+    claim_order = {m.droplet_id: (m.not_before, m.id) for m in written}
+    ordered = sorted(schedule.moves, key=lambda mv: claim_order.get(mv.droplet.id, (mv.not_before, "")))
     moves = [
-        (mv.droplet.id, EVACUATE, mv.target, mv.droplet.memory_bytes, mv.droplet.disk_bytes)
-        for mv in schedule.moves
+        (mv.droplet.id, EVACUATE, mv.target, mv.droplet.memory_bytes, mv.droplet.disk_bytes) for mv in ordered
     ]
     fc = prediction.forecast_shared(
         moves,
         sim_settings(options),
         config=config.controller,
-        max_parallel=config.schedule.max_parallel,
-        max_per_host=config.schedule.max_per_target,
+        limits=prediction.Limits.of(config, workers=1),
+        tick_s=executor_config(config).tick_s,
+        seed=options.seed,  # the demo's simulated hosts' world
     )
-    echo("  PREDICTED  (the simulator, before anything moves: the same limits, the NICs shared)")
+    echo("  PREDICTED  (the simulator, before anything moves: the executor's limits, the NICs shared)")
     echo(f"    {'DROPLET':9} {'DURATION':>9} {'DOWNTIME':>9} {'MOVED':>9}  THROTTLE, RISK")
     predictions = {}
     for did, _src, _dst, p in fc.predictions:

@@ -41,6 +41,7 @@ class Row:
     new_host: str
     duration_s: float | None = None
     predicted: Prediction | None = None
+    attempts: int = 1
 
     @property
     def offline(self) -> bool:
@@ -99,6 +100,7 @@ def rows(
                 new_host=store.get_droplet(did).host,
                 duration_s=None if last.get("duration_s") is None else float(last["duration_s"]),
                 predicted=predictions.get(did),
+                attempts=m.attempt,
             )
         )
     return out
@@ -132,18 +134,32 @@ def print_table(echo: Callable[[str], None], table: list[Row], *, sim_s: float, 
         "  notice lead: from the notice to the start of the copy; downtime: the pause at switchover "
         "(offline: power-off to power-on)"
     )
+    echo(
+        "  predicted vs actual: the forecast printed with the plan, in simulated seconds (the last attempt);"
+    )
+    echo(
+        "  windows and retries follow the wall clock, so a start a wall second late (a slow notice, a retry) "
+        "is 20 simulated seconds late and changes who shares hv-1's NIC"
+    )
     echo(f"  the simulated hypervisors ran {sim_s:.0f} s of migration time in {wall_s:.0f} s")
 
 
 def _versus(r: Row) -> str:
-    """The sim's prediction at planning against what happened: duration, downtime."""
+    """The sim's prediction at planning against what happened: duration, downtime (of the last attempt).
+
+    The forecast is of one live attempt per droplet, started as the limits allow: a droplet whose guest chose
+    an offline move, or whose first attempt failed, ran otherwise than predicted (and freed its slot at
+    another moment, so the moves after it shared the NIC otherwise too); the column says so."""
     p = r.predicted
     if p is None:
         return "-"
+    actual_s = "-" if r.duration_s is None else f"{r.duration_s:.1f}"
+    if r.offline:
+        return f"{p.duration_s:.1f} s live vs {actual_s} s offline"
     down = "-" if p.downtime_ms is None else f"{p.downtime_ms:.0f}"
     actual_down = "-" if r.downtime_ms is None else f"{r.downtime_ms:.0f}"
-    actual_s = "-" if r.duration_s is None else f"{r.duration_s:.1f}"
-    return f"{p.duration_s:.1f} vs {actual_s} s, {down} vs {actual_down} ms"
+    retried = f" (attempt {r.attempts})" if r.attempts > 1 else ""
+    return f"{p.duration_s:.1f} vs {actual_s} s, {down} vs {actual_down} ms{retried}"
 
 
 def _downtime(r: Row) -> str:

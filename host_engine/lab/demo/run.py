@@ -247,7 +247,7 @@ class Demo:
         preview = planner.preview_evacuation(store, EVACUATE, config, explain=leaving)
         schedule, written = planner.evacuate(store, EVACUATE, request, config)
         printing.print_plan(self.echo, schedule, now)
-        self.predictions = printing.print_forecast(self.echo, schedule, config, self.options)
+        self.predictions = printing.print_forecast(self.echo, schedule, config, self.options, written)
         printing.print_explain(self.echo, preview)
         for m in written:
             self.migrations[m.droplet_id] = m.id

@@ -13,6 +13,7 @@ from host_engine.drivers.sim import HostModel, MiB, Workload, database, idle
 from host_engine.drivers.sim.settings import SimSettings, sim_settings
 from host_engine.errors import ConfigError
 from host_engine.prediction import (
+    Limits,
     Link,
     Risk,
     forecast,
@@ -51,11 +52,12 @@ def test_a_slower_link_means_a_longer_migration() -> None:
 
 def test_window_respects_the_limits() -> None:
     moves = [("a", "h1", "h2", 10.0), ("b", "h1", "h3", 10.0), ("c", "h1", "h4", 10.0)]
-    assert window(moves, max_concurrent=4, max_per_host=1)[0] == 30.0
-    assert window(moves, max_concurrent=4, max_per_host=3)[0] == 10.0
-    assert window(moves, max_concurrent=2, max_per_host=3)[0] == 20.0
+    assert window(moves, limits=Limits(4, 1, 3))[0] == 30.0
+    assert window(moves, limits=Limits(4, 3, 1))[0] == 10.0  # three targets: one into each is enough
+    assert window(moves, limits=Limits(4, 3, 3))[0] == 10.0
+    assert window(moves, limits=Limits(2, 3, 3))[0] == 20.0
     with pytest.raises(ValueError, match="at least 1"):
-        window(moves, max_concurrent=0, max_per_host=1)
+        Limits(0, 1, 1)
 
 
 def test_forecast_uses_each_droplets_workload_and_each_hosts_link() -> None:
@@ -65,8 +67,7 @@ def test_forecast_uses_each_droplets_workload_and_each_hosts_link() -> None:
     f = forecast(
         [("web", "src", "fast", 2 * GiB, 10 * GiB), ("web2", "src", "slow", 2 * GiB, 10 * GiB)],
         settings,
-        max_parallel=4,
-        max_per_host=1,
+        limits=Limits(4, 1, 1),
     )
     by = {d: p for d, _s, _t, p in f.predictions}
     assert by["web2"].duration_s > by["web"].duration_s * 5
@@ -233,14 +234,14 @@ def test_moves_that_overlap_share_the_link_in_the_shared_forecast() -> None:
 
     settings = sim_settings({"link_mibps": 200, "default_workload": "idle"})
     moves = [("a", "src", "t1", 1 * GiB, 8 * GiB), ("b", "src", "t2", 1 * GiB, 8 * GiB)]
-    alone = forecast(moves, settings, max_parallel=2, max_per_host=2)
-    shared = forecast_shared(moves, settings, max_parallel=2, max_per_host=2)
+    alone = forecast(moves, settings, limits=Limits(2, 2, 2))
+    shared = forecast_shared(moves, settings, limits=Limits(2, 2, 2))
     one = {d: p for d, _s, _t, p in alone.predictions}["a"]
     both = {d: p for d, _s, _t, p in shared.predictions}["a"]
     # Two copies out of one 200 MiB/s NIC: each takes about twice as long as it would alone.
     assert both.duration_s > one.duration_s * 1.6
     assert all(p.converges for _d, _s, _t, p in shared.predictions)
-    serial = forecast_shared(moves, settings, max_parallel=1, max_per_host=2)
+    serial = forecast_shared(moves, settings, limits=Limits(1, 2, 2))
     assert [s.start_s > 0 for s in serial.schedule] == [False, True]
 
 

@@ -49,3 +49,33 @@ def test_in_memory_world_takes_sim_settings() -> None:
     apply_settings(world, sim_settings(SETTINGS))
     assert world.host("hv2").nic_bps == 50 * MiB
     assert world.host_model("hv1").setup_s == 1.0
+
+
+def test_stored_world_gives_a_droplet_the_granularity_sim_settings_give_its_host(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    # [sim] memory_page_bytes / disk_block_bytes (a host's, or every host's) held for the forecast's private
+    # world (SimWorld.add_droplet) but not for the stored world host-engine run drives, whose droplets kept
+    # QEMU's granularity: the forecast and the run it predicts simulated different droplets.
+    store = Store.open(tmp_path / "e.db", clock=clock)
+    for h in ("hv1", "hv2"):
+        store.add_host(make_host(h, hypervisor_uri=f"sim://{h}"))
+    store.add_droplet(make_droplet("d1", "hv1"))
+    store.add_droplet(make_droplet("d2", "hv2"))
+    settings = sim_settings(
+        {
+            "memory_page_bytes": 1 << 20,
+            "hosts": {"hv2": {"disk_block_bytes": 1 << 22, "memory_page_bytes": 8192}},
+        }
+    )
+    world = StoredWorld.open(store)
+    apply_settings(world, settings)
+    d1, d2 = world.droplet("d1"), world.droplet("d2")
+    assert d1.memory_page_bytes == 1 << 20
+    assert (d2.memory_page_bytes, d2.disk_block_bytes) == (8192, 1 << 22)
+    forecast = SimWorld(0)
+    forecast.add_host("hv1")
+    apply_settings(forecast, settings)
+    twin = forecast.add_droplet("d1", "hv1", memory_bytes=d1.memory_bytes, disk_bytes=d1.disk_bytes)
+    assert (twin.memory_page_bytes, twin.disk_block_bytes) == (d1.memory_page_bytes, d1.disk_block_bytes)
+    store.close()
