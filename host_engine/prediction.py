@@ -18,7 +18,8 @@ Calibrating the simulator from real migrations is ``host_engine.calibration``.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,14 @@ class Risk(enum.Enum):
     LOW = "low"  # converges, and still would writing 1.5x faster
     MEDIUM = "medium"  # converges, but not writing 1.5x faster (or only under throttle)
     HIGH = "high"  # predicted not to converge
+
+
+class Basis(enum.Enum):
+    """What a prediction simulated: the move with the moves the plan runs beside it sharing each host's
+    link (``forecast_shared``), or the move alone on its link (``predict_migration``)."""
+
+    SHARED = "shared"
+    ALONE = "alone"
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,8 @@ class Prediction:
     disk_limit_s: float
     risk: Risk
     outcome: str  # completed | aborted: <reason> | failed: <reason>
+    basis: Basis = Basis.ALONE
+    note: str = ""  # why a move of a shared forecast was predicted alone (and anything else to say)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -130,6 +141,8 @@ class Prediction:
             "disk_limit_s": round(self.disk_limit_s, 2),
             "risk": self.risk.value,
             "outcome": self.outcome,
+            "basis": self.basis.value,
+            "note": self.note or None,
         }
 
 
@@ -364,6 +377,7 @@ class _Shared:
     max_throttle_pct: int = 0
     last_at: float = 0.0
     last_pct: int = 0
+    started: bool = False
 
 
 def forecast_shared(
@@ -376,6 +390,7 @@ def forecast_shared(
     tick_s: float = DEFAULT_TICK_S,
     timeout_s: float = DEFAULT_PREDICT_TIMEOUT_S,
     seed: int = 0,
+    opens_s: Mapping[str, float] | None = None,
 ) -> Forecast:
     """The whole evacuation in one simulated world, as the executor runs it: every controller tick
     (``tick_s``, the executor's) each running move is stepped, and the moves not started yet start in plan
@@ -389,8 +404,15 @@ def forecast_shared(
     hits next come from it (one stream per droplet). A guest rewriting a random hot set pauses for a
     remainder that varies with the stream (the demo's ``web`` guests: 42 to 77 ms over three seeds, the
     duration within 1 %), so a forecast of simulated hosts uses their world's seed; for real hosts that
-    spread is part of the prediction's error."""
+    spread is part of the prediction's error.
+
+    ``opens_s``: when each droplet's window opens, in seconds after the forecast starts (the plan's spaced
+    ``not_before``; absent: at once). The executor claims no migration before its window, so neither does
+    the forecast; give ``moves`` in the order the executor claims them (by window, then migration id).
+    Every move is predicted (``Basis.SHARED``): each one ends within ``timeout_s`` of its start, so the run
+    ends once the last window has opened and every move it admitted has ended."""
     limits = limits or Limits()
+    opens = dict(opens_s or {})
     config = config or ControllerConfig()
     world = _world_for(moves, settings, seed)
     clock = SimClock(world)
@@ -399,7 +421,7 @@ def forecast_shared(
     pending = list(moves)
     running: dict[str, _Shared] = {}
     ended: dict[str, tuple[Any, _Shared, float]] = {}  # droplet -> (result, its move, job end)
-    limit_s = timeout_s * max(1, len(moves))
+    limit_s = max(opens.values(), default=0.0) + timeout_s * max(1, len(moves))
 
     def finish(d: str, m: _Shared, result: Any) -> None:
         mig = world.migration(f"predict-{d}")
@@ -407,32 +429,33 @@ def forecast_shared(
         ended[d] = (result, m, job_end if result.outcome is Outcome.COMPLETED else clock.now())
         del running[d]
 
+    # Pending moves are looked at again only once something changed: a move ended (its slot is taken at
+    # the next tick, as the executor's next claim takes it) or a window opened. Scanning all of them every
+    # tick cost a 200-move forecast a fifth of its time.
+    next_scan_s = 0.0
     while (pending or running) and clock.now() - start < limit_s:
-        for move in list(pending):
-            d, s, t, memory_bytes, disk_bytes = move
-            if not limits.admits([(m.source, m.target) for m in running.values()], s, t):
-                continue
-            pending.remove(move)
-            spec = MigrationSpec(
-                f"predict-{d}", d, s, t, f"sim://{s}", f"sim://{t}", 1, memory_bytes, disk_bytes,
-                options={"bandwidth_mibps": str(cap_mibps)} if cap_mibps else {},
-            )  # fmt: skip
-            began = clock.now()
-
-            def bound(began: float = began) -> str | None:
-                return f"still running after {timeout_s:.0f} s" if clock.now() - began >= timeout_s else None
-
-            run = MigrationRun(hv.migration(spec), config, clock, should_abort=bound, keep_trace=False)
-            m = running[d] = _Shared(run, s, t, began, last_at=began)
-            run.on_progress = lambda p, m=m: _watch(m, p, clock.now())
-            if not run.begin() and run.result is not None:
-                finish(d, m, run.result)
+        if pending and clock.now() - start + 1e-9 >= next_scan_s:
+            for move in list(pending):
+                d, s, t, _memory_bytes, _disk_bytes = move
+                if opens.get(d, 0.0) > clock.now() - start + 1e-9:
+                    continue
+                if not limits.admits([(m.source, m.target) for m in running.values()], s, t):
+                    continue
+                pending.remove(move)
+                m = running[d] = _begin(hv, clock, config, move, cap_mibps, timeout_s)
+                if not m.started and m.run.result is not None:
+                    finish(d, m, m.run.result)
+            next_scan_s = _next_open(pending, opens, clock.now() - start)
         for d, m in list(running.items()):
             r = m.run.step()
             if r is not None:
                 finish(d, m, r)
-        if pending or running:
+                next_scan_s = 0.0
+        if running or not pending or not math.isfinite(next_scan_s) or next_scan_s <= clock.now() - start:
             clock.sleep(tick_s)
+        else:  # nothing runs until the next window opens: on to the first tick at or after it
+            gap_s = next_scan_s - (clock.now() - start)
+            clock.sleep(tick_s * max(1, math.ceil(gap_s / tick_s - 1e-9)))
     predictions = []
     schedule = []
     for d, s, t, _m, _k in moves:
@@ -443,6 +466,39 @@ def forecast_shared(
         schedule.append(Scheduled(d, s, t, m.began - start, end - start))
     length = max((x.end_s for x in schedule), default=0.0)
     return Forecast(tuple(predictions), tuple(schedule), length, limits)
+
+
+def _begin(
+    hv: SimHypervisor,
+    clock: SimClock,
+    config: ControllerConfig,
+    move: tuple[str, str, str, int, int],
+    cap_mibps: int,
+    timeout_s: float,
+) -> _Shared:
+    """Start ``move``'s attempt now (``started`` False: it ended as it began, its result set)."""
+    d, s, t, memory_bytes, disk_bytes = move
+    spec = MigrationSpec(
+        f"predict-{d}", d, s, t, f"sim://{s}", f"sim://{t}", 1, memory_bytes, disk_bytes,
+        options={"bandwidth_mibps": str(cap_mibps)} if cap_mibps else {},
+    )  # fmt: skip
+    began = clock.now()
+
+    def bound() -> str | None:
+        return f"still running after {timeout_s:.0f} s" if clock.now() - began >= timeout_s else None
+
+    run = MigrationRun(hv.migration(spec), config, clock, should_abort=bound, keep_trace=False)
+    m = _Shared(run, s, t, began, last_at=began)
+    run.on_progress = lambda p: _watch(m, p, clock.now())
+    m.started = run.begin()
+    return m
+
+
+def _next_open(
+    pending: Sequence[tuple[str, str, str, int, int]], opens: Mapping[str, float], at_s: float
+) -> float:
+    """When the next pending move's window opens after ``at_s`` (infinity: every window is open)."""
+    return min((o for o in (opens.get(m[0], 0.0) for m in pending) if o > at_s + 1e-9), default=math.inf)
 
 
 def _watch(m: _Shared, p: Any, now: float) -> None:
@@ -483,4 +539,5 @@ def _prediction_of(droplet_id: str, r: Any, m: _Shared, duration_s: float) -> Pr
         disk_limit_s=r.disk_limit_s,
         risk=risk,
         outcome="completed" if converges else f"{r.outcome.value}: {r.reason}",
+        basis=Basis.SHARED,
     )

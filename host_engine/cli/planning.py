@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from host_engine import planner, prediction
+from host_engine import evacuation_forecast, planner, prediction
 from host_engine.cli.app import (
     Deps,
     _client_factory,
@@ -28,7 +28,6 @@ from host_engine.errors import (
     HostEngineError,
     InvalidInput,
 )
-from host_engine.expectation import Expected, with_prediction
 from host_engine.metadata.reconcile import MetadataSync
 from host_engine.models import Migration
 from host_engine.placement import Choice, Plan
@@ -124,63 +123,30 @@ def plan_evacuate(
 
 
 def _forecast(deps: Deps, result: Plan, host_name: str) -> prediction.Forecast:
-    with deps.store().begin(readonly=True) as tx:
-        sizes = {d.id: (d.memory_bytes, d.disk_bytes) for d in tx.list_droplets(host=host_name)}
+    """``plan evacuate --predict``: the plan's moves as ``host-engine run`` would run them after an
+    ``evacuate`` with no flags (``evacuation_forecast``: one shared run, the planner's windows)."""
     cfg = deps.config
-    moves = [
-        (c.droplet_id, host_name, c.target, *sizes[c.droplet_id])
-        for c in result.choices
-        if c.target is not None and c.droplet_id in sizes
-    ]
-    # As `host-engine run` runs them: [concurrency]'s limits (out of the source and into each target each
-    # on its own), the controller ticking once per [engine] poll_interval.
-    limits = prediction.Limits.of(cfg)
-    tick_s = cfg.engine.poll_interval_s
-    cap = cfg.libvirt.bandwidth_mibps
-    alone = prediction.forecast(
-        moves, cfg.sim, config=cfg.controller, cap_mibps=cap, limits=limits, tick_s=tick_s
+    with deps.store().begin(readonly=True) as tx:
+        droplets = tx.list_droplets(host=host_name)
+        seed = evacuation_forecast.sim_seed(tx)
+    moves = evacuation_forecast.moves_of_plan(result, droplets, host_name, cfg)
+    return evacuation_forecast.forecast_evacuation(
+        moves, cfg, cap_mibps=cfg.libvirt.bandwidth_mibps, seed=seed
     )
-    # The window with the moves sharing each host's link while they overlap.
-    shared = prediction.forecast_shared(
-        moves, cfg.sim, config=cfg.controller, cap_mibps=cap, limits=limits, tick_s=tick_s
-    )
-    return replace(alone, window_s=shared.window_s, schedule=shared.schedule)
 
 
 def _store_predictions(deps: Deps, written: list[Migration]) -> list[Migration]:
-    """Simulate each written migration with [sim] and keep the prediction in its stats.
+    """Simulate the written migrations as the executor will run them and keep each prediction in its stats.
 
     The notices may already be on their way: the metadata reconciliation sees the event lacking the
     prediction and sets it again, so the guest learns it before its window either way.
     """
     store, cfg = deps.store(), deps.config
     with store.begin(readonly=True) as tx:
-        sizes = {m.droplet_id: tx.get_droplet(m.droplet_id) for m in written}
-    moves = [
-        (
-            m.droplet_id,
-            m.source_host,
-            m.target_host,
-            sizes[m.droplet_id].memory_bytes,
-            sizes[m.droplet_id].disk_bytes,
-        )
-        for m in written
-    ]
+        seed = evacuation_forecast.sim_seed(tx)
     # One evacuate gives all its migrations the same --bandwidth (else the configured default).
     cap = bandwidth_mibps(written[0].stats) or cfg.libvirt.bandwidth_mibps
-    predictions = {
-        d: p
-        for d, _s, _t, p in prediction.forecast(
-            moves, cfg.sim, config=cfg.controller, cap_mibps=cap, tick_s=cfg.engine.poll_interval_s
-        ).predictions
-    }
-    out = []
-    with store.begin() as tx:
-        for m in written:
-            p = predictions[m.droplet_id]
-            expected = Expected(p.duration_s, p.downtime_ms if p.converges else None, p.bytes_transferred)
-            out.append(tx.update_migration(m.id, stats=with_prediction(m.stats, expected)))
-    return out
+    return evacuation_forecast.store_predictions(store, cfg, written, cap_mibps=cap, seed=seed)
 
 
 def print_forecast(forecast: prediction.Forecast) -> None:
@@ -198,8 +164,14 @@ def print_forecast(forecast: prediction.Forecast) -> None:
                 p.risk.value if p.converges else f"{p.risk.value}: {p.outcome}",
             ]
         )
-    click.echo("\npredicted (simulated with [sim]: each droplet's workload, each host's link and costs)")
+    click.echo(
+        "\npredicted (simulated with [sim]: each droplet's workload, each host's link and costs; the moves "
+        "run as the executor runs them, sharing each host's link)"
+    )
     click.echo(_table(["DROPLET", "TARGET", "DURATION_S", "DOWNTIME_MS", "GIB", "THROTTLED_S", "RISK"], rows))
+    for droplet_id, _source, _target, p in forecast.predictions:
+        if p.note:
+            click.echo(f"{droplet_id}: {p.note}")
     click.echo(f"window: {forecast.window_s:.0f} s with {forecast.limits.describe()}")
 
 
