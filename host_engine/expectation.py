@@ -1,8 +1,9 @@
 """A migration's predicted duration, downtime and bytes, kept in its ``stats`` under one typed accessor.
 
-``host-engine evacuate --predict`` simulates every planned move (``prediction.forecast``) and stores the
-result here; the guest is told it with its notice (``expected_downtime_ms`` / ``expected_duration_s`` in the
-metadata server's event), and ``host-engine report`` shows it next to what the migration really took.
+``host-engine evacuate --predict`` simulates every planned move as the executor will run them
+(``evacuation_forecast.store_predictions``) and stores the result here; the guest is told it with its
+notice (``expected_downtime_ms`` / ``expected_duration_s`` in the metadata server's event), and
+``host-engine report`` shows it next to what the migration really took.
 Nothing else reads or writes ``PREDICTED_KEY``.
 """
 

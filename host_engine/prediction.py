@@ -12,7 +12,10 @@
   same controller tick, moves started in plan order as soon as they fit, overlapping moves sharing each
   host's link.
 
-Calibrating the simulator from real migrations is ``host_engine.calibration``.
+Each move of an evacuation predicted from one shared run, in the executor's order and the planner's
+windows, with its risk and the fallback to ``predict_migration``, is ``host_engine.evacuation_forecast``
+(``plan evacuate --predict``, ``evacuate --predict``). Calibrating the simulator from real migrations is
+``host_engine.calibration``.
 """
 
 from __future__ import annotations
