@@ -175,8 +175,16 @@ class RunResult:
 
 
 def migrate_once(
-    hosts: Any, conns: dict[str, Any], workload: Workload, cap_mibps: int, pol: PolicySpec, timeout_s: float
+    hosts: Any,
+    conns: dict[str, Any],
+    workload: Workload,
+    cap_mibps: int,
+    pol: PolicySpec,
+    timeout_s: float,
+    config: Any = None,
 ) -> RunResult:
+    """Migrate a fresh guest of ``workload`` once under ``pol``; ``config``: the controller's
+    ``ControllerConfig`` (default: the engine's defaults, as ``ours`` ships)."""
     import libvirt
 
     from host_engine.attempt import Outcome, RealClock, run_migration
@@ -239,7 +247,7 @@ def migrate_once(
     try:
         result = run_migration(
             driver,
-            ControllerConfig(),
+            config if config is not None else ControllerConfig(),
             RealClock(),
             tick_s=TICK_S,
             on_progress=watch,
