@@ -103,6 +103,7 @@ class Run:
     load_before: str
     load_after: str
     runs_on_target: bool
+    guest_write_mibps: float | None  # the guest's own disk writes over the call (its sector counter)
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -205,13 +206,21 @@ def virt_admin(host: Any, *args: str) -> None:
 
 
 def migrate_once(
-    hosts: Any, conns: dict[str, Any], wname: str, cap: int, opt: Option, rep: int, *, check: bool = False
+    hosts: Any,
+    conns: dict[str, Any],
+    wname: str,
+    cap: int,
+    opt: Option,
+    rep: int,
+    *,
+    check: bool = False,
+    timeout_s: float = TIMEOUT_S,
 ) -> tuple[Run, dict[str, Any]]:
     import libvirt
 
     from host_engine.drivers.libvirt.disks import read_disks
     from host_engine.drivers.libvirt.storage import create_volume, delete_volume
-    from tests.libvirt_harness.guest import GuestSpec
+    from tests.libvirt_harness.guest import SECTOR_BYTES, GuestSpec, read_counters
 
     w = workload(wname)
     src, dst = hosts.source, hosts.target
@@ -226,11 +235,11 @@ def migrate_once(
     sdom.migrateSetMaxDowntime(limit, 0)
     flags, params = flags_and_params(libvirt, opt, disks, name, cap)
 
-    # Every run is bounded: abort a job still running after TIMEOUT_S.
+    # Every run is bounded: abort a job still running after timeout_s.
     done = threading.Event()
 
     def bound() -> None:
-        if not done.wait(TIMEOUT_S):
+        if not done.wait(timeout_s):
             with contextlib.suppress(libvirt.libvirtError):
                 sdom.abortJob()
 
@@ -243,6 +252,7 @@ def migrate_once(
             log_file.unlink()
         virt_admin(src, "daemon-log-filters", "1:qemu.qemu_monitor")
         virt_admin(src, "daemon-log-outputs", f"1:file:{DEBUG_LOG} {PLAIN_LOG_OUTPUTS}")
+    sectors_before = read_counters(sdom).sectors_written
     load_before = loadavg1()
     error = ""
     t0 = time.monotonic()
@@ -276,6 +286,11 @@ def migrate_once(
 
     stats: dict[str, Any] = {}
     runs_on_target = False
+    write_mibps: float | None = None
+    with contextlib.suppress(libvirt.libvirtError, RuntimeError):
+        # The guest's own counter: on the target after a migration, still on the source after a failed one.
+        now = read_counters(sdom if error else conns[dst.name].lookupByName(name)).sectors_written
+        write_mibps = round((now - sectors_before) % 2**32 * SECTOR_BYTES / MiB / call_s, 2)
     with contextlib.suppress(libvirt.libvirtError):
         tdom = conns[dst.name].lookupByName(name)
         stats = dict(tdom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED))
@@ -300,6 +315,7 @@ def migrate_once(
         load_before=load_before,
         load_after=load_after,
         runs_on_target=runs_on_target,
+        guest_write_mibps=write_mibps,
         stats={k: v for k, v in stats.items() if isinstance(v, int | float)},
     )
     return run, evidence
@@ -315,8 +331,8 @@ def spread(values: list[float], fmt: str = ",.0f") -> str:
 def summary(runs: list[Run]) -> str:
     lines = [
         "| guest | cap | option | ok | downtime ms | libvirt elapsed s | call s | memory sent MiB | rounds "
-        "| load 1 min |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| guest writes MiB/s | load 1 min |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     cases: dict[tuple[str, int, str], list[Run]] = {}
     for r in runs:
@@ -330,6 +346,7 @@ def summary(runs: list[Run]) -> str:
             f"| {spread([r.elapsed_ms / 1000 for r in ok if r.elapsed_ms is not None], '.1f')} "
             f"| {spread([r.call_s for r in ok], '.1f')} "
             f"| {spread([r.memory_mib for r in ok], ',.1f')} | {spread([float(r.rounds) for r in ok])} "
+            f"| {spread([r.guest_write_mibps for r in rs if r.guest_write_mibps is not None], '.1f')} "
             f"| {min(loads):.2f}-{max(loads):.2f} |"
         )
     return "\n".join(lines)
@@ -348,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         help="e.g. 'memory 8 MiB:32' (repeatable; default: the five hot-set cases)",
     )
     parser.add_argument("--check", action="store_true", help="first check each option engaged (not counted)")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="abort a migration after S s")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     options = [OPTIONS[o.strip()] for o in args.options.split(",")]
@@ -396,13 +414,14 @@ def main(argv: list[str] | None = None) -> int:
                     for opt in order:
                         if opt.disk_only and not writes_disk(workload(wname)):
                             continue
-                        run, _ = migrate_once(hosts, conns, wname, cap, opt, rep)
+                        run, _ = migrate_once(hosts, conns, wname, cap, opt, rep, timeout_s=args.timeout)
                         runs.append(run)
                         print(
                             f"{rep + 1}: {wname:>13} {cap:>2} | {opt.name:<11} | "
                             f"{run.error[:80] if not run.ok else 'ok'} downtime {run.downtime_ms} ms "
                             f"(limit {run.downtime_limit_ms}), elapsed {run.elapsed_ms} ms, "
                             f"call {run.call_s} s, memory {run.memory_mib} MiB in {run.rounds} rounds, "
+                            f"guest writes {run.guest_write_mibps} MiB/s, "
                             f"load {run.load_before}->{run.load_after}"
                             f"{'' if run.runs_on_target else ', NOT running on the target'}",
                             flush=True,
