@@ -16,7 +16,9 @@ shared machine hits all policies alike):
 - ``ours``: the engine's convergence controller with its default ``ControllerConfig`` (it picks the CPU
   throttle level, applies the temporary disk write limit, hands QEMU a 50 ms downtime limit first and
   raises it toward the 300 ms budget when rounds stop shrinking the remainder, gives up on a guest that
-  cannot converge).
+  cannot converge), with the engine's transport: the disk mirror in write-blocking mode
+  (``NON_SHARED_SYNCHRONOUS_WRITES``) and memory over 4 connections (multifd, ``PARALLEL``), the driver's
+  defaults. The baselines keep libvirt's own (background mirror, one connection).
 
 Every policy gets the same bandwidth cap and the same 300 ms downtime budget: the baselines hand QEMU
 300 ms from the start (QEMU's default), ours starts at 50 ms (the ramp); each run records the largest limit
@@ -138,13 +140,19 @@ class PolicySpec:
     auto_converge: str  # the driver's option: off | qemu | controlled
     policy: Callable[[Any], tuple[Any, ...]] | None  # None: the engine's controller
     max_throttle_pct: int | None = None  # with auto_converge=qemu: QEMU's cap
+    # The engine's mirror and memory-stream choices (the driver's defaults: write-blocking disk mirror,
+    # multifd); False: libvirt's own (background mirror, one connection), as a plain migrateToURI3 has.
+    engine_transport: bool = False
+
+    def transport_options(self) -> dict[str, str]:
+        return {} if self.engine_transport else {"sync_writes": "0", "parallel_connections": "0"}
 
 
 POLICIES = (
     PolicySpec("libvirt defaults", "off", _nothing),
     PolicySpec("auto-converge", "qemu", _nothing),
     PolicySpec("auto-converge + cap", "qemu", _nothing, max_throttle_pct=80),
-    PolicySpec("ours", "controlled", None),
+    PolicySpec("ours", "controlled", None, engine_transport=True),
 )
 
 
@@ -216,6 +224,7 @@ def migrate_once(
             "bandwidth_mibps": str(cap_mibps),
             "auto_converge": pol.auto_converge,
             **({"auto_converge_max_pct": str(pol.max_throttle_pct)} if pol.max_throttle_pct else {}),
+            **pol.transport_options(),
         },
     )
 

@@ -53,6 +53,8 @@ Built once at the entry point into a frozen :class:`EngineConfig` and passed dow
     [libvirt]                                   # only with driver = "libvirt"
     bandwidth_mibps = 0                         # migration bandwidth cap, MiB/s; 0: no cap
     tls = false                                 # VIR_MIGRATE_TLS: encrypt the memory stream and disk mirror
+    sync_disk_writes = true                     # write-blocking disk mirror: no disk remainder in the pause
+    parallel_connections = 4                    # multifd: memory over N connections (0 or 1: one)
     [libvirt.peer_uris]                         # host -> URI the other hosts' daemons reach it under
     hv2 = "qemu+tls://hv2.migration.example/system"
 """
@@ -70,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from host_engine.controller import ControllerConfig
+from host_engine.drivers.libvirt.job import DEFAULT_PARALLEL_CONNECTIONS, MAX_PARALLEL_CONNECTIONS
 from host_engine.drivers.sim.settings import SIM_KEYS, SimSettings, sim_settings
 from host_engine.errors import ConfigError, InvalidInput
 from host_engine.timeparse import parse_duration
@@ -175,14 +178,20 @@ class LibvirtConfig:
     bandwidth_mibps: int = DEFAULT_BANDWIDTH_MIBPS
     tls: bool = DEFAULT_MIGRATION_TLS
     peer_uris: Mapping[str, str] = field(default_factory=dict)
+    sync_disk_writes: bool = True
+    parallel_connections: int = DEFAULT_PARALLEL_CONNECTIONS
 
     def options(self) -> dict[str, str]:
-        """``LibvirtHypervisor(options=...)``: applied to every migration."""
+        """``LibvirtHypervisor(options=...)``: applied to every migration (the driver's defaults left out)."""
         options: dict[str, str] = {}
         if self.bandwidth_mibps:
             options["bandwidth_mibps"] = str(self.bandwidth_mibps)
         if self.tls:
             options["tls"] = "1"
+        if not self.sync_disk_writes:
+            options["sync_writes"] = "0"
+        if self.parallel_connections != DEFAULT_PARALLEL_CONNECTIONS:
+            options["parallel_connections"] = str(self.parallel_connections)
         return options
 
 
@@ -224,7 +233,7 @@ _KNOWN: dict[str, set[str]] = {
     "notifier": {"timeout", "attempts"},
     "metadata": {"ca_file"},
     "controller": {"max_downtime_ms", "initial_downtime_ms"},
-    "libvirt": {"bandwidth_mibps", "tls", "peer_uris"},
+    "libvirt": {"bandwidth_mibps", "tls", "peer_uris", "sync_disk_writes", "parallel_connections"},
     "sim": set(SIM_KEYS),
 }
 
@@ -506,6 +515,17 @@ def _libvirt(doc: Mapping[str, Any]) -> LibvirtConfig:
     tls = _get(doc, "libvirt", "tls", bool)
     if tls is not None:
         lc = replace(lc, tls=tls)
+    sync = _get(doc, "libvirt", "sync_disk_writes", bool)
+    if sync is not None:
+        lc = replace(lc, sync_disk_writes=sync)
+    channels = _get(doc, "libvirt", "parallel_connections", int)
+    if channels is not None:
+        if not 0 <= channels <= MAX_PARALLEL_CONNECTIONS:
+            raise ConfigError(
+                f"config [libvirt] parallel_connections: must be within 0..{MAX_PARALLEL_CONNECTIONS} "
+                f"(0 or 1: one connection), got {channels}"
+            )
+        lc = replace(lc, parallel_connections=channels)
     peers = _get(doc, "libvirt", "peer_uris", dict)
     if peers is not None:
         checked: dict[str, str] = {}

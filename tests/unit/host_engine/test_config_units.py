@@ -130,6 +130,14 @@ def test_config_defaults_and_file(tmp_path: Path) -> None:
         ),
         ({"libvirt": {"peer_uris": {"hv2": 7}}}, r"\[libvirt\] peer_uris\.hv2"),
         ({"libvirt": {"cap": 1}}, r"unknown key \[libvirt\] cap"),
+        ({"libvirt": {"sync_disk_writes": 1}}, r"\[libvirt\] sync_disk_writes: expected bool"),
+        (
+            {"libvirt": {"parallel_connections": -1}},
+            r"\[libvirt\] parallel_connections: must be within 0\.\.255",
+        ),
+        ({"libvirt": {"parallel_connections": 256}}, r"\[libvirt\] parallel_connections: must be within"),
+        ({"libvirt": {"parallel_connections": True}}, r"\[libvirt\] parallel_connections: expected int"),
+        ({"libvirt": {"parallel_connections": "4"}}, r"\[libvirt\] parallel_connections: expected int"),
         ({"metadata": {"ca_file": ""}}, r"\[metadata\] ca_file: must be a path"),
         ({"metadata": {"ca_file": 1}}, r"\[metadata\] ca_file: expected str"),
     ],
@@ -162,6 +170,15 @@ def test_config_libvirt_controller_and_metadata_sections(tmp_path: Path) -> None
     c = load_config(f)
     assert c.controller.max_downtime_ms == 150
     assert c.libvirt.options() == {"bandwidth_mibps": "400", "tls": "1"}
+    # The transport: the driver's defaults (write-blocking mirror, 4 connections) are not repeated; a
+    # fleet that turns them off says so in every migration's options.
+    off = load_config(f, overrides=["libvirt.sync_disk_writes=false", "libvirt.parallel_connections=1"])
+    assert off.libvirt.options() == {
+        "bandwidth_mibps": "400",
+        "tls": "1",
+        "sync_writes": "0",
+        "parallel_connections": "1",
+    }
     assert dict(c.libvirt.peer_uris) == {"hv2": "qemu+tls://hv2.migration.example/system"}
     assert c.engine.metadata_ca_file == "/etc/host-engine/ca.pem"
     c = load_config(

@@ -242,6 +242,11 @@ def test_libvirt_migration_options_are_checked(source_uri: str, target_uri: str)
         LibvirtMigration(spec(source_uri, target_uri, options={"auto_converge": "sometimes"}))
     with pytest.raises(DriverError, match=r"options\.tls"):
         LibvirtMigration(spec(source_uri, target_uri, options={"tls": "yes"}))
+    with pytest.raises(DriverError, match=r"options\.sync_writes must be 0 or 1"):
+        LibvirtMigration(spec(source_uri, target_uri, options={"sync_writes": "true"}))
+    for bad in ("four", "-1", "256"):
+        with pytest.raises(DriverError, match=r"options\.parallel_connections"):
+            LibvirtMigration(spec(source_uri, target_uri, options={"parallel_connections": bad}))
     hv = LibvirtHypervisor({"a": source_uri, "b": target_uri}, options={"bandwidth_mibps": "64"})
     mig = hv.migration(spec(source_uri, target_uri, options={"paused": "1"}))
     assert isinstance(mig, MigrationDriver)
@@ -356,3 +361,15 @@ def test_libvirt_config_reaches_migrate_to_uri3(
     assert lv.VIR_MIGRATE_PARAM_BANDWIDTH not in params
     assert not flags & lv.VIR_MIGRATE_TLS
     assert config.controller.max_downtime_ms == 300 and downtimes[-1] == 300
+    # The engine's transport by default: the write-blocking disk mirror and memory over 4 connections.
+    assert flags & lv.VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES
+    assert flags & lv.VIR_MIGRATE_PARALLEL and params[lv.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] == 4
+
+    # Turned off in [libvirt]: libvirt's own background mirror and one connection.
+    config = config_from_dict({"libvirt": {"sync_disk_writes": False, "parallel_connections": 0}})
+    hv = LibvirtHypervisor(
+        {"a": source_uri, "b": target_uri}, options=config.libvirt.options(), open_connection=shared
+    )
+    uri, params, flags = started()
+    assert not flags & (lv.VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES | lv.VIR_MIGRATE_PARALLEL)
+    assert lv.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS not in params
