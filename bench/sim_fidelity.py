@@ -16,6 +16,10 @@ Two steps, each re-runnable on its own:
 
     sudo .venv/bin/python bench/sim_fidelity.py --record [--reps 3] [--timeout 20]
     .venv/bin/python bench/sim_fidelity.py            # re-compare from bench/results/sim_fidelity_runs.json
+
+The sim simulates the disk mirror the recorded runs used (``recorded_sync_writes``): what the recording's
+metadata says, else the libvirt driver's default on the commit it was recorded on (the write-blocking mirror
+since ``e82d636``, libvirt's background mirror before); ``--sync-writes on|off`` overrides.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ RUNS_PATH = ROOT / "bench" / "results" / "sim_fidelity_runs.json"
 RESULT_PATH = ROOT / "bench" / "results" / "sim_fidelity.json"
 MiB = 1024 * 1024
 DEFAULT_TIMEOUT_S = 20.0
+# The commit that made the write-blocking disk mirror the libvirt driver's default.
+SYNC_WRITES_SINCE = "e82d636"
 
 
 def _progress_dict(t: float, p: Any) -> dict[str, Any]:
@@ -259,11 +265,46 @@ def predict_row(
     }
 
 
-def compare(runs_path: Path, json_path: Path, holdout: list[int] | None = None) -> int:
-    """Leave each repetition out in turn (``holdout``: only those), calibrate on the rest, predict it."""
+def recorded_sync_writes(data: dict[str, Any]) -> bool:
+    """Whether the recorded runs used the write-blocking disk mirror: ``sync_writes`` in the recording's
+    ``options`` or ``transport`` (``"0"``/``"1"`` or a bool), else whether its commit has ``e82d636`` (the
+    driver's default since; a commit this checkout does not know, or none: the default, on)."""
+    for key in ("options", "transport"):
+        section = data.get(key)
+        if isinstance(section, dict):
+            for name in ("sync_writes", "sync_disk_writes"):
+                if name in section:
+                    return str(section[name]).lower() in ("1", "true")
+    code = data.get("code")
+    commit = code.get("commit") if isinstance(code, dict) else None
+    if not commit:
+        return True
+    import subprocess
+
+    known = subprocess.run(
+        ["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT, capture_output=True, check=False
+    )
+    if known.returncode != 0:
+        return True
+    has = subprocess.run(
+        ["git", "merge-base", "--is-ancestor", SYNC_WRITES_SINCE, commit],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+    )
+    return has.returncode == 0
+
+
+def compare(
+    runs_path: Path, json_path: Path, holdout: list[int] | None = None, sync_writes: bool | None = None
+) -> int:
+    """Leave each repetition out in turn (``holdout``: only those), calibrate on the rest, predict it;
+    ``sync_writes``: the disk mirror to simulate (None: ``recorded_sync_writes``)."""
     from host_engine.calibration import calibrate
 
     data = json.loads(runs_path.read_text())
+    sync = recorded_sync_writes(data) if sync_writes is None else sync_writes
+    print(f"# simulating the {'write-blocking' if sync else 'background'} disk mirror", flush=True)
     runs = data["runs"]
     reps = sorted({r["rep"] for r in runs})
     if len(reps) < 2:
@@ -274,7 +315,7 @@ def compare(runs_path: Path, json_path: Path, holdout: list[int] | None = None) 
     calibrations: dict[str, Any] = {}
     for rep in holdout or reps:
         train = [r for r in runs if r["rep"] != rep]
-        cal = calibrate([_recorded(r) for r in train], tick_s=lm.TICK_S)
+        cal = calibrate([_recorded(r) for r in train], tick_s=lm.TICK_S, sync_disk_writes=sync)
         calibrations[f"without rep {rep}"] = cal.to_dict()
         for r in (r for r in runs if r["rep"] == rep):
             others = [o for o in train if (o["workload"], o["cap_mibps"]) == (r["workload"], r["cap_mibps"])]
@@ -299,6 +340,7 @@ def compare(runs_path: Path, json_path: Path, holdout: list[int] | None = None) 
                     for k in ("started_at", "machine", "code", "wall_s", "load_average_end", "timeout_s")
                 },
                 "calibrated_on": "every other repetition (leave one repetition out)",
+                "sync_disk_writes": sync,
                 "predicted": "each repetition, by the calibration made without it",
                 "calibrations": calibrations,
                 "targets": {
@@ -373,6 +415,13 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="predict only this repetition (repeatable; default: each)",
     )
+    parser.add_argument(
+        "--sync-writes",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the disk mirror the sim simulates: write-blocking (on) or libvirt's background one (off); "
+        "auto: the one the recorded runs used",
+    )
     args = parser.parse_args(argv)
     if args.record:
         rc = record(args.reps, args.timeout, args.runs)
@@ -381,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.runs.exists():
         print(f"sim_fidelity: skipped (no recorded runs at {args.runs}; run with --record as root)")
         return 0
-    return compare(args.runs, args.json, args.holdout)
+    sync = None if args.sync_writes == "auto" else args.sync_writes == "on"
+    return compare(args.runs, args.json, args.holdout, sync)
 
 
 if __name__ == "__main__":

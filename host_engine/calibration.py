@@ -59,6 +59,7 @@ class Calibration:
             "link_bps": round(self.link_bps),
             "setup_s": round(self.host.setup_s, 3),
             "switchover_ms": round(self.host.switchover_ms, 1),
+            "sync_disk_writes": self.host.sync_disk_writes,
             "workloads": {k: w.to_dict() for k, w in sorted(self.workloads.items())},
         }
 
@@ -100,22 +101,39 @@ def _seen_hot(runs: Sequence[RecordedRun]) -> float:
     return min(seen, default=0.0)
 
 
-def _candidates(name: str, runs: Sequence[RecordedRun]) -> list[Workload]:
+def _mirrored_writes(r: RecordedRun, disk_rate: float) -> float:
+    """What a write-blocking mirror counted of the guest's own writes in ``r``: its writes cross the link
+    (and count as the mirror's bytes) from the mirror's first byte to the pause, at ``disk_rate``."""
+    copying = [
+        float(s.get("t", 0))
+        for s in r.samples
+        if s.get("phase") in ("disk", "memory") and float(s.get("disk_processed_bytes", 0) or 0) > 0
+    ]
+    return disk_rate * (max(copying) - min(copying)) if copying else 0.0
+
+
+def _candidates(name: str, runs: Sequence[RecordedRun], *, sync_disk_writes: bool = True) -> list[Workload]:
     """Workloads consistent with a droplet's samples, one per hot-set size tried.
 
-    What the samples pin down: the allocated disk (the mirror's bytes of the run that rewrote least), the
-    disk write rate (libvirt's dirty rate of the mirror), the hot memory (what was left after round 1, when
-    seen). What they leave open (QEMU reports no dirty rate for a guest paced below its sync period) is
-    tried: hot sets from 256 KiB to the RAM, each swept every step (the harness's guests rewrite theirs
-    18x/s), with the resident memory that the run's bytes then imply; and the hot set the rounds showed
-    written in bursts (``Pattern.PERIODIC``, ``PERIODIC_PASSES_PER_S``).
+    What the samples pin down: the allocated disk (the mirror's bytes of the run that rewrote least; with a
+    write-blocking mirror, ``sync_disk_writes``, those bytes also count the guest's own writes, which
+    ``_mirrored_writes`` takes off, the median over the runs), the disk write rate (libvirt's dirty rate of
+    the mirror), the hot memory (what was left after round 1, when seen). What they leave open (QEMU reports
+    no dirty rate for a guest paced below its sync period) is tried: hot sets from 256 KiB to the RAM, each
+    swept every step (the harness's guests rewrite theirs 18x/s), with the resident memory that the run's
+    bytes then imply; and the hot set the rounds showed written in bursts (``Pattern.PERIODIC``,
+    ``PERIODIC_PASSES_PER_S``).
     """
     samples = [s for r in runs for s in r.samples]
     disk_rates = [v for v in _values(samples, "disk_dirty_rate_bps") if v > 0]
     disk_rate = statistics.median(disk_rates) if disk_rates else 0.0
-    allocated = int(min(_final(r, "disk_processed_bytes") for r in runs))
     memory = max(r.memory_bytes for r in runs)
     disk = max(r.disk_bytes for r in runs)
+    if sync_disk_writes:
+        copied = [_final(r, "disk_processed_bytes") - _mirrored_writes(r, disk_rate) for r in runs]
+        allocated = int(min(disk, max(64 * 1024, statistics.median(copied))))
+    else:
+        allocated = int(min(_final(r, "disk_processed_bytes") for r in runs))
     seen_hot = _seen_hot(runs)
     hots = {int(seen_hot)} if seen_hot > 0 else set()
     h = 256 * 1024
@@ -184,11 +202,13 @@ def fit_workload(
     tick_s: float = DEFAULT_TICK_S,
     downtime: bool = False,
     candidates: Sequence[Workload] | None = None,
+    sync_disk_writes: bool = True,
 ) -> Workload:
     """A droplet's workload: of the candidates its samples allow (or ``candidates``), the one whose
     simulation of its own runs comes closest (outcome, bytes, total time, and with ``downtime`` the downtime
     too)."""
-    return _ranked(name, runs, link or Link(), tick_s, downtime, candidates)[0]
+    link = link or Link(source=HostModel(sync_disk_writes=sync_disk_writes))
+    return _ranked(name, runs, link, tick_s, downtime, candidates)[0]
 
 
 def _ranked(
@@ -200,7 +220,8 @@ def _ranked(
     candidates: Sequence[Workload] | None = None,
 ) -> list[Workload]:
     """The candidate workloads, best first."""
-    pool = list(candidates) if candidates is not None else _candidates(name, runs)
+    sync = link.source.sync_disk_writes
+    pool = list(candidates) if candidates is not None else _candidates(name, runs, sync_disk_writes=sync)
     losses = [_loss(runs, w, link, tick_s, downtime=downtime) for w in pool]
     return [w for _, _, w in sorted(zip(losses, range(len(pool)), pool, strict=True))]
 
@@ -211,13 +232,13 @@ def fixed_costs(
     link_bps: float,
     *,
     tick_s: float = DEFAULT_TICK_S,
+    sync_disk_writes: bool = True,
 ) -> HostModel:
     """The fixed costs: the median of what each converged run took beyond what the sim with no fixed cost
     predicts for it (total time: ``setup_s``; downtime: ``switchover_ms``). Medians, because the real runs
     scatter around them (on the loaded two-core harness: ±0.5 s and ±60 ms for the same guest)."""
-    bare = Link(
-        link_bps, HostModel(setup_s=0.0, switchover_ms=0.0), HostModel(setup_s=0.0, switchover_ms=0.0)
-    )
+    free = HostModel(setup_s=0.0, switchover_ms=0.0, sync_disk_writes=sync_disk_writes)
+    bare = Link(link_bps, free, free)
     extra_s: list[float] = []
     extra_ms: list[float] = []
     for r in runs:
@@ -242,11 +263,15 @@ def fixed_costs(
     switchover_ms = (
         min(60_000.0, max(0.0, statistics.median(extra_ms))) if extra_ms else HostModel().switchover_ms
     )
-    return HostModel(setup_s=setup_s, switchover_ms=switchover_ms)
+    return HostModel(setup_s=setup_s, switchover_ms=switchover_ms, sync_disk_writes=sync_disk_writes)
 
 
-def calibrate(runs: Sequence[RecordedRun], *, tick_s: float = DEFAULT_TICK_S) -> Calibration:
-    """Fit the sim to real runs, in four steps:
+def calibrate(
+    runs: Sequence[RecordedRun], *, tick_s: float = DEFAULT_TICK_S, sync_disk_writes: bool = True
+) -> Calibration:
+    """Fit the sim to real runs, in four steps (simulating the disk mirror the runs used:
+    ``sync_disk_writes``, the write-blocking one, the libvirt driver's default since ``e82d636``, or
+    libvirt's background mirror; the fitted ``host`` says which):
 
     1. the link: the fastest the uncapped runs' bytes grew between two samples (libvirt's own rate is an
        average that includes the setup, when nothing moves);
@@ -265,10 +290,12 @@ def calibrate(runs: Sequence[RecordedRun], *, tick_s: float = DEFAULT_TICK_S) ->
     link_bps = max(rates) if rates else DEFAULT_NIC_BPS
     if not math.isfinite(link_bps) or link_bps <= 0:
         link_bps = DEFAULT_NIC_BPS
-    first = Link(link_bps, HostModel(), HostModel())
+    first = Link(
+        link_bps, HostModel(sync_disk_writes=sync_disk_writes), HostModel(sync_disk_writes=sync_disk_writes)
+    )
     ranked = {d: _ranked(d, rs, first, tick_s, False) for d, rs in by_droplet.items()}
     workloads = {d: r[0] for d, r in ranked.items()}
-    host = fixed_costs(runs, workloads, link_bps, tick_s=tick_s)
+    host = fixed_costs(runs, workloads, link_bps, tick_s=tick_s, sync_disk_writes=sync_disk_writes)
     fitted = Link(link_bps, host, host)
     # Step 4 tries only the best few of step 2: the downtime decides between workloads that already fit the
     # bytes and time, and trying every candidate again doubled the calibration's cost.
@@ -278,7 +305,7 @@ def calibrate(runs: Sequence[RecordedRun], *, tick_s: float = DEFAULT_TICK_S) ->
         )
         for d, r in ranked.items()
     }
-    host = fixed_costs(runs, workloads, link_bps, tick_s=tick_s)
+    host = fixed_costs(runs, workloads, link_bps, tick_s=tick_s, sync_disk_writes=sync_disk_writes)
     return Calibration(link_bps, host, workloads)
 
 

@@ -322,7 +322,7 @@ class Forecast:
     def to_dict(self) -> dict[str, Any]:
         starts = {s.droplet_id: s for s in self.schedule}
         return {
-            "window_s": round(self.window_s, 1),
+            "window_s": round(self.window_s, 2),  # as each move's duration_s: never shorter than one
             "limits": self.limits.to_dict(),
             "droplets": [
                 {

@@ -15,6 +15,18 @@ from host_engine.drivers.sim.workloads import MiB
 # Options a spec may carry that the sim reads (the libvirt driver reads the same names).
 BANDWIDTH_OPTION = "bandwidth_mibps"
 MAX_BANDWIDTH_MIBPS = 1 << 20
+SYNC_WRITES_OPTION = "sync_writes"
+
+
+def sync_writes(spec: MigrationSpec, default: bool) -> bool:
+    """Whether the migration's disk mirror is write-blocking: ``options["sync_writes"]`` (``1`` or ``0``, as
+    the libvirt driver takes it), else ``default`` (the source host's ``HostModel.sync_disk_writes``)."""
+    raw = spec.options.get(SYNC_WRITES_OPTION)
+    if raw is None:
+        return default
+    if raw not in ("0", "1"):
+        raise DriverError(f"options.{SYNC_WRITES_OPTION} must be 0 or 1, not {raw!r}")
+    return raw == "1"
 
 
 def bandwidth_cap_bps(spec: MigrationSpec) -> float | None:
@@ -150,6 +162,9 @@ class SimMigrationDriver:
         mig.disk_pass = sorted(disk)
         mig.memory_pending = set() if offline else memory
         mig.cap_bps = bandwidth_cap_bps(self.spec)
+        # The mirror runs in the source's QEMU; a shut-off droplet writes nothing.
+        source_model = self.world.host_model(self.spec.source_host)
+        mig.sync_writes = sync_writes(self.spec, source_model.sync_disk_writes) and not offline
         hm = self.world.host_model(self.spec.target_host)
         mig.copy_from_s = self.world.time_s + hm.setup_s
         mig.switchover_ms = hm.switchover_ms

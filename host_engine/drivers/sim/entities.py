@@ -88,13 +88,19 @@ class HostModel:
       confirm), paid once per migration on the target's side;
     - ``switchover_ms``: the pause's cost beyond moving the remainder (device state, resume);
     - ``memory_page_bytes`` / ``disk_block_bytes``: the granularity of droplets that appear on this host
-      (None: QEMU's 4 KiB / 64 KiB, coarsened for big droplets by ``auto_page_bytes``/``auto_block_bytes``).
+      (None: QEMU's 4 KiB / 64 KiB, coarsened for big droplets by ``auto_page_bytes``/``auto_block_bytes``);
+    - ``sync_disk_writes``: the disk mirror of migrations out of this host is write-blocking (the libvirt
+      driver's default, ``[libvirt] sync_disk_writes``): a guest write completes once it is on both hosts,
+      so it crosses the link at the guest's rate and never leaves a dirty block; the background copy goes
+      over the allocated disk once, and the pause carries no disk remainder. False: libvirt's background
+      mirror, which re-copies the blocks written meanwhile.
     """
 
     setup_s: float = DEFAULT_SETUP_S
     switchover_ms: float = SWITCHOVER_OVERHEAD_MS
     memory_page_bytes: int | None = None
     disk_block_bytes: int | None = None
+    sync_disk_writes: bool = True
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.setup_s) and 0 <= self.setup_s <= 3600):
@@ -105,6 +111,8 @@ class HostModel:
             v = getattr(self, name)
             if v is not None and (v < 512 or v > 1024 * MiB or v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two from 512 B to 1 GiB, not {v!r}")
+        if not isinstance(self.sync_disk_writes, bool):
+            raise ValueError(f"sync_disk_writes must be true or false, not {self.sync_disk_writes!r}")
 
 
 @dataclass(eq=False)
@@ -286,6 +294,10 @@ class Migration:
     copy_from_s: float = 0.0
     switchover_ms: float = SWITCHOVER_OVERHEAD_MS
     auto_switchover: bool = False
+    # The write-blocking disk mirror (``HostModel.sync_disk_writes``, option ``sync_writes``), and how fast
+    # the guest's writes may cross the link in the current step (its share beside the copy).
+    sync_writes: bool = False
+    sync_write_bps: float = 0.0
     # Rate windows.
     window_start_s: float = 0.0
     window_moved: int = 0

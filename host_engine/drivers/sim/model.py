@@ -289,14 +289,15 @@ class SimWorld:
         rates: dict[str, float] = {}
         written_s: dict[str, float] = {}  # how much of the step a split already wrote (a periodic burst)
         for mig in active:
-            rate = 0.0
+            share = 0.0
+            src, dst = self.host(mig.spec.source_host), self.host(mig.spec.target_host)
             if mig in senders:
-                src, dst = self.host(mig.spec.source_host), self.host(mig.spec.target_host)
-                rate = min(src.nic_bps / tx[src.name], dst.nic_bps / rx[dst.name])
-                # The cap is a migration parameter that paces pre-copy; QEMU's completion (the pause) sends
-                # what is left without it, at whatever the link gives.
-                if mig.cap_bps is not None and not self._completing(mig):
-                    rate = min(rate, mig.cap_bps)
+                share = min(src.nic_bps / tx[src.name], dst.nic_bps / rx[dst.name])
+            elif mig.link_up:
+                share = min(src.nic_bps, dst.nic_bps)
+            rate = self._copy_rate(mig, share)
+            if mig not in senders:
+                rate = 0.0
             rates[mig.spec.migration_id] = rate
             written_s[mig.spec.migration_id] = self._copy_step(mig, rate, dt)
         # The guest writes after the copy within a step, so what it dirtied in the last step is always still
@@ -311,6 +312,24 @@ class SimWorld:
                 self._maybe_switch_over(mig, d, rate, dt)
             self._account(mig, dt)
         self.time_s += dt
+
+    def _copy_rate(self, mig: Migration, share_bps: float) -> float:
+        """The copy's rate out of the migration's share of the link, and (``sync_write_bps``) how fast the
+        guest's writes may cross it beside the copy under a write-blocking mirror.
+
+        The cap is a migration parameter that paces pre-copy; QEMU's completion (the pause) sends what is
+        left without it, at whatever the link gives. The guest's mirrored writes are not held to the cap:
+        they take what they need, and when both they and the copy want more than half the link, each gets
+        half."""
+        rate = share_bps
+        if mig.cap_bps is not None and not self._completing(mig):
+            rate = min(rate, mig.cap_bps)
+        mig.sync_write_bps = 0.0
+        if self._mirrors_writes(mig):
+            guest = self._disk_write_bps(self.droplet(mig.spec.droplet_id))
+            mig.sync_write_bps = max(share_bps - rate, min(guest, share_bps / 2.0))
+            rate = min(rate, max(0.0, share_bps - min(guest, mig.sync_write_bps)))
+        return rate
 
     @staticmethod
     def _completing(mig: Migration) -> bool:
@@ -384,10 +403,10 @@ class SimWorld:
         if image is None:
             return
         wl = d.workload
-        slow = 1.0 - d.throttle_pct / 100.0
-        disk_rate = wl.disk_rate_bps * slow
-        if d.disk_limit_bps is not None:
-            disk_rate = min(disk_rate, float(d.disk_limit_bps))
+        disk_rate = self._disk_write_bps(d)
+        mirrored = self._mirrors_writes(mig)
+        if mirrored:  # each write waits for the target: no faster than the link lets them through
+            disk_rate = min(disk_rate, mig.sync_write_bps)
         disk_units = disk_rate * dt / d.disk_block_bytes + d.disk_carry
         memory_units = self._memory_units_per_s(d) * dt + d.memory_carry
         if wl.disk_pattern is Pattern.PERIODIC:
@@ -399,10 +418,11 @@ class SimWorld:
             n_mem, d.memory_carry = periodic_writes(memory_units, hot)
         else:
             n_mem, d.memory_carry = whole_units(memory_units)
+        written: set[int] = set()
         d.disk_cursor = dirty(
             d,
             image.disk,
-            mig.disk_pending,
+            written if mirrored else mig.disk_pending,
             d.disk_hot_start,
             hot_units(wl.disk_hot_bytes, d, disk=True),
             n_disk,
@@ -422,9 +442,35 @@ class SimWorld:
             wl.memory_pattern,
             d.memory_cursor,
         )
-        mig.window_disk_dirty += n_disk * d.disk_block_bytes
+        if mirrored:
+            # On both hosts at once: never a dirty block (one not yet copied stays in the background copy's
+            # pass), every byte written crossing the link.
+            target = self.image(d.droplet_id, mig.spec.target_host)
+            if target is not None:
+                for i in written:
+                    target.disk[i] = image.disk[i]
+            mig.disk_sent_bytes += n_disk * d.disk_block_bytes
+        else:
+            mig.window_disk_dirty += n_disk * d.disk_block_bytes
         mig.window_memory_dirty += n_mem * d.memory_page_bytes
         mig.sync_dirty_pages += len(pending) - before
+
+    def _mirrors_writes(self, mig: Migration) -> bool:
+        """Whether the guest's disk writes go to both hosts now: a write-blocking mirror (``sync_writes``)
+        that has started (after the fixed costs), until the pause."""
+        return (
+            mig.sync_writes
+            and mig.phase in (Phase.DISK, Phase.MEMORY)
+            and self.time_s >= mig.copy_from_s - 1e-9
+        )
+
+    @staticmethod
+    def _disk_write_bps(d: Droplet) -> float:
+        """Bytes a second the droplet's workload writes to its disk, under its throttle and disk limit."""
+        rate = d.workload.disk_rate_bps * (1.0 - d.throttle_pct / 100.0)
+        if d.disk_limit_bps is not None:
+            rate = min(rate, float(d.disk_limit_bps))
+        return rate
 
     @staticmethod
     def _memory_units_per_s(d: Droplet) -> float:

@@ -5,6 +5,7 @@
     setup_s = 2.7                # target preparation, target QEMU start, begin/confirm
     switchover_ms = 30           # the pause's cost beyond moving the remainder
     default_workload = "web"     # idle | web | database | log_writer | cache | diabolical
+    sync_disk_writes = true      # write-blocking disk mirror, as [libvirt] sync_disk_writes (false: not)
 
     [sim.hosts.hv2]
     link_mibps = 100
@@ -37,11 +38,10 @@ from typing import Any
 from host_engine.drivers.sim.model import HostModel, SimWorld
 from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, WORKLOADS, MiB, Pattern, Workload
 
-SIM_KEYS = frozenset(
-    {"link_mibps", "setup_s", "switchover_ms", "memory_page_bytes", "disk_block_bytes", "default_workload"}
-    | {"hosts", "droplets"}
+_HOST_KEYS = frozenset(
+    {"link_mibps", "setup_s", "switchover_ms", "memory_page_bytes", "disk_block_bytes", "sync_disk_writes"}
 )
-_HOST_KEYS = frozenset({"link_mibps", "setup_s", "switchover_ms", "memory_page_bytes", "disk_block_bytes"})
+SIM_KEYS = frozenset(_HOST_KEYS | {"default_workload", "hosts", "droplets"})
 # Droplet numbers: config key -> (Workload field, multiplier).
 _DROPLET_NUMBERS: dict[str, tuple[str, int]] = {
     "memory_rate_mibps": ("memory_rate_bps", MiB),
@@ -103,6 +103,11 @@ def _host(where: str, doc: Mapping[str, Any], base: SimHost) -> SimHost:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"{where} {key}: expected a whole number of bytes, got {v!r}")
             changes[key] = v
+    if "sync_disk_writes" in doc:
+        v = doc["sync_disk_writes"]
+        if not isinstance(v, bool):
+            raise ValueError(f"{where} sync_disk_writes: expected true or false, got {v!r}")
+        changes["sync_disk_writes"] = v
     try:
         model = replace(base.model, **changes)
     except ValueError as e:

@@ -17,6 +17,7 @@ from host_engine.drivers.sim import (
     WORKLOADS,
     Fault,
     FaultKind,
+    HostModel,
     Pattern,
     SimClock,
     SimHypervisor,
@@ -61,8 +62,11 @@ def make(
     state: DomainState = DomainState.RUNNING,
     offline: bool = False,
     power_on_after: bool = True,
+    background_mirror: bool = False,
 ) -> Setup:
     world = SimWorld(seed)
+    if background_mirror:  # libvirt's background disk mirror, not the write-blocking one (the default)
+        world.default_host_model = HostModel(sync_disk_writes=False)
     for h in hosts:
         world.add_host(h)
     world.add_droplet("d1", "src", memory_bytes=memory, disk_bytes=disk, workload=workload, state=state)
@@ -110,7 +114,7 @@ def test_sim_light_workloads_converge_without_throttle_and_target_equals_source(
 
 
 def test_sim_database_gets_the_disk_limit_only_near_the_end_and_never_keeps_it() -> None:
-    s = make(database())
+    s = make(database(), background_mirror=True)
     result, driver = s.run()
     assert result.outcome is Outcome.COMPLETED, result.reason
     assert driver.verified is True
@@ -127,8 +131,8 @@ def test_sim_database_gets_the_disk_limit_only_near_the_end_and_never_keeps_it()
 
 
 def test_sim_database_without_the_disk_limit_is_slower_or_throttled() -> None:
-    with_limit, _ = make(database()).run()
-    without, _ = make(database()).run(ControllerConfig(disk_limit_enabled=False))
+    with_limit, _ = make(database(), background_mirror=True).run()
+    without, _ = make(database(), background_mirror=True).run(ControllerConfig(disk_limit_enabled=False))
     assert without.disk_limit_s == 0
     assert without.duration_s > with_limit.duration_s or without.throttle_pct_s > with_limit.throttle_pct_s
 
@@ -377,6 +381,7 @@ def test_sim_database_on_a_third_of_the_link_converges_with_the_last_resort_disk
     """Writing faster than its share of the link, its mirror never gets to "few blocks": the limit goes on
     after a stall window instead of an abort."""
     world = SimWorld(1)
+    world.default_host_model = HostModel(sync_disk_writes=False)  # the background mirror: it can fall behind
     world.add_host("src", nic_bps=DEFAULT_NIC_BPS / 3)
     world.add_host("dst")
     world.add_droplet("d1", "src", memory_bytes=MEMORY, disk_bytes=DISK, workload=database())
