@@ -373,3 +373,36 @@ def test_libvirt_config_reaches_migrate_to_uri3(
     uri, params, flags = started()
     assert not flags & (lv.VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES | lv.VIR_MIGRATE_PARALLEL)
     assert lv.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS not in params
+
+
+def test_libvirt_progress_has_no_disk_dirty_rate_under_the_write_blocking_mirror(
+    source_uri: str, target_uri: str
+) -> None:
+    """A guest writing its disk fast while the mirror copies: with libvirt's background mirror its writes
+    are blocks to copy again (the controller may limit them); with the write-blocking mirror (the default)
+    each write is copied as it happens, so nothing is dirtied and no limit is called for."""
+    from host_engine.controller import ControllerConfig
+    from host_engine.controller_disk import disk_write_limit
+    from host_engine.drivers.base import Phase
+    from host_engine.drivers.libvirt import LibvirtMigration
+
+    stats = {"disk_total": 64 * MiB, "disk_processed": 60 * MiB, "disk_remaining": 4 * MiB}
+
+    def progress_of(**options: str) -> Any:
+        mig = LibvirtMigration(spec(source_uri, target_uri, options=options))
+        now = [0.0]
+        written = iter([0, 40 * MiB]).__next__  # the guest writes 10 MiB/s
+        mig._clock = lambda: now[0]
+        mig._started_at = 0.0
+        mig._phase = Phase.DISK
+        mig._disk_written_bytes = written  # type: ignore[method-assign]
+        mig._progress_from({**stats, "data_processed": 20 * MiB})
+        now[0] = 4.0
+        return mig._progress_from({**stats, "data_processed": 40 * MiB})
+
+    background = progress_of(sync_writes="0")
+    assert background.disk_dirty_rate_bps == pytest.approx(10 * MiB)
+    assert disk_write_limit(background, ControllerConfig()) is not None
+    blocking = progress_of()
+    assert blocking.disk_dirty_rate_bps == 0.0
+    assert disk_write_limit(blocking, ControllerConfig()) is None
