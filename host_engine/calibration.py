@@ -101,28 +101,66 @@ def _seen_hot(runs: Sequence[RecordedRun]) -> float:
     return min(seen, default=0.0)
 
 
-def _mirrored_writes(r: RecordedRun, disk_rate: float) -> float:
-    """What a write-blocking mirror counted of the guest's own writes in ``r``: its writes cross the link
-    (and count as the mirror's bytes) from the mirror's first byte to the pause, at ``disk_rate``."""
-    copying = [
-        float(s.get("t", 0))
+_COPYING = ("disk", "memory")
+
+
+def _mirror_span_s(r: RecordedRun) -> float:
+    """How long the mirror ran in ``r``, from its first byte (midway between the last sample before it and
+    the first after) to the last sample before the pause."""
+    ts = [
+        (float(s.get("t", 0)), float(s.get("disk_processed_bytes", 0) or 0))
         for s in r.samples
-        if s.get("phase") in ("disk", "memory") and float(s.get("disk_processed_bytes", 0) or 0) > 0
+        if s.get("phase") in ("preparing", *_COPYING)
     ]
-    return disk_rate * (max(copying) - min(copying)) if copying else 0.0
+    copying = [t for t, done in ts if done > 0]
+    if not copying:
+        return 0.0
+    before = [t for t, done in ts if done <= 0 and t < copying[0]]
+    start = (before[-1] + copying[0]) / 2.0 if before else copying[0]
+    return max(0.0, copying[-1] - start)
+
+
+def _sync_disk(runs: Sequence[RecordedRun], disk: int, reported_rate: float) -> tuple[int, float]:
+    """The allocated disk and the guest's disk write rate from runs under a write-blocking mirror.
+
+    The mirror's bytes count the guest's writes, which cross the link as they happen, on top of one pass
+    over the allocated disk. QEMU's mirror length (``disk_total_bytes``) starts at what the pass must copy
+    and grows with each write, so its smallest value is the allocated disk (the driver reports the disk's
+    size until QEMU reports one, never less); what the mirror sent beyond it is the guest's writes, over the
+    mirror's life. A dirty rate the driver reported (drivers before ``da9e56f`` reported the guest's writes
+    there) is used as it is. Medians over the runs."""
+    allocated: list[float] = []
+    rates: list[float] = []
+    for r in runs:
+        totals = [
+            float(s["disk_total_bytes"])
+            for s in r.samples
+            if s.get("phase") in _COPYING and float(s.get("disk_total_bytes", 0) or 0) > 0
+        ]
+        sent = _final(r, "disk_processed_bytes")
+        span = _mirror_span_s(r)
+        if reported_rate > 0:
+            allocated.append(sent - reported_rate * span)
+            continue
+        first = min(totals, default=float(disk))
+        allocated.append(first)
+        if span > 0:
+            rates.append(max(0.0, sent - first) / span)
+    copied = int(min(disk, max(64 * 1024, statistics.median(allocated))))
+    rate = reported_rate if reported_rate > 0 else (statistics.median(rates) if rates else 0.0)
+    return copied, rate
 
 
 def _candidates(name: str, runs: Sequence[RecordedRun], *, sync_disk_writes: bool = True) -> list[Workload]:
     """Workloads consistent with a droplet's samples, one per hot-set size tried.
 
-    What the samples pin down: the allocated disk (the mirror's bytes of the run that rewrote least; with a
-    write-blocking mirror, ``sync_disk_writes``, those bytes also count the guest's own writes, which
-    ``_mirrored_writes`` takes off, the median over the runs), the disk write rate (libvirt's dirty rate of
-    the mirror), the hot memory (what was left after round 1, when seen). What they leave open (QEMU reports
-    no dirty rate for a guest paced below its sync period) is tried: hot sets from 256 KiB to the RAM, each
-    swept every step (the harness's guests rewrite theirs 18x/s), with the resident memory that the run's
-    bytes then imply; and the hot set the rounds showed written in bursts (``Pattern.PERIODIC``,
-    ``PERIODIC_PASSES_PER_S``).
+    What the samples pin down: the allocated disk (the mirror's bytes of the run that rewrote least) and the
+    disk write rate (libvirt's dirty rate of the mirror), or under a write-blocking mirror
+    (``sync_disk_writes``), whose bytes also count the guest's own writes, both from ``_sync_disk``; the hot
+    memory (what was left after round 1, when seen). What they leave open (QEMU reports no dirty rate for a
+    guest paced below its sync period) is tried: hot sets from 256 KiB to the RAM, each swept every step (the
+    harness's guests rewrite theirs 18x/s), with the resident memory that the run's bytes then imply; and
+    the hot set the rounds showed written in bursts (``Pattern.PERIODIC``, ``PERIODIC_PASSES_PER_S``).
     """
     samples = [s for r in runs for s in r.samples]
     disk_rates = [v for v in _values(samples, "disk_dirty_rate_bps") if v > 0]
@@ -130,8 +168,7 @@ def _candidates(name: str, runs: Sequence[RecordedRun], *, sync_disk_writes: boo
     memory = max(r.memory_bytes for r in runs)
     disk = max(r.disk_bytes for r in runs)
     if sync_disk_writes:
-        copied = [_final(r, "disk_processed_bytes") - _mirrored_writes(r, disk_rate) for r in runs]
-        allocated = int(min(disk, max(64 * 1024, statistics.median(copied))))
+        allocated, disk_rate = _sync_disk(runs, disk, disk_rate)
     else:
         allocated = int(min(_final(r, "disk_processed_bytes") for r in runs))
     seen_hot = _seen_hot(runs)
