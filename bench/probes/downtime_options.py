@@ -36,7 +36,6 @@ import contextlib
 import json
 import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -54,8 +53,6 @@ MiB = 1024 * 1024
 DOWNTIME_LIMIT_MS = 50
 TIMEOUT_S = 40.0
 CHECK_SAMPLE_S = 0.1
-DEBUG_LOG = "/var/log/libvirt/probe-qmp.log"  # as the source daemon sees it
-PLAIN_LOG_OUTPUTS = "3:file:/var/log/libvirt/libvirtd.log"  # the harness's libvirtd.conf
 
 
 @dataclass(frozen=True)
@@ -195,16 +192,6 @@ class Sampler:
         self.thread.join(timeout=5)
 
 
-def virt_admin(host: Any, *args: str) -> None:
-    sock = host.root / "run" / "libvirt-admin-sock"
-    subprocess.run(
-        ["virt-admin", "-c", f"libvirtd:///system?socket={sock}", *args],
-        check=True,
-        capture_output=True,
-        timeout=10,
-    )
-
-
 def migrate_once(
     hosts: Any,
     conns: dict[str, Any],
@@ -221,6 +208,7 @@ def migrate_once(
     from host_engine.drivers.libvirt.disks import read_disks
     from host_engine.drivers.libvirt.storage import create_volume, delete_volume
     from tests.libvirt_harness.guest import SECTOR_BYTES, GuestSpec, read_counters
+    from tests.libvirt_harness.support import monitor_log
 
     w = workload(wname)
     src, dst = hosts.source, hosts.target
@@ -246,12 +234,8 @@ def migrate_once(
     watchdog = threading.Thread(target=bound, daemon=True)
     watchdog.start()
     evidence: dict[str, Any] = {}
-    log_file = src.root / "log" / Path(DEBUG_LOG).name
-    if check:
-        with contextlib.suppress(FileNotFoundError):
-            log_file.unlink()
-        virt_admin(src, "daemon-log-filters", "1:qemu.qemu_monitor")
-        virt_admin(src, "daemon-log-outputs", f"1:file:{DEBUG_LOG} {PLAIN_LOG_OUTPUTS}")
+    logs = contextlib.ExitStack()
+    log_file = logs.enter_context(monitor_log(src, "probe-qmp.log")) if check else None
     sectors_before = read_counters(sdom).sectors_written
     load_before = loadavg1()
     error = ""
@@ -265,9 +249,8 @@ def migrate_once(
     call_s = time.monotonic() - t0
     done.set()
     load_after = loadavg1()
-    if check:
-        virt_admin(src, "daemon-log-filters", "")
-        virt_admin(src, "daemon-log-outputs", PLAIN_LOG_OUTPUTS)
+    logs.close()
+    if log_file is not None:
         text = log_file.read_text(errors="replace") if log_file.exists() else ""
         evidence = {
             "multifd capability sent": '"capability":"multifd","state":true' in text,

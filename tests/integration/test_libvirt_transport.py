@@ -13,32 +13,25 @@ from __future__ import annotations
 
 import contextlib
 import re
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.libvirt_harness import support
-from tests.libvirt_harness.support import Conns, domain_names, run, running, spec_for, start_guest
+from tests.libvirt_harness.support import (
+    Conns,
+    domain_names,
+    monitor_log,
+    run,
+    running,
+    spec_for,
+    start_guest,
+)
 
 pytestmark = pytest.mark.libvirt
 
 hosts = support.hosts
 conns = support.conns
-
-DEBUG_LOG = "/var/log/libvirt/transport-qmp.log"  # as the source daemon sees it (its own mount namespace)
-PLAIN_LOG_OUTPUTS = "3:file:/var/log/libvirt/libvirtd.log"  # the harness's libvirtd.conf
-
-
-def virt_admin(host: Any, *args: str) -> None:
-    sock = host.root / "run" / "libvirt-admin-sock"
-    subprocess.run(
-        ["virt-admin", "-c", f"libvirtd:///system?socket={sock}", *args],
-        check=True,
-        capture_output=True,
-        timeout=10,
-    )
 
 
 def migrate_and_read_monitor(hosts: Any, conns: Conns, name: str, **options: str) -> str:
@@ -47,17 +40,9 @@ def migrate_and_read_monitor(hosts: Any, conns: Conns, name: str, **options: str
     from host_engine.drivers.libvirt import LibvirtMigration
     from tests.libvirt_harness.guest import GuestSpec
 
-    src = hosts.source
-    log_file = src.root / "log" / Path(DEBUG_LOG).name
-    log_file.unlink(missing_ok=True)
     start_guest(hosts, conns, name, GuestSpec(mem_kib=1024, disk_sectors=64, paced=True))
-    virt_admin(src, "daemon-log-filters", "1:qemu.qemu_monitor")
-    virt_admin(src, "daemon-log-outputs", f"1:file:{DEBUG_LOG} {PLAIN_LOG_OUTPUTS}")
-    try:
+    with monitor_log(hosts.source, "transport-qmp.log") as log_file:
         result = run(LibvirtMigration(spec_for(hosts, name, **options)))
-    finally:
-        virt_admin(src, "daemon-log-filters", "")
-        virt_admin(src, "daemon-log-outputs", PLAIN_LOG_OUTPUTS)
     assert result.outcome is Outcome.COMPLETED, result.summary()
     assert name in domain_names(conns.dst) and running(conns.dst.lookupByName(name))
     assert name not in domain_names(conns.src)

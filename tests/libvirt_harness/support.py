@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -213,3 +215,32 @@ def wait_for_phase(driver: Any, *phases: str, timeout_s: float = 90.0) -> Any:
             raise AssertionError(f"migration ended ({p.phase.value}: {p.error}) before {phases}")
         time.sleep(TICK_S)
     raise AssertionError(f"no phase {phases} within {timeout_s} s")
+
+
+PLAIN_LOG_OUTPUTS = "3:file:/var/log/libvirt/libvirtd.log"  # the harness's libvirtd.conf
+
+
+def virt_admin(host: Any, *args: str) -> None:
+    """``virt-admin`` against ``host``'s daemon (its admin socket in the harness's directory)."""
+    sock = host.root / "run" / "libvirt-admin-sock"
+    subprocess.run(
+        ["virt-admin", "-c", f"libvirtd:///system?socket={sock}", *args],
+        check=True,
+        capture_output=True,
+        timeout=10,
+    )
+
+
+@contextlib.contextmanager
+def monitor_log(host: Any, name: str) -> Iterator[Path]:
+    """While the block runs, ``host``'s daemon logs its QEMU-monitor traffic (what libvirt hands QEMU) to
+    ``name`` in its log directory; yields that file as this process sees it (read it after the block)."""
+    log_file = host.root / "log" / name
+    log_file.unlink(missing_ok=True)
+    virt_admin(host, "daemon-log-filters", "1:qemu.qemu_monitor")
+    virt_admin(host, "daemon-log-outputs", f"1:file:/var/log/libvirt/{name} {PLAIN_LOG_OUTPUTS}")
+    try:
+        yield log_file
+    finally:
+        virt_admin(host, "daemon-log-filters", "")
+        virt_admin(host, "daemon-log-outputs", PLAIN_LOG_OUTPUTS)
