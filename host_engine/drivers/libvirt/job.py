@@ -49,6 +49,11 @@ _ORDER = [Phase.PREPARING, Phase.DISK, Phase.MEMORY, Phase.SWITCHOVER, Phase.DON
 class MigrationJob:
     """One attempt's state and migration thread (see the module docstring)."""
 
+    @property
+    def write_blocking_mirror(self) -> bool:
+        """The write-blocking disk mirror is in effect (not for an offline copy: its guest is paused)."""
+        return self.sync_writes and not self.spec.offline
+
     def __init__(
         self,
         spec: MigrationSpec,

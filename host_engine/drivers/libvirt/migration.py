@@ -308,7 +308,7 @@ class LibvirtMigration(ProgressReporter, MigrationDriver):
         shorten the pause, measured on the real harness (docs/libvirt.md, "Known problems"). ``params`` gets
         the connection count."""
         flags = 0
-        if self.sync_writes and self._disks:
+        if self.write_blocking_mirror and self._disks:
             flags |= lv.VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES
         if self.parallel_connections > 1:
             flags |= lv.VIR_MIGRATE_PARALLEL

@@ -126,7 +126,7 @@ class ProgressReporter(MigrationJob):
         now = self._clock()  # after every libvirt call of this sample
         elapsed = now - self._started_at if self._started_at is not None else 0.0
         rate, disk_rate = self._rates.add(Sample(now, processed, written))
-        if self.sync_writes and not self.spec.offline:
+        if self.write_blocking_mirror:
             # The write-blocking mirror copies each guest write as it happens: the guest dirties nothing the
             # mirror must copy again, so the controller never limits its writes for the mirror's sake.
             disk_rate = 0.0
