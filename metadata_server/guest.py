@@ -104,7 +104,7 @@ class GuestApp:
         return None
 
     def droplet(self, environ: WSGIEnvironment) -> DropletView | None:
-        return self.hub.view_for_address(environ.get("REMOTE_ADDR", ""))
+        return self.hub.view_for_address_now(environ.get("REMOTE_ADDR", ""))
 
     def maintenance(self, environ: WSGIEnvironment, as_json: bool) -> Answer:
         refused = self.refusal(environ, as_json)

@@ -49,6 +49,19 @@ class Hub:
             view = self._by_address.get(_normalise(address))
         return view
 
+    def view_for_address_now(self, address: str) -> DropletView | None:
+        """Like ``view_for_address``, but a miss first catches up with commits the watcher has not applied.
+
+        The admin API answers once a registration is committed; without this, a guest asking a worker
+        whose watcher has not looked yet (a few ms, more on a loaded host) would be told it is no droplet.
+        A miss costs one ``data_version`` check (µs); the store is read only when something changed.
+        """
+        view = self.view_for_address(address)
+        if view is None and self._store.data_version() != self._version:
+            self.refresh()
+            view = self.view_for_address(address)
+        return view
+
     def view_for_id(self, droplet_id: str) -> DropletView | None:
         return self._by_id.get(droplet_id)
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from werkzeug.test import Client
 
+from metadata_server.app import create_guest_app
 from metadata_server.guest import GuestApp
+from metadata_server.store import Store
 
 from .conftest import AUTH, D1, D2
 
@@ -170,3 +173,21 @@ def test_guest_long_poll_times_out_with_unchanged_answer(two_droplets: GuestApp)
     r = get(two_droplets, D2, f"/v1/maintenance_event?wait_for_change=true&last_etag={etag}&timeout_sec=1")
     assert 0.9 < time.monotonic() - start < 5
     assert (r.status_code, r.data, r.headers["ETag"]) == (200, b"", etag)
+
+
+def test_guest_registered_in_another_process_is_known_before_the_watcher_looks(tmp_path: Path) -> None:
+    """The admin API answered, so every guest worker must know the droplet, whether its watcher looked yet or not.
+
+    Seen in CI under load: a droplet registered, one worker already answered it, and a new connection to another
+    worker (watcher a few ms behind) was told 404 "no droplet has the address".
+    """
+    db = tmp_path / "s.db"
+    app = create_guest_app(db, watch=False)  # a worker whose watcher has not looked since it started
+    assert get(app, "127.0.0.44", "/v1/maintenance_event").status_code == 404
+    Store(db).put_droplet("late", ["127.0.0.44"], "late-1", None)  # the admin process's commit
+    r = get(app, "127.0.0.44", "/v1/maintenance_event.json")
+    assert r.status_code == 200 and r.json["event"] == ""
+    assert get(app, "127.0.0.44", "/metadata/v1/hostname").data == b"late-1"
+    assert (
+        get(app, "127.0.0.45", "/v1/maintenance_event").status_code == 404
+    )  # strangers still are not droplets
