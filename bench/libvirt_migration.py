@@ -109,7 +109,7 @@ WORKLOADS = (
     Workload(
         "disk heavy",
         "20 MiB hot set rewritten as fast as TCG goes (3-17 MiB/s), 28 MiB disk",
-        # tests/integration/test_libvirt_migration.py FAST_DISK_WRITER
+        # tests/libvirt_harness/guest.py FAST_DISK_WRITER
         {"mem_kib": 256, "disk_sectors": 128, "paced": False, "disk_span_sectors": 20 * 2048, "disk_mib": 28},
         8,
     ),

@@ -130,29 +130,19 @@ def test_paused_switchover_leaves_identical_disks(hosts: Any, conns: Conns) -> N
 
 # --- 3a. a guest writing its disk faster than the cap converges because of the disk write limit ------------------
 
-# The guest rewrites a 20 MiB hot set of its 28 MiB disk as fast as TCG lets it (3-17 MiB/s measured here)
-# against a 3 MiB/s bandwidth cap. The hot set is larger than the 16 MiB QEMU's mirror copies in one burst
-# before it sleeps to honour the cap: without a limit the guest re-dirties more than a burst can take, so
-# the mirror never reaches "in sync". With the controller's 1 MiB/s limit the blocks dirtied between two
-# bursts fit in one burst (during which the TCG vCPU, waiting for QEMU's lock, writes nothing): in sync.
-FAST_DISK_WRITER = {
-    "mem_kib": 256,
-    "disk_sectors": 128,
-    "paced": False,
-    "disk_span_sectors": 20 * 2048,
-    "disk_mib": 28,
-}
-DISK_CAP_MIBPS = "3"
+# FAST_DISK_WRITER (tests/libvirt_harness/guest.py) outruns its cap with libvirt's background mirror. With the
+# controller's 1 MiB/s limit the blocks dirtied between two of the mirror's bursts fit in one burst (during
+# which the TCG vCPU, waiting for QEMU's lock, writes nothing): in sync.
 
 
 def test_fast_disk_writer_converges_with_the_controllers_write_limit(hosts: Any, conns: Conns) -> None:
     from host_engine.attempt import Outcome
     from host_engine.controller import AbortReason, ControllerConfig
     from host_engine.drivers.libvirt import LibvirtMigration
-    from tests.libvirt_harness.guest import GuestSpec
+    from tests.libvirt_harness.guest import FAST_DISK_WRITER, FAST_DISK_WRITER_CAP_MIBPS
 
     name = "fastdisk3"
-    src_dom = start_guest(hosts, conns, name, GuestSpec(**FAST_DISK_WRITER))
+    src_dom = start_guest(hosts, conns, name, FAST_DISK_WRITER)
     xml_before = stable_xml(src_dom)
 
     # Without the write limit the mirror does not converge: the controller sees the stall and aborts, and
@@ -160,7 +150,7 @@ def test_fast_disk_writer_converges_with_the_controllers_write_limit(hosts: Any,
     no_limit = ControllerConfig(disk_limit_enabled=False, stall_timeout_s=15.0)
     # Libvirt's background mirror (``[libvirt] sync_disk_writes = false``): the write-blocking mirror, the
     # default, never falls behind and needs no limit (tests/integration/test_libvirt_transport.py).
-    background = {"bandwidth_mibps": DISK_CAP_MIBPS, "sync_writes": "0"}
+    background = {"bandwidth_mibps": FAST_DISK_WRITER_CAP_MIBPS, "sync_writes": "0"}
     result = run(LibvirtMigration(spec_for(hosts, name, **background)), no_limit)
     print(f"\nfast disk writer, no limit: {result.summary()}")
     if result.outcome is Outcome.COMPLETED:
@@ -203,7 +193,7 @@ def test_fast_disk_writer_converges_with_the_controllers_write_limit(hosts: Any,
     assert result.outcome is Outcome.COMPLETED, result.reason
     # Issue 11: the record counts the mirrored disk, not just the memory stream libvirt's completed stats
     # may report alone (1.3 MiB recorded after 44.4 MiB sent, before the fix).
-    assert result.bytes_transferred >= FAST_DISK_WRITER["disk_mib"] * MiB
+    assert result.bytes_transferred >= FAST_DISK_WRITER.disk_mib * MiB
     assert result.disk_limit_s > 0
     assert seen_on_source, "the write limit was never seen in force on the source"
     assert max(seen_on_source) <= 2 * MiB

@@ -72,12 +72,11 @@ def test_a_disk_writer_faster_than_the_cap_converges_without_a_write_limit(hosts
     them, so the mirror converges on its own and the guest's writes are never limited."""
     from host_engine.attempt import Outcome
     from host_engine.drivers.libvirt import LibvirtMigration
-    from tests.integration.test_libvirt_migration import DISK_CAP_MIBPS, FAST_DISK_WRITER
-    from tests.libvirt_harness.guest import GuestSpec
+    from tests.libvirt_harness.guest import FAST_DISK_WRITER, FAST_DISK_WRITER_CAP_MIBPS
     from tests.libvirt_harness.support import wait_counter_advances, write_limits
 
     name = "fastdisk-sync"
-    src_dom = start_guest(hosts, conns, name, GuestSpec(**FAST_DISK_WRITER))
+    src_dom = start_guest(hosts, conns, name, FAST_DISK_WRITER)
     limits_seen: list[int] = []
 
     def watch(p: Any) -> None:
@@ -87,7 +86,9 @@ def test_a_disk_writer_faster_than_the_cap_converges_without_a_write_limit(hosts
             with contextlib.suppress(libvirt.libvirtError):  # the source may have just switched over
                 limits_seen.extend(v for v in write_limits(src_dom).values() if v)
 
-    result = run(LibvirtMigration(spec_for(hosts, name, bandwidth_mibps=DISK_CAP_MIBPS)), on_progress=watch)
+    result = run(
+        LibvirtMigration(spec_for(hosts, name, bandwidth_mibps=FAST_DISK_WRITER_CAP_MIBPS)), on_progress=watch
+    )
     print(f"\nfast disk writer, write-blocking mirror: {result.summary()}")
     assert result.outcome is Outcome.COMPLETED, result.reason
     assert result.disk_limit_s == 0

@@ -67,6 +67,14 @@ BUSY_GUEST = GuestSpec(mem_kib=16 * 1024, disk_sectors=64, paced=True)
 # 48 MiB of memory rewritten continuously (every page, every pass): it does not converge against a 32 MiB/s
 # cap, so the controller aborts it as not converging unless an operator forces it.
 NONCONVERGING_GUEST = GuestSpec(mem_kib=48 * 1024, disk_sectors=32, paced=True)
+# A 20 MiB hot set of its 28 MiB disk rewritten as fast as TCG lets it (3-17 MiB/s measured here). Against a
+# 3 MiB/s cap (FAST_DISK_WRITER_CAP_MIBPS) libvirt's background mirror never reaches "in sync" without the
+# controller's write limit: the hot set is larger than the 16 MiB QEMU's mirror copies in one burst before it
+# sleeps to honour the cap. The write-blocking mirror copies each write as it is made and needs no limit.
+FAST_DISK_WRITER = GuestSpec(
+    mem_kib=256, disk_sectors=128, paced=False, disk_span_sectors=20 * 2048, disk_mib=28
+)
+FAST_DISK_WRITER_CAP_MIBPS = "3"
 
 
 def build_boot_sector(spec: GuestSpec, work_dir: Path) -> bytes:
