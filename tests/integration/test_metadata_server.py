@@ -149,7 +149,9 @@ def test_server_caps_long_polls_per_droplet_with_429(capped_server: MetadataServ
         "--max-time",
         "40",
     ]
-    # 2 workers x cap 2: at most 4 held; a fifth must be refused whichever worker takes it.
+    # 2 workers x cap 2 (the cap is per worker process): at most 4 held; a fifth must be refused whichever
+    # worker takes it. Which worker accepts which connection is the kernel's choice: one worker may take 3 or
+    # more of the 5 and refuse all past its own 2, so more than one 429 is allowed, never more than 4 held.
     procs = [subprocess.Popen([*argv, poll], stdout=subprocess.PIPE) for _ in range(5)]
     try:
         deadline = time.monotonic() + 10
@@ -161,8 +163,11 @@ def test_server_caps_long_polls_per_droplet_with_429(capped_server: MetadataServ
         assert refused[0].stdout is not None and refused[0].stdout.read() == b"429"
         assert curl(url, "127.0.0.3").stdout == b"live_migrate"  # another droplet is still served
         capped_server.set_event("d2", "ev-2")
-        codes = sorted(p.communicate(timeout=10)[0].decode() for p in procs if p not in refused)
-        assert codes == ["200"] * len(codes) and len(codes) >= 1
+        codes = [p.communicate(timeout=10)[0].decode() for p in procs if p is not refused[0]]
+        held = codes.count("200")
+        assert set(codes) <= {"200", "429"}, codes
+        # Every held long-poll woke on the change; at least one worker's cap held.
+        assert 2 <= held <= 4, codes
     finally:
         for p in procs:
             p.kill()
