@@ -57,8 +57,7 @@ class Hub:
         A miss costs one ``data_version`` check (µs); the store is read only when something changed.
         """
         view = self.view_for_address(address)
-        if view is None and self._store.data_version() != self._version:
-            self.refresh()
+        if view is None and self._catch_up():
             view = self.view_for_address(address)
         return view
 
@@ -166,10 +165,16 @@ class Hub:
         """Run forever (until ``shutdown``): reload when another process has committed."""
         while not self._stopping.wait(self._poll_interval_s):
             try:
-                if self._store.data_version() != self._version:
-                    self.refresh()
+                self._catch_up()
             except Exception:  # a transient SQLite error must not kill the watcher
                 log.exception("reloading the state file failed; will retry")
+
+    def _catch_up(self) -> bool:
+        """Apply what other processes committed since the last look; whether there was anything."""
+        if self._store.data_version() == self._version:
+            return False
+        self.refresh()
+        return True
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.watch, name="metadata-hub-watch", daemon=True)

@@ -34,6 +34,7 @@ from tests.libvirt_harness.support import (
     wait_counter_advances,
     wait_for_phase,
     write_limits,
+    write_limits_in_force,
 )
 
 pytestmark = pytest.mark.libvirt
@@ -182,11 +183,8 @@ def test_fast_disk_writer_converges_with_the_controllers_write_limit(hosts: Any,
     seen_on_source: list[int] = []
 
     def watch(p: Any) -> None:
-        import libvirt
-
         if p.disk_write_limit_bps is not None and p.phase.value in ("disk", "memory"):
-            with contextlib.suppress(libvirt.libvirtError):  # the source may have just switched over
-                seen_on_source.extend(v for v in write_limits(src_dom).values() if v)
+            seen_on_source.extend(write_limits_in_force(src_dom))
 
     result = run(LibvirtMigration(spec_for(hosts, name, **background)), on_progress=watch)
     print(f"fast disk writer, controller's limit: {result.summary()}")

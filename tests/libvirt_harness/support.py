@@ -184,6 +184,15 @@ def write_limits(dom: Any) -> dict[str, int]:
     }
 
 
+def write_limits_in_force(dom: Any) -> list[int]:
+    """The non-zero write limits on ``dom``'s disks now; none once the domain has gone (it just switched over)."""
+    import libvirt
+
+    with contextlib.suppress(libvirt.libvirtError):
+        return [v for v in write_limits(dom).values() if v]
+    return []
+
+
 def domain_names(conn: Any) -> list[str]:
     return sorted(d.name() for d in conn.listAllDomains(0))
 

@@ -188,6 +188,5 @@ def test_guest_registered_in_another_process_is_known_before_the_watcher_looks(t
     r = get(app, "127.0.0.44", "/v1/maintenance_event.json")
     assert r.status_code == 200 and r.json["event"] == ""
     assert get(app, "127.0.0.44", "/metadata/v1/hostname").data == b"late-1"
-    assert (
-        get(app, "127.0.0.45", "/v1/maintenance_event").status_code == 404
-    )  # strangers still are not droplets
+    # Strangers still are not droplets.
+    assert get(app, "127.0.0.45", "/v1/maintenance_event").status_code == 404
