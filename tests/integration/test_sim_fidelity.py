@@ -1,9 +1,9 @@
 """The simulator against recorded real libvirt migrations (bench/results/sim_fidelity_runs.json).
 
 Calibrated on the other repetitions, it predicts the last one (the bench leaves each repetition out in
-turn; one fold here keeps the test short): every outcome must be right, and the bytes and total time of three
-runs in four within 20 %. Which rows miss, and by how much, is in docs/benchmarks.md. Re-record with
-``sudo .venv/bin/python bench/sim_fidelity.py --record`` (root, libvirt).
+turn; one fold here keeps the test short): every outcome must be right, and every target must hold on every
+run but the 48 MiB writer's uncapped one. Which rows miss, and by how much, is in docs/benchmarks.md.
+Re-record with ``sudo .venv/bin/python bench/sim_fidelity.py --record`` (root, libvirt).
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ def test_sim_predicts_every_outcome_of_real_runs_it_was_not_calibrated_on(tmp_pa
     assert all(r["within"]["outcome"] for r in rows), [
         r["workload"] for r in rows if not r["within"]["outcome"]
     ]
-    # What docs/benchmarks.md reports holding for at least three runs in four over all folds (bytes and total
-    # time; the misses are runs far from both other repetitions of their case).
-    assert sum(r["within"]["bytes"] for r in rows) * 4 >= len(rows) * 3, [
-        (r["workload"], r["bytes_err_pct"]) for r in rows
-    ]
-    assert sum(r["within"]["total"] for r in rows) * 4 >= len(rows) * 3, [
-        (r["workload"], r["total_err_pct"]) for r in rows
+    # What docs/benchmarks.md reports: every target on every row but the 48 MiB writer's uncapped ones, whose
+    # real runs split between two outcomes no single prediction can both be near (113 vs 258-261 MiB).
+    settled = [r for r in rows if not (r["workload"] == "memory 48 MiB" and not r["cap_mibps"])]
+    assert all(r["hit"] for r in settled), [
+        (r["workload"], r["cap_mibps"], r["total_err_pct"], r["downtime_err_ms"], r["bytes_err_pct"])
+        for r in settled
+        if not r["hit"]
     ]

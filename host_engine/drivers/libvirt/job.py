@@ -20,7 +20,8 @@ from host_engine.drivers.libvirt.connection import alive, int_option, libvirt_mo
 from host_engine.drivers.libvirt.disks import Disk
 from host_engine.drivers.libvirt.events import MigrationEvents
 from host_engine.drivers.libvirt.qmp import QEMU_MAX_THROTTLE_PCT, BlockDevices
-from host_engine.drivers.libvirt.rates import MemoryLeftBound, RateEstimator
+from host_engine.drivers.libvirt.rates import RateEstimator
+from host_engine.drivers.memory_left import MemoryLeftBound
 
 log = logging.getLogger(__name__)
 

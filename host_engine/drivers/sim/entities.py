@@ -311,6 +311,10 @@ class Migration:
     # page counts once however often it is rewritten).
     sync_at_s: float = 0.0
     sync_dirty_pages: int = 0
+    # What the driver reported as memory left: the first reading of the last two rounds it saw
+    # (``host_engine.drivers.memory_left.MemoryLeftBound``, as the libvirt driver keeps it).
+    left_round_seen: int = -1
+    left_round_starts: list[int] = field(default_factory=lambda: [0])
     # Exact integrals, for benchmarks: percent x seconds of throttle, seconds under a disk limit.
     throttle_pct_s: float = 0.0
     disk_limit_s: float = 0.0

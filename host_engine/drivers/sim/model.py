@@ -97,12 +97,14 @@ __all__ = [
     "auto_block_bytes",
     "auto_granularity",
     "auto_page_bytes",
+    "bitmap_pages",
     "blank_image",
     "droplet_seed",
     "holds_data",
     "new_droplet",
     "place_workload",
     "pristine_image",
+    "reported_pages",
     "unscanned_zero_pages",
 ]
 
@@ -120,10 +122,29 @@ def _syncs_in_copy(mig: Migration, d: Droplet) -> bool:
     return d.workload.memory_pattern is Pattern.PERIODIC and not mig.spec.offline
 
 
-def _bitmap_pages(mig: Migration, d: Droplet) -> int:
+def bitmap_pages(mig: Migration, d: Droplet) -> int:
     """What QEMU's dirty bitmap holds: the pages of the current round not yet sent (and in round 1 the zero
     pages ahead of its scan); pages dirtied since the last sync are not in it until the next."""
     return len(mig.memory_pass) - mig.memory_pos + unscanned_zero_pages(mig, d)
+
+
+def reported_pages(mig: Migration, d: Droplet) -> int:
+    """What QEMU reports as the RAM left during pre-copy (``ram.remaining``): its dirty bitmap, the pages of
+    the current round not sent yet (round 1: with the zero pages ahead of its scan), not those the guest
+    dirtied since the round's sync; those join at the next sync, which QEMU makes once the bitmap is down to
+    its threshold (``bandwidth x downtime limit``, at the rate it measures).
+
+    Uncapped, QEMU's loop checks all the time, so a bitmap below the threshold is gone by the time anyone
+    asks, replaced by what that sync found: every page pending. Under a bandwidth cap the loop sleeps out
+    each 100 ms window once it has sent the window's share, so the bitmap is what it reports, below the
+    threshold too. Measured (QMP ``query-migrate`` every 50 ms): the 8 MiB writer at a 32 MiB/s cap and a
+    50 ms limit reads 4.6 MiB, then 1.0 MiB, in each round, while its pause must carry all 8 MiB."""
+    bitmap = bitmap_pages(mig, d)
+    if mig.round < 2 or mig.cap_bps is not None:
+        return bitmap
+    limit_ms = mig.max_downtime_ms if mig.max_downtime_ms is not None else QEMU_DEFAULT_MAX_DOWNTIME_MS
+    threshold = mig.transfer_rate_bps * limit_ms / 1000.0 / d.memory_page_bytes
+    return len(mig.memory_pending) if bitmap <= threshold else bitmap
 
 
 class SimWorld:
@@ -519,7 +540,7 @@ class SimWorld:
         threshold_pages = rate_bps * limit_ms / 1000.0 / d.memory_page_bytes
         if mig.phase in (Phase.MEMORY, Phase.SWITCHOVER):
             while True:
-                if syncs and mig.phase is Phase.MEMORY and _bitmap_pages(mig, d) <= threshold_pages:
+                if syncs and mig.phase is Phase.MEMORY and bitmap_pages(mig, d) <= threshold_pages:
                     at_s = self.time_s + offset_s + min(dt, max(0.0, (moved - credit_before) / rate_bps))
                     self._qemu_sync(mig, d, threshold_pages, at_s)
                     round_before = mig.round  # this sync took the round's dirty-rate sample
@@ -582,7 +603,7 @@ class SimWorld:
         mig.memory_pos = 0
         mig.round += 1
         self._dirty_sync(mig, d)
-        if _bitmap_pages(mig, d) <= threshold_pages:
+        if bitmap_pages(mig, d) <= threshold_pages:
             self._pause(mig, d, at_s)
 
     def _pause(self, mig: Migration, d: Droplet, at_s: float) -> None:
