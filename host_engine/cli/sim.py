@@ -59,6 +59,7 @@ def as_toml(cal: Calibration) -> str:
         f"link_mibps = {cal.link_bps / MiB:.1f}",
         f"setup_s = {cal.host.setup_s:.2f}",
         f"switchover_ms = {cal.host.switchover_ms:.0f}",
+        f"sync_disk_writes = {'true' if cal.host.sync_disk_writes else 'false'}",
     ]
     for droplet_id, w in sorted(cal.workloads.items()):
         lines += [
@@ -91,10 +92,18 @@ def sim_group() -> None:
     default=None,
     help="The bandwidth cap those migrations ran with (default: [libvirt] bandwidth_mibps).",
 )
+@click.option(
+    "--sync-writes/--no-sync-writes",
+    "sync_writes",
+    default=None,
+    help="Whether those migrations used the write-blocking disk mirror, whose bytes count the guest's own "
+    "writes (default: [libvirt] sync_disk_writes, on unless set off); the fit simulates the same mirror.",
+)
 @pass_deps
-def calibrate_cmd(deps: Deps, as_json: bool, cap_mibps: int | None) -> None:
+def calibrate_cmd(deps: Deps, as_json: bool, cap_mibps: int | None, sync_writes: bool | None) -> None:
     """Fit [sim] (link, fixed costs, per-droplet workloads) from the store's records of real migrations."""
     cap = deps.config.libvirt.bandwidth_mibps if cap_mibps is None else cap_mibps
+    sync = deps.config.libvirt.sync_disk_writes if sync_writes is None else sync_writes
     runs: list[RecordedRun] = []
     with deps.store().begin(readonly=True) as tx:
         simulated = {
@@ -111,7 +120,7 @@ def calibrate_cmd(deps: Deps, as_json: bool, cap_mibps: int | None) -> None:
         raise InvalidInput(
             "no finished migration between real hypervisors with progress samples to learn from"
         )
-    cal = calibrate(runs)
+    cal = calibrate(runs, sync_disk_writes=sync)
     if as_json:
         _json({**cal.to_dict(), "runs": len(runs)})
     else:

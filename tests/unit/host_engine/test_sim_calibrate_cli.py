@@ -70,6 +70,36 @@ def test_sim_calibrate_fits_sim_settings_from_recorded_real_runs(tmp_path: Path,
     assert settings.workload("g0").disk_pattern.value == fitted["disk_pattern"]
 
 
+def test_sim_calibrate_simulates_the_disk_mirror_the_runs_used(tmp_path: Path, clock: FakeClock) -> None:
+    # A fleet on libvirt's background mirror ([libvirt] sync_disk_writes = false) is fitted with that mirror,
+    # and the [sim] section says so; the flag overrides the config either way.
+    db = str(tmp_path / "e.db")
+    store = Store.open(db, clock=clock)
+    for h in ("hv1", "hv2"):
+        store.add_host(make_host(h, hypervisor_uri=f"qemu+tcp://{h}.example/system"))
+    runs = [
+        r for r in json.loads(RUNS.read_text())["runs"] if r["rep"] == 1 and r["workload"] == "memory + disk"
+    ]
+    for i, run in enumerate(runs):
+        _record(store, clock, run, i)
+    store.close()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[libvirt]\nsync_disk_writes = false\n")
+    background = json.loads(ok(db, clock, "--config", str(cfg), "sim", "calibrate", "--json").output)
+    assert background["sync_disk_writes"] is False
+    text = ok(db, clock, "--config", str(cfg), "sim", "calibrate").output
+    assert config_from_dict(tomllib.loads(text)).sim.host("hv2").model.sync_disk_writes is False
+    blocking = json.loads(
+        ok(db, clock, "--config", str(cfg), "sim", "calibrate", "--json", "--sync-writes").output
+    )
+    assert blocking["sync_disk_writes"] is True
+    default = json.loads(ok(db, clock, "sim", "calibrate", "--json").output)
+    assert default["sync_disk_writes"] is True
+    # Under the write-blocking mirror the guest's writes cross the link beside the one pass over the disk, so
+    # the two fits read the same bytes as different guests.
+    assert background["workloads"] != blocking["workloads"]
+
+
 def test_sim_calibrate_with_nothing_to_learn_from_is_one_line(tmp_path: Path, clock: FakeClock) -> None:
     db = str(tmp_path / "e.db")
     Store.open(db, clock=clock).close()
