@@ -189,7 +189,7 @@ class SimMigrationDriver:
         # Before start() nothing is pending yet: everything is still to copy.
         started = mig.phase is not Phase.PREPARING
         disk_left = len(mig.disk_pending) * d.disk_block_bytes if started else disk_total
-        memory_left = self._memory_left(mig, d) if started else memory_total
+        memory_left = self._memory_left(mig, d) if started and mig.phase is not Phase.DISK else memory_total
         on_source = d.host == self.spec.source_host
         # A completed job's elapsed time is when it ended (as libvirt's completed stats say), not when read.
         now_s = mig.phase_since_s if mig.phase is Phase.DONE else self.world.time_s
@@ -217,13 +217,12 @@ class SimMigrationDriver:
 
     @staticmethod
     def _memory_left(mig: Migration, d: Droplet) -> int:
-        """The RAM left as the libvirt driver reports it: before the memory phase all of it; during pre-copy
-        QEMU's remainder (``reported_pages``) bounded as the libvirt driver bounds it (``MemoryLeftBound``:
-        at least the first reading of this round and the last); in the pause, everything not sent."""
-        if mig.spec.offline or mig.phase not in (Phase.DISK, Phase.MEMORY):
+        """The RAM left once memory began, as the libvirt driver reports it (before, all of it): during
+        pre-copy QEMU's remainder (``reported_pages``) bounded as the libvirt driver bounds it
+        (``MemoryLeftBound``: at least the first reading of this round and the last); in the pause,
+        everything not sent."""
+        if mig.spec.offline or mig.phase is not Phase.MEMORY:
             return len(mig.memory_pending) * d.memory_page_bytes
-        if mig.phase is Phase.DISK:
-            return d.memory_pages * d.memory_page_bytes
         bound = MemoryLeftBound(mig.left_round_seen, list(mig.left_round_starts))
         left = bound.update(mig.round, reported_pages(mig, d) * d.memory_page_bytes)
         mig.left_round_seen, mig.left_round_starts = bound.round_seen, bound.round_starts

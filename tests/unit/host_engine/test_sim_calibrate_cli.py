@@ -44,17 +44,23 @@ def _record(store: Store, clock: FakeClock, run: dict[str, object], i: int) -> N
         store.transition(c.id, S.FAILED, worker="w1", stats={"last_attempt": last}, last_error="gave up")
 
 
-def test_sim_calibrate_fits_sim_settings_from_recorded_real_runs(tmp_path: Path, clock: FakeClock) -> None:
+def _store_of_real_runs(
+    tmp_path: Path, clock: FakeClock, workload: str
+) -> tuple[str, list[dict[str, object]]]:
+    """A store of two real hypervisors holding the recorded first-repetition runs of ``workload``."""
     db = str(tmp_path / "e.db")
     store = Store.open(db, clock=clock)
     for h in ("hv1", "hv2"):
         store.add_host(make_host(h, hypervisor_uri=f"qemu+tcp://{h}.example/system"))
-    runs = [
-        r for r in json.loads(RUNS.read_text())["runs"] if r["rep"] == 1 and r["workload"] == "memory 8 MiB"
-    ]
+    runs = [r for r in json.loads(RUNS.read_text())["runs"] if r["rep"] == 1 and r["workload"] == workload]
     for i, run in enumerate(runs):
         _record(store, clock, run, i)
     store.close()
+    return db, runs
+
+
+def test_sim_calibrate_fits_sim_settings_from_recorded_real_runs(tmp_path: Path, clock: FakeClock) -> None:
+    db, runs = _store_of_real_runs(tmp_path, clock, "memory 8 MiB")
     doc = json.loads(ok(db, clock, "sim", "calibrate", "--json", "--cap-mibps", "0").output)
     assert doc["runs"] == len(runs) == 2
     assert set(doc["workloads"]) == {"g0", "g1"}
@@ -73,16 +79,7 @@ def test_sim_calibrate_fits_sim_settings_from_recorded_real_runs(tmp_path: Path,
 def test_sim_calibrate_simulates_the_disk_mirror_the_runs_used(tmp_path: Path, clock: FakeClock) -> None:
     # A fleet on libvirt's background mirror ([libvirt] sync_disk_writes = false) is fitted with that mirror,
     # and the [sim] section says so; the flag overrides the config either way.
-    db = str(tmp_path / "e.db")
-    store = Store.open(db, clock=clock)
-    for h in ("hv1", "hv2"):
-        store.add_host(make_host(h, hypervisor_uri=f"qemu+tcp://{h}.example/system"))
-    runs = [
-        r for r in json.loads(RUNS.read_text())["runs"] if r["rep"] == 1 and r["workload"] == "memory + disk"
-    ]
-    for i, run in enumerate(runs):
-        _record(store, clock, run, i)
-    store.close()
+    db, _ = _store_of_real_runs(tmp_path, clock, "memory + disk")
     cfg = tmp_path / "c.toml"
     cfg.write_text("[libvirt]\nsync_disk_writes = false\n")
     background = json.loads(ok(db, clock, "--config", str(cfg), "sim", "calibrate", "--json").output)
