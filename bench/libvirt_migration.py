@@ -95,8 +95,10 @@ WORKLOADS = (
     ),
     Workload(
         "memory 48 MiB",
-        "48 MiB of memory rewritten 18x/s, cannot converge at the cap",
-        {"mem_kib": 48 * 1024, "disk_sectors": 32, "paced": True},
+        "48 MiB of memory rewritten 18x/s, spread over each 55 ms tick, cannot converge at the cap",
+        # 16 passes a tick, each 3 MiB further through the 48 MiB set (guest.S SUBTICKS): every page is
+        # rewritten 18x/s, as by "memory 48 MiB burst", but not all in the same millisecond.
+        {"mem_kib": 3 * 1024, "mem_span_kib": 48 * 1024, "subticks": 16, "disk_sectors": 32, "paced": True},
         32,
     ),
     Workload(
@@ -127,7 +129,19 @@ STREAM_WORKLOADS = (
         48,
     ),
 )
-ALL_WORKLOADS = WORKLOADS + STREAM_WORKLOADS
+# The 48 MiB guest as it was until 2026-12-05: the whole set rewritten in one ~1 ms burst per 55 ms tick.
+# Whether a run ends after the first pass or rounds later turns on where QEMU's dirty syncs fall between the
+# bursts (13 uncapped runs sent about 113, 161 or 255 MiB), so no prediction of one run can be near every run;
+# bench/sim_fidelity.py records it beside the four kinds and reports it apart from the targets.
+BURST_WORKLOADS = (
+    Workload(
+        "memory 48 MiB burst",
+        "48 MiB of memory rewritten 18x/s in one burst per tick, cannot converge at the cap",
+        {"mem_kib": 48 * 1024, "disk_sectors": 32, "paced": True},
+        32,
+    ),
+)
+ALL_WORKLOADS = WORKLOADS + STREAM_WORKLOADS + BURST_WORKLOADS
 
 
 def _nothing(_p: Any) -> tuple[Any, ...]:
@@ -455,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         "--workload",
         action="append",
         choices=[w.name for w in ALL_WORKLOADS],
-        help="only this workload (repeatable)",
+        help="only this workload (repeatable; default: every workload but the burst writer's, which runs "
+        "only when named)",
     )
     parser.add_argument("--reps", type=int, default=3, help="runs of every case (default 3)")
     parser.add_argument("--json", metavar="PATH", help="also write every run's numbers here")
@@ -466,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"libvirt_migration: skipped (needs {', '.join(missing)})")
         return 0
     timeout_s = args.timeout or (QUICK_TIMEOUT_S if args.quick else DEFAULT_TIMEOUT_S)
-    workloads = [w for w in ALL_WORKLOADS if not args.workload or w.name in args.workload]
+    default = WORKLOADS + STREAM_WORKLOADS
+    workloads = [w for w in ALL_WORKLOADS if w.name in args.workload] if args.workload else list(default)
 
     about = machine()
     load_start = loadavg()

@@ -1,6 +1,6 @@
 /*
  * The libvirt tests' guest: a 512-byte boot sector, no OS. Assembled by tests/libvirt_harness/guest.py with
- *   as --32 --defsym MEM_KIB=<n> --defsym DISK_SECTORS=<n> --defsym PACE=<0|1>
+ *   as --32 --defsym MEM_KIB=<n> --defsym DISK_SECTORS=<n> --defsym PACE=<0|1> [--defsym SUBTICKS=<2^n>] ...
  *
  * Each pass of its loop:
  *   - writes the pass number into one dword of MEM_KIB KiB worth of 4 KiB pages: MEM_KIB KiB of guest memory
@@ -9,7 +9,12 @@
  *   - writes DISK_SECTORS sectors of its boot disk (BIOS int 13h AH=43h, CHUNK sectors per call), cycling through
  *     sectors [DISK_LBA0, DISK_LBA0 + DISK_SPAN), each chunk stamped with the pass number so the data changes;
  *   - with PACE=1, makes at most one pass per BIOS timer tick (18.2 Hz) since boot, so the rates are the
- *     per-pass amounts x 18.2/s (as long as a pass fits in a tick).
+ *     per-pass amounts x 18.2/s (as long as a pass fits in a tick);
+ *   - with SUBTICKS=k > 1, programs the timer (PIT channel 0) k times faster, so a paced guest makes k passes
+ *     per 55 ms and spreads its writes over the tick instead of making them in one burst; it then writes its
+ *     disk on every k-th pass only, so the disk rate is DISK_SECTORS x 18.2/s still. (The BIOS's tick count
+ *     wraps at midnight, 1,573,040 ticks: after 90 minutes at k = 16, when the pacing stops; tests' guests
+ *     live minutes.)
  *
  * Counters at 1 MiB, read from outside with `xp /4wx 0x100000` (HMP):
  *   0x100000 passes completed; 0x100004 sectors written; 0x100008 disk write errors.
@@ -33,6 +38,9 @@
         .ifndef MEM_SPAN_KIB
         .set MEM_SPAN_KIB, MEM_KIB
         .endif
+        .ifndef SUBTICKS
+        .set SUBTICKS, 1
+        .endif
         .set MEM_PAGES, (MEM_KIB + 3) / 4
         .set MEM_SPAN_BYTES, ((MEM_SPAN_KIB + 3) / 4) * 4096
         .set BUF_SEG, 0x1000
@@ -53,6 +61,14 @@ _start:
         addr32 movl    %ebx, %fs:COUNTERS + 4
         addr32 movl    %ebx, %fs:COUNTERS + 8
         xor     %ebp, %ebp              /* EBP: next sector offset in the span */
+        .if SUBTICKS > 1
+        mov     $0x36, %al              /* PIT channel 0, lo/hi byte, mode 3: divisor 65536 / SUBTICKS */
+        out     %al, $0x43
+        mov     $(65536 / SUBTICKS), %ax
+        out     %al, $0x40
+        mov     %ah, %al
+        out     %al, $0x40
+        .endif
         movl    0x46c, %eax
         movl    %eax, tick0
 
@@ -71,8 +87,13 @@ pass:
 1:      dec     %ecx
         jmp     2b
 3:      movl    %edi, mem_off
-        /* disk: DISK_SECTORS sectors, CHUNK per BIOS call */
+        /* disk: DISK_SECTORS sectors, CHUNK per BIOS call (with SUBTICKS, on every SUBTICKS-th pass) */
         mov     $DISK_SECTORS, %esi
+        .if SUBTICKS > 1
+        test    $(SUBTICKS - 1), %ebx
+        jz      4f
+        xor     %esi, %esi
+        .endif
 4:      test    %esi, %esi
         jz      6f
         pushal                          /* the BIOS may not keep the 32-bit registers */

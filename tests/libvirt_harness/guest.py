@@ -36,6 +36,15 @@ class GuestSpec:
     # The guest cycles its memory writes over this many KiB from 2 MiB on (None: ``mem_kib``, the same pages
     # every pass, a hot set; larger: a stream, each pass going on where the last ended).
     mem_span_kib: int | None = None
+    # The guest's timer ticks this many times per BIOS tick (a power of two) and a paced guest makes one pass
+    # per tick: 1 writes the per-pass amounts in one burst every 55 ms; 16 spreads them over it (per-pass
+    # memory is then 1/16 of the rate's; the disk is written every 16th pass, so ``disk_sectors`` keeps its
+    # meaning per BIOS tick).
+    subticks: int = 1
+
+    def __post_init__(self) -> None:
+        if self.subticks < 1 or self.subticks & (self.subticks - 1) or self.subticks > 256:
+            raise ValueError(f"subticks must be a power of two from 1 to 256, not {self.subticks}")
 
     @classmethod
     def at_rates(
@@ -88,6 +97,8 @@ def build_boot_sector(spec: GuestSpec, work_dir: Path) -> bytes:
     }
     if spec.mem_span_kib is not None:
         defs["MEM_SPAN_KIB"] = spec.mem_span_kib
+    if spec.subticks > 1:
+        defs["SUBTICKS"] = spec.subticks
     argv = ["as", "--32"]
     for name, value in defs.items():
         argv += ["--defsym", f"{name}={value}"]
