@@ -57,6 +57,7 @@ def as_toml(cal: Calibration) -> str:
     lines = [
         "[sim]",
         f"link_mibps = {cal.link_bps / MiB:.1f}",
+        *([] if cal.host.mirror_bps is None else [f"mirror_mibps = {cal.host.mirror_bps / MiB:.1f}"]),
         f"setup_s = {cal.host.setup_s:.2f}",
         f"switchover_ms = {cal.host.switchover_ms:.0f}",
         f"sync_disk_writes = {'true' if cal.host.sync_disk_writes else 'false'}",

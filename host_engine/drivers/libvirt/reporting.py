@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,18 @@ DEFAULT_PAGE_SIZE = 4096
 
 # jobStats counters that only grow during one job: what was sent stays sent.
 SENT_COUNTERS = ("data_processed", "data_total", "disk_processed", "disk_total", "memory_processed")
+
+
+def memory_rate(completed: Mapping[str, Any], fallback: float) -> float:
+    """A completed job's transfer rate: QEMU's own measure of its memory copy (``memory_bps``: its bytes over
+    its transfer time), else ``fallback``. The driver's own rate is over an 8 s window and a tick apart, far
+    below it when the copy is over within a tick (harness: 37-74 MB/s against QEMU's 1.2-1.3 GB/s); the
+    calibration reads the link from it (``host_engine.calibration.link_and_mirror``)."""
+    try:
+        rate = float(completed.get("memory_bps", 0) or 0)
+    except (TypeError, ValueError):
+        return fallback
+    return rate if math.isfinite(rate) and rate > 0 else fallback
 
 
 def completed_with_sent(last: Mapping[str, Any], completed: Mapping[str, Any]) -> dict[str, Any]:
@@ -186,7 +199,7 @@ class ProgressReporter(MigrationJob):
             memory_remaining_bytes=0 if done else base.memory_remaining_bytes,
             disk_dirty_rate_bps=0.0,
             memory_dirty_rate_bps=0.0,
-            transfer_rate_bps=base.transfer_rate_bps,
+            transfer_rate_bps=memory_rate(merged, base.transfer_rate_bps) if done else base.transfer_rate_bps,
             disk_write_limit_bps=self._disk_limit_bps,
             memory_throttle_pct=self._throttle_pct,
             downtime_ms=float(downtime) if downtime is not None and done else None,

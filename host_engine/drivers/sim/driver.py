@@ -174,6 +174,7 @@ class SimMigrationDriver:
         # The mirror runs in the source's QEMU; a shut-off droplet writes nothing.
         source_model = self.world.host_model(self.spec.source_host)
         mig.sync_writes = sync_writes(self.spec, source_model.sync_disk_writes) and not offline
+        mig.mirror_bps = source_model.mirror_bps
         hm = self.world.host_model(self.spec.target_host)
         mig.copy_from_s = self.world.time_s + hm.setup_s
         mig.switchover_ms = hm.switchover_ms

@@ -341,8 +341,10 @@ class SimWorld:
         The cap is a migration parameter that paces pre-copy; QEMU's completion (the pause) sends what is
         left without it, at whatever the link gives. The guest's mirrored writes are not held to the cap:
         they take what they need, and when both they and the copy want more than half the link, each gets
-        half."""
+        half. Before memory, the copy is the disk mirror's, at most ``mirror_bps`` (``HostModel``)."""
         rate = share_bps
+        if mig.phase is Phase.DISK and mig.mirror_bps is not None:
+            rate = min(rate, mig.mirror_bps)
         if mig.cap_bps is not None and not self._completing(mig):
             rate = min(rate, mig.cap_bps)
         mig.sync_write_bps = 0.0

@@ -2,6 +2,7 @@
 
     [sim]
     link_mibps = 1192            # every host's link unless [sim.hosts] says otherwise (default 10 Gbit/s)
+    mirror_mibps = 250           # the disk mirror's own speed, when below the link (default: the link)
     setup_s = 2.7                # target preparation, target QEMU start, begin/confirm
     switchover_ms = 30           # the pause's cost beyond moving the remainder
     default_workload = "web"     # idle | web | database | log_writer | cache | diabolical
@@ -39,7 +40,15 @@ from host_engine.drivers.sim.model import HostModel, SimWorld
 from host_engine.drivers.sim.workloads import DEFAULT_NIC_BPS, WORKLOADS, MiB, Pattern, Workload
 
 _HOST_KEYS = frozenset(
-    {"link_mibps", "setup_s", "switchover_ms", "memory_page_bytes", "disk_block_bytes", "sync_disk_writes"}
+    {
+        "link_mibps",
+        "mirror_mibps",
+        "setup_s",
+        "switchover_ms",
+        "memory_page_bytes",
+        "disk_block_bytes",
+        "sync_disk_writes",
+    }
 )
 SIM_KEYS = frozenset(_HOST_KEYS | {"default_workload", "hosts", "droplets"})
 # Droplet numbers: config key -> (Workload field, multiplier).
@@ -93,6 +102,9 @@ def _host(where: str, doc: Mapping[str, Any], base: SimHost) -> SimHost:
     if "link_mibps" in doc:
         link_bps = _number(where, "link_mibps", doc["link_mibps"], 0.001, MAX_LINK_MIBPS) * MiB
     changes: dict[str, Any] = {}
+    if "mirror_mibps" in doc:
+        mirror_mibps = _number(where, "mirror_mibps", doc["mirror_mibps"], 0.001, MAX_LINK_MIBPS)
+        changes["mirror_bps"] = mirror_mibps * MiB
     if "setup_s" in doc:
         changes["setup_s"] = _number(where, "setup_s", doc["setup_s"], 0, 3600)
     if "switchover_ms" in doc:
