@@ -173,9 +173,12 @@ def _sync_disk(runs: Sequence[RecordedRun], disk: int, reported_rate: float) -> 
     and grows with each write, so its smallest value is the allocated disk (the driver reports the disk's
     size until QEMU reports one, never less); what the mirror sent beyond it is the guest's writes, over the
     mirror's life. A dirty rate the driver reported (drivers before ``da9e56f`` reported the guest's writes
-    there) is used as it is. Medians over the runs."""
+    there) is used as it is. The allocated disk: the median over the runs; the rate: all the runs' writes
+    over all their mirrors' time, so a mirror over within a tick (uncapped, 0.13 s: 0.2-0.4 MiB/s read
+    from a guest writing 17) weighs by its length, not as one of four values whose median halved the rate."""
     allocated: list[float] = []
-    rates: list[float] = []
+    written = 0.0
+    spans = 0.0
     for r in runs:
         totals = [
             float(s["disk_total_bytes"])
@@ -190,9 +193,10 @@ def _sync_disk(runs: Sequence[RecordedRun], disk: int, reported_rate: float) -> 
         first = min(totals, default=float(disk))
         allocated.append(first)
         if span > 0:
-            rates.append(max(0.0, sent - first) / span)
+            written += max(0.0, sent - first)
+            spans += span
     copied = int(min(disk, max(64 * 1024, statistics.median(allocated))))
-    rate = reported_rate if reported_rate > 0 else (statistics.median(rates) if rates else 0.0)
+    rate = reported_rate if reported_rate > 0 else (written / spans if spans > 0 else 0.0)
     return copied, rate
 
 

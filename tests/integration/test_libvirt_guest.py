@@ -12,14 +12,12 @@ from typing import Any
 import pytest
 
 from tests.libvirt_harness import support
-from tests.libvirt_harness.guest import TICKS_PER_S, GuestSpec, read_counters
+from tests.libvirt_harness.guest import SPREAD_48_GUEST, TICKS_PER_S, GuestSpec, read_counters
 from tests.libvirt_harness.support import Conns, start_guest
 
 hosts = support.hosts
 conns = support.conns
 
-# bench/libvirt_migration.py's "memory 48 MiB" guest.
-SPREAD_48 = GuestSpec(mem_kib=3 * 1024, mem_span_kib=48 * 1024, subticks=16, disk_sectors=32, paced=True)
 WINDOW_S = 3.0
 
 
@@ -27,7 +25,7 @@ WINDOW_S = 3.0
 def test_spread_guest_passes_at_its_timer_rate_and_keeps_its_per_tick_disk_rate(
     hosts: Any, conns: Conns
 ) -> None:
-    dom = start_guest(hosts, conns, "spread48", SPREAD_48)
+    dom = start_guest(hosts, conns, "spread48", SPREAD_48_GUEST)
     try:
         before, t0 = read_counters(dom), time.monotonic()
         time.sleep(WINDOW_S)
