@@ -179,8 +179,9 @@ def _code_state() -> dict[str, Any]:
 
     def git(*argv: str) -> str:
         done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=False)
-        return done.stdout.strip()
+        return done.stdout.rstrip("\n")
 
+    # Porcelain lines are "XY path": a leading space is part of the status, so only newlines are trimmed.
     changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
     return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": changed}
 

@@ -1,9 +1,9 @@
 """A completed libvirt attempt records at least the bytes its progress already showed sent (issue 11).
 
 libvirt's completed-job statistics can leave out the NBD disk mirror. The stats below are those of the
-recorded real run ``disk heavy`` rep 2, cap 0 (bench/results/sim_fidelity_runs.json): the last running
-sample showed 45219840 disk + 1348974 memory bytes sent (``data_processed`` 46568814), the completed stats
-carried ``disk_total``/``disk_processed`` 0 and ``data_processed`` = memory only, and 1348974 bytes were
+recorded real run ``disk heavy`` rep 2, cap 0 (a simulator-fidelity recording of 2026-12-04, since
+superseded): the last running sample showed 45219840 disk + 1348974 memory bytes sent (``data_processed``
+46568814), the completed stats carried ``disk_total``/``disk_processed`` 0 and ``data_processed`` = memory only, and 1348974 bytes were
 recorded for the attempt.
 """
 
