@@ -158,7 +158,10 @@ def test_migrate_now_beside_a_running_worker_both_complete(tmp_path: Path) -> No
                    "--unsafe-short-notice", "--sim-speed", "10")  # fmt: skip
             assert "completed: web9 now runs on hv3" in r.stdout.splitlines()[-1]
             assert proc.poll() is None, log.read_text()  # the worker was not pushed out
-            assert "web9" not in log.read_text()  # the --now process drove it, beside the worker
+            # The --now process drove it, beside the worker. The worker may still send web9's notice (every
+            # engine process sends due notices; seen in CI, 2026-12-05), but never start an attempt of it.
+            web9_lines = [line for line in log.read_text().splitlines() if "web9" in line]
+            assert all("notice sent to" in line for line in web9_lines), web9_lines
             wait_for(
                 "the worker's copies to complete",
                 lambda: {m.state.value for m in migrations(db)} == {"completed"},
