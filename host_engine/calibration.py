@@ -379,36 +379,32 @@ def calibrate(
     first = Link(link_bps, start, start)
     ranked = {d: _ranked(d, rs, first, tick_s, False) for d, rs in by_droplet.items()}
     workloads = {d: r[0] for d, r in ranked.items()}
-    host = fixed_costs(
-        runs, workloads, link_bps, tick_s=tick_s, sync_disk_writes=sync_disk_writes, mirror_bps=mirror_bps
-    )
-    fitted = Link(link_bps, host, host)
-    # Step 4 tries only the best few of step 2: the downtime decides between workloads that already fit the
-    # bytes and time, and trying every candidate again doubled the calibration's cost.
-    workloads = {
-        d: fit_workload(
-            d, by_droplet[d], fitted, tick_s=tick_s, downtime=True, candidates=r[:REFIT_CANDIDATES]
+
+    def costs(chosen: Mapping[str, Workload]) -> HostModel:
+        return fixed_costs(
+            runs, chosen, link_bps, tick_s=tick_s, sync_disk_writes=sync_disk_writes, mirror_bps=mirror_bps
         )
-        for d, r in ranked.items()
-    }
-    host = fixed_costs(
-        runs, workloads, link_bps, tick_s=tick_s, sync_disk_writes=sync_disk_writes, mirror_bps=mirror_bps
-    )
+
+    def refit(host: HostModel) -> dict[str, Workload]:
+        # Only the best few of step 2: the downtime decides between workloads that already fit the bytes and
+        # time, and trying every candidate again doubled the calibration's cost.
+        link = Link(link_bps, host, host)
+        return {
+            d: fit_workload(
+                d, by_droplet[d], link, tick_s=tick_s, downtime=True, candidates=r[:REFIT_CANDIDATES]
+            )
+            for d, r in ranked.items()
+        }
+
+    host = costs(workloads)
+    workloads = refit(host)
+    host = costs(workloads)
     # The choice must hold under the costs it is returned with. Step 4 chose under step 3's costs, and a
     # few tens of ms of setup move the copy against the controller's ticks: the 8 MiB writer's 11 MiB
     # candidate paused ~30 ms in the sim under a setup of 2.07 s and 362 ms under 2.12 s (real: 22 ms).
-    final = Link(link_bps, host, host)
-    refit = {
-        d: fit_workload(
-            d, by_droplet[d], final, tick_s=tick_s, downtime=True, candidates=r[:REFIT_CANDIDATES]
-        )
-        for d, r in ranked.items()
-    }
-    if refit != workloads:
-        workloads = refit
-        host = fixed_costs(
-            runs, workloads, link_bps, tick_s=tick_s, sync_disk_writes=sync_disk_writes, mirror_bps=mirror_bps
-        )
+    again = refit(host)
+    if again != workloads:
+        workloads, host = again, costs(again)
     return Calibration(link_bps, host, workloads)
 
 
